@@ -1,0 +1,267 @@
+"""The language model: a Llama / SmolLM2-style decoder.
+
+Mirrors transformers' `LlamaForCausalLM` (RMSNorm, rotary embeddings in the rotate-half
+layout, grouped-query attention, SwiGLU MLP, tied or untied head) with the original nanoVLM's
+module names (`token_embedding`, `blocks.i.attn.q_proj`, `norm1`, ...).
+
+Design choices:
+- `attention_mask` carries segment ids: 0 is padding, and tokens attend only to earlier tokens
+  with the same non-zero id. A plain 0/1 padding mask is the one-segment case; packed
+  sequences number their documents 1, 2, 3, ... Positions are derived from the mask and restart
+  at 0 where the id changes, so a left-padded row or a packed document computes exactly what it
+  would alone.
+- The KV cache is static: preallocated once for `max_len` tokens, filled in place. No
+  `torch.cat` per decoded token.
+- The rotary tables are computed once for `lm_max_position_embeddings` positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovlm.config import VLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(cfg.lm_hidden_dim))
+        self.eps = cfg.lm_rms_eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as Llama does, then scale in the input's dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables for every position, computed once (fp32, rotate-half layout)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        dim = cfg.lm_head_dim
+        self.max_positions = cfg.lm_max_position_embeddings
+        inv_freq = 1.0 / (cfg.lm_re_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        freqs = torch.outer(torch.arange(self.max_positions).float(), inv_freq)  # (max_pos, dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_pos, dim)
+        self.register_buffer("cos", emb.cos() * cfg.lm_attn_scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * cfg.lm_attn_scaling, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids.numel() and int(position_ids.max()) >= self.max_positions:
+            raise ValueError(f"position {int(position_ids.max())} is beyond lm_max_position_embeddings "
+                             f"({self.max_positions}); shorten the input.")
+        return self.cos[position_ids], self.sin[position_ids]  # each (B, T, head_dim)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # (B, 1, T, head_dim)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Static key/value cache: one preallocated (layers, B, n_kv_heads, max_len, head_dim) buffer
+    pair, written in place. `length` counts the positions already filled."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values for `layer`; return all keys/values so far (views)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were needed. "
+                             "Ask for fewer new tokens or a shorter prompt.")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (used when finished rows leave a batch)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the segment id changes; 0 on padding.
+
+    mask: (B, T) segment ids, 0 = padding. Returns (B, T) int64.
+    """
+    B, T = mask.shape
+    idx = torch.arange(T, device=mask.device).expand(B, T)
+    change = torch.ones_like(mask, dtype=torch.bool)
+    change[:, 1:] = mask[:, 1:] != mask[:, :-1]
+    start = torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+    return torch.where(mask > 0, idx - start, torch.zeros_like(idx))
+
+
+def build_attention_bias(mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean (B, 1, q_len, T_kv) mask: causal, same segment, never padding.
+
+    The last `q_len` columns of `mask` are the queries. A padding query may attend to itself
+    only, so that no softmax row is empty (its output is never used).
+    """
+    B, T_kv = mask.shape
+    q_seg = mask[:, -q_len:]  # (B, q_len)
+    q_idx = torch.arange(T_kv - q_len, T_kv, device=mask.device)
+    k_idx = torch.arange(T_kv, device=mask.device)
+    causal = k_idx[None, :] <= q_idx[:, None]  # (q_len, T_kv)
+    same = (q_seg[:, :, None] == mask[:, None, :]) & (mask[:, None, :] > 0)  # (B, q_len, T_kv)
+    allowed = causal[None] & same
+    allowed = allowed | (k_idx[None, :] == q_idx[:, None])[None]
+    return allowed.unsqueeze(1)  # (B, 1, q_len, T_kv)
+
+
+class LanguageModelGroupedQueryAttention(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.n_heads = cfg.lm_n_heads
+        self.n_kv_heads = cfg.lm_n_kv_heads
+        self.head_dim = cfg.lm_head_dim
+        self.dropout = cfg.lm_dropout
+        C = cfg.lm_hidden_dim
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
+        self.resid_dropout = nn.Dropout(self.dropout)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, T_kv, head_dim)
+        groups = self.n_heads // self.n_kv_heads
+        dropout = self.dropout if self.training else 0.0
+        if T == 1 and groups > 1:
+            # One new token: the query heads that share a kv head are stacked on the length axis
+            # and attend to the cache without repeating it (the decode hot path).
+            q = q.view(B, self.n_kv_heads, groups, self.head_dim)  # (B, n_kv_heads, groups, head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            y = y.reshape(B, self.n_heads, 1, self.head_dim)  # (B, n_heads, 1, head_dim)
+        else:
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, T_kv, head_dim)
+                v = v.repeat_interleave(groups, dim=1)
+            is_causal = attn_mask is None and T > 1 and k.shape[2] == T
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                               is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class LanguageModelMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.lm_inter_dim, cfg.lm_hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LanguageModelBlock(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.mlp = LanguageModelMLP(cfg)
+        self.attn = LanguageModelGroupedQueryAttention(cfg)
+        self.norm1 = RMSNorm(cfg)
+        self.norm2 = RMSNorm(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lm_use_tokens = cfg.lm_use_tokens
+        self.lm_tie_weights = cfg.lm_tie_weights
+        self.token_embedding = nn.Embedding(cfg.lm_vocab_size, cfg.lm_hidden_dim)
+        self.rotary_embd = RotaryEmbedding(cfg)
+        self.blocks = nn.ModuleList([LanguageModelBlock(cfg) for _ in range(cfg.lm_n_blocks)])
+        self.norm = RMSNorm(cfg)
+        self.head = nn.Linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if self.lm_tie_weights:
+            self.head.weight = self.token_embedding.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.token_embedding.weight
+        return KVCache(self.cfg.lm_n_blocks, batch_size, self.cfg.lm_n_kv_heads, max_len,
+                       self.cfg.lm_head_dim, p.dtype, p.device)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, position_ids: torch.Tensor | None = None):
+        """Run the decoder on token ids (lm_use_tokens) or embeddings (B, T, C).
+
+        attention_mask: (B, T_past + T) segment ids (0 = padding), or None for all-valid.
+        Returns (logits or hidden states, kv_cache): logits (B, T, vocab) with lm_use_tokens,
+        else final-normed hidden states (B, T, C) for the caller's head.
+        """
+        if self.lm_use_tokens:
+            x = self.token_embedding(x)
+        B, T, _ = x.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"(batch, past + new tokens) = ({B}, {past + T}).")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+            else:
+                position_ids = positions_from_mask(attention_mask)[:, -T:]
+        cos, sin = self.rotary_embd(position_ids)
+
+        attn_mask = None
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
+            attn_mask = build_attention_bias(attention_mask, T)
+        elif past > 0 and T > 1:
+            attn_mask = build_attention_bias(torch.ones(B, past + T, dtype=torch.long, device=x.device), T)
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.norm(x)
+        if self.lm_use_tokens:
+            x = self.head(x)
+        return x, kv_cache
+
+    @classmethod
+    def from_pretrained(cls, cfg: VLMConfig) -> "LanguageModel":
+        """Load Llama weights named by `cfg.lm_model_type`: a local transformers directory
+        (sharded or not), a `.gguf` file, `packaged:smollm2-135m`, or a hub id when online.
+        The vocabulary grows to `cfg.lm_vocab_size` for the extra (image) tokens."""
+        from nanovlm.weights.loading import load_language_model
+
+        return load_language_model(cls, cfg)

@@ -1,0 +1,1 @@
+"""Readers for foreign weight formats: one file per format, each a key table plus named transforms."""
