@@ -1,0 +1,7 @@
+"""`python -m nanovlm ...` and `torchrun -m nanovlm train ...`."""
+
+import sys
+
+from nanovlm.cli import main
+
+sys.exit(main())

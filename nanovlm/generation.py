@@ -1,0 +1,221 @@
+"""Generation: sampling, the KV-cache decode loop, streaming, and `answer`.
+
+One decode loop serves everything (`generate`, `stream`, the server, evaluation): prefill the
+prompt into a static KV cache, then feed one token per step. Batches are left-padded; positions
+come from the attention mask, so a padded row decodes exactly as it would alone. Each row stops
+at EOS (later tokens are EOS padding) and the loop ends early once every row has stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the `top_k` largest logits and the smallest set whose probability reaches `top_p`;
+    the rest become -inf. (B, V) -> (B, V)."""
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # the token that crosses top_p stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if greedy or temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+
+
+@torch.inference_mode()
+def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Tensor | None = None, *,
+           max_new_tokens: int = 32, top_k: int = 50, top_p: float = 0.9, temperature: float = 0.5,
+           greedy: bool = False, eos_token_id: int | None = None, use_kv_cache: bool = True,
+           generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), finished (B,) bool) once per decoded step.
+
+    A finished row keeps yielding EOS. Stops after `max_new_tokens` steps or when all rows ended.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    eos = model.cfg.lm_eos_token_id if eos_token_id is None else eos_token_id
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if max_new_tokens == 0:
+        return
+    if T + max_new_tokens > model.cfg.lm_max_position_embeddings:
+        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {model.cfg.lm_max_position_embeddings} positions.")
+    decoder = model.decoder
+    embeds = model.embed(input_ids, images)  # (B, T, C)
+    full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+    full_mask[:, :T] = attention_mask
+    padded = not bool((attention_mask == 1).all())
+
+    cache = decoder.new_kv_cache(B, T + max_new_tokens) if use_kv_cache else None
+    hidden, _ = decoder(embeds, attention_mask=attention_mask if padded else None, kv_cache=cache)
+    # Each row's next position: its count of real tokens (left padding does not count).
+    next_pos = attention_mask.sum(dim=1, keepdim=True)  # (B, 1)
+    logits = decoder.head(hidden[:, -1])  # (B, vocab)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        tokens = sample_next(logits, greedy, temperature, top_k, top_p, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
+        finished = finished | (tokens == eos)
+        yield tokens, finished
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        x = decoder.token_embedding(tokens[:, None])  # (B, 1, C)
+        if cache is not None:
+            mask = full_mask[:, : T + step + 1] if padded else None
+            hidden, _ = decoder(x, attention_mask=mask, kv_cache=cache, position_ids=next_pos + step)
+        else:
+            embeds = torch.cat([embeds, x], dim=1)  # no cache: recompute everything (tests, reference)
+            hidden, _ = decoder(embeds, attention_mask=full_mask[:, : T + step + 1] if padded else None)
+        logits = decoder.head(hidden[:, -1])
+
+
+def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> torch.Tensor:
+    """New tokens only: LongTensor (B, n) with n <= max_new_tokens; ended rows padded with EOS."""
+    steps = [tokens for tokens, _ in stream(model, input_ids, images, attention_mask, **kwargs)]
+    if not steps:
+        return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=model.device)
+    return torch.stack(steps, dim=1)
+
+
+# ---------------------------------------------------------------------- answer(): the one-call path
+def _load_images(entry, index: int):
+    """One question's images: None, a PIL image, a path, or a list of those -> list of PIL."""
+    from PIL import Image
+
+    if entry is None:
+        return []
+    items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+    out = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            from nanovlm.data.images import open_image
+
+            out.append(open_image(item))
+        elif isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+        else:
+            raise TypeError(f"question {index}: an image must be a PIL image or a file path, got {type(item).__name__}.")
+    return out
+
+
+def build_prompts(model, images: Sequence, questions: Sequence[str]):
+    """Tokenised, left-padded prompts and their image tiles for `answer`-style calls.
+
+    Returns (input_ids (B, T), attention_mask (B, T), images: list of (n_i, 3, S, S))."""
+    from nanovlm.data.processors import get_image_processor, get_image_string
+
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} image entries for {len(questions)} questions; give one entry "
+                         "(an image, a list of images, or None) per question.")
+    cfg, tok = model.cfg, model.tokenizer
+    processor = get_image_processor(cfg.max_img_size, cfg.vit_img_size, cfg.resize_to_max_side_len)
+    rows, tiles = [], []
+    for i, (entry, question) in enumerate(zip(images, questions)):
+        if not isinstance(question, str):
+            raise TypeError(f"question {i} must be a string, got {type(question).__name__}.")
+        pil_images = _load_images(entry, i)
+        processed = [processor(img) for img in pil_images]
+        image_string = get_image_string(tok, [grid for _, grid in processed], cfg.mp_image_token_length) if processed else ""
+        prompt = tok.apply_chat_template([{"role": "user", "content": image_string + question}],
+                                         add_generation_prompt=True)
+        rows.append(tok.encode(prompt))
+        tiles.append(torch.cat([t for t, _ in processed]) if processed
+                     else torch.zeros(0, 3, cfg.vit_img_size, cfg.vit_img_size))
+    longest = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else cfg.lm_eos_token_id
+    input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, longest - len(r):] = torch.tensor(r)
+        attention_mask[i, longest - len(r):] = 1
+    return input_ids, attention_mask, tiles
+
+
+def answer(model, images, questions, max_new_tokens: int = 32, greedy: bool = True, batch_size: int = 32,
+           **kwargs) -> list[str]:
+    """Answer each question about its image entry; decoded text without special tokens."""
+    if isinstance(questions, str):
+        questions, images = [questions], [images]
+    answers: list[str] = []
+    tok = model.tokenizer
+    for start in range(0, len(questions), batch_size):
+        ids, mask, tiles = build_prompts(model, images[start:start + batch_size], questions[start:start + batch_size])
+        out = generate(model, ids, tiles, mask, max_new_tokens=max_new_tokens, greedy=greedy, **kwargs)
+        answers.extend(decode_until_eos(tok, row, model.cfg.lm_eos_token_id) for row in out.tolist())
+    return answers
+
+
+def decode_until_eos(tok, ids: list[int], eos: int) -> str:
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tok.decode(ids, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------- text-only language models
+class TextModel(torch.nn.Module):
+    """A bare language model with the interface `stream` needs (`--lm` in `nanovlm generate`)."""
+
+    def __init__(self, decoder, tokenizer):
+        super().__init__()
+        self.decoder = decoder
+        self.cfg = decoder.cfg
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.token_embedding.weight.device
+
+    def embed(self, input_ids: torch.Tensor, images=None) -> torch.Tensor:
+        if images is not None:
+            raise ValueError("a text-only language model takes no images.")
+        return self.decoder.token_embedding(input_ids)
+
+    @classmethod
+    def from_source(cls, source: str, dtype: torch.dtype = torch.float32) -> "TextModel":
+        from nanovlm.config import VLMConfig
+        from nanovlm.data.processors import get_tokenizer
+        from nanovlm.models.language_model import LanguageModel
+        from nanovlm.weights.loading import config_from_source
+
+        tokenizer = get_tokenizer(source)
+        fields = config_from_source(source)
+        cfg = VLMConfig(**fields, lm_model_type=source, lm_tokenizer=source,
+                        vlm_extra_tokens={"image_token": "<|image|>"}, lm_eos_token_id=tokenizer.eos_token_id)
+        decoder = LanguageModel.from_pretrained(cfg).to(dtype)
+        return cls(decoder, tokenizer).eval()
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return torch.tensor([self.tokenizer.encode(text)])

@@ -1,0 +1,75 @@
+import json
+import warnings
+
+import pytest
+
+from nanovlm.config import PRESETS, ConfigError, TrainConfig, VLMConfig
+
+
+def test_defaults_derive_fields():
+    cfg = VLMConfig()
+    assert cfg.vit_inter_dim == 4 * cfg.vit_hidden_dim
+    assert cfg.extra_token_amount == 66
+    assert cfg.lm_vocab_size == 49152 + 66
+    assert cfg.mp_image_token_length == (224 // 16 // 2) ** 2 == 49
+
+
+@pytest.mark.parametrize("name, tokens", [("nanovlm-222m", 49), ("nanovlm-460m", 64), ("easyvqa", 16), ("tiny", 4)])
+def test_presets_build(name, tokens):
+    cfg = VLMConfig.from_preset(name)
+    assert cfg.mp_image_token_length == tokens
+    TrainConfig.from_dict(PRESETS[name]["train"])
+
+
+def test_json_round_trip(tmp_path):
+    cfg = VLMConfig.from_preset("easyvqa", lm_n_blocks=3)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    assert VLMConfig.from_json(path) == cfg
+
+
+def test_unknown_keys_warn_and_are_ignored(tmp_path):
+    data = VLMConfig.from_preset("tiny").to_dict() | {"IMAGE_TOKEN_LENGTH": 49, "made_up": 1}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="ignoring unknown keys IMAGE_TOKEN_LENGTH, made_up"):
+        cfg = VLMConfig.from_json(path)
+    assert cfg == VLMConfig.from_preset("tiny")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(vit_patch_size=7), r"vit_patch_size \(7\) must divide vit_img_size \(32\)"),
+    (dict(mp_pixel_shuffle_factor=3), r"mp_pixel_shuffle_factor \(3\) must divide the patch grid side"),
+    (dict(vit_n_heads=3), r"vit_n_heads \(3\) must divide vit_hidden_dim \(32\)"),
+    (dict(lm_n_heads=3), r"lm_n_heads \(3\) must divide lm_hidden_dim \(64\)"),
+    (dict(lm_n_kv_heads=3), r"lm_n_kv_heads \(3\) must divide lm_n_heads \(4\)"),
+    (dict(mp_image_token_length=5), r"mp_image_token_length is 5 but the image gives"),
+    (dict(lm_vocab_size=100), r"lm_vocab_size \(100\) is smaller than"),
+    (dict(extra_token_amount=3), r"extra_token_amount is 3 but vlm_extra_tokens has 66 entries"),
+    (dict(lm_n_blocks=0), r"lm_n_blocks must be a positive integer, got 0"),
+    (dict(vit_hidden_dim="big"), r"vit_hidden_dim must be a positive integer, got 'big'"),
+    (dict(lm_max_length=10_000), r"lm_max_length \(10000\) exceeds lm_max_position_embeddings"),
+    (dict(vlm_extra_tokens={"x": "<x>"}), r"vlm_extra_tokens must be a dict that contains at least 'image_token'"),
+])
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        VLMConfig.from_preset("tiny", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; choose one of"):
+        VLMConfig.from_preset("nope")
+
+
+def test_replace_returns_new_config_and_rederives():
+    cfg = VLMConfig.from_preset("tiny")
+    bigger = cfg.replace(vit_img_size=64)
+    assert cfg.vit_img_size == 32 and cfg.mp_image_token_length == 4
+    assert bigger.mp_image_token_length == 16
+
+
+def test_train_config_errors():
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer, got 0"):
+        TrainConfig(batch_size=0)

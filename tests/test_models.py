@@ -1,0 +1,191 @@
+import pytest
+import torch
+
+from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.generation import filter_logits
+from nanovlm.models.language_model import LanguageModel, positions_from_mask
+from nanovlm.models.modality_projector import ModalityProjector
+from nanovlm.models.vision_transformer import ViT
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return VLMConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return VisionLanguageModel(cfg, load_backbone=False).eval()
+
+
+def prompt(model, n_text=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = model.cfg.mp_image_token_length
+    ids = torch.randint(10, 1000, (1, n_text + k + 2), generator=g)
+    ids[0, 1:1 + k] = model.image_token_id
+    return ids, torch.rand(1, 3, model.cfg.vit_img_size, model.cfg.vit_img_size, generator=g)
+
+
+def test_shapes(cfg):
+    x = torch.rand(2, 3, 32, 32)
+    assert ViT(cfg)(x).shape == (2, 16, 32)
+    assert ViT(cfg.replace(vit_cls_flag=True))(x).shape == (2, 32)
+    assert ModalityProjector(cfg)(torch.rand(2, 16, 32)).shape == (2, cfg.mp_image_token_length, cfg.lm_hidden_dim)
+    lm = LanguageModel(cfg.replace(lm_use_tokens=True))
+    logits, _ = lm(torch.randint(0, 100, (2, 5)))
+    assert logits.shape == (2, 5, cfg.lm_vocab_size)
+
+
+def test_pixel_shuffle_groups_2x2_neighbourhoods(cfg):
+    mp = ModalityProjector(cfg)
+    grid = torch.arange(16.0).view(1, 16, 1)  # 4x4 patches, one channel = its index
+    out = mp.pixel_shuffle(grid)
+    assert out.shape == (1, 4, 4)
+    assert out[0, 0].tolist() == [0, 1, 4, 5] and out[0, 3].tolist() == [10, 11, 14, 15]
+
+
+def test_vit_rejects_wrong_image_size(cfg):
+    with pytest.raises(ValueError, match=r"ViT expects images of 32x32 pixels, got \(64, 64\)"):
+        ViT(cfg)(torch.rand(1, 3, 64, 64))
+
+
+def test_image_token_count_mismatch_is_clear(model):
+    ids, img = prompt(model)
+    with pytest.raises(ValueError, match=r"the prompts hold 4 image tokens but 2 image\(s\) x 4 tokens = 8"):
+        model(ids, torch.cat([img, img]))
+    with pytest.raises(ValueError, match=r"hold 4 image tokens but 0 image\(s\)"):
+        model(ids, None)
+
+
+def test_images_as_list_per_sample_equals_tensor(model):
+    ids, img = prompt(model)
+    a, _ = model(ids, img)
+    b, _ = model(ids, [img])
+    c, _ = model(ids, [img[0]])
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+def test_loss_only_on_supervised_positions(model):
+    ids, img = prompt(model)
+    targets = torch.full_like(ids, -100)
+    targets[0, -3:] = ids[0, -3:]
+    logits, loss = model(ids, img, targets=targets)
+    assert logits.shape == (3, model.cfg.lm_vocab_size)
+    full, _ = model(ids, img)
+    ref = torch.nn.functional.cross_entropy(full[0, -3:], ids[0, -3:])
+    torch.testing.assert_close(loss, ref)
+    _, summed = model(ids, img, targets=targets, loss_reduction="sum")
+    torch.testing.assert_close(summed, ref * 3)
+
+
+def test_greedy_same_with_and_without_kv_cache(model):
+    ids, img = prompt(model)
+    a = model.generate(ids, img, max_new_tokens=16, greedy=True, eos_token_id=-1)
+    b = model.generate(ids, img, max_new_tokens=16, greedy=True, eos_token_id=-1, use_kv_cache=False)
+    assert a.shape == (1, 16)
+    assert torch.equal(a, b)
+
+
+def test_left_padded_rows_equal_rows_alone(model):
+    (ids0, img0), (ids1, img1) = prompt(model, 9, seed=1), prompt(model, 4, seed=2)
+    T = ids0.shape[1]
+    batch = torch.full((2, T), 7)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    batch[0], mask[0] = ids0[0], 1
+    batch[1, T - ids1.shape[1]:], mask[1, T - ids1.shape[1]:] = ids1[0], 1
+    images = torch.cat([img0, img1])
+    together = model.generate(batch, images, mask, max_new_tokens=12, greedy=True, eos_token_id=-1)
+    alone0 = model.generate(ids0, img0, max_new_tokens=12, greedy=True, eos_token_id=-1)
+    alone1 = model.generate(ids1, img1, max_new_tokens=12, greedy=True, eos_token_id=-1)
+    assert torch.equal(together[0], alone0[0]) and torch.equal(together[1], alone1[0])
+    logits, _ = model(batch, images, mask)
+    torch.testing.assert_close(logits[1, T - ids1.shape[1]:], model(ids1, img1)[0][0])
+
+
+def test_rows_stop_at_eos_and_pad_with_eos(model):
+    ids, img = prompt(model)
+    free = model.generate(ids, img, max_new_tokens=8, greedy=True, eos_token_id=-1)
+    eos = int(free[0, 2])  # pretend the third greedy token is EOS
+    out = model.generate(ids, img, max_new_tokens=8, greedy=True, eos_token_id=eos)
+    first = (free[0] == eos).nonzero()[0].item()
+    assert out.shape[1] == first + 1  # the loop ended early: every row was done
+    two = model.generate(torch.cat([ids, ids]), torch.cat([img, img]), max_new_tokens=8, greedy=True, eos_token_id=eos)
+    assert (two[:, first:] == eos).all()
+
+
+def test_packed_documents_do_not_see_each_other(model):
+    (a, ia), (b, ib) = prompt(model, 5, seed=3), prompt(model, 7, seed=4)
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.cat([torch.full_like(a, 1), torch.full_like(b, 2)], dim=1)
+    logits, _ = model(packed, torch.cat([ia, ib]), segments)
+    torch.testing.assert_close(logits[0, :a.shape[1]], model(a, ia)[0][0])
+    torch.testing.assert_close(logits[0, a.shape[1]:], model(b, ib)[0][0])
+
+
+def test_positions_restart_per_segment_and_skip_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 2, 2, 0]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 0, 1, 0]]
+
+
+def test_sampling_options(model):
+    ids, img = prompt(model)
+    torch.manual_seed(0)
+    a = model.generate(ids, img, max_new_tokens=6, temperature=1.0, top_k=5, top_p=0.9, eos_token_id=-1)
+    torch.manual_seed(0)
+    b = model.generate(ids, img, max_new_tokens=6, temperature=1.0, top_k=5, top_p=0.9, eos_token_id=-1)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        model.generate(ids, img, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        model.generate(ids, img, temperature=-1)
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # top_p=0.7: 0.5 alone is below, 0.5+0.3 reaches it -> the two most likely stay
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert not torch.isinf(filter_logits(logits, top_p=1.0)).any()
+
+
+def test_save_load_round_trip_is_bit_exact(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    ids, img = prompt(model)
+    assert torch.equal(model(ids, img)[0], loaded(ids, img)[0])
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+    assert loaded.tokenizer.image_token_id == model.image_token_id
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        VisionLanguageModel.from_pretrained(tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file; --model / from_pretrained expects a checkpoint directory"):
+        VisionLanguageModel.from_pretrained(tmp_path / "f.txt")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1 forbids a hub download"):
+        VisionLanguageModel.from_pretrained("someone/not-here")
+
+
+def test_checkpoint_with_wrong_tensors_is_refused(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nanovlm.weights.common import WeightLoadError
+
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(path)
+    state.pop("MP.proj.weight")
+    state["decoder.norm.weight"] = torch.ones(3)
+    state["extra.weight"] = torch.ones(1)
+    save_file(state, path)
+    with pytest.raises(WeightLoadError) as err:
+        VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    msg = str(err.value)
+    assert "missing tensors: MP.proj.weight" in msg
+    assert "unexpected tensors: extra.weight" in msg
+    assert "decoder.norm.weight: file has (3,), model needs (64,)" in msg
