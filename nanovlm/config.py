@@ -240,6 +240,8 @@ class TrainConfig:
     log_interval: int = 10
     wandb: bool = False
     max_epochs: int = 0  # 0: no epoch cap, max_training_steps decides
+    streaming: bool = False  # read data files / hub data incrementally (an IterableDataset) instead of random access
+    max_image_pixels: int = 64 * 1024 * 1024  # images with more pixels are skipped (decompression-bomb guard)
 
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "fp32", "bf16"),

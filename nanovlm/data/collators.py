@@ -1,0 +1,79 @@
+"""Collators: processed samples -> a batch for `model(input_ids, images, attention_mask, labels)`.
+
+`VLMCollator` left-pads to the longest sample of the batch (left, so that generation from a
+batch of prompts continues every row at the same position). Samples longer than `max_length`
+are dropped; they and the skip markers a dataset returns for broken samples are counted in
+`batch["skips"]` ({reason: count}), because a collator running in a DataLoader worker cannot
+share a counter with the trainer. A batch may end up empty (B = 0) when every sample was
+skipped; trainers step over it.
+
+Batch keys: `input_ids` (B, T), `attention_mask` (B, T) long (1 = token, 0 = padding),
+`labels` (B, T) with -100 on padding, `images` (a list with one (n_i, 3, S, S) tensor per
+row), `skips`, `ids` (sample ids, for error messages).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from nanovlm.data.datasets import SampleError, is_skip
+from nanovlm.data.processors import IGNORE_INDEX
+
+
+def filter_samples(samples: Sequence[dict[str, Any]], max_length: int | None, strict: bool = False
+                   ) -> tuple[list[dict[str, Any]], Counter]:
+    """(usable samples, {reason: count} of the rest)."""
+    kept, skips = [], Counter()
+    for s in samples:
+        if is_skip(s):
+            skips[s["skip"]] += 1
+        elif max_length and len(s["input_ids"]) > max_length:
+            if strict:
+                raise SampleError("too_long", f"{len(s['input_ids'])} tokens, more than lm_max_length = {max_length}.",
+                                  s.get("id"))
+            skips["too_long"] += 1
+        else:
+            kept.append(s)
+    return kept, skips
+
+
+class VLMCollator:
+    def __init__(self, pad_token_id: int, max_length: int | None = None, strict: bool = False):
+        if pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one (nanovlm pads with the EOS token).")
+        self.pad_token_id = int(pad_token_id)
+        self.max_length = max_length
+        self.strict = strict
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        kept, skips = filter_samples(samples, self.max_length, self.strict)
+        B = len(kept)
+        T = max((len(s["input_ids"]) for s in kept), default=0)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        for b, s in enumerate(kept):
+            n = len(s["input_ids"])
+            input_ids[b, T - n:] = s["input_ids"]
+            attention_mask[b, T - n:] = 1
+            labels[b, T - n:] = s["labels"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "images": [s["images"] for s in kept], "skips": dict(skips), "ids": [s.get("id") for s in kept]}
+
+
+def build_collator(train_cfg, vlm_cfg, tokenizer):
+    """The collator a run asks for: packing (`train_cfg.packing`) or left padding."""
+    strict = bool(getattr(train_cfg, "strict", False))
+    if getattr(train_cfg, "packing", False):
+        from nanovlm.data.packing import PackingCollator
+
+        pack_length = getattr(train_cfg, "pack_length", 0) or vlm_cfg.lm_max_length
+        if pack_length > vlm_cfg.lm_max_position_embeddings:
+            raise ValueError(f"pack_length ({pack_length}) exceeds lm_max_position_embeddings "
+                             f"({vlm_cfg.lm_max_position_embeddings}).")
+        return PackingCollator(tokenizer.pad_token_id, pack_length,
+                               max_images_per_pack=getattr(train_cfg, "max_images_per_pack", 0), strict=strict)
+    return VLMCollator(tokenizer.pad_token_id, vlm_cfg.lm_max_length, strict=strict)

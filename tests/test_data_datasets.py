@@ -1,0 +1,307 @@
+"""Dataset formats (LLaVA json/jsonl, parquet, arrow, save_to_disk, streaming), easy-VQA, skips."""
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.data.collators import VLMCollator
+from nanovlm.data.datasets import (ConversationDataset, DataError, SampleError, SkipCounter,
+                                   StreamingConversationDataset, build_dataset, is_skip, make_loader, train_val_indices)
+from nanovlm.data.processors import get_tokenizer
+
+CFG = VLMConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer(CFG.lm_tokenizer, CFG.vlm_extra_tokens, CFG.lm_chat_template)
+
+
+def png(color=(200, 30, 30), size=(24, 24)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make(tok, data, **train):
+    return build_dataset(TrainConfig(data=str(data), **train), CFG, tok)
+
+
+def reasons(ds):
+    return [ds[i]["skip"] if is_skip(ds[i]) else "ok" for i in range(len(ds))]
+
+
+# ---------------------------------------------------------------------------- LLaVA
+def llava_records(tmp_path):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir(exist_ok=True)
+    (img_dir / "a.png").write_bytes(png())
+    (img_dir / "broken.png").write_bytes(png()[:60])
+    return [
+        {"id": "good", "image": "imgs/a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "missing", "image": "imgs/nope.png", "conversations": [
+            {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "truncated", "image": "imgs/broken.png", "conversations": [
+            {"from": "human", "value": "<image>q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "no-placeholder", "image": "imgs/a.png", "conversations": [
+            {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "two-placeholders", "image": "imgs/a.png", "conversations": [
+            {"from": "human", "value": "<image><image>q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "empty-answer", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+        {"id": "number-answer", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 7}]},
+        {"id": "alien", "conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "two-images", "image": ["imgs/a.png", "imgs/a.png"], "conversations": [
+            {"from": "human", "value": "<image> vs <image>?"}, {"from": "gpt", "value": "Same."}]},
+    ]
+
+
+EXPECTED_LLAVA = ["ok", "ok", "missing_image", "corrupt_image", "image_placeholder_mismatch",
+                  "image_placeholder_mismatch", "empty_text", "non_string_text", "bad_record", "ok"]
+
+
+def test_llava_json_with_skips(tmp_path, tok):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(llava_records(tmp_path)))
+    ds = make(tok, path)
+    assert isinstance(ds, ConversationDataset) and len(ds) == 10
+    assert reasons(ds) == EXPECTED_LLAVA
+    good = ds[0]
+    assert good["images"].shape == (1, 3, 32, 32) and "good" in good["id"]
+    text = tok.decode(good["input_ids"], skip_special_tokens=False)
+    assert "<|global_image|>" + "<|image|>" * 4 + "\nWhat color?" in text
+    supervised = good["labels"][good["labels"] != -100]
+    assert tok.decode(supervised, skip_special_tokens=False) == "Red.<|im_end|>Yes.<|im_end|>"
+    assert ds[1]["images"].shape == (0, 3, 32, 32)
+    two = ds[9]
+    assert two["images"].shape == (2, 3, 32, 32)
+    assert "<image: 0><|global_image|>" in tok.decode(two["input_ids"], skip_special_tokens=False)
+
+    batch = VLMCollator(tok.pad_token_id, CFG.lm_max_length)([ds[i] for i in range(len(ds))])
+    assert batch["input_ids"].shape[0] == 3
+    assert batch["skips"] == {"missing_image": 1, "corrupt_image": 1, "image_placeholder_mismatch": 2,
+                              "empty_text": 1, "non_string_text": 1, "bad_record": 1}
+    counter = SkipCounter()
+    counter.update(batch["skips"])
+    assert counter.total == 7 and "image_placeholder_mismatch 2" in counter.summary()
+
+
+def test_llava_jsonl_and_image_folder(tmp_path, tok):
+    records = llava_records(tmp_path)
+    sub = tmp_path / "annotations"
+    sub.mkdir()
+    path = sub / "data.jsonl"
+    lines = [json.dumps(r) for r in records] + ["{not json", ""]
+    path.write_text("\n".join(lines) + "\n")
+    ds = make(tok, path, image_folder=str(tmp_path))  # images are not next to the jsonl file
+    assert reasons(ds) == EXPECTED_LLAVA + ["bad_record"]
+    ds_default_folder = make(tok, path)
+    assert ds_default_folder[0]["skip"] == "missing_image"
+
+    # Worker processes (each opens its own file handle); skips travel in the batches.
+    loader = make_loader(ds, VLMCollator(tok.pad_token_id, CFG.lm_max_length), global_batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert sum(b["input_ids"].shape[0] for b in batches) == 3
+    counter = SkipCounter()
+    for b in batches:
+        counter.update(b["skips"])
+    assert counter.total == 8 and counter.counts["bad_record"] == 2
+
+
+def test_unexpected_errors_are_counted_not_raised(tmp_path, tok, monkeypatch):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(llava_records(tmp_path)[:2]))
+    ds = make(tok, path)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(ds.processor, "process", boom)
+    assert ds[0] == {"skip": "unexpected_error", "id": "data.json[0] (id good)", "error": "RuntimeError: kaboom"}
+    ds.strict = True
+    with pytest.raises(SampleError, match=r"sample data.json\[1\] \(id text-only\): RuntimeError: kaboom"):
+        ds[1]
+
+
+def test_strict_names_the_sample(tmp_path, tok):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(llava_records(tmp_path)))
+    ds = make(tok, path, strict=True)
+    assert ds[0]["input_ids"].numel() > 0
+    with pytest.raises(SampleError, match=r"sample data.json\[2\] \(id missing\): image file .*nope.png does not"):
+        ds[2]
+
+
+# ---------------------------------------------------------------------------- Cauldron: parquet, arrow, save_to_disk
+def cauldron_rows():
+    return {
+        "images": [[{"bytes": png(), "path": None}], [{"bytes": png((0, 0, 255), (80, 40)), "path": None},
+                                                      {"bytes": png(), "path": None}],
+                   [], [{"bytes": b"junk", "path": None}]],
+        "texts": [[{"user": "Color?", "assistant": "Red.", "source": "x"}],
+                  [{"user": "Colors?", "assistant": "Blue and red.", "source": "x"},
+                   {"user": "Count?", "assistant": "Two.", "source": "x"}],
+                  [{"user": "Hi", "assistant": "Hello", "source": "x"}],
+                  [{"user": "Color?", "assistant": "Red.", "source": "x"}]],
+    }
+
+
+def check_cauldron(ds, tok):
+    assert len(ds) == 4
+    assert reasons(ds) == ["ok", "ok", "ok", "corrupt_image"]
+    s = ds[1]
+    assert s["images"].shape == (2, 3, 32, 32)
+    text = tok.decode(s["input_ids"], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>user\n<image: 0><|global_image|>")
+    supervised = s["labels"][s["labels"] != -100]
+    assert tok.decode(supervised, skip_special_tokens=False) == "Blue and red.<|im_end|>Two.<|im_end|>"
+
+
+def test_cauldron_parquet(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table(cauldron_rows()), path)
+    check_cauldron(make(tok, path), tok)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    table = pa.table(cauldron_rows())
+    pq.write_table(table.slice(0, 2), folder / "a.parquet")
+    pq.write_table(table.slice(2, 2), folder / "b.parquet")
+    check_cauldron(make(tok, folder), tok)
+
+
+@pytest.mark.parametrize("writer", ["file", "stream"])
+def test_cauldron_arrow(tmp_path, tok, writer):
+    import pyarrow as pa
+
+    table = pa.table(cauldron_rows())
+    path = tmp_path / "train.arrow"
+    with pa.OSFile(str(path), "wb") as sink:
+        w = pa.ipc.new_file(sink, table.schema) if writer == "file" else pa.ipc.new_stream(sink, table.schema)
+        w.write_table(table)
+        w.close()
+    check_cauldron(make(tok, path), tok)
+
+
+def test_save_to_disk(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    rows = cauldron_rows()
+    rows["images"] = [[Image.open(io.BytesIO(i["bytes"])) for i in imgs] for imgs in rows["images"][:3]] + [[]]
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  "texts": datasets.List({"user": datasets.Value("string"),
+                                                          "assistant": datasets.Value("string"),
+                                                          "source": datasets.Value("string")})})
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    ds.save_to_disk(str(tmp_path / "single"))
+    got = make(tok, tmp_path / "single")
+    assert reasons(got) == ["ok"] * 4 and got[1]["images"].shape == (2, 3, 32, 32)
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert len(make(tok, tmp_path / "dict")) == 4
+    assert len(build_dataset(TrainConfig(data=str(tmp_path / "dict")), CFG, tok, split="test")) == 1
+    with pytest.raises(DataError, match="has splits"):
+        build_dataset(TrainConfig(data=str(tmp_path / "dict")), CFG, tok, split="validation")
+
+
+def test_unknown_layout_and_missing_path(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(DataError, match=r"records have keys \['foo'\]; expected Cauldron"):
+        make(tok, path)
+    with pytest.raises(DataError, match="does not exist"):
+        make(tok, tmp_path / "missing.jsonl")
+    path.write_text(json.dumps([{"texts": [{"user": "q", "assistant": "a"}]}]))
+    with pytest.raises(DataError, match="has no 'test' split"):
+        build_dataset(TrainConfig(data=str(path)), CFG, tok, split="test")
+    with pytest.raises(DataError, match="offline mode forbids"):
+        make(tok, "someone/some-dataset")  # tests run with HF_HUB_OFFLINE=1
+
+
+# ---------------------------------------------------------------------------- streaming
+def test_streaming_shards_and_resumes(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 20
+    rows = {"images": [[] for _ in range(n)],
+            "texts": [[{"user": f"q{i}", "assistant": f"a{i}"}] for i in range(n)]}
+    rows["texts"][5] = [{"user": "q5", "assistant": ""}]
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table(rows), path)
+    train = TrainConfig(data=str(path), streaming=True)
+
+    def ids(ds):
+        return [item["id"] for item in ds]
+
+    shards = [build_dataset(train, CFG, tok, rank=r, world_size=2) for r in range(2)]
+    assert all(isinstance(s, StreamingConversationDataset) for s in shards)
+    got = [ids(s) for s in shards]
+    assert sorted(got[0] + got[1]) == sorted(f"s.parquet[{k}]" for k in range(n))
+    assert not set(got[0]) & set(got[1])
+    assert sum(is_skip(item) for s in shards for item in s) == 1
+
+    full = ids(shards[0])
+    shards[0].set_position(batches=3, batch_size=2)
+    assert ids(shards[0]) == full[6:]  # exactly the rest, shuffle included
+
+    # Through the loader, with two workers, stopped and resumed mid-epoch.
+    collate = VLMCollator(tok.pad_token_id, CFG.lm_max_length)
+
+    def loader():
+        return make_loader(build_dataset(train, CFG, tok), collate, global_batch_size=3, num_workers=2)
+
+    reference = [b["ids"] for b in loader()]
+    assert sorted(sum(reference, [])) == sorted(f"s.parquet[{k}]" for k in range(n) if k != 5)
+    first = loader()
+    it = iter(first)
+    got = [next(it)["ids"] for _ in range(3)]
+    state = first.state_dict()
+    assert state["index"] == 3
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert got + [b["ids"] for b in resumed] == reference
+
+
+# ---------------------------------------------------------------------------- easy-VQA
+def test_easyvqa(tok):
+    from nanovlm.data.easyvqa import QTYPES, easyvqa_questions, question_type
+
+    test_q = easyvqa_questions("test")
+    assert len(test_q) == 9673
+    path, q, a, qtype = test_q[0]
+    assert path.endswith(".png") and qtype in QTYPES
+    answers_of = {"shape": {"circle", "rectangle", "triangle"}, "yes/no": {"yes", "no"}}
+    for _, q, a, t in test_q:
+        assert a in answers_of.get(t, {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}), (q, a, t)
+    assert question_type("what is the color of the shape?") == "color"
+    assert question_type("what is the blue shape?") == "shape"
+    assert question_type("is there not a red shape?") == "yes/no"
+
+    ds = make(tok, "easyvqa", multi_turn=True)
+    # one conversation per training image, split where it would exceed the tiny preset's 256 tokens
+    assert len(set(ds.image_index.tolist())) == 4000 and len(ds) > 4000
+    assert sum(len(t) for t in ds.turns) == 38575 and int(ds.lengths.max()) <= CFG.lm_max_length
+    s = ds[0]
+    assert s["images"].shape == (1, 3, 32, 32)  # tiny preset: max_img_size 32, one tile
+    n_answers = len(ds.turns[0])
+    assert (s["labels"] == tok.eos_token_id).sum() == n_answers
+    single = build_dataset(TrainConfig(data="easyvqa", multi_turn=True), CFG, tok, split="test")
+    assert len(single) == 9673  # the test split is always one question per sample
+    x = single[3]
+    assert tok.decode(x["labels"][x["labels"] != -100]) == test_q[3][2]
+    assert single.tiles.dtype == torch.uint8
+
+
+def test_train_val_indices():
+    train, val = train_val_indices(100, 8, seed=1)
+    assert len(val) == 8 and len(train) == 92 and not set(train) & set(val)
+    assert train_val_indices(100, 8, seed=1) == (train, val)
+    assert len(train_val_indices(30, 8)[1]) == 3  # never more than a tenth
