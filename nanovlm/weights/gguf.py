@@ -1,0 +1,187 @@
+"""Llama weights from a GGUF file (llama.cpp's format) -> our `LanguageModel`.
+
+- The architecture comes from the `llama.*` metadata and must match the config.
+- Tensors are dequantized to fp32 with the `gguf` package; GGUF lists dimensions fastest-first,
+  so shapes are reversed to torch's order.
+- llama.cpp's converter reorders the rows of every q and k projection for its interleaved RoPE:
+  within each head, the rows that rotate-half pairs as (i, i + head_dim/2) are stored next to
+  each other, (2i, 2i + 1). `unpermute_rope_rows` puts them back (per query head for q, per
+  key/value head for k).
+- No `output.weight` tensor means the head is tied to the token embedding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from nanovlm.weights.common import WeightLoadError
+from nanovlm.weights.loading import (Transform, check_lm_architecture, convert, expand_blocks, expected_shapes,
+                                     f32_value, grow_rows, load_into, rule)
+
+# ours <- GGUF's
+KEYS = {
+    "token_embedding.weight": "token_embd.weight",
+    "blocks.{i}.norm1.weight": "blk.{i}.attn_norm.weight",
+    "blocks.{i}.attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "blocks.{i}.attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "blocks.{i}.attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "blocks.{i}.attn.out_proj.weight": "blk.{i}.attn_output.weight",
+    "blocks.{i}.norm2.weight": "blk.{i}.ffn_norm.weight",
+    "blocks.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "blocks.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "blocks.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "norm.weight": "output_norm.weight",
+    "head.weight": "output.weight",  # absent when tied
+}
+
+
+def unpermute_rope_rows(n_heads: int) -> Transform:
+    """llama.cpp's interleaved q/k rows -> the rotate-half order, head by head."""
+
+    def transform(weight: torch.Tensor) -> torch.Tensor:
+        rows, C = weight.shape
+        if rows % (2 * n_heads):
+            raise ValueError(f"{rows} rows cannot be split into {n_heads} heads of rotary pairs")
+        head_dim = rows // n_heads
+        w = weight.reshape(n_heads, head_dim // 2, 2, C)  # (n_heads, head_dim/2, pair, C)
+        return w.transpose(1, 2).reshape(rows, C)  # (n_heads * head_dim, C), halves per head
+
+    return transform
+
+
+def table(cfg: Any) -> dict:
+    grow = grow_rows(cfg.lm_vocab_size)
+    transforms = {
+        "token_embedding.weight": grow,
+        "head.weight": grow,
+        "blocks.{i}.attn.q_proj.weight": unpermute_rope_rows(cfg.lm_n_heads),
+        "blocks.{i}.attn.k_proj.weight": unpermute_rope_rows(cfg.lm_n_kv_heads),
+    }
+    keys = {k: v for k, v in KEYS.items() if not (cfg.lm_tie_weights and k == "head.weight")}
+    return expand_blocks({ours: rule(theirs, transform=transforms.get(ours)) for ours, theirs in keys.items()},
+                         cfg.lm_n_blocks)
+
+
+def open_gguf(path: str):
+    """A GGUFReader for `path`. Parsing the metadata (tens of thousands of tokenizer strings) takes
+    seconds, so the last few readers are kept: reading the config, then the weights, parses once."""
+    st = os.stat(path)
+    return _open_gguf(os.path.realpath(path), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(path: str, mtime_ns: int, size: int, inode: int):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, ... on a foreign file
+        raise WeightLoadError(f"{path} is not a GGUF file ({type(e).__name__}: {e}).") from None
+
+
+class GGUFTensors(Mapping):
+    """The tensors of a GGUF file by name, dequantized to fp32 torch tensors on access."""
+
+    def __init__(self, reader):
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
+        try:
+            values = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        except NotImplementedError:
+            raise WeightLoadError(f"tensor {name} is stored as {t.tensor_type.name}, which the gguf package "
+                                  "cannot dequantize; use a file quantized differently (e.g. Q8_0, F16).") from None
+        return torch.from_numpy(values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _metadata(reader, path: str) -> dict[str, Any]:
+    fields = reader.fields
+
+    def value(key: str, default: Any = None) -> Any:
+        f = fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = value("general.architecture")
+    if arch != "llama":
+        raise WeightLoadError(f"{path} holds a {arch!r} model; only GGUF files of the 'llama' architecture "
+                              "(e.g. SmolLM2) can be loaded.")
+    meta = {key[len("llama."):]: value(key) for key in fields if key.startswith("llama.")}
+    required = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count",
+                "attention.layer_norm_rms_epsilon")
+    missing = [f"llama.{k}" for k in required if k not in meta]
+    if missing:
+        raise WeightLoadError(f"{path} lacks the metadata {', '.join(missing)}.")
+    return meta
+
+
+def _config(reader, path: str) -> dict[str, Any]:
+    meta = _metadata(reader, path)
+    names = {t.name for t in reader.tensors}
+    heads = meta["attention.head_count"]
+    kv_heads = meta.get("attention.head_count_kv", heads)
+    hidden = meta["embedding_length"]
+    unsupported = []
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        if isinstance(meta.get(key), list):
+            unsupported.append(f"per-layer llama.{key}")
+    if meta.get("expert_count"):
+        unsupported.append("mixture of experts (llama.expert_count)")
+    scaling = meta.get("rope.scaling.type")
+    if scaling not in (None, "none") or "rope_freqs.weight" in names:
+        unsupported.append(f"scaled RoPE ({scaling or 'rope_freqs'})")
+    if not unsupported:
+        head_dim = hidden // heads
+        for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+            if key in meta and meta[key] != head_dim:
+                unsupported.append(f"llama.{key}={meta[key]} (needs embedding_length / head_count = {head_dim})")
+    if unsupported:
+        raise WeightLoadError(f"{path} uses Llama options this model does not implement: {', '.join(unsupported)}.")
+    if "token_embd.weight" not in names:
+        raise WeightLoadError(f"{path} has no token_embd.weight tensor.")
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return {
+        "lm_hidden_dim": hidden,
+        "lm_inter_dim": meta["feed_forward_length"],
+        "lm_n_heads": heads,
+        "lm_n_kv_heads": kv_heads,
+        "lm_n_blocks": meta["block_count"],
+        "lm_rms_eps": f32_value(meta["attention.layer_norm_rms_epsilon"]),
+        "lm_re_base": f32_value(meta.get("rope.freq_base", 10000.0)),
+        "lm_base_vocab_size": int(embd.shape[-1]),  # rows of the embedding (GGUF order: (C, vocab))
+        "lm_tie_weights": "output.weight" not in names,
+        "lm_max_position_embeddings": meta.get("context_length", 2048),
+    }
+
+
+def gguf_llama_config(path: str) -> dict[str, Any]:
+    """The `lm_*` fields of a llama GGUF file."""
+    return _config(open_gguf(path), path)
+
+
+def load_gguf_llama(cls: type, cfg: Any, path: str):
+    """A `cls(cfg)` with the (dequantized, fp32) weights of a llama GGUF file."""
+    reader = open_gguf(path)
+    check_lm_architecture(_config(reader, path), cfg, path)
+    model = cls(cfg)
+    state = convert(GGUFTensors(reader), table(cfg), expected_shapes(model), path)
+    load_into(model, state)
+    return model.float()  # train/eval mode as constructed, like the VLM that holds it

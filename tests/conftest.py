@@ -1,0 +1,19 @@
+"""Shared test setup: offline, two CPU threads, a fixed seed per test."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Two threads for the two-core CI machine; NANOVLM_TEST_THREADS overrides it (1 is faster on a
+# machine whose cores are busy with other work: spinning OpenMP threads then wait on each other).
+torch.set_num_threads(int(os.environ.get("NANOVLM_TEST_THREADS", "2")))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
