@@ -196,10 +196,28 @@ def _gguf_pre_tokenizer(pre: str):
 
 
 def _from_gguf(path: str) -> VLMTokenizer:
-    from gguf import GGUFReader
+    """Rebuilding the BPE from a GGUF takes seconds; the result is kept as JSON and each call gets
+    a fresh, independent tokenizer from it."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _GGUF_CACHE:
+        tok = _build_from_gguf(path)
+        _GGUF_CACHE.clear()
+        _GGUF_CACHE[key] = (tok._tok.to_str(), dict(eos_token=tok.eos_token, bos_token=tok.bos_token,
+                                                     pad_token=tok.pad_token, chat_template=tok.chat_template,
+                                                     base_vocab_size=tok.base_vocab_size))
+    serialized, kwargs = _GGUF_CACHE[key]
+    return VLMTokenizer(Tokenizer.from_str(serialized), **kwargs)
+
+
+_GGUF_CACHE: dict[tuple, tuple[str, dict[str, Any]]] = {}
+
+
+def _build_from_gguf(path: str) -> VLMTokenizer:
+    from nanovlm.weights.gguf import open_gguf  # shares the parsed file with the weight loader
 
     try:
-        reader = GGUFReader(path)
+        reader = open_gguf(path)
     except Exception as e:
         raise TokenizerError(f"{path} is not a readable GGUF file ({e}).") from e
     fields = reader.fields
