@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow test-browser bench clean
+.PHONY: setup demo test test-slow test-browser browser-setup bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
+
+# The chat-page test drives Debian's chromium through playwright (no browser download).
+browser-setup: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q playwright
+
+test-browser: browser-setup
+	$(VENV)/bin/pytest -q -m browser tests/browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode.py
