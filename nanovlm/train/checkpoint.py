@@ -1,0 +1,192 @@
+"""Checkpoints a run can resume from exactly, written so that a kill at any instant is harmless.
+
+A checkpoint is a directory `checkpoints/step_XXXXXX/`:
+  config.json, model.safetensors, tokenizer files   (model.save_pretrained: also a model dir)
+  trainer_state.json   step, data position, python/numpy RNG, metrics so far, validation loss
+  trainer_state.pt     optimizer + schedule state and torch RNG states (tensors; loaded with
+                       torch.load(weights_only=True), never unpickling code)
+It is assembled in a hidden temporary directory beside its final place, flushed to disk, and
+renamed into place: a directory named step_XXXXXX is always complete. `best/` (lowest validation
+loss) holds the model and trainer_state.json only; `final/` is a plain model directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from nanovlm.fileio import atomic_write_json, make_temp_dir_beside, replace_dir
+
+STATE_JSON = "trainer_state.json"
+STATE_PT = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict:
+    """This process's python, numpy and torch (CPU and CUDA) generator states."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ writing
+def _fsync_tree(directory: str) -> None:
+    """Flush every file (and the directory) so the rename that follows publishes complete data."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict | None) -> None:
+    """Assemble a checkpoint in a temporary directory beside `final`, then rename it into place."""
+    tmp = make_temp_dir_beside(final)
+    try:
+        os.rmdir(tmp)  # save_pretrained creates it (itself atomically)
+        model.save_pretrained(tmp, tokenizer)
+        if tensors is not None:
+            torch.save(tensors, os.path.join(tmp, STATE_PT))
+        if state is not None:
+            with open(os.path.join(tmp, STATE_JSON), "w") as f:
+                json.dump(state, f)
+        _fsync_tree(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, scheduler, state: dict,
+                    rng_states: list[dict], keep_last: int = 2) -> str:
+    """Write `checkpoints/step_XXXXXX/` (rank 0 only) and drop all but the newest `keep_last`.
+
+    `state` is JSON-able (data position, metrics, ...); `rng_states` holds one entry per rank."""
+    path = step_dir(run_dir, step)
+    tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}
+    _write_dir(path, model, tokenizer, {**state, "step": step}, tensors)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            _remove(old)
+    return path
+
+
+def _remove(path: str) -> None:
+    """Delete a directory so that a kill midway never leaves a half-deleted one under its name:
+    rename it to a hidden temporary name first (atomic), then delete."""
+    trash = make_temp_dir_beside(path)
+    os.rmdir(trash)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_best(run_dir: str, model, tokenizer, state: dict) -> str:
+    """`checkpoints/best/`: the model with the lowest validation loss so far (no optimizer)."""
+    path = os.path.join(run_dir, "checkpoints", "best")
+    _write_dir(path, model, tokenizer, state, None)
+    return path
+
+
+def save_final(run_dir: str, model, tokenizer) -> str:
+    """`final/`: a model directory for from_pretrained and every --model flag."""
+    path = os.path.join(run_dir, "final")
+    _write_dir(path, model, tokenizer, None, None)
+    return path
+
+
+# ------------------------------------------------------------------------------------ reading
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete step checkpoints, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "step_*")):
+        m = _STEP_DIR.match(os.path.basename(path))
+        if m and os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, STATE_PT)):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def recover(run_dir: str) -> None:
+    """Tidy after a kill: drop half-written temporary directories, and put back a checkpoint that
+    a kill caught between the two renames of a replacement."""
+    root = os.path.join(run_dir, "checkpoints")
+    for path in glob.glob(os.path.join(root, "*.old-*")) + glob.glob(os.path.join(run_dir, "final.old-*")):
+        original = path.rsplit(".old-", 1)[0]
+        if os.path.exists(original):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, original)
+    for path in glob.glob(os.path.join(root, ".tmp-*")) + glob.glob(os.path.join(run_dir, ".tmp-*")):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
+def clear(run_dir: str) -> None:
+    """Remove a previous run's checkpoints, final model and TensorBoard logs from `run_dir`."""
+    for name in ("checkpoints", "final", "tensorboard"):
+        if os.path.isdir(os.path.join(run_dir, name)):
+            _remove(os.path.join(run_dir, name))
+
+
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None, rank: int = 0) -> dict:
+    """Restore the model (and optimizer, schedule and this rank's RNG when given) from a step
+    checkpoint; returns its JSON state."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, STATE_JSON)) as f:
+        state = json.load(f)
+    model.load_checkpoint_state(load_file(os.path.join(path, "model.safetensors")), source=path)
+    if optimizer is not None or scheduler is not None:
+        tensors = torch.load(os.path.join(path, STATE_PT), map_location="cpu", weights_only=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(tensors["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(tensors["scheduler"])
+        rngs = tensors["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return state
+
+
+def write_run_config(run_dir: str, config: dict) -> None:
+    atomic_write_json(os.path.join(run_dir, "config.json"), config)

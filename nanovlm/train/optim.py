@@ -1,0 +1,129 @@
+"""AdamW with one parameter group per part of the model, and the learning-rate schedule.
+
+As in nanoVLM, the projector (`MP`), the vision backbone and the language backbone each get their
+own learning rate; a rate of 0 freezes that part (requires_grad False, so no gradient is computed
+and the optimizer holds no state for it). Weight decay applies only to matrices (>= 2-D weights:
+linear layers, embeddings); norms and biases are not decayed. The schedule is a linear warm-up to
+each group's rate followed by a cosine decay to `min_lr_ratio` of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn as nn
+
+from nanovlm.config import TrainConfig
+
+# Model attribute -> the TrainConfig learning-rate field that drives it.
+PARTS = {"MP": "lr_mp", "vision_encoder": "lr_vision_backbone", "decoder": "lr_language_backbone"}
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups (`name`, `params`, `lr`, `weight_decay`); freezes parts whose rate is 0.
+
+    Every parameter of the model must belong to one of PARTS (a new part would otherwise go
+    silently untrained)."""
+    groups: list[dict] = []
+    seen: set[int] = set()
+    for part, lr_field in PARTS.items():
+        lr = float(getattr(cfg, lr_field))
+        module = getattr(model, part)
+        decay, no_decay = [], []
+        for p in module.parameters():  # deduplicated: a tied head is the embedding
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            p.requires_grad_(lr > 0)
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        if lr <= 0:
+            continue
+        if decay:
+            groups.append({"name": f"{part}.decay", "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
+        if no_decay:
+            groups.append({"name": f"{part}.no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    stray = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if stray:
+        raise ValueError(f"parameters outside {', '.join(PARTS)} have no learning rate: {', '.join(stray[:5])}.")
+    if not groups:
+        raise ValueError("lr_mp, lr_vision_backbone and lr_language_backbone are all 0: nothing would train.")
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return groups
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    """Fused AdamW (one kernel for the whole update) exists for CUDA, and for CPU since torch 2.4."""
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return False
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        try:  # probe: older builds raise on CPU tensors
+            p = nn.Parameter(torch.zeros(2))
+            p.grad = torch.zeros(2)
+            torch.optim.AdamW([p], fused=True).step()
+            return True
+        except (RuntimeError, TypeError):
+            return False
+    return False
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; fused where the device supports it (measured faster on this
+    CPU and on CUDA, see docs/benchmarks.md), unless `fused` says otherwise."""
+    groups = param_groups(model, cfg)
+    fused = fused_adamw_available(device) if fused is None else fused
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+class WarmupCosine:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `min_lr_ratio` x each group's rate.
+
+    `factor(step)` is the multiplier for the update made at `step` (0-based); `apply(step)` writes
+    `base_lr * factor(step)` into the optimizer. The schedule is a pure function of the step, so
+    its state is just that step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.0,
+                 min_lr_ratio: float = 0.0):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}.")
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.warmup_steps = int(round(warmup_ratio * total_steps))
+        self.min_lr_ratio = min_lr_ratio
+        self.step_count = 0
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, step: int) -> float:
+        """Set the rates for the update at `step`; returns the multiplier."""
+        f = self.factor(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        self.step_count = step
+        return f
+
+    def state_dict(self) -> dict:
+        return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "min_lr_ratio": self.min_lr_ratio, "step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        # The step count is restored; the shape of the schedule comes from the (possibly edited)
+        # config, so a resumed run may be extended with a larger max_training_steps.
+        self.step_count = int(state["step_count"])
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor | None:
+    """Clip when max_norm > 0; returns the total norm (a tensor, not synced to the host)."""
+    if max_norm <= 0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)

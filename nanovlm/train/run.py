@@ -1,0 +1,54 @@
+"""`nanovlm train`: resolve the settings, set up the processes, prepare the run folder, train."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def run_training(preset: str = "easyvqa", config_file: str | None = None, out: str = "runs/latest",
+                 resume: bool = False, overrides: list[str] | None = None) -> int:
+    from nanovlm.train import checkpoint as ckpt
+    from nanovlm.train import distributed as dist
+    from nanovlm.train import settings
+    from nanovlm.train.loop import train
+
+    base = None
+    if resume:
+        # A resumed run continues with its saved settings; a config file and overrides still apply.
+        saved = os.path.join(out, "config.json")
+        if ckpt.latest_checkpoint(out) is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}; "
+                                    "run without --resume to start a new run.")
+        if os.path.isfile(saved):
+            with open(saved) as f:
+                base = json.load(f)
+    vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
+    _check_data(train_cfg.data)
+
+    info = dist.init()
+    try:
+        if info.is_main:
+            os.makedirs(out, exist_ok=True)
+            if not resume and os.path.isdir(os.path.join(out, "checkpoints")):
+                # A new run in an old folder: its checkpoints would mix with ours on a later --resume.
+                print(f"nanovlm: starting a new run in {out}; removing the previous run's checkpoints "
+                      "(use --resume to continue it instead).", flush=True)
+                ckpt.clear(out)
+            ckpt.recover(out)
+            ckpt.write_run_config(out, settings.to_dict(vlm_cfg, train_cfg))
+        dist.barrier(info)
+        train(vlm_cfg, train_cfg, out, resume=resume, info=info)
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def _check_data(data: str) -> None:
+    """A data path that does not exist: one clear sentence before any model is built."""
+    if data.lower() in ("easyvqa", "easy-vqa", "easy_vqa"):
+        return
+    path = os.path.expanduser(data)
+    looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))
+    if looks_local and not os.path.exists(path):
+        raise FileNotFoundError(f"data file {data} does not exist.")

@@ -1,0 +1,78 @@
+"""Two CPU processes (torchrun, gloo) train exactly like one process with the same global batch.
+
+Runs the real command lines, `python -m nanovlm train` and `torchrun --nproc-per-node 2 -m nanovlm
+train`, on a small LLaVA-layout .jsonl data file, and compares the logged losses and the final
+weights (fp32; the order of floating-point sums differs, so within fp32 tolerance). Adam divides
+each gradient by its own running size, so for a weight whose gradient is near zero a last-bit
+difference can move the update by a small fraction of the learning rate: the weights are compared
+with an absolute tolerance of 1% of the learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def _write_llava_data(folder) -> str:
+    os.makedirs(folder / "images", exist_ok=True)
+    records = []
+    names = list(COLOURS)
+    for i in range(40):
+        name = names[i % len(names)]
+        Image.new("RGB", (24 + i % 3 * 8, 32), COLOURS[name]).save(folder / "images" / f"{i}.png")
+        question = "What colour is the picture?" if i % 2 else "Name the colour of this image, in one word."
+        records.append({"id": str(i), "image": f"images/{i}.png",
+                        "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                          {"from": "gpt", "value": name if i % 3 else f"It is {name}."}]})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _train(args: list[str], nproc: int, out, data: str) -> None:
+    common = ["train", "--preset", "tiny", "--out", str(out), f"data={data}", "precision=fp32",
+              "max_training_steps=3", "eval_task=", "eval_interval=0", "val_size=4", "log_interval=1",
+              "warmup_ratio=0", "lr_mp=1e-2", "lr_vision_backbone=1e-2", "lr_language_backbone=1e-2"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "nanovlm"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "nanovlm"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd + common + args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _losses(out) -> list[float]:
+    with open(out / "metrics.jsonl") as f:
+        return [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    data = _write_llava_data(tmp_path / "data")
+    _train(["batch_size=8"], 1, tmp_path / "one", data)
+    _train(["batch_size=4"], 2, tmp_path / "two", data)
+
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one))
+    assert one[-1] < one[0]  # it trained
+    w1 = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    with open(tmp_path / "two" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["processes"] == 2 and summary["global_batch"] == 8
+    assert not os.path.exists(tmp_path / "two" / "checkpoints" / "step_000003" / "rank1")  # rank 0 writes

@@ -1,0 +1,107 @@
+"""Settings: preset < config file < key=value, and one clear sentence for every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanovlm.cli import main
+from nanovlm.config import PRESETS, ConfigError
+from nanovlm.train.settings import resolve, to_dict
+
+
+def test_precedence_preset_then_file_then_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  lm_n_blocks: 3\ntrain:\n  batch_size: 7\n  lr_mp: 1\nseed: 5\n")
+    vlm, train = resolve("tiny", str(path), ["batch_size=9", "precision=fp32", "compile=false"])
+    assert train.batch_size == 9  # the command line wins over the file
+    assert train.lr_mp == 1.0 and isinstance(train.lr_mp, float)  # an int in a float field is fine
+    assert train.seed == 5  # flat keys find their section
+    assert vlm.lm_n_blocks == 3
+    assert train.max_training_steps == PRESETS["tiny"]["train"]["max_training_steps"]  # from the preset
+    assert vlm.vit_hidden_dim == PRESETS["tiny"]["model"]["vit_hidden_dim"]
+    assert train.compile is False and train.precision == "fp32"
+
+
+def test_json_file_and_optional_values(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train": {"image_folder": "imgs"}}))
+    _, train = resolve("tiny", str(path), [])
+    assert train.image_folder == "imgs"
+    _, train = resolve("tiny", str(path), ["image_folder=none"])
+    assert train.image_folder is None
+
+
+def test_override_values_are_parsed_to_the_field_type():
+    vlm, train = resolve("tiny", None, ["lr_mp=3e-4", "strict=TRUE", "data=some/file.jsonl", "vit_n_blocks=1"])
+    assert train.lr_mp == 3e-4 and train.strict is True and train.data == "some/file.jsonl"
+    assert vlm.vit_n_blocks == 1
+
+
+def test_saved_config_replaces_the_preset_and_rederives_fields():
+    vlm, train = resolve("tiny", None, ["batch_size=3"])
+    base = to_dict(vlm, train)
+    vlm2, train2 = resolve("does-not-matter", None, ["vit_img_size=64", "max_img_size=64"], base=base)
+    assert train2.batch_size == 3
+    assert vlm2.mp_image_token_length == 16  # recomputed for the larger image
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch_sise=4"], "unknown setting 'batch_sise': it is neither a VLMConfig nor a TrainConfig field. "
+                       "Did you mean 'batch_size'?"),
+    (["batch_size=four"], "batch_size must be an integer, got 'four' on the command line."),
+    (["lr_mp=fast"], "lr_mp must be a number, got 'fast' on the command line."),
+    (["compile=yes"], "compile must be true or false, got 'yes' on the command line."),
+    (["batch_size"], "override 'batch_size' must look like key=value (e.g. batch_size=16)."),
+    (["precision=fp16"], "precision must be one of auto, fp32, bf16, got 'fp16'."),
+    (["batch_size=0"], "batch_size must be a positive integer, got 0."),
+    (["vit_n_heads=5"], "vit_n_heads (5) must divide vit_hidden_dim (32)."),
+])
+def test_bad_overrides_name_the_setting(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        resolve("tiny", None, overrides)
+    assert str(e.value) == message
+
+
+def test_bad_config_files(tmp_path):
+    wrong_type = tmp_path / "a.yaml"
+    wrong_type.write_text("train:\n  batch_size: '8'\n")
+    with pytest.raises(ConfigError, match=r"^batch_size must be an integer, got '8' in config file .*a\.yaml\.$"):
+        resolve("tiny", str(wrong_type), [])
+    unknown = tmp_path / "b.yaml"
+    unknown.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
+        resolve("tiny", str(unknown), [])
+    misplaced = tmp_path / "c.yaml"
+    misplaced.write_text("model:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match="'batch_size' in section 'model' of .* belongs in section 'train'."):
+        resolve("tiny", str(misplaced), [])
+    not_yaml = tmp_path / "d.yaml"
+    not_yaml.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        resolve("tiny", str(not_yaml), [])
+    with pytest.raises(FileNotFoundError, match=r"^config file .*missing\.yaml does not exist\.$"):
+        resolve("tiny", str(tmp_path / "missing.yaml"), [])
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err  # one line, no traceback
+    return err
+
+
+def test_cli_errors_are_one_sentence(capsys, tmp_path):
+    out = str(tmp_path / "run")
+    assert _cli_error(capsys, ["train", "--preset", "nope", "--out", out]).startswith(
+        "nanovlm: error: unknown preset 'nope'; choose one of: easyvqa, ")
+    assert _cli_error(capsys, ["train", "--out", out, "epochs=3"]).startswith(
+        "nanovlm: error: unknown setting 'epochs'")
+    assert _cli_error(capsys, ["train", "--out", out, "batch_size=1.5"]) == (
+        "nanovlm: error: batch_size must be an integer, got '1.5' on the command line.")
+    missing = str(tmp_path / "nothing.jsonl")
+    assert _cli_error(capsys, ["train", "--out", out, f"data={missing}"]) == (
+        f"nanovlm: error: data file {missing} does not exist.")
+    assert _cli_error(capsys, ["train", "--out", out, "--resume"]) == (
+        f"nanovlm: error: --resume: no checkpoint in {out}/checkpoints; run without --resume to start a new run.")
