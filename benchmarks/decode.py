@@ -17,21 +17,26 @@ from nanovlm import VLMConfig, VisionLanguageModel
 from nanovlm.generation import generate
 
 
-def measure(preset: str, dtype: torch.dtype, new_tokens: int, prompt_tokens: int, repeats: int) -> dict:
+def measure(preset: str, dtype: torch.dtype, new_tokens: int, prompt_tokens: int, repeats: int,
+            device: str = "cpu") -> dict:
     torch.manual_seed(0)
     cfg = VLMConfig.from_preset(preset)
-    model = VisionLanguageModel(cfg, load_backbone=False).to(dtype).eval()
+    model = VisionLanguageModel(cfg, load_backbone=False).to(device=device, dtype=dtype).eval()
     ids = torch.randint(0, 1000, (1, prompt_tokens + cfg.mp_image_token_length))
     ids[0, :cfg.mp_image_token_length] = model.image_token_id
     image = torch.rand(1, 3, cfg.vit_img_size, cfg.vit_img_size)
     kwargs = dict(greedy=True, eos_token_id=-1)
     generate(model, ids, image, max_new_tokens=4, **kwargs)  # warm-up
     prefill, total = [], []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         generate(model, ids, image, max_new_tokens=1, **kwargs)
+        sync()
         t1 = time.perf_counter()
         out = generate(model, ids, image, max_new_tokens=new_tokens, **kwargs)
+        sync()
         t2 = time.perf_counter()
         assert out.shape[1] == new_tokens
         prefill.append(t1 - t0)
@@ -47,13 +52,14 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image tokens")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     names = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    print(f"| preset | weights | threads | prefill (s) | decode tokens/s |")
-    print(f"|---|---|---|---|---|")
+    print("| preset | device | weights | threads | prefill (s) | decode tokens/s |")
+    print("|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
-        r = measure(args.preset, names[name], args.new_tokens, args.prompt_tokens, args.repeats)
-        print(f"| {args.preset} | {name} | {torch.get_num_threads()} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} |",
+        r = measure(args.preset, names[name], args.new_tokens, args.prompt_tokens, args.repeats, args.device)
+        print(f"| {args.preset} | {args.device} | {name} | {torch.get_num_threads()} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} |",
               flush=True)
 
 

@@ -189,3 +189,12 @@ def test_checkpoint_with_wrong_tensors_is_refused(model, tmp_path):
     assert "missing tensors: MP.proj.weight" in msg
     assert "unexpected tensors: extra.weight" in msg
     assert "decoder.norm.weight: file has (3,), model needs (64,)" in msg
+
+
+def test_pixel_normalisation_feeds_the_vit_centred_pixels(cfg):
+    torch.manual_seed(0)
+    plain = VisionLanguageModel(cfg, load_backbone=False).eval()
+    centred = VisionLanguageModel(cfg.replace(vit_pixel_mean=0.5, vit_pixel_std=0.5), load_backbone=False).eval()
+    centred.load_state_dict(plain.state_dict())
+    ids, img = prompt(plain)
+    torch.testing.assert_close(centred(ids, img)[0], plain(ids, img * 2 - 1)[0])

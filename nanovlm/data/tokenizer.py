@@ -10,6 +10,7 @@ after the base vocabulary in `vlm_extra_tokens` order and exposed as attributes,
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -120,13 +121,10 @@ class VLMTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
                             tokenize: bool = False):
-        import jinja2
-
         template = self.chat_template
         if not template:
             raise TokenizerError("this tokenizer has no chat template; pass one to get_tokenizer.")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(template).render(
+        text = _compiled_template(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         return self.encode(text) if tokenize else text
@@ -144,6 +142,14 @@ class VLMTokenizer:
         }
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    """Compiling a jinja template costs more than rendering it; evaluation renders thousands."""
+    import jinja2
+
+    return jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template)
 
 
 def _token_content(value: Any) -> str | None:

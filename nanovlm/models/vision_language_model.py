@@ -111,6 +111,8 @@ class VisionLanguageModel(nn.Module):
                 "were expected; build prompts with the image processor's image string.")
         if n_images == 0:
             return x
+        if self.cfg.vit_pixel_mean is not None:
+            pixels = (pixels - self.cfg.vit_pixel_mean) / self.cfg.vit_pixel_std
         image_embd = self.MP(self.vision_encoder(pixels))  # (n_images, mp_image_token_length, C)
         x = x.clone()
         x[is_image] = image_embd.reshape(-1, image_embd.shape[-1]).to(x.dtype)
