@@ -220,17 +220,15 @@ _GGUF_CACHE: dict[tuple, tuple[str, dict[str, Any]]] = {}
 
 
 def _build_from_gguf(path: str) -> VLMTokenizer:
-    from nanovlm.weights.gguf import open_gguf  # shares the parsed file with the weight loader
+    from nanovlm.weights.gguf import gguf_value, open_gguf  # shares the parsed file with the weight loader
 
     try:
         reader = open_gguf(path)
     except Exception as e:
         raise TokenizerError(f"{path} is not a readable GGUF file ({e}).") from e
-    fields = reader.fields
 
     def value(key: str, default: Any = None) -> Any:
-        f = fields.get(key)
-        return default if f is None else f.contents()
+        return gguf_value(reader, key, default)
 
     kind = value("tokenizer.ggml.model")
     if kind != "gpt2":

@@ -113,12 +113,17 @@ class GGUFTensors(Mapping):
         return len(self._tensors)
 
 
+def gguf_value(reader, key: str, default: Any = None) -> Any:
+    """One metadata value of a GGUF file (decoded), or `default` when the key is absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
 def _metadata(reader, path: str) -> dict[str, Any]:
     fields = reader.fields
 
     def value(key: str, default: Any = None) -> Any:
-        f = fields.get(key)
-        return default if f is None else f.contents()
+        return gguf_value(reader, key, default)
 
     arch = value("general.architecture")
     if arch != "llama":
