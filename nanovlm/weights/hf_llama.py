@@ -9,12 +9,11 @@ refused with a message naming the setting: our model would silently compute some
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from nanovlm.weights.common import WeightLoadError
 from nanovlm.weights.loading import (SafetensorsTensors, check_lm_architecture, convert, expand_blocks,
-                                     expected_shapes, grow_rows, load_into, read_json, rule)
+                                     expected_shapes, grow_rows, load_into, read_model_config, rule)
 
 # ours <- transformers'
 KEYS = {
@@ -47,15 +46,8 @@ def table(cfg: Any) -> dict:
 
 
 def _read_config(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise WeightLoadError(f"{directory} has no config.json; a transformers Llama directory needs "
-                              "config.json and model.safetensors.")
-    config = read_json(path)
-    kind = config.get("model_type")
-    if kind != "llama":
-        raise WeightLoadError(f"{directory} holds a {kind!r} model; only Llama-architecture language models "
-                              "(model_type 'llama', e.g. SmolLM2) can be loaded.")
+    config, _ = read_model_config(directory, "Llama", ("llama",),
+                                  "Llama-architecture language models (model_type 'llama', e.g. SmolLM2)")
     return {**_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
 
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from nanovlm.weights.common import WeightLoadError
 from nanovlm.weights.loading import (HF_PATTERNS, SafetensorsTensors, check_architecture, convert, expand_blocks,
-                                     expected_shapes, fuse, local_or_download, read_json, rule)
+                                     expected_shapes, fuse, local_or_download, read_model_config,
+                                     rule)
 
 _ATTN = "encoder.layers.{i}.self_attn"
 
@@ -116,15 +117,8 @@ def _vision_config(directory: str) -> tuple[dict[str, Any], bool]:
     if not os.path.isdir(directory):
         raise WeightLoadError(f"{directory} is not a directory; give a transformers SigLIP directory "
                               "(config.json + model.safetensors).")
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise WeightLoadError(f"{directory} has no config.json; a transformers SigLIP directory needs "
-                              "config.json and model.safetensors.")
-    config = read_json(path)
-    kind = config.get("model_type")
-    if kind not in _KINDS:
-        raise WeightLoadError(f"{directory} holds a {kind!r} model; only SigLIP / SigLIP2 vision towers "
-                              f"(model_type {', '.join(_KINDS)}) can be loaded.")
+    config, kind = read_model_config(directory, "SigLIP", tuple(_KINDS),
+                                     f"SigLIP / SigLIP2 vision towers (model_type {', '.join(_KINDS)})")
     vision = (config.get("vision_config") or {}) if kind in ("siglip", "siglip2") else config
     vision = {**_DEFAULTS, **{k: v for k, v in vision.items() if v is not None}}
     # Fixed-resolution SigLIP2 checkpoints (siglip2-base-patch16-512) use the SigLIP classes;

@@ -168,6 +168,20 @@ def f32_value(x: float) -> float:
 
 
 # --------------------------------------------------------------------------- files and sources
+def read_model_config(directory: str, family: str, kinds: tuple[str, ...], accepted: str) -> tuple[dict[str, Any], str]:
+    """A transformers directory's config.json and its model_type, which must be one of `kinds`.
+    `family` names the directory kind in errors; `accepted` says what can be loaded."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise WeightLoadError(f"{directory} has no config.json; a transformers {family} directory needs "
+                              "config.json and model.safetensors.")
+    config = read_json(path)
+    kind = config.get("model_type")
+    if kind not in kinds:
+        raise WeightLoadError(f"{directory} holds a {kind!r} model; only {accepted} can be loaded.")
+    return config, kind
+
+
 def read_json(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
