@@ -240,7 +240,8 @@ class TrainConfig:
     packing: bool = False
     pack_length: int = 0  # 0: lm_max_length
     max_images_per_pack: int = 8
-    multi_turn: bool = True  # easyvqa: all questions of an image as one conversation
+    multi_turn: bool = True  # easyvqa: the questions of an image as one conversation ...
+    max_turns: int = 0  # ... of at most this many questions (0: all of them)
     val_size: int = 256  # held-out training samples for the validation loss
     eval_task: str = "easyvqa"  # task accuracy during and after training ("" to skip)
     eval_limit: int = 0  # 0: the full test split at the end
@@ -261,6 +262,8 @@ class TrainConfig:
                    f"{name} must be a positive integer, got {value!r}.")
         for name in ("lr_mp", "lr_vision_backbone", "lr_language_backbone", "weight_decay"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
+        _check(isinstance(self.max_turns, int) and self.max_turns >= 0,
+               f"max_turns must be an integer >= 0 (0: all questions of an image), got {self.max_turns!r}.")
         _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,22 +302,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(lr_mp=5e-3, lr_vision_backbone=5e-5, lr_language_backbone=5e-5),
     },
     # Sized for a 2-core CPU: 64x64 easy-VQA images, 8px patches -> 8x8 grid, shuffle 2 -> 16
-    # tokens; both towers trained from scratch; the real SmolLM2 tokenizer (measured in
-    # docs/benchmarks.md).
+    # tokens; both towers trained from scratch (7.2M parameters, 6.3M of them the SmolLM2-vocabulary
+    # embedding); the real SmolLM2 tokenizer (measured in docs/benchmarks.md).
     "easyvqa": {
         "model": dict(
-            vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=4,
+            vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
             vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5,
-            lm_hidden_dim=192, lm_inter_dim=512, lm_n_heads=6, lm_n_kv_heads=2, lm_n_blocks=4, lm_model_type="", lm_tokenizer="packaged:smollm2-135m",
-            mp_pixel_shuffle_factor=2, max_img_size=64, lm_max_length=512,
+            lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2, lm_model_type="",
+            lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=64, lm_max_length=512,
             vlm_load_backbone_weights=False,
         ),
-        # All questions of an image as one conversation (one ViT pass for ~10 questions), packed
-        # into 512-token rows; lr 1e-3 learned the image faster than 3e-3; 600 steps fit the
-        # 10-minute demo on 2 cores (measurements in docs/benchmarks.md).
-        "train": dict(lr_mp=1e-3, lr_vision_backbone=1e-3, lr_language_backbone=1e-3, batch_size=16,
-                      max_training_steps=600, eval_interval=300, eval_interval_limit=200, val_size=32,
-                      weight_decay=0.01, multi_turn=True, packing=True, pack_length=512, warmup_ratio=0.03),
+        # An image's questions as conversations of up to 3 turns (one ViT pass per 3 questions),
+        # packed into 256-token rows; lr 1e-3 learned the image faster than 3e-3; 900 steps fit
+        # the 10-minute demo on 2 cores (measurements in docs/benchmarks.md).
+        "train": dict(lr_mp=1e-3, lr_vision_backbone=1e-3, lr_language_backbone=1e-3, batch_size=64,
+                      max_training_steps=900, eval_interval=300, eval_interval_limit=200, val_size=32,
+                      weight_decay=0.01, multi_turn=True, max_turns=3, packing=True, pack_length=256,
+                      warmup_ratio=0.03),
     },
     # The real SmolLM2-135M-Instruct (packaged GGUF) as the language model, a small ViT from scratch.
     "easyvqa-smollm2": {

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.config import ConfigError, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator
 from nanovlm.data.datasets import (ConversationDataset, DataError, SampleError, SkipCounter,
                                    StreamingConversationDataset, build_dataset, is_skip, make_loader, train_val_indices)
@@ -298,6 +298,24 @@ def test_easyvqa(tok):
     x = single[3]
     assert tok.decode(x["labels"][x["labels"] != -100]) == test_q[3][2]
     assert single.tiles.dtype == torch.uint8
+
+
+def test_easyvqa_max_turns(tok):
+    from nanovlm.data.easyvqa import EasyVQADataset, easyvqa_questions
+
+    chunked = make(tok, "easyvqa", multi_turn=True, max_turns=3)
+    assert max(len(t) for t in chunked.turns) == 3
+    assert sum(len(t) for t in chunked.turns) == 38575  # every question once, none lost at chunk edges
+    # the chunks of one image hold its questions in file order
+    path0 = chunked.image_paths[0]
+    in_file = [(q, a) for p, q, a, _ in easyvqa_questions("train") if p == path0]
+    in_chunks = [qa for t, k in zip(chunked.turns, chunked.image_index.tolist()) if k == 0 for qa in t]
+    assert len(in_file) > 3 and in_chunks == in_file
+
+    with pytest.raises(ValueError, match="max_turns must be >= 0"):
+        EasyVQADataset(CFG, tok, split="train", multi_turn=True, max_turns=-1)
+    with pytest.raises(ConfigError, match="max_turns"):
+        TrainConfig(max_turns=-2)
 
 
 def test_train_val_indices():

@@ -645,7 +645,8 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
         from nanovlm.data.easyvqa import EasyVQADataset
 
         multi_turn = bool(getattr(train_cfg, "multi_turn", False)) and split == "train"
-        return EasyVQADataset(vlm_cfg, tokenizer, split=split, multi_turn=multi_turn)
+        return EasyVQADataset(vlm_cfg, tokenizer, split=split, multi_turn=multi_turn,
+                              max_turns=int(getattr(train_cfg, "max_turns", 0)))
     path = os.path.expanduser(data)
     if os.path.exists(path):
         base_dir = train_cfg.image_folder or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))

@@ -77,12 +77,15 @@ def _tiles_for(paths: list[str], processor, key: tuple) -> tuple[torch.Tensor, t
 
 
 class EasyVQADataset(Dataset):
-    """One question per sample, or (`multi_turn`) all questions of an image as one conversation
-    (split in two, recursively, where it would exceed `lm_max_length`)."""
+    """One question per sample, or (`multi_turn`) the questions of an image as conversations of
+    at most `max_turns` questions each (0: all of them; split in two, recursively, where one
+    would exceed `lm_max_length`)."""
 
-    def __init__(self, vlm_cfg, tokenizer, split: str = "train", multi_turn: bool = False):
+    def __init__(self, vlm_cfg, tokenizer, split: str = "train", multi_turn: bool = False, max_turns: int = 0):
         self.split = _check_split(split)
         self.multi_turn = multi_turn
+        if max_turns < 0:
+            raise ValueError(f"max_turns must be >= 0 (0: all questions of an image), got {max_turns}.")
         self.processor = image_processor_for(vlm_cfg)
         self.questions = easyvqa_questions(self.split)
 
@@ -99,7 +102,8 @@ class EasyVQADataset(Dataset):
             grouped: dict[int, list[tuple[str, str]]] = {}
             for p, q, a, _ in self.questions:
                 grouped.setdefault(index_of[p], []).append((q, a))
-            convs = sorted(grouped.items())
+            convs = [(k, qa[i:i + (max_turns or len(qa))]) for k, qa in sorted(grouped.items())
+                     for i in range(0, len(qa), max_turns or len(qa))]
         else:
             convs = [(index_of[p], [(q, a)]) for p, q, a, _ in self.questions]
 
