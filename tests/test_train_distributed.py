@@ -21,12 +21,17 @@ from PIL import Image
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
-def _write_llava_data(folder) -> str:
+def _write_llava_data(folder, text_only_every: int = 0) -> str:
+    """40 one-word colour questions; with `text_only_every=k`, every k-th record has no image."""
     os.makedirs(folder / "images", exist_ok=True)
     records = []
     names = list(COLOURS)
     for i in range(40):
         name = names[i % len(names)]
+        if text_only_every and i % text_only_every == 0:
+            records.append({"id": str(i), "conversations": [{"from": "human", "value": f"Say the word {name}."},
+                                                            {"from": "gpt", "value": name}]})
+            continue
         Image.new("RGB", (24 + i % 3 * 8, 32), COLOURS[name]).save(folder / "images" / f"{i}.png")
         question = "What colour is the picture?" if i % 2 else "Name the colour of this image, in one word."
         records.append({"id": str(i), "image": f"images/{i}.png",
@@ -51,14 +56,21 @@ def _train(args: list[str], nproc: int, out, data: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def _assert_same_weights(a, b) -> None:
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
 def _losses(out) -> list[float]:
     with open(out / "metrics.jsonl") as f:
         return [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    from safetensors.torch import load_file
-
     data = _write_llava_data(tmp_path / "data")
     _train(["batch_size=8"], 1, tmp_path / "one", data)
     _train(["batch_size=4"], 2, tmp_path / "two", data)
@@ -67,12 +79,22 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert len(one) == len(two) == 3
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one))
     assert one[-1] < one[0]  # it trained
-    w1 = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
     with open(tmp_path / "two" / "summary.json") as f:
         summary = json.load(f)
     assert summary["processes"] == 2 and summary["global_batch"] == 8
     assert not os.path.exists(tmp_path / "two" / "checkpoints" / "step_000003" / "rank1")  # rank 0 writes
+
+
+def test_text_only_micro_batches_under_two_processes(tmp_path):
+    """Records without an image: a rank whose micro-batch holds none still joins the gradient
+    all-reduce for the vision tower (before, gloo aborted on a collective mismatch), and two
+    processes still train exactly like one."""
+    data = _write_llava_data(tmp_path / "data", text_only_every=2)
+    _train(["batch_size=2", "max_training_steps=4"], 1, tmp_path / "one", data)
+    _train(["batch_size=1", "max_training_steps=4"], 2, tmp_path / "two", data)
+
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one))
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")

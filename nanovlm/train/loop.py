@@ -115,6 +115,23 @@ def _dummy_batch(cfg: VLMConfig, image_token_id: int) -> dict:
             "images": [torch.zeros(1, 3, cfg.vit_img_size, cfg.vit_img_size)]}
 
 
+def _has_images(batch: dict) -> bool:
+    images = batch.get("images")
+    if isinstance(images, torch.Tensor):
+        return images.numel() > 0
+    return any(img is not None and img.numel() > 0 for img in images or ())
+
+
+def _vision_ghost(model: VisionLanguageModel) -> torch.Tensor:
+    """0 x the projector's output for one blank image. Added to the loss of a micro-batch that
+    holds no image (text-only samples), so the vision tower and projector still get (zero)
+    gradients: under DDP every rank then all-reduces the same parameters (a rank without them
+    would break the collective), and one process takes the same optimizer steps as many."""
+    size = model.cfg.vit_img_size
+    blank = torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype)
+    return model.MP(model.vision_encoder(blank)).sum() * 0.0
+
+
 def _n_samples(batch: dict) -> int:
     """Samples in a batch: one per row, or the packed samples of each row."""
     if "n_samples" in batch:
@@ -302,6 +319,8 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
                 with torch.autocast(**amp):
                     _, loss_sum = runner(batch["input_ids"], batch["images"], batch["attention_mask"],
                                          batch["labels"], loss_reduction="sum")
+                    if not _has_images(batch):
+                        loss_sum = loss_sum + _vision_ghost(model)
                 (loss_sum * scale).backward()
             window["loss"] += loss_sum.detach().double()
         window["tokens"] += n_sup
