@@ -202,3 +202,16 @@ def test_loader_resumes_mid_epoch(num_workers):
     assert got == reference
     with pytest.raises(ValueError, match="resume with the same seed"):
         ShardedBatchSampler(10, 3, seed=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_leaves_the_global_rng_alone(num_workers):
+    """Building the epoch's DataLoader (and its worker seeds) must not draw from torch's global
+    RNG, or a resumed run's dropout and sampling would follow a shifted stream."""
+    loader = ResumableLoader(Toy(), ShardedBatchSampler(10, 3, seed=1), VLMCollator(pad_token_id=0, max_length=100),
+                             num_workers=num_workers)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    batches = [b["ids"] for b in loader]
+    assert len(batches) == 4
+    assert torch.equal(torch.get_rng_state(), before)

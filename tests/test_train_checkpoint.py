@@ -45,9 +45,12 @@ class DiesAfter:
         self.loader.load_state_dict(state)
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, dropout):
+    """With dropout the RNG stream must also continue exactly (restored states, and no hidden
+    draws from the global RNG when the data loader is rebuilt)."""
     settings = dict(max_training_steps=6, save_interval=2, gradient_accumulation_steps=2, val_size=8,
-                    eval_interval=3)
+                    eval_interval=3, lm_dropout=dropout, vit_dropout=dropout)
     run_synthetic(tmp_path / "whole", **settings)
 
     vlm_cfg, train_cfg = tiny_configs(**settings)

@@ -794,8 +794,13 @@ class ResumableLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
+        # Worker seeds come from this generator, not from the global RNG: a DataLoader built
+        # from the global one draws from it, so a resumed run (which builds one at a different
+        # step) would continue with a shifted stream (dropout masks, sampling).
+        workers_rng = torch.Generator().manual_seed(s.seed * 1_000_003 + s.epoch)
         loader = DataLoader(self.dataset, batch_sampler=epoch_batches, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=workers_rng,
+                            **kwargs)
         for batch in loader:
             s.index += 1
             yield batch
