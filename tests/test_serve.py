@@ -453,6 +453,29 @@ def test_busy_server_answers_503(server, monkeypatch):
     assert results == [200, 200]
 
 
+def test_connections_over_the_limit_get_503(checkpoint):
+    model = VisionLanguageModel.from_pretrained(checkpoint)
+    srv = start_server(model, port=0, max_batch_size=2, limits=Limits(max_connections=2), model_name=NAME)
+    try:
+        address = srv.httpd.server_address[:2]
+        idle = [socket.create_connection(address, timeout=10) for _ in range(2)]  # each holds a thread
+        deadline = time.monotonic() + 5
+        while len(srv.httpd._live) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reply = _raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status_line, _, rest = reply.partition(b"\r\n")
+        assert b" 503 " in status_line
+        error = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "too_many_connections" and "2 open connections" in error["message"]
+        idle[0].close()
+        while len(srv.httpd._live) > 1 and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        assert request(srv, "GET", "/health")[0] == 200  # a freed slot serves again
+        idle[1].close()
+    finally:
+        srv.close()
+
+
 # ------------------------------------------------------------------------------ the CLI verb
 def _free_port() -> int:
     with socket.socket() as s:

@@ -59,6 +59,7 @@ class Limits:
     max_tokens_cap: int | None = None  # None: the model's context is the only cap
     max_stop: int = 4  # stop strings, as in OpenAI's API
     max_queued: int = 256  # requests waiting for a batch slot before new ones get a 503
+    max_connections: int = 512  # open connections (one thread each) before new ones get a 503
     remote_image_timeout_s: float = 10.0
 
 

@@ -73,8 +73,33 @@ class _Server(ThreadingHTTPServer):
         thread = threading.Thread(target=self._serve_connection, args=(request, client_address), daemon=True,
                                   name="nanovlm-http-conn")
         with self._live_lock:
-            self._live[thread] = request
+            full = len(self._live) >= self.app.limits.max_connections
+            if not full:
+                self._live[thread] = request
+        if full:
+            self._refuse(request)
+            return
         thread.start()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """A connection over `Limits.max_connections`: a 503 written from the accepting thread
+        (short, with a timeout, so a client that does not read cannot stall accepting), then closed."""
+        limit = self.app.limits.max_connections
+        body = json.dumps(protocol.error_body(
+            f"the server already has {limit} open connections, its limit; close idle ones or retry in a moment.",
+            type="server_error", code="too_many_connections")).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+            request.setblocking(False)
+            while request.recv(65536):  # what the client already sent: closing on unread data resets
+                pass
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
 
     def _serve_connection(self, request, client_address) -> None:
         try:
