@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from nanovlm.config import VLMConfig
 from nanovlm.fileio import make_temp_dir_beside, replace_dir
 from nanovlm.models.language_model import LanguageModel
+from nanovlm.models.linear_cross_entropy import linear_cross_entropy
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
 
@@ -120,7 +121,7 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, images=None, attention_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, loss_reduction: str = "mean",
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, return_logits: bool = True):
         """Returns (logits, loss).
 
         Without targets: logits (B, T, vocab) and loss None.
@@ -129,6 +130,8 @@ class VisionLanguageModel(nn.Module):
         (n_supervised, vocab), and the cross-entropy, averaged over them (`loss_reduction="mean"`)
         or summed (`"sum"`, for exact averaging across micro-batches and ranks).
         `attention_mask` holds segment ids: 0 padding, 1 for one sample per row, 1..k for packed rows.
+        `return_logits=False` (training) returns (None, loss) and never builds the
+        (n_supervised, vocab) logits: see `linear_cross_entropy`.
         """
         x = self.embed(input_ids, images)
         hidden, _ = self.decoder(x, attention_mask=attention_mask, position_ids=position_ids)
@@ -137,8 +140,12 @@ class VisionLanguageModel(nn.Module):
         if targets is None:
             return self.decoder.head(hidden), None
         supervised = targets != IGNORE_INDEX  # (B, T)
-        logits = self.decoder.head(hidden[supervised])  # (n_supervised, vocab)
-        loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        if return_logits:
+            logits = self.decoder.head(hidden[supervised])  # (n_supervised, vocab)
+            loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        else:
+            logits = None
+            loss = linear_cross_entropy(hidden[supervised], self.decoder.head.weight, targets[supervised])
         if loss_reduction == "mean":
             loss = loss / supervised.sum().clamp(min=1)
         return logits, loss

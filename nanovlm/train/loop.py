@@ -158,7 +158,7 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
         batch = _to_device(batch, info.device)
         with torch.autocast(**amp):
             _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
-                            loss_reduction="sum")
+                            loss_reduction="sum", return_logits=False)
         total[0] += loss.double()
         total[1] += (batch["labels"] != IGNORE_INDEX).sum()
     model.train(was_training)
@@ -318,7 +318,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
             with sync:
                 with torch.autocast(**amp):
                     _, loss_sum = runner(batch["input_ids"], batch["images"], batch["attention_mask"],
-                                         batch["labels"], loss_reduction="sum")
+                                         batch["labels"], loss_reduction="sum", return_logits=False)
                     if not _has_images(batch):
                         loss_sum = loss_sum + _vision_ghost(model)
                 (loss_sum * scale).backward()

@@ -1,0 +1,81 @@
+"""Training-step time of a preset: the plain loss (full logits + cross-entropy) against the fused
+chunked one (`return_logits=False`, what `nanovlm train` uses).
+
+    python benchmarks/train_step.py [--preset easyvqa] [--rows 24] [--length 256]
+        [--images-per-row 3] [--supervised-per-row 20] [--precision bf16] [--repeats 10]
+
+Random weights and tokens of the preset's shape; the default batch is close to one step of the
+`easyvqa` demo (64 three-question conversations packed into ~24 rows of 256 tokens, ~480
+supervised positions). A step is forward, backward and the AdamW update. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.models.vision_language_model import IGNORE_INDEX
+
+
+def make_batch(model: VisionLanguageModel, rows: int, length: int, images_per_row: int, supervised: int):
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (rows, length), generator=g)
+    n_img = cfg.mp_image_token_length
+    for k in range(images_per_row):
+        start = k * (length // images_per_row)
+        ids[:, start:start + n_img] = model.image_token_id
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for r in range(rows):
+        pos = torch.randperm(length - 1, generator=g)[:supervised]
+        pos = pos[ids[r, pos] != model.image_token_id]
+        labels[r, pos] = ids[r, pos + 1]
+    images = torch.rand(rows * images_per_row, 3, cfg.vit_img_size, cfg.vit_img_size, generator=g)
+    return ids, images, torch.ones_like(ids), labels
+
+
+def measure(preset: str, fused: bool, args) -> dict:
+    torch.manual_seed(0)
+    model = VisionLanguageModel(VLMConfig.from_preset(preset), load_backbone=False).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids, images, mask, labels = make_batch(model, args.rows, args.length, args.images_per_row,
+                                           args.supervised_per_row)
+    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    times = []
+    for i in range(args.repeats + 2):  # two warm-up steps
+        t0 = time.perf_counter()
+        with torch.autocast(**amp):
+            _, loss = model(ids, images, mask, labels, loss_reduction="sum", return_logits=not fused)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"ms": 1000 * statistics.median(times), "supervised": int((labels != IGNORE_INDEX).sum())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="easyvqa")
+    p.add_argument("--rows", type=int, default=24)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--images-per-row", type=int, default=3)
+    p.add_argument("--supervised-per-row", type=int, default=20)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    print(f"| preset | batch | supervised positions | precision | loss | step (median of {args.repeats}) |")
+    print("|---|---|---|---|---|---|")
+    for fused in (False, True):
+        r = measure(args.preset, fused, args)
+        name = "fused chunked (return_logits=False)" if fused else "plain (logits + cross_entropy)"
+        print(f"| {args.preset} | {args.rows} x {args.length} | {r['supervised']} | {args.precision} | {name} | "
+              f"{r['ms']:.0f} ms |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

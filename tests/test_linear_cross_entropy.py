@@ -1,0 +1,88 @@
+"""The fused chunked loss gives the plain path's loss and gradients, alone and inside the VLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.models.linear_cross_entropy import linear_cross_entropy
+from nanovlm.models.vision_language_model import IGNORE_INDEX
+
+
+def _plain_and_fused(h, w, t, precision, chunk_size):
+    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    grads = []
+    for fused in (False, True):
+        h.grad = w.grad = None
+        with torch.autocast(**amp):
+            loss = linear_cross_entropy(h, w, t, chunk_size) if fused else \
+                F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+        (0.5 * loss).backward()  # a non-unit incoming gradient
+        grads.append((loss.detach(), h.grad.clone(), w.grad.clone()))
+    return grads
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64, 1000])
+def test_matches_cross_entropy_of_the_logits_fp32(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(150, 32, generator=g).requires_grad_()
+    w = (0.3 * torch.randn(500, 32, generator=g)).requires_grad_()
+    t = torch.randint(0, 500, (150,), generator=g)
+    (l1, gh1, gw1), (l2, gh2, gw2) = _plain_and_fused(h, w, t, "fp32", chunk_size)
+    torch.testing.assert_close(l2, l1)
+    torch.testing.assert_close(gh2, gh1)
+    torch.testing.assert_close(gw2, gw1)
+
+
+def test_bf16_autocast_stays_close():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(200, 64, generator=g).requires_grad_()
+    w = (0.1 * torch.randn(3000, 64, generator=g)).requires_grad_()
+    t = torch.randint(0, 3000, (200,), generator=g)
+    (l1, gh1, gw1), (l2, gh2, gw2) = _plain_and_fused(h, w, t, "bf16", 64)
+    torch.testing.assert_close(l2, l1, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gh2, gh1, rtol=2e-2, atol=2e-3)
+    # the plain path rounds d loss / d weight to bf16; the fused one sums the chunks in fp32
+    assert (gw2 - gw1).norm() < 1e-2 * gw1.norm()
+
+
+def test_no_grad_and_frozen_head():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 16, generator=g)
+    w = torch.randn(100, 16, generator=g)
+    t = torch.randint(0, 100, (40,), generator=g)
+    plain = F.cross_entropy(F.linear(h, w), t, reduction="sum")
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, 16), plain)
+    h.requires_grad_()
+    linear_cross_entropy(h, w, t, 16).backward()  # only the hidden states need a gradient
+    expected = torch.autograd.grad(F.cross_entropy(F.linear(h, w), t, reduction="sum"), h)[0]
+    torch.testing.assert_close(h.grad, expected)
+    assert w.grad is None
+
+
+def test_vlm_training_loss_without_logits_matches_the_plain_one():
+    """`return_logits=False` (what training uses) with the tied head: same loss and the same
+    gradient for every parameter, the token embedding included (it gets both uses' share)."""
+    torch.manual_seed(0)
+    model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
+    n_img = model.cfg.mp_image_token_length
+    ids = torch.randint(0, 500, (2, n_img + 12))
+    ids[:, :n_img] = model.image_token_id
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, n_img + 3:-1] = ids[:, n_img + 4:]
+    images = torch.rand(2, 3, model.cfg.vit_img_size, model.cfg.vit_img_size)
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(ids, images, torch.ones_like(ids), labels, return_logits=return_logits)
+        loss.backward()
+        results.append((logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits, l1, g1), (none, l2, g2) = results
+    assert logits.shape == (int((labels != IGNORE_INDEX).sum()), model.cfg.lm_vocab_size) and none is None
+    torch.testing.assert_close(l2, l1)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], msg=lambda m: f"{name}: {m}")
