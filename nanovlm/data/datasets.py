@@ -731,11 +731,14 @@ class ShardedBatchSampler:
             return self.n // self.global_batch_size
         return math.ceil(self.n / self.global_batch_size)
 
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """A fresh generator for `epoch`, from the seed alone (never the global RNG)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
     def order(self, epoch: int) -> list[int]:
         if self._perm is None or self._perm[0] != epoch:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm = torch.randperm(self.n, generator=g).tolist()
+                perm = torch.randperm(self.n, generator=self.epoch_generator(epoch)).tolist()
             else:
                 perm = list(range(self.n))
             self._perm = (epoch, perm)
@@ -797,10 +800,9 @@ class ResumableLoader:
         # Worker seeds come from this generator, not from the global RNG: a DataLoader built
         # from the global one draws from it, so a resumed run (which builds one at a different
         # step) would continue with a shifted stream (dropout masks, sampling).
-        workers_rng = torch.Generator().manual_seed(s.seed * 1_000_003 + s.epoch)
         loader = DataLoader(self.dataset, batch_sampler=epoch_batches, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory, generator=workers_rng,
-                            **kwargs)
+                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            generator=s.epoch_generator(s.epoch), **kwargs)
         for batch in loader:
             s.index += 1
             yield batch
