@@ -71,6 +71,10 @@ class VLMConfig:
     lm_n_heads: int = 9
     lm_n_kv_heads: int = 3
     lm_dropout: float = 0.0
+    # Std of the normal init of the blocks' projections when the LM is trained from scratch
+    # (embedding and head keep 0.02). 0.02 is nanoVLM's and GPT-2's, sized for wide models; a
+    # narrow LM reads the image far sooner with about lm_hidden_dim ** -0.5 (docs/benchmarks.md).
+    lm_init_std: float = 0.02
     lm_n_blocks: int = 30
     lm_attn_scaling: float = 1.0
     lm_max_length: int = 1024
@@ -136,6 +140,7 @@ class VLMConfig:
                "must be even for rotary embeddings.")
         _check(0.0 <= self.vit_dropout < 1.0, f"vit_dropout must be in [0, 1), got {self.vit_dropout}.")
         _check(0.0 <= self.lm_dropout < 1.0, f"lm_dropout must be in [0, 1), got {self.lm_dropout}.")
+        _check(self.lm_init_std > 0, f"lm_init_std must be > 0, got {self.lm_init_std}.")
 
         n_extra = len(self.vlm_extra_tokens)
         if self.extra_token_amount is None:
@@ -309,6 +314,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
             vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5,
             lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2, lm_model_type="",
+            lm_init_std=0.08,  # ~ 128 ** -0.5; with 0.02 the image reached the answers far later
             lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=64, lm_max_length=512,
             vlm_load_backbone_weights=False,
         ),

@@ -198,3 +198,22 @@ def test_pixel_normalisation_feeds_the_vit_centred_pixels(cfg):
     centred.load_state_dict(plain.state_dict())
     ids, img = prompt(plain)
     torch.testing.assert_close(centred(ids, img)[0], plain(ids, img * 2 - 1)[0])
+
+
+def test_lm_init_std_scales_the_block_projections_only():
+    """The same draws in the same order whatever lm_init_std: block projections scale with it,
+    the embedding (and so the tied head) and the norms do not."""
+    base = VLMConfig.from_preset("tiny")
+    models = {}
+    for std in (0.02, 0.08):
+        torch.manual_seed(0)
+        models[std] = LanguageModel(base.replace(lm_init_std=std))
+    small, large = (dict(models[s].named_parameters()) for s in (0.02, 0.08))
+    scaled = [n for n in small if n.startswith("blocks.") and n.endswith("proj.weight")]
+    assert len(scaled) == 7 * base.lm_n_blocks
+    for name in small:
+        if name in scaled:
+            torch.testing.assert_close(large[name], small[name] * 4)
+            assert abs(float(large[name].std()) - 0.08) < 0.01
+        else:
+            torch.testing.assert_close(large[name], small[name])

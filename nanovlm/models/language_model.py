@@ -204,16 +204,18 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList([LanguageModelBlock(cfg) for _ in range(cfg.lm_n_blocks)])
         self.norm = RMSNorm(cfg)
         self.head = nn.Linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, bias=False)
-        self.apply(self._init_weights)
+        block_linears = {id(m) for m in self.blocks.modules() if isinstance(m, nn.Linear)}
+
+        def init_weights(module: nn.Module) -> None:
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = cfg.lm_init_std if id(module) in block_linears else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+        self.apply(init_weights)  # one draw per module in the same order whatever the stds
         if self.lm_tie_weights:
             self.head.weight = self.token_embedding.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.token_embedding.weight
