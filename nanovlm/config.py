@@ -40,6 +40,10 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class VLMConfig:
     # --- vision transformer ---
@@ -109,6 +113,11 @@ class VLMConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                    f"{name} must be a positive integer, got {value!r}.")
+        for name in ("vit_dropout", "vit_ln_eps", "lm_rms_eps", "lm_re_base", "lm_dropout", "lm_init_std",
+                     "lm_attn_scaling", "vit_pixel_mean", "vit_pixel_std"):
+            value = getattr(self, name)
+            _check((value is None and name.startswith("vit_pixel")) or _is_number(value),
+                   f"{name} must be a number, got {value!r}.")
 
         _check((self.vit_pixel_mean is None) == (self.vit_pixel_std is None),
                "vit_pixel_mean and vit_pixel_std must be set together (or both left unset).")
