@@ -1,8 +1,10 @@
 """Training-step time of a preset: the plain loss (full logits + cross-entropy) against the fused
-chunked one (`return_logits=False`, what `nanovlm train` uses).
+chunked one (`return_logits=False`, what `nanovlm train` uses), and (`--compare vit-attention`)
+the vision encoder's attention through PyTorch's fused kernel against the plain matmul-softmax
+path that CPU training uses (`nanovlm.models.attention`).
 
-    python benchmarks/train_step.py [--preset easyvqa] [--rows 24] [--length 256]
-        [--images-per-row 3] [--supervised-per-row 20] [--precision bf16] [--repeats 10]
+    python benchmarks/train_step.py [--compare loss|vit-attention] [--preset easyvqa] [--rows 24]
+        [--length 256] [--images-per-row 3] [--supervised-per-row 20] [--precision bf16] [--repeats 10]
 
 Random weights and tokens of the preset's shape; the default batch is close to one step of the
 `easyvqa` demo (64 three-question conversations packed into ~24 rows of 256 tokens, ~480
@@ -18,7 +20,11 @@ import time
 import torch
 
 from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.models import attention
 from nanovlm.models.vision_language_model import IGNORE_INDEX
+
+
+DEFAULT_PLAIN_MAX_TOKENS = attention.PLAIN_MAX_TOKENS
 
 
 def make_batch(model: VisionLanguageModel, rows: int, length: int, images_per_row: int, supervised: int):
@@ -38,7 +44,8 @@ def make_batch(model: VisionLanguageModel, rows: int, length: int, images_per_ro
     return ids, images, torch.ones_like(ids), labels
 
 
-def measure(preset: str, fused: bool, args) -> dict:
+def measure(preset: str, fused: bool, args, plain_vit_attention: bool = True) -> dict:
+    attention.PLAIN_MAX_TOKENS = DEFAULT_PLAIN_MAX_TOKENS if plain_vit_attention else -1
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig.from_preset(preset), load_backbone=False).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -67,12 +74,18 @@ def main() -> None:
     p.add_argument("--supervised-per-row", type=int, default=20)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compare", choices=("loss", "vit-attention"), default="loss")
     args = p.parse_args()
-    print(f"| preset | batch | supervised positions | precision | loss | step (median of {args.repeats}) |")
+    what = "loss" if args.compare == "loss" else "ViT attention"
+    print(f"| preset | batch | supervised positions | precision | {what} | step (median of {args.repeats}) |")
     print("|---|---|---|---|---|---|")
-    for fused in (False, True):
-        r = measure(args.preset, fused, args)
-        name = "fused chunked (return_logits=False)" if fused else "plain (logits + cross_entropy)"
+    for variant in (False, True):
+        if args.compare == "loss":
+            r = measure(args.preset, variant, args)
+            name = "fused chunked (return_logits=False)" if variant else "plain (logits + cross_entropy)"
+        else:
+            r = measure(args.preset, True, args, plain_vit_attention=variant)
+            name = "plain matmul-softmax" if variant else "F.scaled_dot_product_attention"
         print(f"| {args.preset} | {args.rows} x {args.length} | {r['supervised']} | {args.precision} | {name} | "
               f"{r['ms']:.0f} ms |", flush=True)
 

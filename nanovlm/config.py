@@ -256,6 +256,7 @@ class TrainConfig:
     max_images_per_pack: int = 8
     multi_turn: bool = True  # easyvqa: the questions of an image as one conversation ...
     max_turns: int = 0  # ... of at most this many questions (0: all of them)
+    independent_turns: bool = False  # questions of one sample each see its image and themselves only
     val_size: int = 256  # held-out training samples for the validation loss
     eval_task: str = "easyvqa"  # task accuracy during and after training ("" to skip)
     eval_limit: int = 0  # 0: the full test split at the end

@@ -8,7 +8,7 @@ from nanovlm.config import TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator, build_collator
 from nanovlm.data.datasets import (ResumableLoader, SampleError, SampleProcessor, ShardedBatchSampler, skip_marker)
 from nanovlm.data.packing import PackingCollator, plan_packs
-from nanovlm.data.processors import get_tokenizer
+from nanovlm.data.processors import get_tokenizer, share_prefix
 
 CFG = VLMConfig.from_preset("tiny", max_img_size=64)  # 32 px tiles; up to 2x2 grids + global view
 
@@ -131,6 +131,32 @@ def test_packed_loss_equals_one_by_one(model, tok, samples):
     pack = PackingCollator(tok.pad_token_id, pack_length=200, max_images_per_pack=8)(samples)
     assert any(len(row) > 1 for row in pack["ids"])  # something actually got packed
     torch.testing.assert_close(run_loss(model, pack), one_by_one(model, samples))
+
+
+def test_shared_prefix_sample_loss_equals_its_questions_alone(model, tok):
+    proc = SampleProcessor(CFG, tok)
+    image = Image.fromarray((torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(9)) * 255).byte().numpy())
+    turns = [("What shape?", "A circle."), ("What colour is it?", "Red."), ("Is it big?", "No, small.")]
+    alone = [proc.process([image], [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                          placeholders_required=False, sample_id=f"q{k}") for k, (q, a) in enumerate(turns)]
+    ids, labels, positions = share_prefix([(s["input_ids"].tolist(), s["labels"].tolist()) for s in alone])
+    n0 = len(alone[0]["input_ids"])
+    assert ids[:n0] == alone[0]["input_ids"].tolist() and positions[:n0] == list(range(n0))
+    prefix = positions[n0]  # where the second branch starts again
+    assert len(ids) == n0 + sum(len(s["input_ids"]) - prefix for s in alone[1:])
+    assert labels[:prefix] == [-100] * prefix  # nothing supervised is shared
+    n_image_tokens = int((alone[0]["input_ids"] == tok.image_token_id).sum())
+    assert n_image_tokens > 0 and int((torch.tensor(ids) == tok.image_token_id).sum()) == n_image_tokens  # once
+    shared = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),
+              "images": alone[0]["images"], "id": "shared"}
+    expected = one_by_one(model, alone)
+    for collate in (PackingCollator(tok.pad_token_id, pack_length=256), VLMCollator(tok.pad_token_id)):
+        batch = collate([shared, alone[1]])  # next to a sample without its own positions
+        assert batch["position_ids"].shape == batch["input_ids"].shape
+        with torch.no_grad():
+            _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
+                            loss_reduction="sum", position_ids=batch["position_ids"])
+        torch.testing.assert_close(loss, expected + one_by_one(model, alone[1:2]))
 
 
 def test_packing_drops_what_does_not_fit(tok, samples):

@@ -318,6 +318,59 @@ def test_easyvqa_max_turns(tok):
         TrainConfig(max_turns=-2)
 
 
+def test_independent_turns_on_conversation_data(tmp_path, tok):
+    (tmp_path / "a.png").write_bytes(png())
+    qa = [("<image>\nWhat color?", "Red."), ("What shape?", "A square."), ("Is it big?", "No.")]
+    records = [
+        {"id": "three", "image": "a.png", "conversations": [
+            {"from": f, "value": v} for q, a in qa for f, v in (("human", q), ("gpt", a))]},
+        {"id": "one", "image": "a.png", "conversations": [{"from": "human", "value": "<image>q"},
+                                                           {"from": "gpt", "value": "a"}]},
+        {"id": "image-later", "image": "a.png", "conversations": [
+            {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "<image>What is it?"}, {"from": "gpt", "value": "A square."}]},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    ind, conv = make(tok, path, independent_turns=True), make(tok, path)
+    s = ind[0]
+    assert (s["input_ids"] == tok.image_token_id).sum() == CFG.mp_image_token_length  # the image once
+    restarts = ((s["position_ids"][1:] <= s["position_ids"][:-1]).nonzero().flatten() + 1).tolist()
+    assert len(restarts) == 2  # three questions: two branches go back to the end of the image prompt
+    # each branch is the question asked alone: "What shape?" right after the image
+    start = int(s["position_ids"][restarts[0]])
+    branch = s["input_ids"][restarts[0]:restarts[1]]
+    assert torch.equal(s["input_ids"][:start], conv[0]["input_ids"][:start])  # the shared image prompt
+    assert "What shape?" in tok.decode(branch) and "Red." not in tok.decode(branch)
+    assert (s["labels"] == tok.eos_token_id).sum() == 3
+    # one question, or images after the first question: kept as conversations
+    for i in (1, 2):
+        assert "position_ids" not in ind[i] and torch.equal(ind[i]["input_ids"], conv[i]["input_ids"])
+
+
+def test_easyvqa_independent_turns(tok):
+    from nanovlm.data.easyvqa import EasyVQADataset
+
+    one = EasyVQADataset(CFG, tok, split="train")
+    ind = EasyVQADataset(CFG, tok, split="train", multi_turn=True, independent_turns=True, max_length=128)
+    assert sum(len(t) for t in ind.turns) == 38575 and int(ind.lengths.max()) <= 128  # split to fit, none lost
+    k = CFG.mp_image_token_length
+    for i in (0, 1, len(ind) - 1):
+        s = ind[i]
+        assert (s["input_ids"] == tok.image_token_id).sum() == k  # the image prompt once
+        pos = s["position_ids"]
+        restarts = (pos[1:] <= pos[:-1]).nonzero().flatten() + 1
+        assert len(restarts) == len(ind.turns[i]) - 1  # one branch per question
+        assert (s["labels"] == tok.eos_token_id).sum() == len(ind.turns[i])
+    # the first image's first two questions: each branch is that question's own encoding
+    s, first = ind[0], [one[j] for j in range(2)]
+    n0 = len(first[0]["input_ids"])
+    assert torch.equal(s["input_ids"][:n0], first[0]["input_ids"])
+    start = int(s["position_ids"][n0])
+    assert torch.equal(s["input_ids"][n0:n0 + len(first[1]["input_ids"]) - start], first[1]["input_ids"][start:])
+    assert "position_ids" not in one[0]
+
+
 def test_train_val_indices():
     train, val = train_val_indices(100, 8, seed=1)
     assert len(val) == 8 and len(train) == 92 and not set(train) & set(val)

@@ -124,6 +124,44 @@ def test_packed_documents_do_not_see_each_other(model):
     torch.testing.assert_close(logits[0, a.shape[1]:], model(b, ib)[0][0])
 
 
+def test_branches_see_their_shared_prefix_and_not_each_other(model):
+    (prefix, image), (other, other_image) = prompt(model, 3, seed=5), prompt(model, 4, seed=6)
+    g = torch.Generator().manual_seed(7)
+    c1, c2 = torch.randint(10, 1000, (1, 4), generator=g), torch.randint(10, 1000, (1, 6), generator=g)
+    P = prefix.shape[1]
+    # one row: [other document][prefix, branch 1, branch 2][padding]
+    row = torch.cat([other, prefix, c1, c2, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[1] * other.shape[1] + [2] * (P + 4 + 6) + [0, 0]])
+    positions = torch.cat([torch.arange(other.shape[1]), torch.arange(P + 4), torch.arange(P, P + 6),
+                           torch.zeros(2, dtype=torch.long)])[None]
+    images = torch.cat([other_image, image])
+    logits, _ = model(row, images, segments, position_ids=positions)
+    at = other.shape[1]
+    torch.testing.assert_close(logits[0, :at], model(other, other_image)[0][0])
+    alone1, alone2 = model(torch.cat([prefix, c1], 1), image)[0][0], model(torch.cat([prefix, c2], 1), image)[0][0]
+    torch.testing.assert_close(logits[0, at:at + P + 4], alone1)
+    torch.testing.assert_close(logits[0, at + P + 4:at + P + 10], alone2[P:])
+    # without the positions the second branch reads the first one: a different answer
+    plain, _ = model(row, images, segments)
+    assert not torch.allclose(plain[0, at + P + 4:at + P + 10], alone2[P:], atol=1e-3)
+    # explicit positions that only increase are the plain mask
+    torch.testing.assert_close(model(row, images, segments, position_ids=positions_from_mask(segments))[0], plain)
+
+
+def test_plain_attention_for_cpu_training_matches_sdpa():
+    from nanovlm.models.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 8, generator=g, requires_grad=True) for _ in range(3))
+    plain = attention(q, k, v)  # autograd is on: the explicit path
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(plain, fused)
+    grads = torch.autograd.grad(plain.square().sum(), (q, k, v))
+    torch.testing.assert_close(grads, torch.autograd.grad(fused.square().sum(), (q, k, v)))
+    with torch.no_grad():  # inference goes to SDPA
+        torch.testing.assert_close(attention(q, k, v), fused.detach())
+
+
 def test_positions_restart_per_segment_and_skip_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 2, 2, 0]])
     assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 0, 1, 0]]

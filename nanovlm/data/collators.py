@@ -9,7 +9,9 @@ skipped; trainers step over it.
 
 Batch keys: `input_ids` (B, T), `attention_mask` (B, T) long (1 = token, 0 = padding),
 `labels` (B, T) with -100 on padding, `images` (a list with one (n_i, 3, S, S) tensor per
-row), `skips`, `ids` (sample ids, for error messages).
+row), `skips`, `ids` (sample ids, for error messages), and `position_ids` (B, T) when a
+sample brings its own (a shared prompt with independent branches: see
+`nanovlm.models.language_model.build_attention_bias`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ def filter_samples(samples: Sequence[dict[str, Any]], max_length: int | None, st
     return kept, skips
 
 
+def sample_positions(sample: dict[str, Any]) -> torch.Tensor:
+    """A sample's own `position_ids`, or 0, 1, 2, ... (the positions it gets alone)."""
+    if "position_ids" in sample:
+        return torch.as_tensor(sample["position_ids"], dtype=torch.long)
+    return torch.arange(len(sample["input_ids"]))
+
+
+def wants_positions(samples: Sequence[dict[str, Any]]) -> bool:
+    return any("position_ids" in s for s in samples)
+
+
 class VLMCollator:
     def __init__(self, pad_token_id: int, max_length: int | None = None, strict: bool = False):
         if pad_token_id is None:
@@ -55,13 +68,19 @@ class VLMCollator:
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, T), dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((B, T), dtype=torch.long) if wants_positions(kept) else None
         for b, s in enumerate(kept):
             n = len(s["input_ids"])
             input_ids[b, T - n:] = s["input_ids"]
             attention_mask[b, T - n:] = 1
             labels[b, T - n:] = s["labels"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "images": [s["images"] for s in kept], "skips": dict(skips), "ids": [s.get("id") for s in kept]}
+            if positions is not None:
+                positions[b, T - n:] = sample_positions(s)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "images": [s["images"] for s in kept], "skips": dict(skips), "ids": [s.get("id") for s in kept]}
+        if positions is not None:
+            batch["position_ids"] = positions
+        return batch
 
 
 def build_collator(train_cfg, vlm_cfg, tokenizer):

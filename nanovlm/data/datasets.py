@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from nanovlm.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for
+from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for, share_prefix
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -174,8 +174,10 @@ def record_to_chat(record: Any) -> tuple[list[Any], list[dict[str, Any]], bool]:
 class SampleProcessor:
     """Image sources + messages -> a processed sample (or a SampleError with a reason)."""
 
-    def __init__(self, vlm_cfg, tokenizer, *, base_dir: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, vlm_cfg, tokenizer, *, base_dir: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 independent_turns: bool = False):
         self.cfg = vlm_cfg
+        self.independent_turns = independent_turns
         self.tokenizer = tokenizer
         self.image_processor = image_processor_for(vlm_cfg)
         self.encoder = ChatEncoder(tokenizer)
@@ -254,7 +256,11 @@ class SampleProcessor:
             first_user["content"] = get_image_string(self.tokenizer, grids, self.mp) + first_user["content"]
 
         try:
-            input_ids, labels = self.encoder.encode(messages)
+            branches = self._independent(messages) if self.independent_turns else None
+            if branches is None:
+                input_ids, labels = self.encoder.encode(messages)
+            else:
+                input_ids, labels, positions = (torch.tensor(x, dtype=torch.long) for x in share_prefix(branches))
         except ValueError as e:
             raise SampleError("chat_template", str(e)) from e
         n_tiles = sum(t.shape[0] for t in tiles)
@@ -264,7 +270,28 @@ class SampleProcessor:
         if not bool((labels != -100).any()):
             raise SampleError("empty_text", "no token of the sample is supervised.")
         pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile)
-        return {"input_ids": input_ids, "labels": labels, "images": pixels, "id": sample_id}
+        sample = {"input_ids": input_ids, "labels": labels, "images": pixels, "id": sample_id}
+        if branches is not None:
+            sample["position_ids"] = positions
+        return sample
+
+    def _independent(self, messages: list[dict[str, str]]) -> list[tuple[list[int], list[int]]] | None:
+        """`independent_turns`: each question with its answer, encoded as if asked alone after the
+        first question's images (to go through `share_prefix`); None where the sample is kept as a
+        conversation: fewer than two question/answer pairs, other roles, or images elsewhere than
+        in the first question."""
+        roles = [m["role"] for m in messages]
+        if len(messages) < 4 or roles != ["user", "assistant"] * (len(messages) // 2):
+            return None
+        image_token = self.tokenizer.image_token
+        first = messages[0]["content"]
+        end = first.rfind(image_token)
+        if end < 0 or any(image_token in m["content"] for m in messages[1:]):
+            return None
+        images = first[:end + len(image_token)]  # the images and whatever text introduces them
+        questions = [first] + [images + m["content"] for m in messages[2::2]]
+        return [self.encoder.encode_lists([{"role": "user", "content": q}, a])
+                for q, a in zip(questions, messages[1::2])]
 
 
 # ---------------------------------------------------------------------------- record sources
@@ -506,11 +533,12 @@ class ConversationDataset(Dataset):
     """Map-style dataset over Cauldron / LLaVA / question-answer records."""
 
     def __init__(self, records: Any, vlm_cfg, tokenizer, *, base_dir: str | None = None, strict: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, independent_turns: bool = False):
         self.records = records
         self.name = name or getattr(records, "name", "data")
         self.strict = strict
-        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=base_dir, max_image_pixels=max_image_pixels)
+        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=base_dir, max_image_pixels=max_image_pixels,
+                                         independent_turns=independent_turns)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -564,7 +592,8 @@ class StreamingConversationDataset(IterableDataset):
 
     def __init__(self, open_stream: Callable[[], Iterator[Any]], vlm_cfg, tokenizer, *, base_dir: str | None = None,
                  strict: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS, name: str = "stream",
-                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
+                 independent_turns: bool = False):
         self.open_stream = open_stream
         self.name = name
         self.strict = strict
@@ -574,7 +603,8 @@ class StreamingConversationDataset(IterableDataset):
         self.epoch = 0
         self.skip_batches = 0
         self.batch_size = 1
-        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=base_dir, max_image_pixels=max_image_pixels)
+        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=base_dir, max_image_pixels=max_image_pixels,
+                                         independent_turns=independent_turns)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -639,19 +669,24 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
     strict = bool(getattr(train_cfg, "strict", False))
     max_pixels = int(getattr(train_cfg, "max_image_pixels", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS)
     streaming = bool(getattr(train_cfg, "streaming", False))
+    independent = bool(getattr(train_cfg, "independent_turns", False))
     if not data:
         raise DataError("no training data given; set data=easyvqa, a data file or directory, or a hub dataset name.")
     if data.lower() in ("easyvqa", "easy-vqa", "easy_vqa"):
         from nanovlm.data.easyvqa import EasyVQADataset
 
         multi_turn = bool(getattr(train_cfg, "multi_turn", False)) and split == "train"
+        # Conversations too long for a packed row are split, not dropped.
+        max_length = (getattr(train_cfg, "pack_length", 0) or None) if getattr(train_cfg, "packing", False) else None
         return EasyVQADataset(vlm_cfg, tokenizer, split=split, multi_turn=multi_turn,
-                              max_turns=int(getattr(train_cfg, "max_turns", 0)))
+                              max_turns=int(getattr(train_cfg, "max_turns", 0)), independent_turns=independent,
+                              max_length=max_length)
     path = os.path.expanduser(data)
     if os.path.exists(path):
         base_dir = train_cfg.image_folder or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
         name = os.path.basename(os.path.normpath(path))
-        common = dict(base_dir=base_dir, strict=strict, max_image_pixels=max_pixels, name=name)
+        common = dict(base_dir=base_dir, strict=strict, max_image_pixels=max_pixels, name=name,
+                      independent_turns=independent)
         if split != "train" and not _is_save_to_disk(path):
             raise DataError(f"{data} has no {split!r} split (only save_to_disk directories have splits); "
                             "hold out training samples with val_size instead.")
@@ -676,7 +711,8 @@ def _hub_dataset(name: str, train_cfg, vlm_cfg, tokenizer, split, strict, max_pi
     except ImportError as e:
         raise DataError(f"data {name!r} is not local; loading hub datasets needs `pip install nanovlm[hf]`.") from e
     repo, _, subset = name.partition(":")
-    common = dict(base_dir=train_cfg.image_folder, strict=strict, max_image_pixels=max_pixels, name=name)
+    common = dict(base_dir=train_cfg.image_folder, strict=strict, max_image_pixels=max_pixels, name=name,
+                  independent_turns=bool(getattr(train_cfg, "independent_turns", False)))
     if streaming:
         def open_stream() -> Iterator[Any]:
             ds = datasets.load_dataset(repo, subset or None, split=split, streaming=True)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nanovlm.data.images import load_image
-from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for
+from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for, share_prefix
 
 QTYPES = ("shape", "color", "yes/no")
 SPLITS = ("train", "test")
@@ -79,11 +79,19 @@ def _tiles_for(paths: list[str], processor, key: tuple) -> tuple[torch.Tensor, t
 class EasyVQADataset(Dataset):
     """One question per sample, or (`multi_turn`) the questions of an image as conversations of
     at most `max_turns` questions each (0: all of them; split in two, recursively, where one
-    would exceed `lm_max_length`)."""
+    would exceed `max_length`, by default `lm_max_length`).
 
-    def __init__(self, vlm_cfg, tokenizer, split: str = "train", multi_turn: bool = False, max_turns: int = 0):
+    `independent_turns`: the questions of a sample are not a conversation but separate questions
+    about its image, each seeing the image prompt and itself only (`share_prefix`): one vision
+    pass for several questions, and no answer that the next question could copy ("what shape is
+    in the image? circle" followed by "is there a circle?")."""
+
+    def __init__(self, vlm_cfg, tokenizer, split: str = "train", multi_turn: bool = False, max_turns: int = 0,
+                 independent_turns: bool = False, max_length: int | None = None):
         self.split = _check_split(split)
         self.multi_turn = multi_turn
+        self.independent_turns = independent_turns
+        max_length = max_length or vlm_cfg.lm_max_length
         if max_turns < 0:
             raise ValueError(f"max_turns must be >= 0 (0: all questions of an image), got {max_turns}.")
         self.processor = image_processor_for(vlm_cfg)
@@ -109,23 +117,31 @@ class EasyVQADataset(Dataset):
 
         encoder = ChatEncoder(tokenizer)
 
-        def encode(turns: list[tuple[str, str]]) -> list[tuple[list[tuple[str, str]], list[int], list[int]]]:
+        def conversation(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
             messages = []
             for t, (q, a) in enumerate(turns):
                 messages.append({"role": "user", "content": (image_string if t == 0 else "") + q})
                 messages.append({"role": "assistant", "content": a})
-            ids, labels = encoder.encode_lists(messages)
-            if len(ids) <= vlm_cfg.lm_max_length or len(turns) == 1:
-                return [(turns, ids, labels)]
-            # Too long for the model: two conversations about the same image instead of a dropped one.
+            return messages
+
+        def encode(turns: list[tuple[str, str]]) -> list[tuple[list[tuple[str, str]], list[int], list[int], list[int]]]:
+            if independent_turns:
+                ids, labels, positions = share_prefix([encoder.encode_lists(conversation([qa])) for qa in turns])
+            else:
+                ids, labels = encoder.encode_lists(conversation(turns))
+                positions = []
+            if len(ids) <= max_length or len(turns) == 1:
+                return [(turns, ids, labels, positions)]
+            # Too long: two samples about the same image instead of a dropped one.
             half = len(turns) // 2
             return encode(turns[:half]) + encode(turns[half:])
 
-        ids_parts, label_parts, lengths, image_index, all_turns = [], [], [], [], []
+        ids_parts, label_parts, position_parts, lengths, image_index, all_turns = [], [], [], [], [], []
         for k, turns in convs:
-            for part, ids, labels in encode(turns):
+            for part, ids, labels, positions in encode(turns):
                 ids_parts.extend(ids)
                 label_parts.extend(labels)
+                position_parts.extend(positions)
                 lengths.append(len(ids))
                 image_index.append(k)
                 all_turns.append(part)
@@ -136,18 +152,22 @@ class EasyVQADataset(Dataset):
         self.offsets[1:] = torch.cumsum(self.lengths, 0)
         self.input_ids = torch.tensor(ids_parts, dtype=torch.int32)  # flat; vocab < 2**31
         self.labels = torch.tensor(label_parts, dtype=torch.int32)
+        self.positions = torch.tensor(position_parts, dtype=torch.int32) if independent_turns else None
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {
+        sample = {
             "input_ids": self.input_ids[a:b].long(),
             "labels": self.labels[a:b].long(),
             "images": self.processor.normalize(self.tiles[int(self.image_index[i])]),
             "id": f"easyvqa-{self.split}[{i}]",
         }
+        if self.positions is not None:
+            sample["position_ids"] = self.positions[a:b].long()
+        return sample
 
     def describe(self, i: int) -> dict[str, Any]:
         from PIL import Image

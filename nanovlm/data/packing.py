@@ -11,6 +11,9 @@ samples attend to one another and continues their positions; that leaks across d
 `max_images_per_pack` caps the image tiles per row (what the vision encoder must process), so
 a row of many image-heavy samples cannot exhaust memory; a sample with more tiles than the cap
 gets a row of its own.
+
+A sample that brings its own `position_ids` (a shared image prompt with independent branches,
+`independent_turns`) keeps them in the row; the batch then carries `position_ids` for all rows.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nanovlm.data.collators import filter_samples
+from nanovlm.data.collators import filter_samples, sample_positions, wants_positions
 from nanovlm.data.processors import IGNORE_INDEX
 
 
@@ -58,6 +61,7 @@ def pack_samples(samples: Sequence[dict[str, Any]], pack_length: int, pad_token_
     input_ids = torch.full((n_rows, pack_length), pad_token_id, dtype=torch.long)
     segments = torch.zeros((n_rows, pack_length), dtype=torch.long)
     labels = torch.full((n_rows, pack_length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((n_rows, pack_length), dtype=torch.long) if wants_positions(samples) else None
     images, ids = [], []
     for r, row in enumerate(plan):
         at = 0
@@ -67,12 +71,17 @@ def pack_samples(samples: Sequence[dict[str, Any]], pack_length: int, pad_token_
             input_ids[r, at:at + n] = s["input_ids"]
             segments[r, at:at + n] = seg
             labels[r, at:at + n] = s["labels"]  # already shifted within the sample; its last label is -100
+            if positions is not None:
+                positions[r, at:at + n] = sample_positions(s)
             at += n
         # Image tensors in the order their tokens appear in the row.
         row_images = [samples[i]["images"] for i in row]
         images.append(torch.cat(row_images) if row_images else samples[0]["images"][:0])
         ids.append([samples[i].get("id") for i in row])
-    return {"input_ids": input_ids, "attention_mask": segments, "labels": labels, "images": images, "ids": ids}
+    batch = {"input_ids": input_ids, "attention_mask": segments, "labels": labels, "images": images, "ids": ids}
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch
 
 
 class PackingCollator:

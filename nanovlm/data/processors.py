@@ -296,3 +296,24 @@ def shift_labels(input_ids: Sequence[int], supervised: Sequence[bool]) -> list[i
     labels = [nxt if sup else IGNORE_INDEX for nxt, sup in zip(input_ids[1:], supervised[1:])]
     labels.append(IGNORE_INDEX)
     return labels[:len(input_ids)]
+
+
+def share_prefix(encodings: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[list[int], list[int], list[int]]:
+    """Several (input_ids, labels) with a common prompt -> one sample (input_ids, labels,
+    position_ids): the longest common unsupervised prefix once, then the rest of each encoding,
+    its positions going back to where the prefix ends. The language model lets each branch see
+    the prefix and itself only (`build_attention_bias`), so every branch is trained as if alone,
+    and the prompt (the image, above all) is computed once."""
+    first_ids = encodings[0][0]
+    shared = min(len(ids) for ids, _ in encodings)
+    for ids, labels in encodings:
+        supervised = [t for t, label in enumerate(labels) if label != IGNORE_INDEX]
+        shared = min(shared, supervised[0] if supervised else len(ids))
+        shared = next((t for t in range(shared) if ids[t] != first_ids[t]), shared)
+    out_ids, out_labels = list(first_ids[:shared]), list(encodings[0][1][:shared])
+    positions = list(range(shared))
+    for ids, labels in encodings:
+        out_ids.extend(ids[shared:])
+        out_labels.extend(labels[shared:])
+        positions.extend(range(shared, len(ids)))
+    return out_ids, out_labels, positions

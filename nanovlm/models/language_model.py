@@ -10,6 +10,9 @@ Design choices:
   sequences number their documents 1, 2, 3, ... Positions are derived from the mask and restart
   at 0 where the id changes, so a left-padded row or a packed document computes exactly what it
   would alone.
+- Explicit `position_ids` that go back within a segment mark a shared prefix with branches
+  (several independent answers to one image prompt, trained in one pass): each branch sees the
+  prefix and itself, not its siblings (`build_attention_bias`).
 - The KV cache is static: preallocated once for `max_len` tokens, filled in place. No
   `torch.cat` per decoded token.
 - The rotary tables are computed once for `lm_max_position_embeddings` positions.
@@ -109,11 +112,38 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0, idx - start, torch.zeros_like(idx))
 
 
-def build_attention_bias(mask: torch.Tensor, q_len: int) -> torch.Tensor:
+def _branch_starts(mask: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(run index, position where the run starts), both (B, T), for explicit positions.
+
+    A run is a stretch of one segment whose positions keep increasing; a new run starts where
+    the segment id changes or the position does not increase (a branch going back to the end
+    of a shared prefix)."""
+    B, T = mask.shape
+    idx = torch.arange(T, device=mask.device).expand(B, T)
+    new_run = torch.ones_like(mask, dtype=torch.bool)
+    new_run[:, 1:] = (mask[:, 1:] != mask[:, :-1]) | (position_ids[:, 1:] <= position_ids[:, :-1])
+    first = torch.where(new_run, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T) the run's first index
+    return new_run.long().cumsum(dim=1), position_ids.gather(1, first)
+
+
+def has_branches(mask: torch.Tensor, position_ids: torch.Tensor) -> bool:
+    """Whether some segment's positions go back (a shared prefix with several branches)."""
+    same = (mask[:, 1:] == mask[:, :-1]) & (mask[:, 1:] > 0)
+    return bool((same & (position_ids[:, 1:] <= position_ids[:, :-1])).any())
+
+
+def build_attention_bias(mask: torch.Tensor, q_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, q_len, T_kv) mask: causal, same segment, never padding.
 
     The last `q_len` columns of `mask` are the queries. A padding query may attend to itself
     only, so that no softmax row is empty (its output is never used).
+
+    With `position_ids` (B, T_kv) (training, no cache): a segment may hold a shared prefix and
+    several branches, laid out one after the other, each branch's positions restarting where the
+    prefix ends. A token then sees the earlier tokens of its own run (see `_branch_starts`) and,
+    from earlier runs of its segment, only those placed before its run starts: its prefix, not
+    the other branches. Each branch computes exactly what it would after the prefix alone.
+    Positions that only increase within a segment give the plain mask.
     """
     B, T_kv = mask.shape
     q_seg = mask[:, -q_len:]  # (B, q_len)
@@ -122,6 +152,10 @@ def build_attention_bias(mask: torch.Tensor, q_len: int) -> torch.Tensor:
     causal = k_idx[None, :] <= q_idx[:, None]  # (q_len, T_kv)
     same = (q_seg[:, :, None] == mask[:, None, :]) & (mask[:, None, :] > 0)  # (B, q_len, T_kv)
     allowed = causal[None] & same
+    if position_ids is not None:
+        run, run_start = _branch_starts(mask, position_ids)  # (B, T_kv) each
+        visible = (run[:, -q_len:, None] == run[:, None, :]) | (position_ids[:, None, :] < run_start[:, -q_len:, None])
+        allowed = allowed & visible
     allowed = allowed | (k_idx[None, :] == q_idx[:, None])[None]
     return allowed.unsqueeze(1)  # (B, 1, q_len, T_kv)
 
@@ -237,6 +271,7 @@ class LanguageModel(nn.Module):
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                              f"(batch, past + new tokens) = ({B}, {past + T}).")
+        explicit_positions = position_ids is not None
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
@@ -245,7 +280,11 @@ class LanguageModel(nn.Module):
         cos, sin = self.rotary_embd(position_ids)
 
         attn_mask = None
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
+        branched = (past == 0 and attention_mask is not None and explicit_positions
+                    and has_branches(attention_mask, position_ids))
+        if branched:
+            attn_mask = build_attention_bias(attention_mask, T, position_ids)
+        elif attention_mask is not None and not bool((attention_mask == 1).all()):
             attn_mask = build_attention_bias(attention_mask, T)
         elif past > 0 and T > 1:
             attn_mask = build_attention_bias(torch.ones(B, past + T, dtype=torch.long, device=x.device), T)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
+from nanovlm.models.attention import attention
 
 
 class ViTPatchEmbeddings(nn.Module):
@@ -57,7 +58,7 @@ class ViTMultiHeadAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, n_heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, n_heads, T, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 

@@ -96,8 +96,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return batch
     out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels"):
-        out[key] = batch[key].to(device, non_blocking=True)
+    for key in ("input_ids", "attention_mask", "labels", "position_ids"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
     images = batch.get("images")
     if isinstance(images, (list, tuple)):
         out["images"] = [x.to(device, non_blocking=True) for x in images]
@@ -158,7 +159,7 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
         batch = _to_device(batch, info.device)
         with torch.autocast(**amp):
             _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
-                            loss_reduction="sum", return_logits=False)
+                            loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False)
         total[0] += loss.double()
         total[1] += (batch["labels"] != IGNORE_INDEX).sum()
     model.train(was_training)
@@ -318,7 +319,8 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
             with sync:
                 with torch.autocast(**amp):
                     _, loss_sum = runner(batch["input_ids"], batch["images"], batch["attention_mask"],
-                                         batch["labels"], loss_reduction="sum", return_logits=False)
+                                         batch["labels"], loss_reduction="sum",
+                                         position_ids=batch.get("position_ids"), return_logits=False)
                     if not _has_images(batch):
                         loss_sum = loss_sum + _vision_ghost(model)
                 (loss_sum * scale).backward()

@@ -1,0 +1,24 @@
+"""Attention without a mask (the vision encoder's), with a plain path for CPU training.
+
+On the CPU, PyTorch's fused attention kernel is made for long sequences: on the 64-token rows
+of a small ViT its backward takes ~6x longer than two matmuls and a softmax (measured in
+docs/benchmarks.md). So while autograd records on the CPU the scores are computed explicitly
+(softmax in fp32); inference, and every other device, call `F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PLAIN_MAX_TOKENS = 256  # longer rows keep the fused kernel (memory grows with tokens squared)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v for (B, heads, T, head_dim) tensors, no mask."""
+    training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+    if not training_on_cpu or q.shape[-2] > PLAIN_MAX_TOKENS:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, heads, T, T)
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
+    return probs.to(v.dtype) @ v
