@@ -1,7 +1,7 @@
 """Attention without a mask (the vision encoder's), with a plain path for CPU training.
 
 On the CPU, PyTorch's fused attention kernel is made for long sequences: on the 64-token rows
-of a small ViT its backward takes ~6x longer than two matmuls and a softmax (measured in
+of a small ViT forward and backward take ~5x longer than two matmuls and a softmax (measured in
 docs/benchmarks.md). So while autograd records on the CPU the scores are computed explicitly
 (softmax in fp32); inference, and every other device, call `F.scaled_dot_product_attention`.
 """

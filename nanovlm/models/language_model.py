@@ -112,24 +112,28 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0, idx - start, torch.zeros_like(idx))
 
 
+def _goes_back(mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T - 1): token t + 1 is in the same segment as token t but not at a later position
+    (a branch going back to the end of a shared prefix)."""
+    return (mask[:, 1:] == mask[:, :-1]) & (position_ids[:, 1:] <= position_ids[:, :-1])
+
+
 def _branch_starts(mask: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(run index, position where the run starts), both (B, T), for explicit positions.
 
     A run is a stretch of one segment whose positions keep increasing; a new run starts where
-    the segment id changes or the position does not increase (a branch going back to the end
-    of a shared prefix)."""
+    the segment id changes or a branch goes back (`_goes_back`)."""
     B, T = mask.shape
     idx = torch.arange(T, device=mask.device).expand(B, T)
     new_run = torch.ones_like(mask, dtype=torch.bool)
-    new_run[:, 1:] = (mask[:, 1:] != mask[:, :-1]) | (position_ids[:, 1:] <= position_ids[:, :-1])
+    new_run[:, 1:] = (mask[:, 1:] != mask[:, :-1]) | _goes_back(mask, position_ids)
     first = torch.where(new_run, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T) the run's first index
     return new_run.long().cumsum(dim=1), position_ids.gather(1, first)
 
 
 def has_branches(mask: torch.Tensor, position_ids: torch.Tensor) -> bool:
     """Whether some segment's positions go back (a shared prefix with several branches)."""
-    same = (mask[:, 1:] == mask[:, :-1]) & (mask[:, 1:] > 0)
-    return bool((same & (position_ids[:, 1:] <= position_ids[:, :-1])).any())
+    return bool((_goes_back(mask, position_ids) & (mask[:, 1:] > 0)).any())
 
 
 def build_attention_bias(mask: torch.Tensor, q_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
