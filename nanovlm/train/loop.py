@@ -41,6 +41,7 @@ class Data:
     collate: Callable[[list], dict]
     skips: Any | None = None  # a SkipCounter
     batches_per_epoch: int | None = None  # micro-batches per rank in one epoch, when known
+    source: Any | None = None  # the dataset itself (a vision warm-up asks it for `image_targets()`)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +83,7 @@ def make_data(dataset, collate: Callable[[list], dict], train_cfg: TrainConfig, 
     loader = ResumableLoader(train_set, sampler, collate, num_workers=train_cfg.num_workers,
                              pin_memory=info.device.type == "cuda")
     return Data(train=loader, val=val_set, collate=collate, skips=SkipCounter(strict=train_cfg.strict),
-                batches_per_epoch=len(sampler))
+                batches_per_epoch=len(sampler), source=dataset)
 
 
 def total_steps_for(train_cfg: TrainConfig, data: Data) -> int:
@@ -235,13 +236,18 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
     if data is None:
         data = build_data(vlm_cfg, train_cfg, tokenizer, info)
     fused = fused_adamw_available(device)
+    dtype = pick_dtype(train_cfg.precision, device)
+    amp = {"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32}
+    warmup_s = 0.0
+    if train_cfg.vision_warmup_steps and resume_from is None:  # a checkpoint holds the warmed-up encoder
+        warmup_s = _vision_warmup(model, data, train_cfg, amp, fused, info, say, progress)
     optimizer = build_optimizer(model, train_cfg, device, fused=fused)
     total_steps = total_steps_for(train_cfg, data)
     schedule = WarmupCosine(optimizer, total_steps, train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
 
     state: dict[str, Any] = {"step": 0, "best_val_loss": None, "metrics": [], "train_time_s": 0.0,
-                             "samples": 0, "tokens": 0, "flops": 0.0}
+                             "samples": 0, "tokens": 0, "flops": 0.0, "vision_warmup_s": warmup_s}
     if resume_from is not None:
         fresh = [(g["base_lr"], g["weight_decay"]) for g in optimizer.param_groups]
         saved = ckpt.load_checkpoint(resume_from, model, optimizer, schedule, rank=info.rank)
@@ -253,9 +259,6 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
         state.update({k: saved[k] for k in state if k in saved})
         say(f"resumed from {resume_from} at step {state['step']}")
     start_step = state["step"]
-
-    dtype = pick_dtype(train_cfg.precision, device)
-    amp = {"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32}
     flops = FlopCounter(model, vlm_cfg)
     peak = measure_matmul_peak(device, dtype, seconds=0.3) if info.is_main else 0.0
 
@@ -420,6 +423,22 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
     return summary
 
 
+def _vision_warmup(model, data: Data, train_cfg: TrainConfig, amp: dict, fused: bool, info: dist.DistInfo,
+                   say: Callable[[str], None], progress: bool) -> float:
+    """Run the vision warm-up (`nanovlm.train.vision_warmup`) on the dataset's per-image labels;
+    returns its seconds."""
+    from nanovlm.train.vision_warmup import vision_warmup
+
+    targets = getattr(data.source, "image_targets", None)
+    if targets is None:
+        raise ValueError(f"vision_warmup_steps={train_cfg.vision_warmup_steps} needs images with labels of their "
+                         f"own, which data=easyvqa has and data={train_cfg.data} does not; set vision_warmup_steps=0.")
+    result = vision_warmup(model, targets(), train_cfg.vision_warmup_steps, train_cfg.vision_warmup_lr,
+                           train_cfg.batch_size, seed=train_cfg.seed, amp=amp, fused=fused, say=say,
+                           progress=progress and info.is_main)
+    return result["time_s"]
+
+
 def ckpt_config(vlm_cfg: VLMConfig, train_cfg: TrainConfig) -> dict:
     from nanovlm.train.settings import to_dict
 
@@ -436,7 +455,7 @@ def _save(run_dir, model, tokenizer, optimizer, schedule, data, state, log, info
         saved_state = {
             "step": state["step"], "best_val_loss": state["best_val_loss"], "train_time_s": state["train_time_s"],
             "samples": state["samples"], "tokens": state["tokens"], "flops": state["flops"],
-            "data": data.train.state_dict(), "metrics": log.records if log is not None else [],
+            "vision_warmup_s": state["vision_warmup_s"], "data": data.train.state_dict(), "metrics": log.records if log is not None else [],
         }
         if data.skips is not None:
             saved_state["skips"] = data.skips.state_dict()
@@ -460,6 +479,7 @@ def _summary(train_cfg, info, model, amp, fused, peak, state, last_record, final
         "parameters": sum(p.numel() for p in model.parameters()),
         "wall_time_s": round(time.perf_counter() - t_session, 2),
         "train_time_s": round(train_time, 2),
+        "vision_warmup_s": round(state["vision_warmup_s"], 2) if train_cfg.vision_warmup_steps else None,
         "samples": state["samples"],
         "samples_per_s": state["samples"] / train_time if train_time > 0 else None,
         "tokens_per_s": state["tokens"] / train_time if train_time > 0 else None,
