@@ -8,8 +8,10 @@ token counts come from the CPU labels, and losses stay on the device until a log
 
 Order of events at a step: set the learning rate, accumulate gradients, clip, update; then log,
 evaluate (validation loss, task accuracy, best checkpoint) and save, each on its own interval.
-A checkpoint taken after step k restores everything (weights, optimizer, schedule, RNG, data
-position, metrics), so a resumed run repeats exactly what the uninterrupted one would have done.
+Before step 0 of a new run, `vision_warmup_steps` > 0 first trains the vision encoder alone
+(`nanovlm.train.vision_warmup`). A checkpoint taken after step k restores everything (weights,
+optimizer, schedule, RNG, data position, metrics), so a resumed run repeats exactly what the
+uninterrupted one would have done.
 """
 
 from __future__ import annotations
@@ -455,7 +457,8 @@ def _save(run_dir, model, tokenizer, optimizer, schedule, data, state, log, info
         saved_state = {
             "step": state["step"], "best_val_loss": state["best_val_loss"], "train_time_s": state["train_time_s"],
             "samples": state["samples"], "tokens": state["tokens"], "flops": state["flops"],
-            "vision_warmup_s": state["vision_warmup_s"], "data": data.train.state_dict(), "metrics": log.records if log is not None else [],
+            "vision_warmup_s": state["vision_warmup_s"], "data": data.train.state_dict(),
+            "metrics": log.records if log is not None else [],
         }
         if data.skips is not None:
             saved_state["skips"] = data.skips.state_dict()

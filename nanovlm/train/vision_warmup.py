@@ -1,21 +1,21 @@
 """Vision warm-up: the vision encoder alone learns per-image labels before the VLM stage.
 
 nanoVLM starts from a pretrained SigLIP. A vision encoder trained from scratch through the
-language model learns slowly: on easy-VQA the shape of the object was still at chance after
-900 steps, because the answer is read through attention that has not yet learned what the
-question asks (docs/benchmarks.md, third to sixth rounds). The same encoder with a direct
-readout learns shape within two minutes. So, where the data gives each image class labels of its
-own (easy-VQA: shape and colour, recovered from the training questions; `ImageTargets`), a
-warm-up stage trains the encoder with one linear head per label kind on its mean-pooled output
-(cross-entropy, unknown labels ignored), then drops the heads and hands the encoder to the
-VLM stage.
+language model learns slowly: on easy-VQA the shape of the object stayed near chance (40-48%,
+chance 33%) after 900 steps, most likely because the answer is read at a position that must
+first learn from the question what is asked (docs/benchmarks.md, fifth and sixth rounds). The
+same encoder with a direct readout learns shape in about three minutes. So, where the data gives
+each image class labels of its own (easy-VQA: shape and colour, recovered from the training
+questions; `ImageTargets`), a warm-up stage trains the encoder with one linear head per label
+kind on its mean-pooled output (cross-entropy over the known labels), then drops the heads and
+hands the encoder to the VLM stage.
 
-The stage has its own AdamW (betas 0.9 / 0.999, weight decay 0.1 on matrices), a linear warm-up over the first 1% of steps
-and a cosine decay, bf16 autocast where training uses it, and gradient clipping at 1.0. It
-draws its heads and batches from its own seeded generators, so it does not move the random state
-of the stage after it. Under torchrun every rank runs the same warm-up on the same images (the same numbers
-on each; DDP's initial broadcast makes them identical anyway). A resumed run skips it: its
-checkpoint holds the warmed-up encoder.
+The stage has its own AdamW (betas 0.9 / 0.999, weight decay 0.1 on matrices), a linear
+warm-up over the first 1% of steps and a cosine decay, bf16 autocast where training uses it,
+and gradient clipping at 1.0. It draws its heads and batches from its own seeded generators, so
+it does not move the random state of the stage after it. Under torchrun every rank runs the
+same warm-up on the same images (the same numbers on each; DDP's initial broadcast makes them
+identical anyway). A resumed run skips it: its checkpoint holds the warmed-up encoder.
 """
 
 from __future__ import annotations
