@@ -18,7 +18,7 @@ import torch
 from nanovlm import VLMConfig, VisionLanguageModel
 from nanovlm.data.easyvqa import EasyVQADataset
 from nanovlm.train.loop import seed_everything
-from nanovlm.train.vision_warmup import pooled_features, vision_warmup
+from nanovlm.train.vision_warmup import kind_accuracy, pooled_features, vision_warmup
 
 
 @torch.no_grad()
@@ -27,12 +27,7 @@ def head_accuracy(model, heads, data) -> list[float]:
     model.eval()
     logits = torch.cat([heads(pooled_features(model.vision_encoder, data.normalize(data.images[i:i + 250])))
                         for i in range(0, len(data.images), 250)])
-    out, start = [], 0
-    for k, n in enumerate(data.classes.values()):
-        known = data.targets[:, k] >= 0
-        out.append(float((logits[known, start:start + n].argmax(-1) == data.targets[known, k]).float().mean()))
-        start += n
-    return out
+    return [right / known for right, known in kind_accuracy(logits, data.targets, list(data.classes.values()))]
 
 
 def main() -> None:
