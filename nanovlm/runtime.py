@@ -1,8 +1,11 @@
-"""Where and in what precision to run: device choice and bf16 detection."""
+"""Where and in what precision to run: device choice, bf16 detection, the CPU allocator."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import sys
 
 import torch
 
@@ -41,3 +44,28 @@ def pick_dtype(name: str, device: torch.device | str | None = None) -> torch.dty
     if name == "auto":
         return torch.bfloat16 if bf16_supported(device) else torch.float32
     raise ValueError(f"precision must be auto, fp32 or bf16, got {name!r}.")
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large blocks from its heap and keep freed ones for reuse.
+
+    By default glibc maps each block above a threshold (at most 32 MB, 128 kB at start) fresh
+    from the kernel and unmaps it when freed, so every large temporary of a CPU training step
+    (a chunk of vocabulary logits, a vocabulary-sized gradient, a packed batch's activations)
+    is page-faulted in and zeroed again, step after step: on the easyvqa preset that was 10-15%
+    of the CPU time of a training run (docs/benchmarks.md). The price: the process keeps the
+    memory of its peak step. Linux with glibc only (elsewhere nothing changes); applied once per
+    process. Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -56,6 +56,7 @@ def test_unknown_keys_warn_and_are_ignored(tmp_path):
     (dict(lm_init_std="big"), r"lm_init_std must be a number, got 'big'"),
     (dict(lm_dropout=None), r"lm_dropout must be a number, got None"),
     (dict(vit_pixel_mean="0.5", vit_pixel_std=0.5), r"vit_pixel_mean must be a number, got '0.5'"),
+    (dict(vit_hidden_act="relu"), r"vit_hidden_act must be one of gelu_pytorch_tanh, gelu, got 'relu'"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):

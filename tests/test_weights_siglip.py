@@ -35,8 +35,9 @@ def vit_cfg(path, **overrides):
     return VLMConfig(**{**fields, **overrides})
 
 
-def siglip_vision(path, image_size=32):
-    config = transformers.SiglipVisionConfig(**VISION, image_size=image_size, attn_implementation="eager")
+def siglip_vision(path, image_size=32, **overrides):
+    config = transformers.SiglipVisionConfig(**{**VISION, **overrides}, image_size=image_size,
+                                             attn_implementation="eager")
     model = perturb(transformers.SiglipVisionModel(config))
     model.save_pretrained(path)
     return model
@@ -53,12 +54,29 @@ def test_vision_model_parity(vision_dir):
     # The config can be filled in from the checkpoint itself.
     fields = config_from_source(str(path))
     assert fields == dict(vit_hidden_dim=32, vit_inter_dim=96, vit_n_heads=4, vit_n_blocks=2, vit_patch_size=8,
-                          vit_ln_eps=1e-6, vit_img_size=32)
+                          vit_ln_eps=1e-6, vit_img_size=32, vit_hidden_act="gelu_pytorch_tanh")
     cfg = vit_cfg(path)
     ours = ViT.from_pretrained(cfg)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(pixels), hf(pixels).last_hidden_state)
+
+
+def test_exact_gelu_parity_and_activation_errors(tmp_path):
+    """A tower with the exact GELU loads into vit_hidden_act="gelu" and matches; a config with the
+    other GELU, or a checkpoint with an activation this ViT lacks, is refused by name."""
+    hf = siglip_vision(tmp_path / "exact", hidden_act="gelu")
+    assert config_from_source(str(tmp_path / "exact"))["vit_hidden_act"] == "gelu"
+    ours = ViT.from_pretrained(vit_cfg(tmp_path / "exact", vit_hidden_act="gelu"))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels), hf(pixels).last_hidden_state)
+    with pytest.raises(WeightLoadError, match="vit_hidden_act is 'gelu_pytorch_tanh' but the checkpoint has 'gelu'"):
+        ViT.from_pretrained(vit_cfg(tmp_path / "exact"))
+    siglip_vision(tmp_path / "quick", hidden_act="quick_gelu")
+    with pytest.raises(WeightLoadError, match="hidden_act is 'quick_gelu'; this ViT implements 'gelu_pytorch_tanh' "
+                                              "and 'gelu'"):
+        ViT.from_pretrained(vit_cfg(tmp_path / "quick"))
 
 
 def test_transformers4_layout_with_prefix(vision_dir):

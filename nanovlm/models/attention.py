@@ -2,8 +2,10 @@
 
 On the CPU, PyTorch's fused attention kernel is made for long sequences: on the 64-token rows
 of a small ViT forward and backward take ~5x longer than two matmuls and a softmax (measured in
-docs/benchmarks.md). So while autograd records on the CPU the scores are computed explicitly
-(softmax in fp32); inference, and every other device, call `F.scaled_dot_product_attention`.
+docs/benchmarks.md). So while autograd records on the CPU the scores are computed explicitly,
+in the dtype of q (bf16 under autocast: casting the (B, heads, T, T) scores to fp32 and back
+cost as much as the two matmuls; the softmax still sums in fp32); inference, and every other
+device, call `F.scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
     if not training_on_cpu or q.shape[-2] > PLAIN_MAX_TOKENS:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, heads, T, T)
-    probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
-    return probs.to(v.dtype) @ v
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, heads, T, T), in q's dtype
+    probs = scores.softmax(dim=-1)  # accumulated in fp32 for bf16 scores, rounded to bf16
+    return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v

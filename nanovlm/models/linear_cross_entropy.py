@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+W_ROWS = 1024  # positions per product for the head's gradient (see `_chunked`)
+
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     device = h.device.type
@@ -25,27 +27,38 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 def _chunked(h, weight, targets, chunk_size: int, want_h: bool, want_w: bool):
-    """(loss sum in fp32, d loss / d h or None, d loss / d weight in fp32 or None)."""
+    """(loss sum in fp32, d loss / d h or None, d loss / d weight in fp32 or None).
+
+    The head's gradient sums d_logits^T h over positions; it is taken once per `W_ROWS` positions
+    (a few chunks' d_logits kept), not per chunk: each product is a (vocab, C) tensor converted to
+    fp32 and added, which cost more than the matmul itself for 64-position chunks."""
     dtype = _compute_dtype(h)
     w = weight.to(dtype)
     grad_h = torch.empty_like(h) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (d_logits, h) chunks not yet in grad_w
     for start in range(0, h.shape[0], chunk_size):
         hc = h[start:start + chunk_size].to(dtype)  # (n, C)
         tc = targets[start:start + chunk_size]  # (n,)
         logits = (hc @ w.t()).float()  # (n, V)
-        lse = torch.logsumexp(logits, dim=-1)  # (n,)
-        loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+        picked = logits.gather(1, tc[:, None]).squeeze(1)  # (n,)
+        top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        probs = logits.sub_(top).exp_()  # unnormalised softmax, written over the logits
+        total = probs.sum(dim=-1, keepdim=True)  # (n, 1)
+        loss += (top.squeeze(1) + total.squeeze(1).log() - picked).sum()  # logsumexp - target logit
         if not (want_h or want_w):
             continue
-        d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, written over the logits
+        d_logits = probs.div_(total)  # softmax
         d_logits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
         d_logits = d_logits.to(dtype)
         if want_h:
             grad_h[start:start + chunk_size] = (d_logits @ w).to(h.dtype)
         if want_w:
-            grad_w += (d_logits.t() @ hc).float()
+            pending.append((d_logits, hc))
+            if sum(d.shape[0] for d, _ in pending) >= W_ROWS or start + chunk_size >= h.shape[0]:
+                grad_w += (torch.cat([d for d, _ in pending]).t() @ torch.cat([x for _, x in pending])).float()
+                pending = []
     return loss, grad_h, grad_w
 
 

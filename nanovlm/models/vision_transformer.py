@@ -2,8 +2,8 @@
 
 Mirrors the nanoVLM tutorial (chapter 2) and the SigLIP vision tower
 (transformers' `SiglipVisionModel`): a conv patch embedding with learned positions and an
-optional CLS token, pre-LN blocks of fused-qkv multi-head attention (SDPA) and a tanh-GELU MLP,
-then a final LayerNorm. Module and parameter names are those of the original nanoVLM so its
+optional CLS token, pre-LN blocks of fused-qkv multi-head attention (SDPA) and a GELU MLP (the
+tanh approximation as in SigLIP, or the exact one), then a final LayerNorm. Module and parameter names are those of the original nanoVLM so its
 checkpoints load unchanged.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovlm.config import VLMConfig
+from nanovlm.config import VIT_ACTIVATIONS, VLMConfig
 from nanovlm.models.attention import attention
 
 
@@ -36,8 +36,12 @@ class ViTPatchEmbeddings(nn.Module):
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"ViT expects images of {self.img_size}x{self.img_size} pixels, "
                              f"got {tuple(x.shape[-2:])}; resize them with the image processor.")
-        x = self.conv(x)  # (B, C, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, num_patches, C)
+        # A conv whose kernel and stride are the patch size is one matmul of the flattened
+        # patches with the flattened kernel; written so it trains ~3x faster on CPUs than the
+        # conv kernel (docs/benchmarks.md). The parameters stay those of `self.conv`.
+        B, g, p = x.shape[0], self.img_size // self.patch_size, self.patch_size
+        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+        x = F.linear(patches, self.conv.weight.view(self.embd_dim, -1), self.conv.bias)  # (B, num_patches, C)
         if self.cls_flag:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + num_patches, C)
         return x + self.position_embedding
@@ -68,10 +72,11 @@ class ViTMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.vit_hidden_dim, cfg.vit_inter_dim)
         self.fc2 = nn.Linear(cfg.vit_inter_dim, cfg.vit_hidden_dim)
+        self.approximate = VIT_ACTIVATIONS[cfg.vit_hidden_act]
         self.dropout = nn.Dropout(cfg.vit_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate=self.approximate)))
 
 
 class ViTBlock(nn.Module):

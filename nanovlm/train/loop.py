@@ -214,11 +214,13 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
 
     `data` and `tokenizer` default to what the configs name (tests pass small stand-ins)."""
     from nanovlm.models.vision_language_model import VisionLanguageModel
-    from nanovlm.runtime import pick_dtype
+    from nanovlm.runtime import keep_freed_memory, pick_dtype
 
     t_session = time.perf_counter()
     info = info or dist.DistInfo()
     device = info.device
+    if device.type == "cpu":
+        keep_freed_memory()
     say = _Printer(info)
     A = train_cfg.gradient_accumulation_steps
 

@@ -56,9 +56,9 @@ def warmup_loss(logits: torch.Tensor, targets: torch.Tensor, classes: list[int])
     """Sum over label kinds of the mean cross-entropy of that kind's slice of `logits` over the
     images whose label is known (a kind with none known adds nothing)."""
     loss = logits.new_zeros((), dtype=torch.float32)
-    for part, target, known in _per_kind(logits, targets, classes):
-        if known.any():
-            loss = loss + F.cross_entropy(part[known], target[known])
+    for part, target, known in _per_kind(logits, targets, classes):  # no host sync: sum / count
+        total = F.cross_entropy(part, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = loss + total / known.sum().clamp(min=1)
     return loss
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nanovlm.config import VIT_ACTIVATIONS
 from nanovlm.weights.common import WeightLoadError
 from nanovlm.weights.loading import (HF_PATTERNS, SafetensorsTensors, check_architecture, convert, expand_blocks,
                                      expected_shapes, fuse, local_or_download, read_model_config,
@@ -136,6 +137,7 @@ def _vit_fields(vision: dict[str, Any], naflex: bool) -> dict[str, Any]:
         "vit_n_blocks": vision["num_hidden_layers"],
         "vit_patch_size": patch,
         "vit_ln_eps": float(vision["layer_norm_eps"]),
+        "vit_hidden_act": vision["hidden_act"],
         "vit_img_size": img,
     }
 
@@ -154,13 +156,14 @@ def load_siglip_vision(cls: type, cfg: Any):
     vision, naflex = _vision_config(directory)
     found = _vit_fields(vision, naflex)
     found.pop("vit_img_size")  # any size works: the positions are resized
-    check_architecture(found, cfg, directory)
     wrong = []
+    if vision["hidden_act"] not in VIT_ACTIVATIONS:
+        wrong.append(f"the checkpoint's hidden_act is {vision['hidden_act']!r}; "
+                     f"this ViT implements {' and '.join(map(repr, VIT_ACTIVATIONS))}")
+        found.pop("vit_hidden_act")
+    check_architecture(found, cfg, directory)
     if cfg.vit_cls_flag:
         wrong.append("vit_cls_flag is True but SigLIP has no CLS token; set it to False")
-    if vision["hidden_act"] != "gelu_pytorch_tanh":
-        wrong.append(f"the checkpoint's hidden_act is {vision['hidden_act']!r}; "
-                     "this ViT implements 'gelu_pytorch_tanh'")
     if vision["num_channels"] != 3:
         wrong.append(f"the checkpoint takes {vision['num_channels']} image channels; this ViT takes 3")
     if wrong:
