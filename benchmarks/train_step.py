@@ -1,7 +1,8 @@
 """Training-step time of a preset: the plain loss (full logits + cross-entropy) against the fused
 chunked one (`return_logits=False`, what `nanovlm train` uses), and (`--compare vit-attention`)
-the vision encoder's attention through PyTorch's fused kernel against the plain matmul-softmax
-path that CPU training uses (`nanovlm.models.attention`).
+attention through PyTorch's fused kernel against the plain matmul-softmax path that CPU
+training uses (`nanovlm.models.attention`; the vision encoder's and, since the seventh round of
+docs/benchmarks.md, the language model's too).
 
     python benchmarks/train_step.py [--compare loss|vit-attention] [--preset easyvqa] [--rows 24]
         [--length 256] [--images-per-row 3] [--supervised-per-row 20] [--precision bf16] [--repeats 10]
@@ -76,7 +77,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compare", choices=("loss", "vit-attention"), default="loss")
     args = p.parse_args()
-    what = "loss" if args.compare == "loss" else "ViT attention"
+    what = "loss" if args.compare == "loss" else "attention (ViT and LM)"
     print(f"| preset | batch | supervised positions | precision | {what} | step (median of {args.repeats}) |")
     print("|---|---|---|---|---|---|")
     for variant in (False, True):

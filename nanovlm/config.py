@@ -344,12 +344,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             vlm_load_backbone_weights=False,
         ),
         # First 3,000 steps of the ViT alone on each image's shape and colour (a vision warm-up,
-        # ~190 s: through the language model it did not learn shape in 900 steps), then the VLM
+        # ~140 s: through the language model it did not learn shape in 900 steps), then the VLM
         # with the ViT at 3e-4 (1e-3 undid the warm-up). An image's questions as conversations of up to 3 turns
-        # (one ViT pass per 3 questions), packed into 256-token rows; 800 steps; the whole run
-        # fits the 10-minute demo on 2 cores (measurements in docs/benchmarks.md).
+        # (one ViT pass per 3 questions), packed into 256-token rows; 1,200 steps; the whole run
+        # takes ~460 s on 2 cores (measurements in docs/benchmarks.md).
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=1e-3, batch_size=64,
-                      max_training_steps=800, eval_interval=300, eval_interval_limit=200, val_size=32,
+                      max_training_steps=1200, eval_interval=400, eval_interval_limit=200, val_size=32,
                       weight_decay=0.01, multi_turn=True, max_turns=3, packing=True, pack_length=256,
                       warmup_ratio=0.03, vision_warmup_steps=3000, vision_warmup_lr=1e-3),
     },

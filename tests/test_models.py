@@ -148,18 +148,25 @@ def test_branches_see_their_shared_prefix_and_not_each_other(model):
     torch.testing.assert_close(model(row, images, segments, position_ids=positions_from_mask(segments))[0], plain)
 
 
-def test_plain_attention_for_cpu_training_matches_sdpa():
+@pytest.mark.parametrize("masking", ["none", "causal", "mask"])
+def test_plain_attention_for_cpu_training_matches_sdpa(masking):
     from nanovlm.models.attention import attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 10, 8, generator=g, requires_grad=True) for _ in range(3))
-    plain = attention(q, k, v)  # autograd is on: the explicit path
-    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    mask = torch.rand(3, 1, 10, 10, generator=g) < 0.5 if masking == "mask" else None
+    if mask is not None:
+        mask |= torch.eye(10, dtype=torch.bool)  # every query may attend to something
+    options = dict(attn_mask=mask, is_causal=masking == "causal")
+    plain = attention(q, k, v, **options)  # autograd is on: the explicit path
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, **options)
     torch.testing.assert_close(plain, fused)
     grads = torch.autograd.grad(plain.square().sum(), (q, k, v))
     torch.testing.assert_close(grads, torch.autograd.grad(fused.square().sum(), (q, k, v)))
     with torch.no_grad():  # inference goes to SDPA
-        torch.testing.assert_close(attention(q, k, v), fused.detach())
+        torch.testing.assert_close(attention(q, k, v, **options), fused.detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 scores: close to the fp32 result
+        torch.testing.assert_close(attention(q, k, v, **options).float(), fused, atol=3e-2, rtol=3e-2)
 
 
 def test_positions_restart_per_segment_and_skip_padding():

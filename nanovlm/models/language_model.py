@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
+from nanovlm.models.attention import attention
 
 
 class RMSNorm(nn.Module):
@@ -199,8 +200,7 @@ class LanguageModelGroupedQueryAttention(nn.Module):
                 k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, T_kv, head_dim)
                 v = v.repeat_interleave(groups, dim=1)
             is_causal = attn_mask is None and T > 1 and k.shape[2] == T
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                               is_causal=is_causal)
+            y = attention(q, k, v, dropout, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
