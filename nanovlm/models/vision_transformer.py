@@ -3,8 +3,8 @@
 Mirrors the nanoVLM tutorial (chapter 2) and the SigLIP vision tower
 (transformers' `SiglipVisionModel`): a conv patch embedding with learned positions and an
 optional CLS token, pre-LN blocks of fused-qkv multi-head attention (SDPA) and a GELU MLP (the
-tanh approximation as in SigLIP, or the exact one), then a final LayerNorm. Module and parameter names are those of the original nanoVLM so its
-checkpoints load unchanged.
+tanh approximation as in SigLIP, or the exact one), then a final LayerNorm. Module and
+parameter names are those of the original nanoVLM so its checkpoints load unchanged.
 """
 
 from __future__ import annotations
