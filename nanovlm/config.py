@@ -268,6 +268,7 @@ class TrainConfig:
     independent_turns: bool = False  # questions of one sample each see its image and themselves only
     vision_warmup_steps: int = 0  # first train the vision encoder alone on per-image labels (easyvqa)
     vision_warmup_lr: float = 1e-3
+    vision_warmup_batch_size: int = 64  # images per warm-up step (its own: not tied to batch_size)
     val_size: int = 256  # held-out training samples for the validation loss
     eval_task: str = "easyvqa"  # task accuracy during and after training ("" to skip)
     eval_limit: int = 0  # 0: the full test split at the end
@@ -282,7 +283,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "fp32", "bf16"),
                f"precision must be one of auto, fp32, bf16, got {self.precision!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps"):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps", "vision_warmup_batch_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                    f"{name} must be a positive integer, got {value!r}.")
@@ -353,18 +354,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       weight_decay=0.01, multi_turn=True, max_turns=3, packing=True, pack_length=256,
                       warmup_ratio=0.03, vision_warmup_steps=3000, vision_warmup_lr=1e-3),
     },
-    # The real SmolLM2-135M-Instruct (packaged GGUF) as the language model, a small ViT from scratch.
+    # The real SmolLM2-135M-Instruct (packaged GGUF) as the language model, frozen; the easyvqa
+    # preset's ViT from scratch with its vision warm-up; the projector learns to feed SmolLM2.
     "easyvqa-smollm2": {
         "model": dict(
-            vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=4,
-            vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3,
+            vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
+            vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, vit_hidden_act="gelu",
+            lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3,
             lm_n_blocks=30, lm_model_type="packaged:smollm2-135m", lm_tokenizer="packaged:smollm2-135m",
             mp_pixel_shuffle_factor=2, max_img_size=64, lm_max_length=512,
             vlm_load_backbone_weights=True,
         ),
-        "train": dict(lr_mp=1e-3, lr_vision_backbone=1e-3, lr_language_backbone=0.0, batch_size=16,
+        "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=0.0, batch_size=16,
                       max_training_steps=300, eval_interval=150, eval_interval_limit=200, val_size=32,
-                      multi_turn=True, packing=True, pack_length=512, warmup_ratio=0.03),
+                      multi_turn=True, max_turns=3, packing=True, pack_length=256, warmup_ratio=0.03,
+                      vision_warmup_steps=3000, vision_warmup_lr=1e-3),
     },
     # A few-thousand-parameter model for tests: 32x32 images, 8px patches, shuffle 2 -> 4 tokens.
     "tiny": {

@@ -438,7 +438,7 @@ def _vision_warmup(model, data: Data, train_cfg: TrainConfig, amp: dict, fused: 
         raise ValueError(f"vision_warmup_steps={train_cfg.vision_warmup_steps} needs images with labels of their "
                          f"own, which data=easyvqa has and data={train_cfg.data} does not; set vision_warmup_steps=0.")
     result = vision_warmup(model, targets(), train_cfg.vision_warmup_steps, train_cfg.vision_warmup_lr,
-                           train_cfg.batch_size, seed=train_cfg.seed, amp=amp, fused=fused, say=say,
+                           train_cfg.vision_warmup_batch_size, seed=train_cfg.seed, amp=amp, fused=fused, say=say,
                            progress=progress and info.is_main)
     return result["time_s"]
 
