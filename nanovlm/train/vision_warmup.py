@@ -4,11 +4,11 @@ nanoVLM starts from a pretrained SigLIP. A vision encoder trained from scratch t
 language model learns slowly: on easy-VQA the shape of the object stayed near chance (40-48%,
 chance 33%) after 900 steps, most likely because the answer is read at a position that must
 first learn from the question what is asked (docs/benchmarks.md, fifth and sixth rounds). The
-same encoder with a direct readout learns shape in about three minutes. So, where the data gives
-each image class labels of its own (easy-VQA: shape and colour, recovered from the training
-questions; `ImageTargets`), a warm-up stage trains the encoder with one linear head per label
-kind on its mean-pooled output (cross-entropy over the known labels), then drops the heads and
-hands the encoder to the VLM stage.
+same encoder with a direct readout learns shape in two to three minutes on 2 CPU cores. So,
+where the data gives each image class labels of its own (easy-VQA: shape and colour, recovered
+from the training questions; `ImageTargets`), a warm-up stage trains the encoder with one
+linear head per label kind on its mean-pooled output (cross-entropy over the known labels),
+then drops the heads and hands the encoder to the VLM stage.
 
 The stage has its own AdamW (betas 0.9 / 0.999, weight decay 0.1 on matrices), a linear
 warm-up over the first 1% of steps and a cosine decay, bf16 autocast where training uses it,
