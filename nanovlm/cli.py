@@ -19,12 +19,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def _add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train", formatter_class=_Formatter,
-        help="train a model (default: the easyvqa preset on the packaged easy-VQA data)",
+        help="train a model (default: the small preset; data=easyvqa, the packaged easy-VQA data, unless data= names yours)",
         description="Train a VLM. Settings come from, in increasing precedence: the preset, a YAML/JSON "
                     "config file, and key=value overrides (VLMConfig or TrainConfig field names, e.g. "
                     "batch_size=16 lm_n_blocks=6 data=path/to/data.jsonl). Several processes: "
                     "torchrun --nproc-per-node N -m nanovlm train ...")
-    p.add_argument("--preset", default="easyvqa", help="preset name (see nanovlm.config.PRESETS)")
+    p.add_argument("--preset", default="small", help="preset name (see nanovlm.config.PRESETS)")
     p.add_argument("--config", default=None, help="YAML or JSON file with 'model' and/or 'train' sections, or flat keys")
     p.add_argument("--out", default="runs/latest", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -160,7 +160,7 @@ def _add_data_parser(sub) -> None:
                          help="a picture of a few samples and counts of samples, tokens and skips")
     pv.add_argument("--out", default="preview.png", help="PNG to write")
     pv.add_argument("-n", "--num", type=int, default=8, help="samples to draw")
-    pv.add_argument("--preset", default="easyvqa", help="preset whose model config sizes images and tokens")
+    pv.add_argument("--preset", default="small", help="preset whose model config sizes images and tokens")
     pv.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=path/to/data.jsonl")
     pv.set_defaults(func=_cmd_data_preview)
 

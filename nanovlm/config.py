@@ -266,17 +266,25 @@ class TrainConfig:
     multi_turn: bool = True  # easyvqa: the questions of an image as one conversation ...
     max_turns: int = 0  # ... of at most this many questions (0: all of them)
     independent_turns: bool = False  # questions of one sample each see its image and themselves only
-    vision_warmup_steps: int = 0  # first train the vision encoder alone on per-image labels (easyvqa)
+    # A from-scratch vision encoder first learns the data's answers through a readout of its own
+    # (nanovlm.train.vision_warmup): auto (answer classes, or a bag of answer words for long
+    # answers; skipped for a pretrained encoder) | answers | words | off.
+    vision_warmup: str = "auto"
+    vision_warmup_steps: int = 0  # 0: vision_warmup_epochs passes over the training images
+    vision_warmup_epochs: float = 25.0
     vision_warmup_lr: float = 1e-3
     vision_warmup_batch_size: int = 64  # images per warm-up step (its own: not tied to batch_size)
-    val_size: int = 256  # held-out training samples for the validation loss
-    eval_task: str = "easyvqa"  # task accuracy during and after training ("" to skip)
+    val_fraction: float = 0.05  # of the training samples held out (grouped by image) for validation
+    val_size: int = 500  # at most this many held-out samples
+    val_data: str = ""  # a separate validation file instead (nothing is held out then)
+    eval_task: str = "auto"  # accuracy during and after training: auto (follows data) | val | easyvqa | none
     eval_limit: int = 0  # 0: the full test split at the end
     eval_interval_limit: int = 500  # questions per periodic accuracy check
     eval_batch_size: int = 64
     log_interval: int = 10
     wandb: bool = False
-    max_epochs: int = 0  # 0: no epoch cap, max_training_steps decides
+    max_epochs: float = 0.0  # passes over the training samples (0: max_training_steps decides)
+    max_train_time: float = 0.0  # seconds for the warm-up and training together (0: no limit)
     streaming: bool = False  # read data files / hub data incrementally (an IterableDataset) instead of random access
     max_image_pixels: int = 64 * 1024 * 1024  # images with more pixels are skipped (decompression-bomb guard)
 
@@ -293,7 +301,16 @@ class TrainConfig:
                f"max_turns must be an integer >= 0 (0: all questions of an image), got {self.max_turns!r}.")
         _check(isinstance(self.vision_warmup_steps, int) and not isinstance(self.vision_warmup_steps, bool)
                and self.vision_warmup_steps >= 0,
-               f"vision_warmup_steps must be an integer >= 0 (0: no warm-up), got {self.vision_warmup_steps!r}.")
+               f"vision_warmup_steps must be an integer >= 0 (0: from vision_warmup_epochs), "
+               f"got {self.vision_warmup_steps!r}.")
+        _check(self.vision_warmup in ("auto", "answers", "words", "off"),
+               f"vision_warmup must be one of auto, answers, words, off, got {self.vision_warmup!r}.")
+        _check(self.vision_warmup_epochs > 0, f"vision_warmup_epochs must be > 0, got {self.vision_warmup_epochs}.")
+        _check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}.")
+        _check(self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}.")
+        _check(self.max_epochs >= 0, f"max_epochs must be >= 0 (0: no epoch budget), got {self.max_epochs}.")
+        _check(self.max_train_time >= 0, f"max_train_time must be >= 0 seconds (0: no limit), "
+                                         f"got {self.max_train_time}.")
         _check(self.vision_warmup_lr > 0, f"vision_warmup_lr must be > 0, got {self.vision_warmup_lr}.")
         _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
 
@@ -332,10 +349,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "train": dict(lr_mp=5e-3, lr_vision_backbone=5e-5, lr_language_backbone=5e-5),
     },
-    # Sized for a 2-core CPU: 64x64 easy-VQA images, 8px patches -> 8x8 grid, shuffle 2 -> 16
-    # tokens; both towers trained from scratch (7.2M parameters, 6.3M of them the SmolLM2-vocabulary
-    # embedding); the real SmolLM2 tokenizer (measured in docs/benchmarks.md).
-    "easyvqa": {
+    # The default: sized for a 2-core CPU and any data of a few thousand images. 64 px images,
+    # 8 px patches -> 8x8 grid, shuffle 2 -> 16 tokens; both towers from scratch (7.2M parameters,
+    # 6.3M of them the SmolLM2-vocabulary embedding), the real SmolLM2 tokenizer. The vision
+    # warm-up first teaches the encoder the data's answers (25 passes over the images); then the
+    # VLM trains for at most 1,500 steps of 64 samples packed into 256-token rows (fewer: 40
+    # passes over the data), and warm-up + training stop within 15 minutes whatever the data's
+    # size (measurements in docs/benchmarks.md).
+    "small": {
         "model": dict(
             vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
             vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, vit_hidden_act="gelu",
@@ -344,16 +365,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=64, lm_max_length=512,
             vlm_load_backbone_weights=False,
         ),
-        # First 3,000 steps of the ViT alone on each image's shape and colour (a vision warm-up,
-        # ~140 s: through the language model it did not learn shape in 900 steps), then the VLM
-        # with the ViT at 3e-4 (1e-3 undid the warm-up). An image's questions as conversations of up to 3 turns
-        # (one ViT pass per 3 questions), packed into 256-token rows; 1,200 steps; the whole run
-        # takes ~460 s on 2 cores (measurements in docs/benchmarks.md).
+        # The ViT at 3e-4 in the VLM stage (1e-3 undid the warm-up's work on easy-VQA).
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=1e-3, batch_size=64,
-                      max_training_steps=1200, eval_interval=400, eval_interval_limit=200, val_size=32,
-                      weight_decay=0.01, multi_turn=True, max_turns=3, packing=True, pack_length=256,
-                      warmup_ratio=0.03, vision_warmup_steps=3000, vision_warmup_lr=1e-3),
+                      max_training_steps=1500, max_epochs=40, max_train_time=900, eval_interval=500,
+                      eval_interval_limit=200, weight_decay=0.01, packing=True, pack_length=256, warmup_ratio=0.03,
+                      multi_turn=True, max_turns=3, vision_warmup="auto", vision_warmup_epochs=25,
+                      vision_warmup_lr=1e-3),
     },
+    # The default on the packaged easy-VQA data: an image's questions as conversations of up to 3
+    # turns (one ViT pass per 3 questions; the easy-VQA loader groups them); accuracy on its own
+    # test split; only 2% of the training images held out for the validation loss.
     # The real SmolLM2-135M-Instruct (packaged GGUF) as the language model, frozen; the easyvqa
     # preset's ViT from scratch with its vision warm-up; the projector learns to feed SmolLM2.
     "easyvqa-smollm2": {
@@ -366,9 +387,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             vlm_load_backbone_weights=True,
         ),
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=0.0, batch_size=16,
-                      max_training_steps=300, eval_interval=150, eval_interval_limit=200, val_size=32,
+                      max_training_steps=300, eval_interval=150, eval_interval_limit=200,
                       multi_turn=True, max_turns=3, packing=True, pack_length=256, warmup_ratio=0.03,
-                      vision_warmup_steps=3000, vision_warmup_lr=1e-3),
+                      vision_warmup="answers", vision_warmup_lr=1e-3),
     },
     # A few-thousand-parameter model for tests: 32x32 images, 8px patches, shuffle 2 -> 4 tokens.
     "tiny": {
@@ -380,6 +401,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             vlm_load_backbone_weights=False,
         ),
         "train": dict(batch_size=4, max_training_steps=10, eval_interval=5, lr_mp=1e-3,
-                      lr_vision_backbone=1e-3, lr_language_backbone=1e-3),
+                      lr_vision_backbone=1e-3, lr_language_backbone=1e-3, vision_warmup="off"),
     },
 }
+
+# The small preset on the packaged easy-VQA data (what `nanovlm train` alone runs, named).
+PRESETS["easyvqa"] = {"model": dict(PRESETS["small"]["model"]), "train": {**PRESETS["small"]["train"], "data": "easyvqa"}}
+DEFAULT_PRESET = "small"

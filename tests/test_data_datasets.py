@@ -10,7 +10,7 @@ from PIL import Image
 from nanovlm.config import ConfigError, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator
 from nanovlm.data.datasets import (ConversationDataset, DataError, SampleError, SkipCounter,
-                                   StreamingConversationDataset, build_dataset, is_skip, make_loader, train_val_indices)
+                                   StreamingConversationDataset, build_dataset, is_skip, make_loader)
 from nanovlm.data.processors import get_tokenizer
 
 CFG = VLMConfig.from_preset("tiny")
@@ -371,26 +371,3 @@ def test_easyvqa_independent_turns(tok):
     assert "position_ids" not in one[0]
 
 
-def test_train_val_indices():
-    train, val = train_val_indices(100, 8, seed=1)
-    assert len(val) == 8 and len(train) == 92 and not set(train) & set(val)
-    assert train_val_indices(100, 8, seed=1) == (train, val)
-    assert len(train_val_indices(30, 8)[1]) == 3  # never more than a tenth
-
-
-def test_easyvqa_image_targets_agree_with_the_questions(tok):
-    from nanovlm.data.easyvqa import SHAPES, EasyVQADataset, label_kinds
-
-    ds = EasyVQADataset(CFG, tok, split="train")
-    t = ds.image_targets()
-    assert t.classes == {"shape": 3, "color": 8} and t.targets.shape == (4000, 2)
-    assert t.images.shape[0] == 4000 and t.normalize == ds.processor.normalize
-    row = {p: k for k, p in enumerate(ds.image_paths)}
-    colors = label_kinds()["color"]
-    for path, _, answer, qtype in ds.questions:  # every "what" answer is its image's label
-        if qtype == "shape":
-            assert int(t.targets[row[path], 0]) == SHAPES.index(answer)
-        elif qtype == "color":
-            assert int(t.targets[row[path], 1]) == colors.index(answer)
-    known = (t.targets >= 0).float().mean(0)
-    assert known[0] > 0.95 and known[1] > 0.9  # most images are labelled by their yes/no questions too

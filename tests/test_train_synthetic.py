@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 
 from nanovlm.config import TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator
-from nanovlm.data.images import ImageTargets
 from nanovlm.train import distributed as dist
 from nanovlm.train.loop import make_data, train
 
@@ -66,11 +65,6 @@ class SyntheticVQA(Dataset):
         colour = torch.zeros(3, 1, 1)
         colour[c % 3] = 0.8 if c < 3 else 0.0
         return (self.noise[i] + colour).clamp(0, 1).unsqueeze(0)  # (1, 3, S, S)
-
-    def image_targets(self) -> ImageTargets:
-        """Each image with its class (what a vision warm-up trains on)."""
-        images = torch.stack([self._image(i, int(c)) for i, c in enumerate(self.classes)])
-        return ImageTargets(images, self.classes.view(-1, 1).clone(), {"class": len(ANSWERS)}, lambda x: x)
 
 
 def tiny_configs(**train_overrides) -> tuple[VLMConfig, TrainConfig]:

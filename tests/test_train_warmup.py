@@ -1,23 +1,20 @@
-"""The vision warm-up: the encoder alone learns per-image labels before the VLM stage."""
+"""The vision warm-up: a readout built from the training samples alone teaches the encoder."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from test_train_checkpoint import DiesAfter, Killed
-from test_train_synthetic import SyntheticVQA, final_weights, losses, run_synthetic, synthetic_data, tiny_configs
+from test_train_synthetic import ANSWERS, EOS, SyntheticVQA, final_weights, losses, run_synthetic, synthetic_data, \
+    tiny_configs
 
-from nanovlm.data.easyvqa import image_labels
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train import checkpoint as ckpt
-from nanovlm.train.vision_warmup import vision_warmup, warmup_loss
+from nanovlm.train.data import validation_split
+from nanovlm.train.vision_warmup import (build_targets, collect_pairs, fit_steps, held_out_targets,
+                                         readout_accuracy, sample_pairs, vision_warmup)
 
 FP32 = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
-
-
-def _warm(model, targets, steps: int, seed: int = 0) -> dict:
-    return vision_warmup(model, targets, steps, 3e-3, 16, seed=seed, amp=FP32, fused=False, say=lambda _: None,
-                         progress=False)
 
 
 def _tiny_model():
@@ -26,13 +23,72 @@ def _tiny_model():
     return VisionLanguageModel(vlm_cfg, load_backbone=False)
 
 
-def test_warmup_teaches_the_encoder_the_labels_and_touches_nothing_else():
+def _drop(cfg) -> set[int]:
+    return {EOS} | {cfg.lm_base_vocab_size + k for k in range(len(cfg.vlm_extra_tokens))}
+
+
+def _targets(cfg, n=64, seed=0, indices=None):
+    ds = SyntheticVQA(cfg, n=n, seed=seed)
+    return ds, build_targets(collect_pairs(ds, indices if indices is not None else range(n), _drop(cfg)))
+
+
+def test_question_and_answer_tokens_come_from_the_supervised_spans():
+    image = 900
+    ids = torch.tensor([image, image, 5, 6, 7, 50, 51, EOS, 8, 9, 60, EOS])
+    labels = torch.full_like(ids, -100)
+    labels[4:7] = ids[5:8]  # answer 50 51 <eos>, predicted from positions 4..6
+    labels[9:11] = ids[10:12]  # answer 60 <eos>
+    pairs = sample_pairs({"input_ids": ids, "labels": labels}, {image, EOS})
+    assert pairs == [([5, 6, 7], (50, 51)), ([8, 9], (60,))]
+
+
+def test_targets_from_a_tiny_dataset():
+    cfg = tiny_configs()[0]
+    ds, data = _targets(cfg)
+    assert data.mode == "answers" and data.coverage == 1.0 and data.n_questions == 64
+    # one class per distinct answer; two-token answers stay whole
+    assert sorted(data.classes) == sorted([(ANSWERS[0],), (ANSWERS[1],), (ANSWERS[2], 400), (ANSWERS[3], 400)])
+    assert data.images.shape[0] == 64 and data.images.dtype == torch.uint8  # every image is distinct
+    for p in (0, 5, 63):
+        c = int(ds.classes[p])
+        assert data.classes[int(data.targets[p])][0] == ANSWERS[c]
+        # the stored image is the sample's (to uint8 precision)
+        assert (data.images[p, 0].float() / 255 - ds[p]["images"][0]).abs().max() <= 0.5 / 255 + 1e-6
+    assert (data.questions[:, 0] > 0).all()  # every question has tokens
+
+
+def test_images_shared_by_samples_are_stored_once():
+    cfg = tiny_configs()[0]
+    ds = SyntheticVQA(cfg, n=8)
+    pairs = collect_pairs(ds, [0, 1, 0, 1, 2], _drop(cfg))  # samples 0 and 1 twice each
+    assert len(pairs.images) == 3 and len(pairs.answers) == 5 and pairs.pair_image == [0, 1, 0, 1, 2]
+
+
+def test_long_answers_become_a_bag_of_words_and_nothing_repeated_is_skipped():
+    from nanovlm.train.vision_warmup import _Pairs
+
+    pairs = _Pairs(images=[torch.zeros(1, 3, 8, 8, dtype=torch.uint8)] * 4, pair_image=[0, 1, 2, 3],
+                   questions=[[5]] * 4, answers=[(10, 11, 12), (10, 13, 14), (11, 15), (16,)])
+    data = build_targets(pairs)
+    assert data.mode == "words"  # every answer is unique: no class repeats
+    assert sorted(c[0] for c in data.classes) == [10, 11]  # the words seen twice or more
+    assert data.targets.tolist() == [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]  # (16,) has no known word
+    unique = _Pairs(images=pairs.images, pair_image=[0, 1], questions=[[5], [5]], answers=[(10,), (11,)])
+    assert build_targets(unique) == "the answers repeat fewer than two words"
+    assert build_targets(_Pairs()) == "the training samples hold no image with a supervised answer"
+
+
+def test_warmup_teaches_the_encoder_and_touches_nothing_else():
     model = _tiny_model()
-    targets = SyntheticVQA(model.cfg, n=64).image_targets()
+    _, data = _targets(model.cfg)
+    held = held_out_targets(collect_pairs(SyntheticVQA(model.cfg, n=32, seed=1), range(32), _drop(model.cfg)), data)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    result = _warm(model, targets, 60)
-    assert result["accuracy"]["class"] == 1.0  # 4 classes: chance is 0.25
+    result = vision_warmup(model, data, 80, 3e-3, 16, seed=0, amp=FP32, fused=False, say=lambda _: None,
+                           progress=False, held_out=held)
+    assert result["train_accuracy"] == 1.0  # 4 classes: chance is 0.25
+    assert result["held_out_accuracy"] >= 0.9  # images it never saw
+    assert readout_accuracy(model, result["head"], held, FP32) == result["held_out_accuracy"]
     assert torch.equal(torch.get_rng_state(), rng)  # its own generator: later draws are unchanged
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -42,33 +98,30 @@ def test_warmup_teaches_the_encoder_the_labels_and_touches_nothing_else():
 
 def test_warmup_is_deterministic_for_a_seed():
     a, b = _tiny_model(), _tiny_model()
-    targets = SyntheticVQA(a.cfg, n=32).image_targets()
-    _warm(a, targets, 5)
-    _warm(b, targets, 5)
+    _, data = _targets(a.cfg, n=32)
+    for m in (a, b):
+        vision_warmup(m, data, 5, 3e-3, 8, seed=0, amp=FP32, fused=False, say=lambda _: None, progress=False)
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k
 
 
-def test_unknown_labels_are_ignored():
-    logits = torch.randn(4, 5)  # two kinds: 2 classes, then 3
-    targets = torch.tensor([[0, 2], [1, -100], [-100, 0], [1, -100]])
-    known_first = torch.nn.functional.cross_entropy(logits[[0, 1, 3], :2], targets[[0, 1, 3], 0])
-    known_second = torch.nn.functional.cross_entropy(logits[[0, 2], 2:], targets[[0, 2], 1])
-    assert torch.allclose(warmup_loss(logits, targets, [2, 3]), known_first + known_second)
-    none_known = torch.full((4, 2), -100)
-    assert warmup_loss(logits, none_known, [2, 3]).item() == 0.0
+def test_a_time_budget_cuts_the_step_count():
+    assert fit_steps(1000, 20, 10.0, 100.0) == 200  # 0.5 s a step: 180 more fit in the 90 s left
+    assert fit_steps(100, 20, 10.0, 1000.0) == 100  # never more than asked
+    assert fit_steps(100, 20, 50.0, 10.0) == 20  # over budget already: stop now
+    assert fit_steps(100, 0, 0.0, 10.0) == 100
 
 
 def test_a_run_with_warmup_resumes_exactly(tmp_path):
     """The warm-up runs once, before step 0; a resumed run takes the warmed-up encoder from its
     checkpoint instead of warming up again, and ends with the uninterrupted run's weights."""
-    settings = dict(max_training_steps=4, save_interval=2, vision_warmup_steps=5)
+    settings = dict(max_training_steps=4, save_interval=2, vision_warmup="answers", vision_warmup_steps=5)
     whole = run_synthetic(tmp_path / "whole", **settings)
-    assert whole["vision_warmup_s"] is not None
+    assert whole["vision_warmup"]["steps"] == 5 and whole["vision_warmup"]["mode"] == "answers"
     plain = run_synthetic(tmp_path / "plain", max_training_steps=4)
-    assert plain["vision_warmup_s"] is None
-    assert not torch.equal(final_weights(tmp_path / "whole")["vision_encoder.patch_embedding.conv.weight"],
-                           final_weights(tmp_path / "plain")["vision_encoder.patch_embedding.conv.weight"])
+    assert "vision_warmup" not in plain
+    key = "vision_encoder.patch_embedding.conv.weight"
+    assert not torch.equal(final_weights(tmp_path / "whole")[key], final_weights(tmp_path / "plain")[key])
 
     vlm_cfg, train_cfg = tiny_configs(**settings)
     data = synthetic_data(vlm_cfg, train_cfg)
@@ -83,28 +136,43 @@ def test_a_run_with_warmup_resumes_exactly(tmp_path):
     assert losses(tmp_path / "broken") == losses(tmp_path / "whole")
 
 
-def test_warmup_needs_labelled_images(tmp_path):
-    vlm_cfg, train_cfg = tiny_configs(vision_warmup_steps=5)
+def test_the_warmup_trains_only_on_training_samples(tmp_path):
+    vlm_cfg, train_cfg = tiny_configs(vision_warmup="answers", vision_warmup_steps=2, val_fraction=0.25, val_size=16)
     data = synthetic_data(vlm_cfg, train_cfg)
-    data.source = object()  # a dataset without image_targets()
-    with pytest.raises(ValueError, match=r"vision_warmup_steps=5 needs images with labels of their own, which "
-                                         r"data=easyvqa has and data=.* does not; set vision_warmup_steps=0\."):
-        run_synthetic(tmp_path / "run", data=data, vision_warmup_steps=5)
+    assert len(data.val) == 16 and not set(data.train_indices) & set(data.val.indices)
+    seen = []
+    source = data.source
+    real = source.__getitem__
+
+    class Spy(type(source)):
+        def __getitem__(self, i):
+            seen.append(i)
+            return real(i)
+
+    source.__class__ = Spy
+    run_synthetic(tmp_path / "run", data=data, vision_warmup="answers", vision_warmup_steps=2, val_fraction=0.25,
+                  val_size=16, max_training_steps=1)
+    warm_reads = seen[:len(data.train_indices)]  # the warm-up reads the training samples first
+    assert sorted(warm_reads) == sorted(data.train_indices)
 
 
-def test_easyvqa_labels_from_questions():
-    q = [("a.png", "what shape is in the image?", "circle", "shape"),
-         ("a.png", "is there not a red shape?", "no", "yes/no"),  # red is there
-         ("b.png", "what is the blue shape?", "triangle", "shape"),  # blue is presupposed
-         ("c.png", "is there a circle?", "no", "yes/no"),
-         ("c.png", "does the image not contain a rectangle?", "yes", "yes/no"),  # neither: a triangle
-         ("c.png", "what color is the shape?", "teal", "color"),
-         ("d.png", "is no green shape present?", "yes", "yes/no"),  # tells nothing certain
-         ("e.png", "what shape is in the image?", "circle", "shape"),
-         ("e.png", "is there a circle?", "no", "yes/no")]  # contradicts: unknown
-    labels = image_labels(q)
-    assert labels["a.png"] == {"shape": "circle", "color": "red"}
-    assert labels["b.png"] == {"shape": "triangle", "color": "blue"}
-    assert labels["c.png"] == {"shape": "triangle", "color": "teal"}
-    assert labels["d.png"] == {"shape": None, "color": None}
-    assert labels["e.png"]["shape"] is None
+def test_a_skipped_warmup_says_why(tmp_path, capsys):
+    vlm_cfg, train_cfg = tiny_configs()
+    data = synthetic_data(vlm_cfg, train_cfg)
+    data.source = None
+    summary = run_synthetic(tmp_path / "run", data=data, vision_warmup="auto", max_training_steps=1)
+    assert summary["vision_warmup"] == {"skipped": "the training data cannot be read sample by sample"}
+    assert "vision warm-up: skipped (the training data cannot be read sample by sample)." in capsys.readouterr().out
+
+
+def test_validation_split_is_deterministic_grouped_and_disjoint():
+    keys = [f"img{i // 3}" for i in range(300)]  # 100 images, 3 samples each
+    train, val = validation_split(keys, 0.1, 500, seed=0)
+    assert len(val) == 30 and sorted(train + val) == list(range(300))
+    assert {keys[i] for i in val}.isdisjoint({keys[i] for i in train})  # an image is on one side only
+    assert validation_split(keys, 0.1, 500, seed=0) == (train, val)  # every rank, every resume
+    assert validation_split(list(reversed(keys)), 0.1, 500, seed=0)[1] == sorted(299 - i for i in val)
+    assert validation_split(keys, 0.1, 500, seed=1)[1] != val
+    assert len(validation_split(keys, 0.5, 9, seed=0)[1]) == 9  # the cap
+    assert validation_split(keys, 0.0, 500, seed=0)[1] == []
+    assert validation_split(["a", "a"], 0.5, 500, seed=0)[1] == []  # never everything

@@ -24,6 +24,7 @@ Determinism: `ShardedBatchSampler` (seeded shuffle, global batches sliced across
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -169,6 +170,26 @@ def record_to_chat(record: Any) -> tuple[list[Any], list[dict[str, Any]], bool]:
         return _as_list(record.get("images", record.get("image"))), messages, False
     raise SampleError("bad_record", f"the record has keys {sorted(record)}; expected Cauldron (images, texts) "
                                     "or LLaVA (image, conversations).")
+
+
+def image_key(record: Any) -> str | None:
+    """What identifies a record's images without decoding them (paths, or a hash of the bytes):
+    records that share an image share a key, so a validation split can keep them together."""
+    try:
+        images = record_to_chat(record)[0]
+    except SampleError:
+        return None
+    parts = []
+    for source in images:
+        if isinstance(source, dict):
+            source = source.get("bytes") or source.get("path")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            parts.append(hashlib.blake2b(bytes(source), digest_size=12).hexdigest())
+        elif isinstance(source, str):
+            parts.append(os.path.normpath(source))
+        elif hasattr(source, "tobytes"):  # a PIL image
+            parts.append(hashlib.blake2b(source.tobytes(), digest_size=12).hexdigest())
+    return "|".join(parts) or None
 
 
 class SampleProcessor:
@@ -564,6 +585,17 @@ class ConversationDataset(Dataset):
                 raise SampleError("unexpected_error", f"{type(e).__name__}: {e}", sid) from e
             return skip_marker("unexpected_error", f"{type(e).__name__}: {e}", sid)
 
+    def group_keys(self) -> list[str]:
+        """One key per sample: its images' identity (see `image_key`), or the sample itself."""
+        keys = []
+        for i in range(len(self)):
+            try:
+                key = image_key(self.records[i])
+            except Exception:  # noqa: BLE001 - an unreadable record is its own group
+                key = None
+            keys.append(key or f"#{i}")
+        return keys
+
     def describe(self, i: int) -> dict[str, Any]:
         """The raw sample for people: decoded images (or the error), messages without image tokens."""
         try:
@@ -724,13 +756,6 @@ def _hub_dataset(name: str, train_cfg, vlm_cfg, tokenizer, split, strict, max_pi
                                             seed=getattr(train_cfg, "seed", 0), **common)
     ds = datasets.load_dataset(repo, subset or None, split=split)
     return ConversationDataset(ArrowRecords(ds.with_format("arrow")[:], name), vlm_cfg, tokenizer, **common)
-
-
-def train_val_indices(n: int, val_size: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """A seeded split of range(n): (train indices, val indices), val at most a tenth of the data."""
-    val_size = max(0, min(int(val_size), n // 10))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[val_size:]), sorted(perm[:val_size])
 
 
 # ---------------------------------------------------------------------------- sampling and loading

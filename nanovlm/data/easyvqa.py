@@ -15,13 +15,12 @@ slices. (Decoding all 5,000 PNGs takes about half a second, so there is no disk 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from nanovlm.data.images import ImageTargets, load_image
+from nanovlm.data.images import load_image
 from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for, share_prefix
 
 QTYPES = ("shape", "color", "yes/no")
@@ -38,44 +37,6 @@ def question_type(question: str) -> str:
     if q.startswith("what"):
         return "shape"
     return "yes/no"
-
-
-SHAPES = ("circle", "rectangle", "triangle")
-
-
-def label_kinds() -> dict[str, tuple[str, ...]]:
-    """What an easy-VQA image is labelled with: its shape (3) and its colour (8)."""
-    return {"shape": SHAPES, "color": tuple(a for a in easyvqa_answers() if a not in SHAPES + ("yes", "no"))}
-
-
-def image_labels(questions: list[tuple[str, str, str, str]]) -> dict[str, dict[str, str | None]]:
-    """{image_path: {"shape": ..., "color": ...}} as far as each image's questions and answers tell.
-
-    A "what ..." answer gives one attribute, and a value of the other one named in such a
-    question is presupposed ("what is the yellow shape?"); a yes/no question says whether the
-    value it names is present ("is there not a circle?" -> "no": there is one); all but one value
-    ruled out leaves the last. None where an image's questions do not tell (or contradict)."""
-    kinds = label_kinds()
-    seen: dict[str, dict[str, tuple[set, set]]] = {}
-    for path, q, a, qtype in questions:
-        facts = seen.setdefault(path, {kind: (set(), set()) for kind in kinds})
-        words = re.findall(r"[a-z]+", q.lower())
-        if qtype in kinds:
-            facts[qtype][0].add(a)
-            present = True
-        else:
-            present = (a == "yes") != ("not" in words or "no" in words)
-        for kind, values in kinds.items():
-            facts[kind][0 if present else 1].update(w for w in words if w in values)
-    labels = {}
-    for path, facts in seen.items():
-        labels[path] = {}
-        for kind, values in kinds.items():
-            yes, no = facts[kind]
-            if not yes and len(no) == len(values) - 1:
-                yes = set(values) - no
-            labels[path][kind] = next(iter(yes)) if len(yes) == 1 and not yes & no else None
-    return labels
 
 
 def _check_split(split: str) -> str:
@@ -208,15 +169,9 @@ class EasyVQADataset(Dataset):
             sample["position_ids"] = self.positions[a:b].long()
         return sample
 
-    def image_targets(self) -> ImageTargets:
-        """Every image of the split with its shape and colour class (-100 where its questions do
-        not tell): what a vision warm-up (`vision_warmup_steps`) trains on."""
-        kinds = label_kinds()
-        labels = image_labels(self.questions)
-        targets = torch.tensor([[values.index(labels[p][kind]) if labels[p][kind] else -100
-                                 for kind, values in kinds.items()] for p in self.image_paths], dtype=torch.long)
-        return ImageTargets(self.tiles, targets, {kind: len(values) for kind, values in kinds.items()},
-                            self.processor.normalize)
+    def group_keys(self) -> list[str]:
+        """One key per sample: its image (a validation split keeps an image's samples together)."""
+        return [f"image{k}" for k in self.image_index.tolist()]
 
     def describe(self, i: int) -> dict[str, Any]:
         from PIL import Image

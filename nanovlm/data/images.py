@@ -14,8 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,19 +22,6 @@ from PIL import Image
 # 64 megapixels: far above any real photo a small VLM trains on (everything is resized to a
 # few tiles), far below what exhausts a worker's memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
-
-
-@dataclass
-class ImageTargets:
-    """Images with class labels of their own (not answers to questions), for a vision warm-up.
-
-    images: tiles (n_images, n_tiles, 3, S, S) as stored (easy-VQA: uint8); targets: (n_images,
-    n_kinds) class indices, -100 where unknown; classes: {kind: number of classes}, in the column
-    order of `targets`; normalize: stored tiles -> the float pixels the vision encoder takes."""
-    images: Any
-    targets: Any
-    classes: dict[str, int]
-    normalize: Callable[[Any], Any]
 
 
 class ImageError(ValueError):

@@ -75,7 +75,7 @@ def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tok
     from nanovlm.config import TrainConfig, VLMConfig
 
     if vlm_cfg is None:
-        vlm_cfg = VLMConfig.from_preset("easyvqa")
+        vlm_cfg = VLMConfig.from_preset("small")
     if isinstance(data, str):
         train_cfg = dataclasses.replace(train_cfg or TrainConfig(), data=data)
         if tokenizer is None:
@@ -182,7 +182,7 @@ def run_preview(options: dict[str, Any] | None = None, *, preset: str | None = N
     data = opts.pop("data")
     out = out or opts.pop("out", None) or "preview.png"
     n = int(n if n is not None else opts.pop("n", 8))
-    preset = preset or opts.pop("preset", None) or "easyvqa"
+    preset = preset or opts.pop("preset", None) or "small"
     for key in ("out", "n", "preset"):  # given both ways: the keyword wins
         opts.pop(key, None)
     split = opts.pop("split", None) or "train"

@@ -109,3 +109,33 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+# ----------------------------------------------------- every rank joins every gradient all-reduce
+def stand_in_batch(cfg, image_token_id: int) -> dict:
+    """One blank image and no supervised token. Under DDP, a rank whose micro-batch lost every
+    sample to skips trains on this instead, so that all parameters still join the gradient
+    all-reduce (with zero gradients) and the collective does not hang."""
+    n = cfg.mp_image_token_length
+    ids = torch.full((1, n + 1), image_token_id, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100),
+            "images": [torch.zeros(1, 3, cfg.vit_img_size, cfg.vit_img_size)]}
+
+
+def _has_images(batch: dict) -> bool:
+    images = batch.get("images")
+    if isinstance(images, torch.Tensor):
+        return images.numel() > 0
+    return any(img is not None and img.numel() > 0 for img in images or ())
+
+
+def vision_zero_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor | float:
+    """0 x the projector's output for one blank image when `batch` holds no image (text-only
+    samples), else 0. The vision tower and projector then still get (zero) gradients: under DDP
+    every rank all-reduces the same parameters, and one process takes the same optimizer steps
+    as many."""
+    if _has_images(batch):
+        return 0.0
+    size = model.cfg.vit_img_size
+    blank = torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype)
+    return model.MP(model.vision_encoder(blank)).sum() * 0.0

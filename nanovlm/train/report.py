@@ -68,8 +68,15 @@ class MetricsLog:
             self._wandb.finish()
 
 
+def _series(records: list[dict], key: str, where=lambda r: True) -> tuple[list, list]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r and where(r)]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def plot(records: list[dict], path: str) -> str | None:
-    """Loss (train and validation) and task accuracy over steps as a PNG; None without matplotlib."""
+    """The run at a glance as a PNG (None without matplotlib): the vision warm-up's loss, the VLM
+    stage's train and validation loss, and each accuracy the run measured, labelled with what it
+    measured and on how many questions (periodic samples and the final full evaluation apart)."""
     try:
         import matplotlib
 
@@ -78,33 +85,103 @@ def plot(records: list[dict], path: str) -> str | None:
     except ImportError:
         return None
 
-    def series(key):
-        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        xs, ys = series(key)
+    warm = [(r["warmup_step"], r["warmup_loss"]) for r in records if "warmup_loss" in r]
+    accuracies = sorted({k[:-len("_accuracy")] for r in records for k in r
+                         if k.endswith("_accuracy") and not k.startswith("vision_warmup_")})
+    panels = (["warmup"] if warm else []) + ["loss"] + (["accuracy"] if accuracies else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
+    if warm:
+        ax["warmup"].plot([w[0] for w in warm], [w[1] for w in warm], color="tab:purple")
+        ax["warmup"].set_title("stage 1: vision warm-up (readout loss)")
+        ax["warmup"].set_xlabel("warm-up step")
+        ax["warmup"].set_yscale("log")
+        ax["warmup"].grid(alpha=0.3)
+    for key, label, style in (("train_loss", "train", {}), ("val_loss", "validation (held out)", {"marker": "o"})):
+        xs, ys = _series(records, key)
         if xs:
-            ax_loss.plot(xs, ys, marker="o" if key == "val_loss" else None, label=label)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss (per supervised token)")
-    ax_loss.set_yscale("log")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    xs, ys = series("accuracy")
-    if xs:
-        ax_acc.plot(xs, [100 * y for y in ys], marker="o")
-    ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("task accuracy (%)")
-    ax_acc.set_ylim(0, 100)
-    ax_acc.grid(alpha=0.3)
+            ax["loss"].plot(xs, ys, label=label, **style)
+    ax["loss"].set_title(("stage 2: " if warm else "") + "VLM training loss")
+    ax["loss"].set_xlabel("step")
+    ax["loss"].set_ylabel("loss per supervised token")
+    ax["loss"].set_yscale("log")
+    ax["loss"].legend()
+    ax["loss"].grid(alpha=0.3)
+    names = {"val": "held-out validation questions", "easyvqa_test": "easy-VQA test questions"}
+    for name in accuracies:
+        key, n_key = f"{name}_accuracy", f"{name}_questions"
+        periodic = [r for r in records if key in r and not r.get("final")]
+        final = [r for r in records if key in r and r.get("final")]
+        what = names.get(name, name)
+        if periodic:
+            n = periodic[-1].get(n_key, "?")
+            ax["accuracy"].plot([r["step"] for r in periodic], [100 * r[key] for r in periodic], marker="o",
+                                label=f"{what} (first {n}, during training)")
+        for r in final:
+            ax["accuracy"].scatter([r["step"]], [100 * r[key]], marker="*", s=160, zorder=3,
+                                   label=f"{what}, final ({r.get(n_key, '?')}): {100 * r[key]:.2f}%")
+    if accuracies:
+        ax["accuracy"].set_title("exact-match accuracy")
+        ax["accuracy"].set_xlabel("step")
+        ax["accuracy"].set_ylabel("%")
+        ax["accuracy"].legend(fontsize=8)
+        ax["accuracy"].grid(alpha=0.3)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def summarize(run, final: dict | None, last_record: dict, wall_s: float) -> dict:
+    """summary.json: what ran, how fast, and what it measured, with units in the names."""
+    cfg, info, state = run.cfg, run.info, run.state
+    train_time = state.train_time_s
+    summary = {
+        "steps": state.total_steps,
+        "epochs": round(state.total_steps * cfg.gradient_accumulation_steps / run.data.batches_per_epoch, 3)
+        if run.data.batches_per_epoch else None,
+        "global_batch": cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size,
+        "processes": info.world_size,
+        "device": info.device.type,
+        "precision": "bf16 autocast" if run.amp["enabled"] else "fp32",
+        "fused_adamw": run.fused,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "wall_time_s": round(wall_s, 2),
+        "train_time_s": round(train_time, 2),
+        "samples": state.samples,
+        "samples_per_s": state.samples / train_time if train_time > 0 else None,
+        "tokens_per_s": state.tokens / train_time if train_time > 0 else None,
+        "train_tflop_total": state.flops / 1e12,
+        "matmul_peak_tflop_per_s": run.peak / 1e12,
+        "mfu": state.flops / train_time / (run.peak * info.world_size) if train_time > 0 and run.peak else None,
+        "final_train_loss": last_record.get("train_loss"),
+    }
+    if state.resumed_at_step is not None:
+        summary["resumed_at_step"] = state.resumed_at_step
+    if state.warmup is not None:
+        summary["vision_warmup"] = {k: v for k, v in state.warmup.items() if k != "curve"}
+    if final is not None:
+        if final["val"] is not None:
+            summary["val_loss"] = final["val"]
+        report = final["report"]
+        if report is not None:
+            summary[f"{report['name']}_accuracy"] = report["accuracy"]
+            summary[f"{report['name']}_questions"] = report["n"]
+            per_type = report.get("per_type") or {}
+            if per_type:
+                summary[f"{report['name']}_accuracy_per_type"] = {t: e["accuracy"] for t, e in per_type.items()
+                                                                  if e.get("n")}
+            if report.get("wall_time_s") is not None:
+                summary["eval_time_s"] = report["wall_time_s"]
+    if state.best is not None:
+        summary["best_checkpoint"] = dict(state.best)
+    if run.data.skips is not None and getattr(run.data.skips, "total", 0):
+        summary["skipped_samples"] = run.data.skips.as_dict()
+    if info.device.type == "cuda":
+        summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 1e9
+    return summary
 
 
 # ------------------------------------------------------------------------------------ FLOPs

@@ -6,7 +6,7 @@ import json
 import os
 
 
-def run_training(preset: str = "easyvqa", config_file: str | None = None, out: str = "runs/latest",
+def run_training(preset: str = "small", config_file: str | None = None, out: str = "runs/latest",
                  resume: bool = False, overrides: list[str] | None = None) -> int:
     from nanovlm.train import checkpoint as ckpt
     from nanovlm.train import distributed as dist

@@ -1,28 +1,40 @@
-"""Vision warm-up: the vision encoder alone learns per-image labels before the VLM stage.
+"""Vision warm-up: a vision encoder trained from scratch first learns to answer the data's
+questions through a small readout of its own, before the VLM stage.
 
 nanoVLM starts from a pretrained SigLIP. A vision encoder trained from scratch through the
-language model learns slowly: on easy-VQA the shape of the object stayed near chance (40-48%,
-chance 33%) after 900 steps, most likely because the answer is read at a position that must
-first learn from the question what is asked (docs/benchmarks.md, fifth and sixth rounds). The
-same encoder with a direct readout learns shape in two to three minutes on 2 CPU cores. So,
-where the data gives each image class labels of its own (easy-VQA: shape and colour, recovered
-from the training questions; `ImageTargets`), a warm-up stage trains the encoder with one
-linear head per label kind on its mean-pooled output (cross-entropy over the known labels),
-then drops the heads and hands the encoder to the VLM stage.
+language model learns slowly: on easy-VQA the shape of the object stayed near chance after 900
+steps (docs/benchmarks.md, rounds 2-6), where the same encoder with a direct readout learned it
+in minutes. This stage gives it that direct readout, built from nothing but the training
+samples every data layout yields (an image, questions, supervised answer tokens), as classic
+VQA models were trained:
 
-The stage has its own AdamW (betas 0.9 / 0.999, weight decay 0.1 on matrices), a linear
-warm-up over the first 1% of steps and a cosine decay, bf16 autocast where training uses it,
-and gradient clipping at 1.0. It draws its heads and batches from its own seeded generators, so
-it does not move the random state of the stage after it. Under torchrun every rank runs the
-same warm-up on the same images (the same numbers on each; DDP's initial broadcast makes them
-identical anyway). A resumed run skips it: its checkpoint holds the warmed-up encoder.
+- targets: the answers the data repeats (`answers`: one class per answer that occurs at least
+  twice, cross-entropy), when they cover most questions; otherwise (captions, long free-form
+  answers) the answer's tokens as a bag of words (`words`: multi-label, binary cross-entropy);
+  with neither (fewer than two classes), or a pretrained encoder, the stage is skipped;
+- the readout (`ReadoutHead`): the question's tokens through a one-layer transformer, mean
+  pooled, key an attention over the encoder's patch tokens (several heads: where things are
+  matters for positions and "which of several objects"), plus a sigmoid-gated sum over the
+  patches (softmax attention normalises counts away), then an MLP to the targets;
+- several questions of one image share one encoder pass: a step takes `batch_size` images and
+  up to `MAX_PAIRS_PER_IMAGE` of each image's questions.
+
+The head is dropped afterwards; only the encoder goes on. The stage has its own AdamW (weight
+decay 0.1 on matrices), a linear warm-up over the first 2% of steps and a cosine decay, bf16
+autocast where training uses it, gradient clipping at 1.0, and its own seeded generators, so it
+does not move the random state of the stage after it. Under torchrun every rank runs the same
+warm-up (the same numbers on each). A resumed run skips it: its checkpoint holds the encoder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import time
-from typing import Any, Callable
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,55 +43,306 @@ import torch.nn.functional as F
 from nanovlm.train.optim import WarmupCosine, clip_grad_norm
 
 IGNORE_INDEX = -100
-# The encoder fits its 4,000 easy-VQA training images within the warm-up; decay 0.1 on its
-# matrices generalised better than 0.01 (shape on the test images 97.2% against 96.1%, one seed).
 WEIGHT_DECAY = 0.1
+MAX_QUESTION_TOKENS = 32  # the last tokens before an answer: the question (and the template's few)
+MAX_PAIRS_PER_IMAGE = 8
+MAX_CLASSES = 2000
+MIN_COVERAGE = 0.5  # answer classes must cover this share of the questions, else bag of words
+WARMUP_SHARE_OF_TIME = 0.4  # of max_train_time, at most
+CALIBRATION_STEPS = 20  # steps timed before a time budget fixes the step count
 
 
-def pooled_features(vision_encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """(batch, n_tiles, 3, S, S) pixels -> (batch, hidden): the encoder's output averaged over
-    every patch of every tile of an image."""
-    b, t = pixels.shape[:2]
-    out = vision_encoder(pixels.flatten(0, 1))  # (b * t, patches, hidden)
-    return out.view(b, t * out.shape[1], out.shape[2]).mean(1)
+@dataclass
+class ReadoutData:
+    """What the warm-up trains on: images (uint8 tiles), and (image, question, target) pairs."""
+    images: torch.Tensor  # (n_images, max_tiles, 3, S, S) uint8
+    n_tiles: torch.Tensor  # (n_images,) tiles of each image set (the rest is padding)
+    pair_image: torch.Tensor  # (n_pairs,) image index of each question
+    questions: torch.Tensor  # (n_pairs, MAX_QUESTION_TOKENS) compact token ids, 0 = padding
+    targets: torch.Tensor  # answers: (n_pairs,) class index; words: (n_pairs, n_words) 0/1
+    mode: str  # "answers" | "words"
+    classes: list[tuple[int, ...]]  # the answer (or word) token ids of each class
+    question_vocab: dict[int, int]  # tokenizer id -> compact id (1..)
+    coverage: float  # share of the training questions whose answer is a class (answers mode)
+    n_questions: int  # all questions seen, covered or not
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
 
 
-def _per_kind(logits: torch.Tensor, targets: torch.Tensor, classes: list[int]):
-    """(kind's logits, kind's targets, known mask) for each label kind, in column order."""
-    start = 0
-    for k, n in enumerate(classes):
-        yield logits[:, start:start + n].float(), targets[:, k], targets[:, k] != IGNORE_INDEX
-        start += n
+@dataclass
+class _Pairs:
+    images: list[torch.Tensor] = field(default_factory=list)
+    image_of_key: dict[bytes, int] = field(default_factory=dict)
+    pair_image: list[int] = field(default_factory=list)
+    questions: list[list[int]] = field(default_factory=list)
+    answers: list[tuple[int, ...]] = field(default_factory=list)
 
 
-def warmup_loss(logits: torch.Tensor, targets: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """Sum over label kinds of the mean cross-entropy of that kind's slice of `logits` over the
-    images whose label is known (a kind with none known adds nothing)."""
-    loss = logits.new_zeros((), dtype=torch.float32)
-    for part, target, known in _per_kind(logits, targets, classes):  # no host sync: sum / count
-        total = F.cross_entropy(part, target, ignore_index=IGNORE_INDEX, reduction="sum")
-        loss = loss + total / known.sum().clamp(min=1)
-    return loss
+def _spans(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) runs of supervised positions of a (shifted) label row."""
+    sup = (labels != IGNORE_INDEX).tolist()
+    spans, start = [], None
+    for t, s in enumerate(sup + [False]):
+        if s and start is None:
+            start = t
+        elif not s and start is not None:
+            spans.append((start, t))
+            start = None
+    return spans
 
 
-def kind_accuracy(logits: torch.Tensor, targets: torch.Tensor, classes: list[int]) -> list[tuple[int, int]]:
-    """(right, known) per label kind."""
-    return [(int((part[known].argmax(-1) == target[known]).sum()), int(known.sum()))
-            for part, target, known in _per_kind(logits, targets, classes)]
+def sample_pairs(sample: dict, drop_ids: set[int]) -> list[tuple[list[int], tuple[int, ...]]]:
+    """(question token ids, answer token ids) of each supervised answer of a processed sample.
+
+    The answer is the supervised span (labels are shifted: labels[t] is token t + 1), without
+    the special tokens that end a turn; the question is what stands between the previous answer
+    (or the start) and this one, without image and other special tokens."""
+    ids = sample["input_ids"].tolist()
+    labels = sample["labels"]
+    out, prev_end = [], 0
+    for start, end in _spans(labels):
+        answer = tuple(t for t in labels[start:end].tolist() if t not in drop_ids)
+        question = [t for t in ids[prev_end:start + 1] if t not in drop_ids]
+        prev_end = end + 1
+        if answer and question:
+            out.append((question[-MAX_QUESTION_TOKENS:], answer))
+    return out
 
 
-def vision_warmup(model: nn.Module, data: Any, steps: int, lr: float, batch_size: int, *, seed: int,
-                  amp: dict, fused: bool, say: Callable[[str], None], progress: bool = True) -> dict[str, Any]:
-    """Train `model.vision_encoder` for `steps` steps on `data` (an `ImageTargets`); returns a
-    summary (steps, seconds, last loss, each kind's accuracy over the last tenth of the steps)
-    and the trained `heads` (the VLM stage does not use them; a benchmark can)."""
+def special_ids(tokenizer: Any, cfg) -> set[int]:
+    """Token ids that are never question or answer words: image and tile tokens, EOS, pad, BOS."""
+    ids = {cfg.lm_base_vocab_size + k for k in range(len(cfg.vlm_extra_tokens))}
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    return ids
+
+
+def collect_pairs(dataset, indices: Sequence[int], drop_ids: set[int], pairs: _Pairs | None = None,
+                  is_skip: Callable[[Any], bool] = lambda s: "skip" in s) -> _Pairs:
+    """Every (image, question, answer) of `dataset[i]` for i in `indices`; one image per distinct
+    set of pixels, however many samples hold it."""
+    pairs = pairs or _Pairs()
+    for i in indices:
+        sample = dataset[i]
+        if is_skip(sample) or sample.get("images") is None or sample["images"].numel() == 0:
+            continue
+        tiles = (sample["images"].float().clamp(0, 1) * 255).round().to(torch.uint8)  # (n_tiles, 3, S, S)
+        key = hashlib.blake2b(tiles.numpy().tobytes(), digest_size=16).digest()
+        k = pairs.image_of_key.get(key)
+        if k is None:
+            k = pairs.image_of_key[key] = len(pairs.images)
+            pairs.images.append(tiles)
+        for question, answer in sample_pairs(sample, drop_ids):
+            pairs.pair_image.append(k)
+            pairs.questions.append(question)
+            pairs.answers.append(answer)
+    return pairs
+
+
+def _stack_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n_tiles = torch.tensor([t.shape[0] for t in images])
+    out = torch.zeros((len(images), int(n_tiles.max()), *images[0].shape[1:]), dtype=torch.uint8)
+    for k, t in enumerate(images):
+        out[k, :t.shape[0]] = t
+    return out, n_tiles
+
+
+def _question_tensor(questions: list[list[int]], vocab: dict[int, int]) -> torch.Tensor:
+    out = torch.zeros((len(questions), MAX_QUESTION_TOKENS), dtype=torch.long)
+    for p, q in enumerate(questions):
+        ids = [vocab.get(t, 0) for t in q][-MAX_QUESTION_TOKENS:]
+        out[p, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def build_targets(pairs: _Pairs, mode: str = "auto") -> ReadoutData | str:
+    """The warm-up's data, or a sentence saying why there is nothing to learn."""
+    if not pairs.answers:
+        return "the training samples hold no image with a supervised answer"
+    counts = Counter(pairs.answers)
+    classes = [a for a, c in counts.most_common(MAX_CLASSES) if c >= 2]
+    covered = sum(counts[a] for a in classes)
+    coverage = covered / len(pairs.answers)
+    if mode == "auto":
+        mode = "answers" if len(classes) >= 2 and coverage >= MIN_COVERAGE else "words"
+    vocab: dict[int, int] = {}
+    for q in pairs.questions:
+        for t in q:
+            vocab.setdefault(t, len(vocab) + 1)
+    if mode == "answers":
+        if len(classes) < 2:
+            return f"the answers hold {len(classes)} repeated answer(s), too few to classify"
+        index = {a: c for c, a in enumerate(classes)}
+        keep = [p for p, a in enumerate(pairs.answers) if a in index]
+        targets = torch.tensor([index[pairs.answers[p]] for p in keep], dtype=torch.long)
+    else:
+        words = Counter(t for a in pairs.answers for t in set(a))
+        common = [w for w, c in words.most_common(MAX_CLASSES) if c >= 2]
+        if len(common) < 2:
+            return "the answers repeat fewer than two words"
+        index = {w: c for c, w in enumerate(common)}
+        keep = [p for p, a in enumerate(pairs.answers) if any(t in index for t in a)]
+        targets = torch.zeros((len(keep), len(common)))
+        for row, p in enumerate(keep):
+            for t in pairs.answers[p]:
+                if t in index:
+                    targets[row, index[t]] = 1.0
+        classes = [(w,) for w in common]
+    images, n_tiles = _stack_images(pairs.images)
+    return ReadoutData(images=images, n_tiles=n_tiles,
+                       pair_image=torch.tensor([pairs.pair_image[p] for p in keep], dtype=torch.long),
+                       questions=_question_tensor([pairs.questions[p] for p in keep], vocab), targets=targets,
+                       mode=mode, classes=classes, question_vocab=vocab, coverage=coverage,
+                       n_questions=len(pairs.answers))
+
+
+def held_out_targets(pairs: _Pairs, train: ReadoutData) -> ReadoutData | None:
+    """Held-out pairs in the training targets' terms (classes and question vocabulary)."""
+    if not pairs.answers:
+        return None
+    if train.mode == "answers":
+        index = {a: c for c, a in enumerate(train.classes)}
+        keep = [p for p, a in enumerate(pairs.answers) if a in index]
+        targets = torch.tensor([index[pairs.answers[p]] for p in keep], dtype=torch.long)
+    else:
+        index = {w[0]: c for c, w in enumerate(train.classes)}
+        keep = [p for p, a in enumerate(pairs.answers) if any(t in index for t in a)]
+        targets = torch.zeros((len(keep), len(index)))
+        for row, p in enumerate(keep):
+            for t in pairs.answers[p]:
+                if t in index:
+                    targets[row, index[t]] = 1.0
+    if not keep:
+        return None
+    images, n_tiles = _stack_images(pairs.images)
+    return ReadoutData(images=images, n_tiles=n_tiles,
+                       pair_image=torch.tensor([pairs.pair_image[p] for p in keep], dtype=torch.long),
+                       questions=_question_tensor([pairs.questions[p] for p in keep], train.question_vocab),
+                       targets=targets, mode=train.mode, classes=train.classes, question_vocab=train.question_vocab,
+                       coverage=len(keep) / len(pairs.answers), n_questions=len(pairs.answers))
+
+
+class ReadoutHead(nn.Module):
+    """(patch tokens of each image, questions) -> logits over the targets."""
+
+    def __init__(self, dim: int, n_question_tokens: int, n_out: int, n_heads: int = 4):
+        super().__init__()
+        self.n_heads = n_heads
+        self.token = nn.Embedding(n_question_tokens + 1, dim, padding_idx=0)
+        self.position = nn.Parameter(torch.randn(MAX_QUESTION_TOKENS, dim) * 0.02)
+        self.encoder = nn.TransformerEncoderLayer(dim, n_heads, 2 * dim, dropout=0.0, batch_first=True,
+                                                  norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(3 * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, n_out))
+
+    def question_vector(self, questions: torch.Tensor) -> torch.Tensor:
+        present = questions != 0  # (P, L)
+        x = self.token(questions) + self.position[:questions.shape[1]]  # (P, L, C)
+        x = self.encoder(x, src_key_padding_mask=~present)
+        x = (x * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp(min=1)  # (P, C)
+        return self.norm(x)
+
+    def forward(self, patches: torch.Tensor, patch_mask: torch.Tensor, pair_image: torch.Tensor,
+                questions: torch.Tensor) -> torch.Tensor:
+        B, N, C = patches.shape
+        H, D = self.n_heads, C // self.n_heads
+        q = self.question_vector(questions)  # (P, C)
+        k = self.key(patches).view(B, N, H, D)[pair_image]  # (P, N, H, D)
+        v = self.value(patches).view(B, N, H, D)[pair_image]  # (P, N, H, D)
+        scores = torch.einsum("phd,pnhd->phn", self.query(q).view(-1, H, D), k) / math.sqrt(D)  # (P, H, N)
+        mask = patch_mask[pair_image].unsqueeze(1)  # (P, 1, N)
+        attn = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        gate = torch.sigmoid(scores) * mask / N  # grows with the number of patches that match
+        pooled = torch.einsum("phn,pnhd->phd", attn, v).reshape(-1, C)  # (P, C)
+        summed = torch.einsum("phn,pnhd->phd", gate.to(v.dtype), v).reshape(-1, C)  # (P, C)
+        return self.mlp(torch.cat([pooled, summed, q], dim=-1))
+
+
+def readout_loss(logits: torch.Tensor, targets: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "answers":
+        return F.cross_entropy(logits.float(), targets)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / targets.shape[0]
+
+
+def readout_right(logits: torch.Tensor, targets: torch.Tensor, mode: str) -> int:
+    """Questions answered right: the top class (answers) or every word right (words)."""
+    if mode == "answers":
+        return int((logits.argmax(-1) == targets).sum())
+    return int(((logits > 0) == (targets > 0.5)).all(-1).sum())
+
+
+def _encode(model: nn.Module, data: ReadoutData, image_idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch tokens (b, tiles x patches, C), mask (b, tiles x patches)) of the chosen images."""
+    cfg = model.cfg
+    tiles = data.images[image_idx]  # (b, T, 3, S, S) uint8
+    b, T = tiles.shape[:2]
+    pixels = tiles.flatten(0, 1).to(device).float().div_(255.0)
+    if cfg.vit_pixel_mean is not None:
+        pixels = (pixels - cfg.vit_pixel_mean) / cfg.vit_pixel_std
+    out = model.vision_encoder(pixels)  # (b * T, patches, C)
+    n = out.shape[1]
+    mask = (torch.arange(T).view(1, T) < data.n_tiles[image_idx].view(b, 1)).repeat_interleave(n, dim=1)
+    return out.view(b, T * n, out.shape[-1]), mask.to(device)
+
+
+def _pairs_for(data: ReadoutData, image_idx: torch.Tensor, generator: torch.Generator,
+               pairs_by_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to MAX_PAIRS_PER_IMAGE questions of each chosen image: (pair indices, their row in the batch)."""
+    chosen, rows = [], []
+    for row, k in enumerate(image_idx.tolist()):
+        own = pairs_by_image[k]
+        if len(own) > MAX_PAIRS_PER_IMAGE:
+            own = own[torch.randperm(len(own), generator=generator)[:MAX_PAIRS_PER_IMAGE]]
+        chosen.append(own)
+        rows.append(torch.full((len(own),), row, dtype=torch.long))
+    return torch.cat(chosen), torch.cat(rows)
+
+
+@torch.no_grad()
+def readout_accuracy(model, head: ReadoutHead, data: ReadoutData, amp: dict, batch_size: int = 64) -> float:
+    """Share of `data`'s questions the encoder + head answer right."""
+    device = next(model.parameters()).device
+    was = model.vision_encoder.training
+    model.vision_encoder.eval()
+    right = 0
+    images = torch.unique(data.pair_image)
+    autocast = torch.autocast(**amp) if amp.get("enabled") else contextlib.nullcontext()
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        sel = torch.isin(data.pair_image, chunk).nonzero().squeeze(1)
+        row_of = torch.full((int(data.images.shape[0]),), -1, dtype=torch.long)
+        row_of[chunk] = torch.arange(len(chunk))
+        with autocast:
+            patches, mask = _encode(model, data, chunk, device)
+            logits = head(patches, mask, row_of[data.pair_image[sel]].to(device), data.questions[sel].to(device))
+        right += readout_right(logits.float(), data.targets[sel].to(device), data.mode)
+    model.vision_encoder.train(was)
+    return right / max(1, len(data.pair_image))
+
+
+def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, batch_size: int, *, seed: int,
+                  amp: dict, fused: bool, say: Callable[[str], None], progress: bool = True,
+                  held_out: ReadoutData | None = None, log: Callable[[dict], None] | None = None,
+                  time_budget_s: float = 0.0) -> dict[str, Any]:
+    """Train `model.vision_encoder` with a readout head for `steps` steps on `data`; returns a
+    summary (steps, seconds, loss, accuracy on the last tenth of the training batches and on
+    `held_out`) and the trained `head` (the VLM stage does not use it; a benchmark can). With a
+    `time_budget_s`, the step count is cut (once, after CALIBRATION_STEPS timed steps) to what fits,
+    and the schedule is stretched over the new count."""
     device = next(model.parameters()).device
     encoder = model.vision_encoder
-    classes = list(data.classes.values())
     with torch.random.fork_rng(devices=[]):  # seeded, and no draw from the global generator
         torch.manual_seed(seed)
-        heads = nn.Linear(model.cfg.vit_hidden_dim, sum(classes)).to(device)
-    params = list(encoder.parameters()) + list(heads.parameters())
+        head = ReadoutHead(model.cfg.vit_hidden_dim, len(data.question_vocab), data.n_classes).to(device)
+    params = list(encoder.parameters()) + list(head.parameters())
     for p in params:
         p.requires_grad_(True)
     decay = [p for p in params if p.dim() >= 2]
@@ -87,54 +350,126 @@ def vision_warmup(model: nn.Module, data: Any, steps: int, lr: float, batch_size
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY, "lr": lr, "base_lr": lr},
                                    {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr}],
                                   betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
-    schedule = WarmupCosine(optimizer, steps, warmup_ratio=0.01)
+    schedule = WarmupCosine(optimizer, steps, warmup_ratio=0.02)
     generator = torch.Generator().manual_seed(seed)
-    n_images = int(data.targets.shape[0])
+    n_images = int(data.images.shape[0])
+    order = torch.argsort(data.pair_image, stable=True)
+    counts = torch.bincount(data.pair_image, minlength=n_images)
+    pairs_by_image = list(torch.split(order, counts.tolist()))
+    with_pairs = (counts > 0).nonzero().squeeze(1)
     autocast = torch.autocast(**amp) if amp.get("enabled") else contextlib.nullcontext()
 
+    kind = (f"{data.n_classes} answer classes covering {data.coverage:.0%} of {data.n_questions} questions"
+            if data.mode == "answers" else f"a bag of {data.n_classes} answer words")
+    say(f"vision warm-up: {steps} steps of the vision encoder with a question-keyed readout of {kind}, "
+        f"{len(with_pairs)} images, {batch_size} per step, lr {lr:g}")
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", dynamic_ncols=True, desc="vision warm-up")
-    say(f"vision warm-up: {steps} steps of the vision encoder alone on {n_images} images "
-        f"({', '.join(f'{k} ({n} classes)' for k, n in data.classes.items())}), batch {batch_size}, lr {lr:g}")
     t0 = time.perf_counter()
     tail = max(1, steps // 10)
-    right = [0] * len(classes)
-    known = [0] * len(classes)
+    right = seen = 0
     encoder.train()
     loss = torch.zeros(())
+    perm, pos = torch.randperm(len(with_pairs), generator=generator), 0
     try:
-        for step in range(steps):
+        step = 0
+        while step < steps:
+            if time_budget_s and step == CALIBRATION_STEPS:
+                fitted = fit_steps(steps, step, time.perf_counter() - t0, time_budget_s)
+                if fitted < steps:
+                    say(f"vision warm-up: {fitted} of {steps} steps fit the time budget ({time_budget_s:.0f} s)")
+                    steps = schedule.total_steps = fitted
+                    tail = max(1, steps // 10)
+                    if bar is not None:
+                        bar.total = steps
             schedule.apply(step)
-            idx = torch.randint(0, n_images, (batch_size,), generator=generator)
-            pixels = data.normalize(data.images[idx]).to(device, non_blocking=True)
-            targets = data.targets[idx].to(device, non_blocking=True)
+            if pos + batch_size > len(perm):
+                perm, pos = torch.randperm(len(with_pairs), generator=generator), 0
+            image_idx = with_pairs[perm[pos:pos + batch_size]]
+            pos += batch_size
+            pair_idx, rows = _pairs_for(data, image_idx, generator, pairs_by_image)
+            targets = data.targets[pair_idx].to(device)
             with autocast:
-                logits = heads(pooled_features(encoder, pixels))
-            loss = warmup_loss(logits, targets, classes)
+                patches, mask = _encode(model, data, image_idx, device)
+                logits = head(patches, mask, rows.to(device), data.questions[pair_idx].to(device))
+            loss = readout_loss(logits, targets, data.mode)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_grad_norm(params, 1.0)
             optimizer.step()
             if step >= steps - tail:
-                for k, (r, n) in enumerate(kind_accuracy(logits.detach(), targets, classes)):
-                    right[k] += r
-                    known[k] += n
+                right += readout_right(logits.detach().float(), targets, data.mode)
+                seen += len(pair_idx)
+            if step % 50 == 0 or step == steps - 1:
+                value = loss.item()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                if log is not None:
+                    log({"warmup_step": step + 1, "warmup_loss": value})
             if bar is not None:
                 bar.update(1)
-                if step % 50 == 0 or step == steps - 1:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            step += 1
     finally:
         if bar is not None:
             bar.close()
-    for p in heads.parameters():
+    for p in head.parameters():
         p.grad = None
     encoder.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    accuracy = {k: (right[i] / known[i] if known[i] else None) for i, k in enumerate(data.classes)}
-    say(f"vision warm-up done in {seconds:.0f} s: loss {loss.item():.4f}, training-batch accuracy "
-        + ", ".join(f"{k} {a:.1%}" for k, a in accuracy.items() if a is not None))
-    return {"steps": steps, "time_s": round(seconds, 1), "loss": round(loss.item(), 4), "accuracy": accuracy,
-            "heads": heads}
+    train_acc = right / max(1, seen)
+    held = readout_accuracy(model, head, held_out, amp) if held_out is not None else None
+    say(f"vision warm-up done in {seconds:.0f} s: loss {loss.item():.4f}, readout accuracy {train_acc:.1%} on "
+        "training batches" + (f", {held:.1%} on {len(held_out.pair_image)} held-out questions" if held is not None
+                              else ""))
+    return {"steps": steps, "time_s": round(seconds, 1), "loss": round(loss.item(), 4), "mode": data.mode,
+            "classes": data.n_classes, "coverage": round(data.coverage, 4), "questions": data.n_questions,
+            "images": len(with_pairs), "train_accuracy": train_acc, "held_out_accuracy": held, "head": head}
+
+
+def fit_steps(total: int, done: int, elapsed_s: float, budget_s: float) -> int:
+    """The steps that fit a time budget, measured after `done` steps took `elapsed_s` (never more
+    than `total`, never fewer than `done`)."""
+    if budget_s <= 0 or done <= 0:
+        return total
+    per_step = elapsed_s / done
+    return max(done, min(total, done + int((budget_s - elapsed_s) / per_step)))
+
+
+def run_warmup(model, data, cfg, amp: dict, fused: bool, info, say: Callable[[str], None], progress: bool,
+               tokenizer=None) -> dict:
+    """The warm-up stage of a new run as `cfg` asks (`vision_warmup`: auto | answers | words);
+    returns its summary, or {"skipped": why} after a one-line notice."""
+    def skip(why: str) -> dict:
+        say(f"vision warm-up: skipped ({why}).")
+        return {"skipped": why}
+
+    vcfg = model.cfg
+    if cfg.vision_warmup == "auto" and vcfg.vlm_load_backbone_weights and vcfg.vit_model_type:
+        return skip(f"the vision encoder starts from pretrained weights ({vcfg.vit_model_type})")
+    if data.source is None or not hasattr(data.source, "__getitem__"):
+        return skip("the training data cannot be read sample by sample")
+    drop = special_ids(tokenizer if tokenizer is not None else model.tokenizer, vcfg)
+    t0 = time.perf_counter()
+    indices = data.train_indices or range(len(data.source))
+    targets = build_targets(collect_pairs(data.source, indices, drop), "auto" if cfg.vision_warmup == "auto"
+                            else cfg.vision_warmup)
+    if isinstance(targets, str):
+        return skip(targets)
+    held = None
+    if data.val is not None and len(data.val):
+        held = held_out_targets(collect_pairs(data.val, range(len(data.val)), drop), targets)
+    n_images = int(torch.unique(targets.pair_image).numel())
+    steps = cfg.vision_warmup_steps or max(1, math.ceil(cfg.vision_warmup_epochs * n_images
+                                                         / cfg.vision_warmup_batch_size))
+    curve: list[tuple[int, float]] = []
+    result = vision_warmup(model, targets, steps, cfg.vision_warmup_lr, cfg.vision_warmup_batch_size, seed=cfg.seed,
+                           amp=amp, fused=fused, say=say, progress=progress and info.is_main, held_out=held,
+                           log=lambda r: curve.append((r["warmup_step"], r["warmup_loss"])),
+                           time_budget_s=cfg.max_train_time * WARMUP_SHARE_OF_TIME if cfg.max_train_time else 0.0)
+    result.pop("head")
+    result["prepare_s"] = round(time.perf_counter() - t0 - result["time_s"], 1)
+    result["curve"] = curve
+    return result
