@@ -184,9 +184,16 @@ class _Images:
         from nanovlm.data.images import DEFAULT_MAX_PIXELS
 
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-        self.uses = Counter(_image_key(s) for it in items for s in it["images"])
+        self._keys: dict[int, Any] = {}  # id(source) -> key: a record's bytes are hashed once
+        self.uses = Counter(self.key(s) for it in items for s in it["images"])
         self.cache: dict[Any, Any] = {}
         self.decoded = 0
+
+    def key(self, source: Any) -> Any:
+        k = self._keys.get(id(source))  # the items keep every source alive: ids stay unique
+        if k is None:
+            k = self._keys[id(source)] = _image_key(source)
+        return k
 
     def get(self, sources: Sequence[Any]) -> list[Any]:
         """The item's PIL images; an ImageError for one that cannot be read."""
@@ -194,7 +201,7 @@ class _Images:
 
         out = []
         for s in sources:
-            key = _image_key(s)
+            key = self.key(s)
             img = self.cache.get(key)
             if img is None:
                 try:
@@ -210,7 +217,7 @@ class _Images:
 
     def done(self, sources: Sequence[Any]) -> None:
         for s in sources:
-            key = _image_key(s)
+            key = self.key(s)
             self.uses[key] -= 1
             if self.uses[key] <= 0:
                 self.cache.pop(key, None)
