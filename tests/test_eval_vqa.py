@@ -87,6 +87,20 @@ def test_qa_items_skips_and_counts_unreadable_records(tmp_path):
     assert skips.as_dict() == {"bad_record": 1, "empty_text": 1}
 
 
+def test_qa_items_turns_of_a_conversation(tmp_path):
+    record = {"image": ["a.png", "b.png"], "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "<image>\n<image>\nWhich is red?\nA. the first\nB. the second"},
+        {"from": "gpt", "value": " B "},
+        {"from": "human", "value": "And the other one?"}, {"from": "gpt", "value": "blue"},
+        {"from": "human", "value": "No answer to this one."}]}
+    (tmp_path / "c.json").write_text(json.dumps([record]))
+    items = vqa.qa_items(str(tmp_path / "c.json"))
+    assert [(it["question"], it["answer"]) for it in items] == [
+        ("Which is red?\nA. the first\nB. the second", "B"), ("And the other one?", "blue")]
+    assert items[1]["images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # every turn: all images
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("missing.jsonl", None, "data file {dir}/missing.jsonl does not exist."),
     ("d.csv", "a,b\n", "{dir}/d.csv: unknown data file type .csv; use .parquet, .arrow, .json or .jsonl."),

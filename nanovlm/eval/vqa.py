@@ -138,7 +138,8 @@ def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if not isinstance(content, str):
             raise SampleError("non_string_text", f"a {m['role']} text is {type(content).__name__}, not a string.")
         if m["role"] == "user":
-            question = " ".join(content.replace(IMAGE_PLACEHOLDER, " ").split())
+            # As a user asks it through `answer` (the images come first there); the text keeps its lines.
+            question = content.replace(IMAGE_PLACEHOLDER, "").strip()
         elif question is not None and content.strip():
             pairs.append((question, content.strip()))
             question = None
