@@ -113,14 +113,26 @@ def _cmd_generate(args) -> int:
 
 # ----------------------------------------------------------------------------------------- eval
 def _add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", formatter_class=_Formatter, help="measure a model on a task",
-                       description="Evaluate a checkpoint; prints the accuracy and writes a JSON report.")
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--task", default="easyvqa", choices=["easyvqa"])
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default=None, help="JSON report path (default: <model>/eval_<task>_<split>.json)")
+    p = sub.add_parser("eval", formatter_class=_Formatter, help="measure a model on a task or on your own data",
+                       description="Evaluate a checkpoint on a benchmark (--task) or on your own questions "
+                                   "(--data: exact match after VQA normalisation); prints the accuracy and "
+                                   "writes a JSON report with every question, answer and reference.")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    # Neither is an argparse choice or group: eval/run.py checks them, so that each mistake is one sentence.
+    p.add_argument("--task", default=None, metavar="NAME",
+                   help="a benchmark: easyvqa (the packaged easy-VQA questions)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="your own questions, in any layout training reads: a Cauldron parquet / arrow file or "
+                        "save_to_disk directory, or a LLaVA .json / .jsonl file")
+    p.add_argument("--image-folder", default=None, metavar="DIR",
+                   help="where a LLaVA file's image paths start (default: the data file's folder)")
+    p.add_argument("--split", default=None,
+                   help="which part of the data (default: test for --task, train -- the whole file -- for --data)")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate only the first N questions (0: all)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="questions answered together")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="JSON report path (default: <model>/eval_<task>_<split>.json for --task, "
+                        "eval_<data stem>[_limit<N>].json in the current directory for --data)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -128,7 +140,7 @@ def _cmd_eval(args) -> int:
     from nanovlm.eval.run import run_eval
 
     return run_eval(model_dir=args.model, task=args.task, split=args.split, limit=args.limit,
-                    batch_size=args.batch_size, out=args.out)
+                    batch_size=args.batch_size, out=args.out, data=args.data, image_folder=args.image_folder)
 
 
 # ---------------------------------------------------------------------------------------- serve

@@ -64,7 +64,7 @@ def test_eval_errors(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"nanovlm: error: model directory {tmp_path / 'none'} does not exist; give a checkpoint directory "
         "such as runs/demo/final.")
-    assert main(["eval", "--model", str(tiny_model_dir), "--limit", "-1"]) == 1
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "easyvqa", "--limit", "-1"]) == 1
     assert capsys.readouterr().err.strip() == "nanovlm: error: --limit must be >= 0 (0: every question), got -1."
-    assert main(["eval", "--model", str(tiny_model_dir), "--batch-size", "0"]) == 1
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "easyvqa", "--batch-size", "0"]) == 1
     assert capsys.readouterr().err.strip() == "nanovlm: error: --batch-size must be at least 1, got 0."

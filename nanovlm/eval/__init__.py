@@ -1,1 +1,2 @@
-"""Evaluation tasks: `nanovlm eval --model DIR --task easyvqa` and the accuracy checks of training."""
+"""Evaluation: `nanovlm eval --model DIR --data FILE` (any data, `vqa.py`), `--task easyvqa`
+(`easyvqa.py`), and the accuracy checks of training."""
