@@ -57,7 +57,7 @@ def test_saved_config_replaces_the_preset_and_rederives_fields():
     (["precision=fp16"], "precision must be one of auto, fp32, bf16, got 'fp16'."),
     (["batch_size=0"], "batch_size must be a positive integer, got 0."),
     (["vit_n_heads=5"], "vit_n_heads (5) must divide vit_hidden_dim (32)."),
-    (["vision_warmup_steps=-3"], "vision_warmup_steps must be an integer >= 0 (0: no warm-up), got -3."),
+    (["vision_warmup_steps=-3"], "vision_warmup_steps must be an integer >= 0 (0: from vision_warmup_epochs), got -3."),
     (["vision_warmup_lr=0"], "vision_warmup_lr must be > 0, got 0.0."),
     (["vision_warmup_batch_size=0"], "vision_warmup_batch_size must be a positive integer, got 0."),
 ])

@@ -78,18 +78,14 @@ def accuracy(model, task: str, data, train_cfg: TrainConfig, limit: int, info: d
         return report
     if task != "val" or not data.val_records:
         return None
-    report = None
-    if info.is_main:  # a few hundred questions: one process answers them, the others wait
-        from nanovlm.eval import vqa
+    from nanovlm.eval import vqa
 
-        items = vqa.qa_items(data.val_source, train_cfg.image_folder, indices=list(data.val_records), limit=limit)
-        was = model.training
-        model.eval()
-        with torch.autocast(**amp):
-            report = vqa.evaluate(model, items, batch_size=train_cfg.eval_batch_size, progress=progress)
-        model.train(was)
-        report["name"] = "val"
-    return dist.broadcast_object(report, info)
+    items = vqa.qa_items(data.val_source, train_cfg.image_folder, indices=list(data.val_records), limit=limit)
+    report = vqa.evaluate(model, items, batch_size=train_cfg.eval_batch_size, progress=progress, rank=info.rank,
+                          world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
+                          autocast_dtype=autocast)
+    report["name"] = "val"
+    return report
 
 
 def accuracy_fields(report: dict | None) -> dict[str, float | int]:
@@ -98,7 +94,7 @@ def accuracy_fields(report: dict | None) -> dict[str, float | int]:
         return {}
     name = report["name"]
     out: dict[str, float | int] = {f"{name}_accuracy": report["accuracy"], f"{name}_questions": report["n"]}
-    for kind, entry in (report.get("per_type") or {}).items():
+    for kind, entry in (report.get("per_type") or {}).items():  # easy-VQA's kinds, or answer types
         if entry.get("n"):
             out[f"{name}_accuracy_{kind.replace('/', '_')}"] = entry["accuracy"]
     return out
