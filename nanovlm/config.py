@@ -220,7 +220,7 @@ class VLMConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.vlm_extra_tokens, dict) and "image_token" in self.vlm_extra_tokens,
-               "vlm_extra_tokens must be a dict that contains at least 'image_token'.")
+               f"vlm_extra_tokens must be a dict that contains at least 'image_token', got {self.vlm_extra_tokens!r}.")
         for name in ("vit_hidden_dim", "vit_patch_size", "vit_img_size", "vit_n_heads", "vit_n_blocks",
                      "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks",
                      "lm_base_vocab_size", "lm_max_length", "lm_max_position_embeddings",
