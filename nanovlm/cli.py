@@ -17,22 +17,36 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 # ---------------------------------------------------------------------------------------- train
 def _add_train_parser(sub) -> None:
+    from nanovlm.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS  # plain data: no torch, --help stays instant
+
+    width = max(len(name) for name in PRESETS)
+    presets = "\n".join(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
     p = sub.add_parser(
         "train", formatter_class=_Formatter,
-        help="train a model (default: the small preset; data=easyvqa, the packaged easy-VQA data, unless data= names yours)",
-        description="Train a VLM. Settings come from, in increasing precedence: the preset, a YAML/JSON "
-                    "config file, and key=value overrides (VLMConfig or TrainConfig field names, e.g. "
-                    "batch_size=16 lm_n_blocks=6 data=path/to/data.jsonl). Several processes: "
-                    "torchrun --nproc-per-node N -m nanovlm train ...")
-    p.add_argument("--preset", default="small", help="preset name (see nanovlm.config.PRESETS)")
+        help="train a model (default: the small preset on data=easyvqa, or data= your file)",
+        description="Train a VLM. Settings come from, in increasing precedence: the preset, a YAML/JSON\n"
+                    "config file, and key=value overrides (VLMConfig or TrainConfig field names, e.g.\n"
+                    "batch_size=16 lm_n_blocks=6 data=path/to/data.jsonl). Several processes:\n"
+                    "torchrun --nproc-per-node N -m nanovlm train ...\n\n"
+                    f"presets (--preset NAME):\n{presets}\n\n"
+                    "nanovlm train --list-settings prints every key=value setting with its type, default\n"
+                    "and meaning.")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name: {', '.join(PRESETS)}")
     p.add_argument("--config", default=None, help="YAML or JSON file with 'model' and/or 'train' sections, or flat keys")
     p.add_argument("--out", default="runs/latest", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--list-settings", action="store_true",
+                   help="print every setting (type, default, meaning) and the presets, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="field overrides")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
+    if args.list_settings:
+        from nanovlm.train.settings import describe_settings
+
+        print(describe_settings(default_preset=DEFAULT_PRESET))
+        return 0
     from nanovlm.train.run import run_training
 
     return run_training(preset=args.preset, config_file=args.config, out=args.out, resume=args.resume,

@@ -5,13 +5,22 @@ Plain data, no torch import. Field names follow the nanoVLM tutorial and its che
 loads here unchanged. Derived fields (`vit_inter_dim`, `lm_vocab_size`,
 `mp_image_token_length`, ...) are filled in by `__post_init__` when left as None, and checked
 against the rest when given.
+
+Every setting is checked here against its field's annotated type, wherever it comes from:
+Python (`VLMConfig(...)`), a preset, a YAML/JSON file (`check_value`: typed values, ints
+accepted for floats) or `key=value` text (`parse_value`: the text parsed to the field's type;
+a boolean is one of BOOL_WORDS, None is none/null where the field allows it, a dict is JSON).
+`nanovlm.train.settings` layers preset < file < command line on top of these two functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -44,8 +53,107 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# ------------------------------------------------------------------------ the one settings parser
+# Booleans written as text (command line, `data preview`, environment-style switches), any case.
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+NONE_WORDS = ("none", "null")
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def parse_bool(text: str) -> bool:
+    """One of BOOL_WORDS (true/false, yes/no, on/off, 1/0; any case) -> bool; ValueError otherwise."""
+    try:
+        return BOOL_WORDS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"expected true or false (or yes/no, on/off, 1/0), got {text!r}.") from None
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """name -> annotated type of every field of a config dataclass, in field order."""
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in fields(cls)}
+    return _HINTS[cls]
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); X -> (X, False)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _expected(tp: Any) -> str:
+    origin = typing.get_origin(tp) or tp
+    if origin is dict and typing.get_args(tp) == (str, str):
+        return "a mapping of strings to strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping"}.get(origin, str(tp))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_value(name: str, value: Any, tp: Any, where: str = "") -> Any:
+    """A typed value (Python, a preset, YAML or JSON) for field `name` of type `tp`, as stored:
+    ints (numpy's too) become int, numbers in float fields float. ConfigError naming the field,
+    the expected type and the value otherwise; `where` (e.g. " in config file a.yaml") ends it."""
+    base, optional = _split_optional(tp)
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(base) or base
+    if origin is bool and isinstance(value, bool):
+        return value
+    if origin is int and _is_int(value):
+        return int(value)
+    if origin is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if origin is str and isinstance(value, str):
+        return value
+    if origin is dict and isinstance(value, dict):
+        key_t, value_t = typing.get_args(base) or (Any, Any)
+        if all((key_t is Any or isinstance(k, key_t)) and (value_t is Any or isinstance(v, value_t))
+               for k, v in value.items()):
+            return value
+    raise ConfigError(f"{name} must be {_expected(base)}, got {value!r}{where}.")
+
+
+def parse_value(name: str, text: str, tp: Any, where: str = " on the command line") -> Any:
+    """The text of a `key=value` setting parsed to field `name`'s type `tp` and checked."""
+    base, optional = _split_optional(tp)
+    if optional and text.strip().lower() in NONE_WORDS:
+        return None
+    origin = typing.get_origin(base) or base
+    try:
+        if origin is bool:
+            value: Any = parse_bool(text)
+        elif origin is int:
+            value = int(text)
+        elif origin is float:
+            value = float(text)
+        elif origin is dict:
+            value = json.loads(text)
+        else:
+            value = text
+        return check_value(name, value, tp, where)
+    except ValueError:  # ConfigError included: name the text as the user wrote it
+        expected = _expected(base) + (" (or yes/no, on/off, 1/0)" if origin is bool else "")
+        raise ConfigError(f"{name} must be {expected}, got {text!r}{where}.") from None
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field of a config dataclass against its annotation, converted as check_value stores it."""
+    for name, tp in field_types(type(cfg)).items():
+        object.__setattr__(cfg, name, check_value(name, getattr(cfg, name), tp))
+
+
+def get_preset(name: str) -> dict[str, dict[str, Any]]:
+    """PRESETS[name]; the one message for a name that is not there."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.")
+    return PRESETS[name]
 
 
 @dataclass
@@ -112,19 +220,14 @@ class VLMConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.vlm_extra_tokens, dict) and "image_token" in self.vlm_extra_tokens,
-               "vlm_extra_tokens must be a dict that contains at least 'image_token'.")
+               f"vlm_extra_tokens must be a dict that contains at least 'image_token', got {self.vlm_extra_tokens!r}.")
         for name in ("vit_hidden_dim", "vit_patch_size", "vit_img_size", "vit_n_heads", "vit_n_blocks",
                      "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks",
                      "lm_base_vocab_size", "lm_max_length", "lm_max_position_embeddings",
                      "mp_pixel_shuffle_factor", "max_img_size"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                   f"{name} must be a positive integer, got {value!r}.")
-        for name in ("vit_dropout", "vit_ln_eps", "lm_rms_eps", "lm_re_base", "lm_dropout", "lm_init_std",
-                     "lm_attn_scaling", "vit_pixel_mean", "vit_pixel_std"):
-            value = getattr(self, name)
-            _check((value is None and name.startswith("vit_pixel")) or _is_number(value),
-                   f"{name} must be a number, got {value!r}.")
+            _check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+        _check_types(self)
 
         _check((self.vit_pixel_mean is None) == (self.vit_pixel_std is None),
                "vit_pixel_mean and vit_pixel_std must be set together (or both left unset).")
@@ -202,9 +305,7 @@ class VLMConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "VLMConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.")
-        merged = {**PRESETS[name]["model"], **overrides}
+        merged = {**get_preset(name)["model"], **overrides}
         return cls.from_dict(merged)
 
     def replace(self, **changes: Any) -> "VLMConfig":
@@ -215,6 +316,53 @@ class VLMConfig:
                 data[derived] = None
         data.update(changes)
         return VLMConfig.from_dict(data)
+
+
+# One line of meaning per VLMConfig field (`nanovlm train --list-settings` prints them).
+VLM_HELP: dict[str, str] = {
+    "vit_hidden_dim": "width of the vision transformer's token vectors",
+    "vit_inter_dim": "width of the ViT MLP's hidden layer (none: 4 * vit_hidden_dim)",
+    "vit_patch_size": "side in pixels of the square patches a tile is cut into",
+    "vit_img_size": "side in pixels of the square tile the ViT reads",
+    "vit_n_heads": "attention heads per ViT block (must divide vit_hidden_dim)",
+    "vit_dropout": "dropout probability inside the ViT, in [0, 1)",
+    "vit_n_blocks": "number of ViT blocks",
+    "vit_ln_eps": "epsilon of the ViT's layer norms",
+    "vit_cls_flag": "the ViT returns one CLS vector per image, (B, vit_hidden_dim), instead of every patch",
+    "vit_hidden_act": "the ViT MLP's GELU: gelu_pytorch_tanh (SigLIP's) or gelu (exact, ~3x faster on CPUs)",
+    "vit_model_type": "pretrained ViT weights: a SigLIP/SigLIP2 directory or hub id ('': train from scratch)",
+    "vit_pixel_mean": "the ViT reads (pixels - mean) / std; none: raw [0, 1] pixels, as nanoVLM",
+    "vit_pixel_std": "see vit_pixel_mean; set both or neither",
+    "lm_hidden_dim": "width of the language model's token vectors",
+    "lm_inter_dim": "width of the LM MLP's hidden layer",
+    "lm_rms_eps": "epsilon of the LM's RMS norms",
+    "lm_re_base": "base (theta) of the LM's rotary position embedding",
+    "lm_max_position_embeddings": "positions the LM's rotary tables cover (its longest context)",
+    "lm_base_vocab_size": "tokens in the tokenizer before the extra tokens",
+    "extra_token_amount": "number of extra tokens (none: len(vlm_extra_tokens))",
+    "lm_vocab_size": "rows of the LM's embedding (none: lm_base_vocab_size + extra_token_amount)",
+    "lm_n_heads": "query heads per LM block (must divide lm_hidden_dim)",
+    "lm_n_kv_heads": "key/value heads per LM block, grouped-query attention (must divide lm_n_heads)",
+    "lm_dropout": "dropout probability inside the LM, in [0, 1)",
+    "lm_init_std": "std of the init of the LM blocks' projections when trained from scratch",
+    "lm_n_blocks": "number of LM blocks",
+    "lm_attn_scaling": "factor on the rotary cos/sin tables (1.0: plain RoPE)",
+    "lm_max_length": "longest token sequence in training and generation (<= lm_max_position_embeddings)",
+    "lm_use_tokens": "the LM alone reads token ids and returns logits (false inside the VLM: embeddings)",
+    "lm_tie_weights": "the LM head shares the token-embedding matrix",
+    "lm_model_type": "pretrained LM weights: a Llama directory, .gguf file, packaged:smollm2-135m or hub id ('': none)",
+    "lm_tokenizer": "tokenizer: a transformers tokenizer directory, .gguf file, packaged:smollm2-135m or hub id",
+    "lm_chat_template": "Jinja chat template that lays out a conversation (ChatML)",
+    "lm_eos_token_id": "token id that ends an answer",
+    "mp_pixel_shuffle_factor": "the projector merges factor x factor neighbouring patches into one token",
+    "mp_image_token_length": "tokens per tile (none: (vit_img_size / vit_patch_size / mp_pixel_shuffle_factor)^2)",
+    "max_img_size": "longest image side after resizing; larger images become several tiles plus a global view",
+    "resize_to_max_side_len": "always resize the long side to max_img_size (false: only to the next tile multiple)",
+    "vlm_extra_tokens": "tokens added to the tokenizer, name -> text (image, global image, 8x8 tile tags)",
+    "vlm_load_backbone_weights": "load the vit_model_type / lm_model_type weights when building the model",
+    "vlm_checkpoint_path": "kept from nanoVLM's config (nanovlm train writes to --out)",
+    "hf_repo_name": "kept from nanoVLM's config (push_to_hub takes the repository id)",
+}
 
 
 def _derived_default(cfg: VLMConfig, name: str) -> bool:
@@ -293,16 +441,15 @@ class TrainConfig:
                f"precision must be one of auto, fp32, bf16, got {self.precision!r}.")
         for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps", "vision_warmup_batch_size"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                   f"{name} must be a positive integer, got {value!r}.")
-        for name in ("lr_mp", "lr_vision_backbone", "lr_language_backbone", "weight_decay"):
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
-        _check(isinstance(self.max_turns, int) and self.max_turns >= 0,
+            _check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+        _check(_is_int(self.max_turns) and self.max_turns >= 0,
                f"max_turns must be an integer >= 0 (0: all questions of an image), got {self.max_turns!r}.")
-        _check(isinstance(self.vision_warmup_steps, int) and not isinstance(self.vision_warmup_steps, bool)
-               and self.vision_warmup_steps >= 0,
+        _check(_is_int(self.vision_warmup_steps) and self.vision_warmup_steps >= 0,
                f"vision_warmup_steps must be an integer >= 0 (0: from vision_warmup_epochs), "
                f"got {self.vision_warmup_steps!r}.")
+        _check_types(self)
+        for name in ("lr_mp", "lr_vision_backbone", "lr_language_backbone", "weight_decay"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
         _check(self.vision_warmup in ("auto", "answers", "words", "off"),
                f"vision_warmup must be one of auto, answers, words, off, got {self.vision_warmup!r}.")
         _check(self.vision_warmup_epochs > 0, f"vision_warmup_epochs must be > 0, got {self.vision_warmup_epochs}.")
@@ -320,6 +467,55 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return cls(**_known_fields(cls, data, "TrainConfig"))
+
+
+# One line of meaning per TrainConfig field (`nanovlm train --list-settings` prints them).
+TRAIN_HELP: dict[str, str] = {
+    "lr_mp": "peak learning rate of the modality projector",
+    "lr_vision_backbone": "peak learning rate of the vision transformer (0: frozen)",
+    "lr_language_backbone": "peak learning rate of the language model (0: frozen)",
+    "batch_size": "samples (or packed rows) per micro-batch and process",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "max_training_steps": "optimizer steps of the run",
+    "eval_interval": "steps between validation-loss and accuracy checks (0: none during training)",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "compile": "torch.compile the model",
+    "data": "training data: easyvqa, a Cauldron parquet/arrow/save_to_disk dir/hub name, or LLaVA .json/.jsonl",
+    "image_folder": "folder LLaVA image paths are relative to (none: the data file's folder)",
+    "seed": "seed of the initialisation, the data order and the validation split",
+    "save_interval": "steps between checkpoints (0: only at the end)",
+    "keep_last": "step checkpoints kept besides the best one",
+    "precision": "auto (bf16 where the hardware has fast bf16 matmuls), fp32 or bf16",
+    "strict": "a broken sample is an error instead of a counted skip",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of the steps with a linear learning-rate warm-up, in [0, 1)",
+    "min_lr_ratio": "the cosine schedule ends at this fraction of each peak learning rate",
+    "num_workers": "DataLoader worker processes (0: load in the training process)",
+    "packing": "pack several samples into each row (attention stays within each sample)",
+    "pack_length": "tokens per packed row (0: lm_max_length)",
+    "max_images_per_pack": "most image tiles in one packed row (0: no cap)",
+    "multi_turn": "the easy-VQA loader: the questions of an image as conversations (file records already are)",
+    "max_turns": "most questions per conversation (0: all of an image's questions)",
+    "independent_turns": "each question of a sample sees its image and itself only, not earlier turns",
+    "vision_warmup": "first teach a from-scratch vision encoder the data's answers: auto | answers | words | off",
+    "vision_warmup_steps": "steps of the vision warm-up (0: vision_warmup_epochs passes over the images)",
+    "vision_warmup_epochs": "passes over the training images of the vision warm-up",
+    "vision_warmup_lr": "learning rate of the vision warm-up",
+    "vision_warmup_batch_size": "images per vision warm-up step",
+    "val_fraction": "share of the training samples held out (grouped by image) for validation",
+    "val_size": "at most this many held-out validation samples",
+    "val_data": "a separate validation file instead of a held-out part",
+    "eval_task": "accuracy during and after training: auto (easyvqa's test split for easyvqa, else val) | val | easyvqa | none",
+    "eval_limit": "questions of the final accuracy check (0: all of them)",
+    "eval_interval_limit": "questions of each periodic accuracy check",
+    "eval_batch_size": "questions answered together during accuracy checks",
+    "log_interval": "steps between log lines and metrics.jsonl records",
+    "wandb": "mirror the metrics to Weights & Biases",
+    "max_epochs": "at most this many passes over the training samples (0: max_training_steps decides)",
+    "max_train_time": "seconds for the vision warm-up and training together; the step count is cut to fit (0: no limit)",
+    "streaming": "read data files / hub data incrementally instead of with random access",
+    "max_image_pixels": "images with more pixels are skipped (a decompression-bomb guard)",
+}
 
 
 # Presets are data: name -> {"model": VLMConfig overrides, "train": TrainConfig overrides}.
@@ -408,3 +604,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # The small preset on the packaged easy-VQA data (what `nanovlm train` alone runs, named).
 PRESETS["easyvqa"] = {"model": dict(PRESETS["small"]["model"]), "train": {**PRESETS["small"]["train"], "data": "easyvqa"}}
 DEFAULT_PRESET = "small"
+
+# One line per preset for `nanovlm train --list-settings` and `--help` (the comments above say
+# where the numbers come from).
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "nanovlm-222m": "the original nanoVLM-222M: SigLIP-B/16-224 + SmolLM2-135M (downloads both)",
+    "nanovlm-460m": "nanoVLM-460M: SigLIP2-B/16-512 + SmolLM2-360M-Instruct (downloads both)",
+    "small": "the default: 7.2M parameters from scratch, sized for a 2-core CPU and a few thousand images",
+    "easyvqa": "the small preset on the packaged easy-VQA data (what make demo trains)",
+    "easyvqa-smollm2": "easy-VQA with the packaged SmolLM2-135M frozen and a ViT from scratch",
+    "tiny": "the smallest model (32x32 images, 4 image tokens, 2 + 2 blocks) for tests",
+}

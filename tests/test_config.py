@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -80,3 +82,67 @@ def test_train_config_errors():
         TrainConfig(precision="fp16")
     with pytest.raises(ConfigError, match="batch_size must be a positive integer, got 0"):
         TrainConfig(batch_size=0)
+
+
+# A wrong type for any field, given in Python: a ConfigError that names the field, what it must
+# be and the value. The bad values and the expected words are chosen from the annotation text
+# alone, independently of config.py's checker.
+_BAD = {"int": ["a", 2.5, True], "float": ["x", True], "bool": [1, "yes"], "str": [3, True],
+        "dict[str, str]": ["x", {"image_token": 3}]}
+_SAYS = {"int": "integer", "float": "a number", "bool": "true or false", "str": "(a string|one of)",
+         "dict[str, str]": "(mapping|dict)"}
+
+
+def _wrong_types():
+    for cls in (VLMConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            base = f.type.removesuffix(" | None")
+            for bad in _BAD[base]:
+                yield pytest.param(cls, f.name, base, bad, id=f"{f.name}={bad!r}")
+
+
+@pytest.mark.parametrize("cls, name, base, bad", list(_wrong_types()))
+def test_a_wrong_type_for_any_field_names_field_type_and_value(cls, name, base, bad):
+    with pytest.raises(ConfigError) as e:
+        cls(**{name: bad})
+    message = str(e.value)
+    assert message.startswith(f"{name} must be "), message
+    assert re.search(_SAYS[base], message) and message.endswith(f"got {bad!r}."), message
+
+
+def test_the_issue_examples():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(lr_mp="x")
+    assert str(e.value) == "lr_mp must be a number, got 'x'."
+    with pytest.raises(ConfigError) as e:
+        VLMConfig(vit_hidden_dim="a")
+    assert str(e.value) == "vit_hidden_dim must be a positive integer, got 'a'."
+    with pytest.raises(ConfigError) as e:
+        VLMConfig(lm_eos_token_id=True)  # a bool where an int is meant
+    assert str(e.value) == "lm_eos_token_id must be an integer, got True."
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(compile=1)  # an int where a bool is meant
+    assert str(e.value) == "compile must be true or false, got 1."
+
+
+def test_ints_are_stored_as_floats_in_float_fields_and_numpy_ints_as_ints():
+    import numpy as np
+
+    cfg = VLMConfig(lm_re_base=10000, lm_n_blocks=np.int64(3))
+    assert type(cfg.lm_re_base) is float and cfg.lm_re_base == 10000.0
+    assert type(cfg.lm_n_blocks) is int and cfg.lm_n_blocks == 3
+    assert VLMConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_train_config_json_round_trip():
+    cfg = TrainConfig.from_dict(PRESETS["easyvqa"]["train"])
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_every_field_and_preset_has_one_line_of_meaning():
+    from nanovlm.config import PRESET_DESCRIPTIONS, TRAIN_HELP, VLM_HELP
+
+    for cls, helps in ((VLMConfig, VLM_HELP), (TrainConfig, TRAIN_HELP)):
+        assert list(helps) == [f.name for f in dataclasses.fields(cls)]
+        assert all(text and "\n" not in text for text in helps.values())
+    assert sorted(PRESET_DESCRIPTIONS) == sorted(PRESETS)

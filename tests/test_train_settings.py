@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -52,7 +54,7 @@ def test_saved_config_replaces_the_preset_and_rederives_fields():
                        "Did you mean 'batch_size'?"),
     (["batch_size=four"], "batch_size must be an integer, got 'four' on the command line."),
     (["lr_mp=fast"], "lr_mp must be a number, got 'fast' on the command line."),
-    (["compile=yes"], "compile must be true or false, got 'yes' on the command line."),
+    (["compile=maybe"], "compile must be true or false (or yes/no, on/off, 1/0), got 'maybe' on the command line."),
     (["batch_size"], "override 'batch_size' must look like key=value (e.g. batch_size=16)."),
     (["precision=fp16"], "precision must be one of auto, fp32, bf16, got 'fp16'."),
     (["batch_size=0"], "batch_size must be a positive integer, got 0."),
@@ -108,3 +110,136 @@ def test_cli_errors_are_one_sentence(capsys, tmp_path):
         f"nanovlm: error: data file {missing} does not exist.")
     assert _cli_error(capsys, ["train", "--out", out, "--resume"]) == (
         f"nanovlm: error: --resume: no checkpoint in {out}/checkpoints; run without --resume to start a new run.")
+
+
+# ------------------------------------------------------------ one parser: booleans, presets, listing
+BOOL_TEXT = [("true", True), ("TRUE", True), ("yes", True), ("On", True), ("1", True),
+             ("false", False), ("No", False), ("OFF", False), ("0", False)]
+
+
+@pytest.mark.parametrize("text, value", BOOL_TEXT)
+def test_booleans_read_the_same_in_train_and_in_data_preview(monkeypatch, text, value):
+    _, train = resolve("tiny", None, [f"strict={text}", f"packing={text}"])
+    assert train.strict is value and train.packing is value
+
+    import nanovlm.data.preview as preview_module
+
+    seen = {}
+    monkeypatch.setattr(preview_module, "preview", lambda data, out, n, **kw: seen.update(kw))
+    assert preview_module.run_preview(preset="tiny", overrides=["data=easyvqa", f"strict={text}",
+                                                                f"vit_cls_flag={text}"]) == 0
+    assert seen["train_cfg"].strict is value and seen["vlm_cfg"].vit_cls_flag is value
+
+
+def test_a_bad_boolean_gets_the_same_sentence_in_train_and_in_data_preview():
+    from nanovlm.data.preview import run_preview
+
+    message = "strict must be true or false (or yes/no, on/off, 1/0), got 'maybe' on the command line."
+    with pytest.raises(ConfigError) as train_error:
+        resolve("tiny", None, ["strict=maybe"])
+    with pytest.raises(ConfigError) as preview_error:
+        run_preview(preset="tiny", overrides=["data=easyvqa", "strict=maybe"])
+    assert str(train_error.value) == str(preview_error.value) == message
+
+
+def test_data_preview_parses_numbers_and_none_like_train(monkeypatch):
+    import nanovlm.data.preview as preview_module
+
+    seen = {}
+    monkeypatch.setattr(preview_module, "preview", lambda data, out, n, **kw: seen.update(kw))
+    preview_module.run_preview(preset="tiny", overrides=["data=easyvqa", "max_img_size=64", "lr_mp=3e-4",
+                                                         "image_folder=none", "seed=3", "max_count=7"])
+    assert seen["vlm_cfg"].max_img_size == 64 and seen["train_cfg"].lr_mp == 3e-4
+    assert seen["train_cfg"].image_folder is None and seen["seed"] == 3 and seen["max_count"] == 7
+    with pytest.raises(ConfigError, match=r"^max_img_size must be an integer, got 'big' on the command line\.$"):
+        preview_module.run_preview(preset="tiny", overrides=["data=easyvqa", "max_img_size=big"])
+
+
+def test_unknown_preset_is_one_sentence_everywhere(capsys, tmp_path):
+    from nanovlm.config import VLMConfig
+    from nanovlm.data.preview import run_preview
+
+    expected = f"unknown preset 'nope'; choose one of: {', '.join(sorted(PRESETS))}."
+    messages = []
+    for call in (lambda: VLMConfig.from_preset("nope"), lambda: resolve("nope", None, []),
+                 lambda: run_preview(preset="nope", overrides=["data=easyvqa"])):
+        with pytest.raises(ConfigError) as e:
+            call()
+        messages.append(str(e.value))
+    messages.append(_cli_error(capsys, ["train", "--preset", "nope", "--out", str(tmp_path / "r")])
+                    .removeprefix("nanovlm: error: "))
+    assert messages == [expected] * 4
+
+
+def _listing(capsys) -> str:
+    assert main(["train", "--list-settings"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    return captured.out
+
+
+def _rows(text: str, section: str) -> dict[str, list[str]]:
+    """name -> [type, default, meaning] of one section of the listing."""
+    lines = text.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith(f"{section} settings ("))
+    rows = {}
+    for line in lines[start + 2:]:  # past the section title and the column header
+        if not line.strip():
+            break
+        name, kind, default, meaning = re.split(r"\s{2,}", line.strip())
+        rows[name] = [kind, default, meaning]
+    return rows
+
+
+def _as_written(value) -> str:
+    """How a default reads on the command line: an expectation written apart from the listing code."""
+    if value is None:
+        return "none"
+    if value is True or value is False:
+        return str(value).lower()
+    if value == "":
+        return "''"
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+@pytest.mark.parametrize("section, cls", [("model", "VLMConfig"), ("train", "TrainConfig")])
+def test_list_settings_shows_every_field_with_its_type_and_default(capsys, section, cls):
+    import nanovlm.config as config
+
+    dataclass = getattr(config, cls)
+    rows = _rows(_listing(capsys), section)
+    fields = dataclasses.fields(dataclass)
+    assert list(rows) == [f.name for f in fields]  # every field, in the dataclass's order, nothing else
+    for f in fields:
+        kind, default, meaning = rows[f.name]
+        assert kind == f.type, f.name  # the annotation as written in config.py
+        declared = f.default_factory() if f.default is dataclasses.MISSING else f.default  # before derivation
+        written = _as_written(declared).replace("\n", "\\n")
+        if default.endswith("..."):  # a long default (the chat template, the extra tokens) is cut
+            assert len(written) > len(default) and written.startswith(default[:-3]), f.name
+        else:
+            assert default == written, f.name
+        assert len(meaning) > 10, f.name
+
+
+def test_list_settings_names_every_preset_with_its_description(capsys):
+    from nanovlm.config import PRESET_DESCRIPTIONS
+
+    text = _listing(capsys)
+    presets = text[text.index("presets (--preset NAME):"):].splitlines()[1:]
+    assert [line.split()[0] for line in presets] == list(PRESETS)
+    for line in presets:
+        name = line.split()[0]
+        assert PRESET_DESCRIPTIONS[name] in line
+    assert [line for line in presets if line.endswith("(the default)")] == [
+        next(line for line in presets if line.split()[0] == "easyvqa")]
+
+
+def test_train_help_names_the_presets_and_list_settings(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--list-settings" in out
+    for name in PRESETS:
+        assert f"\n  {name} " in out, name

@@ -72,10 +72,10 @@ def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tok
     """Draw `n` random samples of `data` (a data spec such as "easyvqa" or a path, or a built
     dataset) into `out_png`, and count samples, tokens and skips over at most `max_count`
     samples. Returns {"samples", "counted", "tokens_mean", "tokens_max", "skips", "out"}."""
-    from nanovlm.config import TrainConfig, VLMConfig
+    from nanovlm.config import DEFAULT_PRESET, TrainConfig, VLMConfig
 
     if vlm_cfg is None:
-        vlm_cfg = VLMConfig.from_preset("small")
+        vlm_cfg = VLMConfig.from_preset(DEFAULT_PRESET)
     if isinstance(data, str):
         train_cfg = dataclasses.replace(train_cfg or TrainConfig(), data=data)
         if tokenizer is None:
@@ -141,32 +141,20 @@ def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tok
     return stats
 
 
-def _coerce(value: Any, default: Any) -> Any:
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
-        return value
-    if isinstance(default, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true or false, got {value!r}.")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    return value
-
-
 def run_preview(options: dict[str, Any] | None = None, *, preset: str | None = None,
                 overrides: list[str] | dict[str, Any] | None = None, out: str | None = None, n: int | None = None) -> int:
     """The `nanovlm data preview` command; prints the counts, writes the PNG, returns 0.
 
     overrides: `key=value` strings (or a dict): `data` (required), `split` (train), `seed` (0),
-    `max_count` (2000), and any TrainConfig / VLMConfig field (strings are converted to the
-    field's type). preset (easyvqa): the model config whose tokenizer and image sizes are used.
+    `max_count` (2000), and any TrainConfig / VLMConfig field (strings are parsed to the field's
+    type by config.parse_value, as `nanovlm train key=value` is). preset (easyvqa): the model
+    config whose tokenizer and image sizes are used.
     `options` is the same as a dict, and may also hold `preset`, `out` and `n`.
     """
-    from nanovlm.config import PRESETS, TrainConfig, VLMConfig
+    from nanovlm.config import DEFAULT_PRESET, ConfigError, TrainConfig, VLMConfig, check_value, field_types, get_preset, parse_value
+
+    def typed(key: str, value: Any, tp: Any) -> Any:  # text is parsed, anything else checked
+        return parse_value(key, value, tp) if isinstance(value, str) else check_value(key, value, tp)
 
     opts = dict(options or {})
     if isinstance(overrides, dict):
@@ -175,32 +163,31 @@ def run_preview(options: dict[str, Any] | None = None, *, preset: str | None = N
         for item in overrides or []:
             key, eq, value = item.partition("=")
             if not eq or not key:
-                raise ValueError(f"expected key=value, got {item!r}.")
+                raise ConfigError(f"expected key=value, got {item!r}.")
             opts[key.strip()] = value
     if not opts.get("data"):
-        raise ValueError("data preview needs data=..., e.g. data=easyvqa or data=path/to/file.jsonl.")
+        raise ConfigError("data preview needs data=..., e.g. data=easyvqa or data=path/to/file.jsonl.")
     data = opts.pop("data")
     out = out or opts.pop("out", None) or "preview.png"
-    n = int(n if n is not None else opts.pop("n", 8))
-    preset = preset or opts.pop("preset", None) or "small"
+    n = typed("n", n if n is not None else opts.pop("n", 8), int)
+    preset = preset or opts.pop("preset", None) or DEFAULT_PRESET
     for key in ("out", "n", "preset"):  # given both ways: the keyword wins
         opts.pop(key, None)
     split = opts.pop("split", None) or "train"
-    seed = int(opts.pop("seed", 0))
-    max_count = int(opts.pop("max_count", 2000))
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}.")
-    vlm_fields = {f.name: f.default for f in dataclasses.fields(VLMConfig)}
-    train_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    seed = typed("seed", opts.pop("seed", 0), int)
+    max_count = typed("max_count", opts.pop("max_count", 2000), int)
+    chosen = get_preset(preset)
+    vlm_types, train_types = field_types(VLMConfig), field_types(TrainConfig)
     vlm_over, train_over = {}, {}
     for key, value in opts.items():
-        if key in vlm_fields:
-            vlm_over[key] = _coerce(value, PRESETS[preset]["model"].get(key, vlm_fields[key]))
-        elif key in train_fields:
-            train_over[key] = _coerce(value, train_fields[key])
+        if key in vlm_types:
+            vlm_over[key] = typed(key, value, vlm_types[key])
+        elif key in train_types:
+            train_over[key] = typed(key, value, train_types[key])
         else:
-            raise ValueError(f"unknown option {key!r} for data preview.")
+            raise ConfigError(f"unknown option {key!r} for data preview: use data, split, seed, max_count, n, out, "
+                              "preset or a VLMConfig / TrainConfig field (nanovlm train --list-settings).")
     vlm_cfg = VLMConfig.from_preset(preset, **vlm_over)
-    train_cfg = TrainConfig.from_dict({**PRESETS[preset].get("train", {}), **train_over, "data": data})
+    train_cfg = TrainConfig.from_dict({**chosen.get("train", {}), **train_over, "data": data})
     preview(data, out, n, vlm_cfg=vlm_cfg, train_cfg=train_cfg, split=split, seed=seed, max_count=max_count)
     return 0

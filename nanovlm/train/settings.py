@@ -2,8 +2,10 @@
 
 Every key is checked against the VLMConfig and TrainConfig fields, and every value against the
 field's type, before a config is built, so a typo fails with a sentence that names it instead of
-silently training something else. `key=value` text is parsed to the field's type (int, float,
-bool as true/false, str; None as none/null where the field allows it; JSON for dicts).
+silently training something else. The values themselves go through config.py's one parser:
+`parse_value` for `key=value` text (int, float, str; a boolean as true/false, yes/no, on/off or
+1/0; None as none/null where the field allows it; JSON for dicts), `check_value` for the typed
+values of presets and files. `describe_settings` is `nanovlm train --list-settings`.
 """
 
 from __future__ import annotations
@@ -12,87 +14,23 @@ import dataclasses
 import difflib
 import json
 import os
-import types
-import typing
 from typing import Any
 
-from nanovlm.config import PRESETS, ConfigError, TrainConfig, VLMConfig
+from nanovlm.config import (PRESET_DESCRIPTIONS, PRESETS, TRAIN_HELP, VLM_HELP, ConfigError, TrainConfig,
+                            VLMConfig, check_value, field_types, get_preset, parse_value)
 
 _SECTIONS = {"model": VLMConfig, "train": TrainConfig}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _owner(key: str) -> str:
     """'model' or 'train' for a known key; ConfigError naming the key otherwise."""
     for section, cls in _SECTIONS.items():
-        if key in _field_types(cls):
+        if key in field_types(cls):
             return section
-    known = [k for cls in _SECTIONS.values() for k in _field_types(cls)]
+    known = [k for cls in _SECTIONS.values() for k in field_types(cls)]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"unknown setting {key!r}: it is neither a VLMConfig nor a TrainConfig field.{hint}")
-
-
-def _split_optional(tp: Any) -> tuple[Any, bool]:
-    """`X | None` -> (X, True); X -> (X, False)."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
-    return tp, False
-
-
-def _type_name(tp: Any) -> str:
-    base = typing.get_origin(tp) or tp
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a mapping"}.get(base, str(tp))
-
-
-def check_value(key: str, value: Any, tp: Any, source: str) -> Any:
-    """A value from a preset or a config file, checked against the field type (ints become floats
-    for float fields); ConfigError naming the key otherwise."""
-    base, optional = _split_optional(tp)
-    if value is None and optional:
-        return None
-    origin = typing.get_origin(base) or base
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        dict: lambda v: isinstance(v, dict),
-    }.get(origin, lambda v: True)(value)
-    if not ok:
-        raise ConfigError(f"{key} must be {_type_name(base)}, got {value!r} in {source}.")
-    return float(value) if origin is float else value
-
-
-def parse_value(key: str, text: str, tp: Any) -> Any:
-    """The text of a `key=value` override parsed to the field's type."""
-    base, optional = _split_optional(tp)
-    if optional and text.strip().lower() in ("none", "null"):
-        return None
-    origin = typing.get_origin(base) or base
-    try:
-        if origin is bool:
-            lowered = text.strip().lower()
-            if lowered not in ("true", "false"):
-                raise ValueError
-            return lowered == "true"
-        if origin is int:
-            return int(text)
-        if origin is float:
-            return float(text)
-        if origin is dict:
-            value = json.loads(text)
-            if not isinstance(value, dict):
-                raise ValueError
-            return value
-    except ValueError:
-        raise ConfigError(f"{key} must be {_type_name(base)}, got {text!r} on the command line.") from None
-    return text
 
 
 def load_config_file(path: str) -> dict[str, dict[str, Any]]:
@@ -138,7 +76,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, dict[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. batch_size=16).")
         section = _owner(key)
-        out[section][key] = parse_value(key, text, _field_types(_SECTIONS[section])[key])
+        out[section][key] = parse_value(key, text, field_types(_SECTIONS[section])[key])
     return out
 
 
@@ -146,9 +84,7 @@ def resolve(preset: str | None, config_file: str | None = None, overrides: list[
             base: dict[str, dict[str, Any]] | None = None) -> tuple[VLMConfig, TrainConfig]:
     """The run's (VLMConfig, TrainConfig). `base` (a saved run's config.json) replaces the preset."""
     if base is None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}.")
-        layers = [(f"preset {preset!r}", {s: dict(PRESETS[preset].get(s, {})) for s in _SECTIONS})]
+        layers = [(f"preset {preset!r}", {s: dict(get_preset(preset).get(s, {})) for s in _SECTIONS})]
     else:
         layers = [("the saved run config", {s: dict(base.get(s, {})) for s in _SECTIONS})]
     if config_file:
@@ -158,11 +94,11 @@ def resolve(preset: str | None, config_file: str | None = None, overrides: list[
     merged: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for source, layer in layers:
         for section, values in layer.items():
-            hints = _field_types(_SECTIONS[section])
+            hints = field_types(_SECTIONS[section])
             for key, value in values.items():
                 if key not in hints:
                     raise ConfigError(f"unknown setting {key!r} in {source}.")
-                merged[section][key] = check_value(key, value, hints[key], source)
+                merged[section][key] = check_value(key, value, hints[key], f" in {source}")
     model = merged["model"]
     if base is not None:
         # Derived fields were saved resolved; recompute them when what they derive from changed.
@@ -175,3 +111,46 @@ def resolve(preset: str | None, config_file: str | None = None, overrides: list[
 def to_dict(vlm_cfg: VLMConfig, train_cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     """The resolved configs as saved in the run folder's config.json."""
     return {"model": dataclasses.asdict(vlm_cfg), "train": dataclasses.asdict(train_cfg)}
+
+
+def _shown(value: Any, width: int = 36) -> str:
+    """A default as one writes it on the command line, cut to `width` characters."""
+    if value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, dict):
+        text = json.dumps(value)
+    elif value == "":
+        text = "''"
+    else:
+        text = str(value).replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def describe_settings(default_preset: str | None = None) -> str:
+    """Every setting, grouped model / train, with its type, default and meaning, then the presets
+    with their descriptions: the text `nanovlm train --list-settings` prints."""
+    lines = [
+        "Settings of `nanovlm train [--preset NAME] [--config FILE] [key=value ...]` (and `nanovlm data preview`).",
+        "Precedence: preset < --config FILE (YAML/JSON, flat keys or model/train sections) < key=value.",
+        "On the command line a boolean is true/false, yes/no, on/off or 1/0 (any case), and none/null "
+        "sets a field whose type allows None.",
+        "Defaults are the dataclasses'; the preset overrides some of them.",
+    ]
+    for section, cls, helps in (("model", VLMConfig, VLM_HELP), ("train", TrainConfig, TRAIN_HELP)):
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            rows.append((f.name, kind, _shown(default), helps[f.name]))
+        widths = [max(len(r[k]) for r in rows) for k in range(3)]
+        lines += ["", f"{section} settings ({cls.__name__}):",
+                  "  " + "  ".join(h.ljust(w) for h, w in zip(("name", "type", "default"), widths)) + "  meaning"]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows]
+    width = max(len(name) for name in PRESETS)
+    lines += ["", "presets (--preset NAME):"]
+    for name in PRESETS:
+        mark = " (the default)" if name == default_preset else ""
+        lines.append(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}{mark}")
+    return "\n".join(lines)
