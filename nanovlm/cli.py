@@ -43,6 +43,7 @@ def _add_train_parser(sub) -> None:
 
 def _cmd_train(args) -> int:
     if args.list_settings:
+        from nanovlm.config import DEFAULT_PRESET
         from nanovlm.train.settings import describe_settings
 
         print(describe_settings(default_preset=DEFAULT_PRESET))
