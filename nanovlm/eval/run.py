@@ -33,10 +33,22 @@ def run_eval(model_dir: str, task: str = "easyvqa", split: str = "test", limit: 
                               autocast_dtype=dtype if dtype != torch.float32 else None, progress=True)
     report["model"] = os.path.abspath(model_dir)
     report["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
-    out = out or os.path.join(model_dir, f"eval_{task}_{split}.json")
+    out = out or default_report_path(model_dir, task, split, limit)
     atomic_write_json(out, report)
     print(easyvqa.format_report(report))
     print(easyvqa.format_examples(report))
     print(f"{report['n']} questions in {report['wall_time_s']:.1f} s ({report['questions_per_s']} questions/s); "
           f"report written to {out}")
     return 0
+
+
+def default_report_path(model: str, task: str, split: str, limit: int = 0) -> str:
+    """`eval-<model>-<task>-<split>[-first<N>].json` in the current directory: never inside the
+    model's folder (which may be read-only or shared), and a `--limit` run never replaces the
+    report of a full one. <model> is the last two parts of the path (`runs/demo/final` ->
+    `demo-final`), so that two models' reports do not collide either."""
+    parts = [p for p in os.path.normpath(os.path.abspath(model) if os.path.exists(model) else model).split(os.sep)
+             if p not in ("", ".", "..")]
+    name = "-".join(parts[-2:]) or "model"
+    first = f"-first{limit}" if limit else ""
+    return f"eval-{name}-{task}-{split}{first}.json"

@@ -92,13 +92,13 @@ def vision_warmup(model: nn.Module, data: Any, steps: int, lr: float, batch_size
     n_images = int(data.targets.shape[0])
     autocast = torch.autocast(**amp) if amp.get("enabled") else contextlib.nullcontext()
 
-    bar = None
+    say(f"vision warm-up: {steps} steps of the vision encoder alone on {n_images} images "
+        f"({', '.join(f'{k} ({n} classes)' for k, n in data.classes.items())}), batch {batch_size}, lr {lr:g}")
+    bar = None  # created after the header: tqdm draws its first line at once (first in a log file)
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", dynamic_ncols=True, desc="vision warm-up")
-    say(f"vision warm-up: {steps} steps of the vision encoder alone on {n_images} images "
-        f"({', '.join(f'{k} ({n} classes)' for k, n in data.classes.items())}), batch {batch_size}, lr {lr:g}")
     t0 = time.perf_counter()
     tail = max(1, steps // 10)
     right = [0] * len(classes)
