@@ -294,7 +294,7 @@ def _cmd_serve(args) -> int:
 # ----------------------------------------------------------------------------------------- data
 def _add_data_parser(sub) -> None:
     p = sub.add_parser("data", formatter_class=_Formatter, help="look at training data")
-    dsub = p.add_subparsers(dest="data_verb", required=True)
+    dsub = p.add_subparsers(dest="data_verb", required=True, help="what to do with the data")
     pv = dsub.add_parser("preview", formatter_class=_Formatter,
                          help="a picture of a few samples and counts of samples, tokens and skips")
     pv.add_argument("--out", default="preview.png", metavar="FILE", help="PNG to write")
@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanovlm", formatter_class=_Formatter,
                                      description="nanovlm: train, ask, measure and serve small vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="{train,generate,eval,serve,data}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{train,generate,eval,serve,data}",
+                                help="what to do (nanovlm COMMAND --help shows its options)")
     for add in (_add_train_parser, _add_generate_parser, _add_eval_parser, _add_serve_parser, _add_data_parser):
         add(sub)
     return parser
