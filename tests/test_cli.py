@@ -187,3 +187,12 @@ def test_the_readme_command_gives_a_real_test_image(tmp_path):
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
     with Image.open(tmp_path / "shape.png") as img:
         assert img.size == (64, 64)
+
+
+def test_the_chat_page_says_what_to_do_in_an_empty_conversation():
+    from importlib.resources import files
+
+    page = files("nanovlm.serve").joinpath("static/index.html").read_text()
+    rule = re.search(r'#log:empty::before \{ content: "([^"]+)"', page)
+    assert rule and "Attach an image" in rule.group(1) and "ask a question" in rule.group(1)
+    assert '<main id="log" aria-live="polite"></main>' in page  # :empty needs no whitespace inside

@@ -108,3 +108,18 @@ def test_easyvqa_labels_from_questions():
     assert labels["c.png"] == {"shape": "triangle", "color": "teal"}
     assert labels["d.png"] == {"shape": None, "color": None}
     assert labels["e.png"]["shape"] is None
+
+
+def test_the_header_comes_before_the_progress_bar_in_one_log(monkeypatch):
+    """stdout and stderr into one file (`nanovlm train > log 2>&1`): the header line first."""
+    import io
+
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stdout", log)
+    monkeypatch.setattr("sys.stderr", log)
+    model = _tiny_model()
+    vision_warmup(model, SyntheticVQA(model.cfg, n=16).image_targets(), 2, 3e-3, 4, seed=0, amp=FP32, fused=False,
+                  say=lambda text: print(text, flush=True), progress=True)
+    text = log.getvalue()
+    assert text.startswith("vision warm-up: 2 steps of the vision encoder alone"), text[:200]
+    assert "%|" in text  # the bar was drawn, after the header
