@@ -44,6 +44,8 @@ class _Parser(argparse.ArgumentParser):
     Settings given as `key=value` after an option (`train --out x a=1 --resume b=2`) all land in
     the verb's `key=value` list; argparse alone would reject the second group."""
 
+    _bad_choice = None  # the value _check_value last refused
+
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         settings = self._settings_action()
@@ -97,14 +99,12 @@ class _Parser(argparse.ArgumentParser):
         return next((a for a in self._actions if name in ("/".join(a.option_strings), a.metavar, a.dest)), None)
 
     def _sentence(self, message: str, action) -> str:
-        name = "/".join(o for o in action.option_strings if o.startswith("--")) if action and action.option_strings \
-            else None
-        if action is not None and isinstance(action, argparse._SubParsersAction):
-            value = getattr(self, "_bad_choice", None)
-            close = difflib.get_close_matches(str(value), list(action.choices), n=1)
+        name = "/".join(o for o in action.option_strings if o.startswith("--")) if action is not None else None
+        if isinstance(action, argparse._SubParsersAction):
+            close = difflib.get_close_matches(str(self._bad_choice), list(action.choices), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            return f"unknown command {value!r}{hint}; choose one of: {', '.join(action.choices)}."
-        if action is not None and getattr(self, "_bad_choice", None) is not None and action.choices is not None:
+            return f"unknown command {self._bad_choice!r}{hint}; choose one of: {', '.join(action.choices)}."
+        if action is not None and self._bad_choice is not None and action.choices is not None:
             return (f"{name} {self._bad_choice!r} is not a valid choice; "
                     f"choose one of: {', '.join(map(str, action.choices))}.")
         if action is not None and message.startswith("invalid ") and action.type in _TYPE_NAMES:

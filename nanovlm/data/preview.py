@@ -136,7 +136,7 @@ def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tok
             print(f"samples: {total}")
             over = f" (in {n_counted} of them drawn at random; max_count={total} measures all)"
         elif total is None and n_counted >= max_count:
-            print(f"samples: at least {n_counted} (streamed data: only the first {n_counted} were read)")
+            print(f"samples: at least {n_counted} (streamed data: only the first {n_counted} read)")
             over = f" (in the first {n_counted})"
         else:
             print(f"samples: {n_counted}")
