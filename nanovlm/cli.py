@@ -1,18 +1,140 @@
 """The `nanovlm` command line: train, generate, eval, serve, data.
 
 Each verb imports its own module lazily, so `nanovlm --help` is instant. A user error prints
-one sentence on stderr and exits 1; `--debug` shows the traceback instead.
+one sentence on stderr and exits 1 (a mistyped command line too: the sentence names what the
+verb accepts); `--debug` shows the traceback instead. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 
 
+class UsageError(Exception):
+    """A command line that argparse cannot parse: one sentence, printed after the verb's name."""
+
+    def __init__(self, prog: str, sentence: str):
+        super().__init__(sentence)
+        self.prog = prog
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows a default only where there is one to show: not `None`, an empty list, or the off
+    state of a flag, and not a second time when the help text already names it."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if ("%(default)" in help or "default:" in help or default is None or default is argparse.SUPPRESS
+                or default == [] or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return help
+        return super()._get_help_string(action)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every mistake turned into one sentence (a `UsageError`, exit 1) that names
+    what the verb accepts, instead of a usage block and exit 2.
+
+    Settings given as `key=value` after an option (`train --out x a=1 --resume b=2`) all land in
+    the verb's `key=value` list; argparse alone would reject the second group."""
+
+    _bad_choice = None  # the value _check_value last refused
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        settings = self._settings_action()
+        if settings is not None:
+            later = [a for a in extras if not a.startswith("-") and "=" in a]
+            if later:
+                setattr(namespace, settings.dest, list(getattr(namespace, settings.dest, None) or []) + later)
+                extras = [a for a in extras if a not in later]
+        if extras:
+            self._unknown(extras[0])
+        return namespace, extras
+
+    def _settings_action(self):
+        return next((a for a in self._actions if not a.option_strings and a.nargs == "*"), None)
+
+    def _unknown(self, arg: str):
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(self.prog, f"unknown option {name}{hint}; valid options: {self.valid_options()}.")
+        raise UsageError(self.prog, f"unexpected argument {arg!r}; valid options: {self.valid_options()}.")
+
+    def valid_options(self) -> str:
+        """The verb's options, as `--x`, `--x/--no-x`, and `key=value settings` or its commands."""
+        names = []
+        for action in self._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                names.append("a command (" + ", ".join(action.choices) + ")")
+            elif not action.option_strings:
+                names.append(f"{action.metavar or action.dest} settings")
+            elif action.help is not argparse.SUPPRESS:
+                longs = [o for o in action.option_strings if o.startswith("--")] or action.option_strings
+                names.append("/".join(longs))
+        return ", ".join(names + ["--help"])
+
+    def error(self, message: str):
+        # argparse calls error() inside its `except ArgumentError`: the error names the action.
+        err = sys.exc_info()[1]
+        action = None
+        if isinstance(err, argparse.ArgumentError) and err.argument_name:
+            action = self._action_named(err.argument_name)
+            message = err.message
+        raise UsageError(self.prog, self._sentence(message, action))
+
+    def _action_named(self, name: str):
+        """The action argparse calls `name` in its messages (its option strings, metavar or dest)."""
+        return next((a for a in self._actions if name in ("/".join(a.option_strings), a.metavar, a.dest)), None)
+
+    def _sentence(self, message: str, action) -> str:
+        name = "/".join(o for o in action.option_strings if o.startswith("--")) if action is not None else None
+        if isinstance(action, argparse._SubParsersAction):
+            close = difflib.get_close_matches(str(self._bad_choice), list(action.choices), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return f"unknown command {self._bad_choice!r}{hint}; choose one of: {', '.join(action.choices)}."
+        if action is not None and self._bad_choice is not None and action.choices is not None:
+            return (f"{name} {self._bad_choice!r} is not a valid choice; "
+                    f"choose one of: {', '.join(map(str, action.choices))}.")
+        if action is not None and message.startswith("invalid ") and action.type in _TYPE_NAMES:
+            value = message.rsplit(": ", 1)[-1]
+            return f"{name} expects {_TYPE_NAMES[action.type]}, got {value}."
+        if action is not None and message.startswith("expected "):
+            return f"{name} needs a value; see {self.prog} --help."
+        if action is not None and message.startswith("not allowed with argument "):
+            other = message[len("not allowed with argument "):]
+            return f"{name} cannot be combined with {other}; give one of them."
+        if message.startswith("the following arguments are required: "):
+            missing = message.split(": ", 1)[1].split(", ")
+            actions = [self._action_named(m) for m in missing]
+            for act in actions:
+                if isinstance(act, argparse._SubParsersAction):
+                    return f"missing a command; choose one of: {', '.join(act.choices)} (see {self.prog} --help)."
+            described = [m + (f" ({act.help})" if act is not None and act.help else "")
+                         for m, act in zip(missing, actions)]
+            return f"missing {' and '.join(described)}; see {self.prog} --help."
+        if message.startswith("one of the arguments ") and message.endswith(" is required"):
+            names = message[len("one of the arguments "):-len(" is required")].split()
+            return f"missing {' or '.join(names)}: give one of them; see {self.prog} --help."
+        return f"{message}; see {self.prog} --help."
+
+    def _check_value(self, action, value):
+        # Remember the rejected value: the sentence names it (argparse's message is not structured).
+        self._bad_choice = None
+        if action.choices is not None and value not in action.choices:
+            self._bad_choice = value
+        super()._check_value(action, value)
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -31,13 +153,17 @@ def _add_train_parser(sub) -> None:
                     f"presets (--preset NAME):\n{presets}\n\n"
                     "nanovlm train --list-settings prints every key=value setting with its type, default\n"
                     "and meaning.")
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name: {', '.join(PRESETS)}")
-    p.add_argument("--config", default=None, help="YAML or JSON file with 'model' and/or 'train' sections, or flat keys")
-    p.add_argument("--out", default="runs/latest", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
+                   help=f"the starting settings, one of: {', '.join(PRESETS)}")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON file with 'model' and/or 'train' sections, or flat keys (default: none)")
+    p.add_argument("--out", default="runs/latest", metavar="DIR", help="run folder")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue from the newest checkpoint in --out")
     p.add_argument("--list-settings", action="store_true",
                    help="print every setting (type, default, meaning) and the presets, then exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="field overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings that replace the preset's and the config file's (VLMConfig or TrainConfig fields)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -60,18 +186,25 @@ def _add_generate_parser(sub) -> None:
                        description="Generate text from a trained model (--model DIR) about zero or more "
                                    "images, or from a language model alone (--lm SOURCE).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint directory (or hub id when online)")
-    src.add_argument("--lm", help="text only: a Llama .gguf file, a transformers Llama directory, "
+    src.add_argument("--model", metavar="DIR", help="checkpoint directory (or hub id when online)")
+    src.add_argument("--lm", metavar="SOURCE", help="text only: a Llama .gguf file, a transformers Llama directory, "
                                   "or packaged:smollm2-135m")
-    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    p.add_argument("--prompt", required=True, help="the question or instruction")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file (repeat for several; default: none, a text-only question)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens to generate")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=False,
+                   help="always take the most likely token (then --temperature, --top-k and --top-p do nothing)")
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                   help="sampling temperature: lower is more predictable (0: greedy)")
+    p.add_argument("--top-k", type=int, default=50, metavar="K",
+                   help="sample only among the K most likely tokens (0: no limit)")
+    p.add_argument("--top-p", type=float, default=0.9, metavar="P",
+                   help="sample only among the most likely tokens whose probabilities add up to P (1: no limit)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed for sampling, for a repeatable answer (default: a fresh one each time)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
+                   help="print tokens as they are produced")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="weights dtype (auto: bf16 where the hardware has fast bf16 matmuls)")
     p.set_defaults(func=_cmd_generate)
@@ -146,8 +279,8 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate only the first N questions (0: all)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="questions answered together")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="JSON report path (default: <model>/eval_<task>_<split>.json for --task, "
-                        "eval_<data stem>[_limit<N>].json in the current directory for --data)")
+                   help="JSON report path (default, in the current directory: eval-<model>-<task>-<split>"
+                        "[-first<N>].json for --task, eval_<data stem>[_limit<N>].json for --data)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -163,10 +296,11 @@ def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", formatter_class=_Formatter, help="OpenAI-compatible HTTP server",
                        description="Serve a checkpoint over an OpenAI-compatible chat-completions API, "
                                    "with a chat page at /.")
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (loopback: only this machine; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="requests decoded together")
     p.add_argument("--allow-remote-images", action=argparse.BooleanOptionalAction, default=False,
                    help="fetch http(s) image URLs on the server")
     p.set_defaults(func=_cmd_serve)
@@ -181,14 +315,19 @@ def _cmd_serve(args) -> int:
 
 # ----------------------------------------------------------------------------------------- data
 def _add_data_parser(sub) -> None:
+    from nanovlm.config import DEFAULT_PRESET
+
     p = sub.add_parser("data", formatter_class=_Formatter, help="look at training data")
-    dsub = p.add_subparsers(dest="data_verb", required=True)
+    dsub = p.add_subparsers(dest="data_verb", required=True, help="what to do with the data")
     pv = dsub.add_parser("preview", formatter_class=_Formatter,
                          help="a picture of a few samples and counts of samples, tokens and skips")
-    pv.add_argument("--out", default="preview.png", help="PNG to write")
-    pv.add_argument("-n", "--num", type=int, default=8, help="samples to draw")
-    pv.add_argument("--preset", default="small", help="preset whose model config sizes images and tokens")
-    pv.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=path/to/data.jsonl")
+    pv.add_argument("--out", default="preview.png", metavar="FILE", help="PNG to write")
+    pv.add_argument("-n", "--num", type=int, default=8, metavar="N", help="samples to draw")
+    pv.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
+                    help="preset whose model config sizes images and tokens")
+    pv.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="data=... (required: easyvqa or a data file), split, seed, max_count (samples counted, "
+                         "default 2000) and any training or model setting")
     pv.set_defaults(func=_cmd_data_preview)
 
 
@@ -200,10 +339,11 @@ def _cmd_data_preview(args) -> int:
 
 # ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanovlm", formatter_class=_Formatter,
+    parser = _Parser(prog="nanovlm", formatter_class=_Formatter,
                                      description="nanovlm: train, ask, measure and serve small vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="{train,generate,eval,serve,data}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{train,generate,eval,serve,data}",
+                                help="what to do (nanovlm COMMAND --help shows its options)")
     for add in (_add_train_parser, _add_generate_parser, _add_eval_parser, _add_serve_parser, _add_data_parser):
         add(sub)
     return parser
@@ -212,7 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    parser = build_parser()
+    if not argv:  # a bare `nanovlm`: show what there is to do
+        parser.print_help()
+        return 1
+    try:
+        args = parser.parse_args([a for a in argv if a != "--debug"])
+    except UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

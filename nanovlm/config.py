@@ -610,7 +610,7 @@ DEFAULT_PRESET = "small"
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "nanovlm-222m": "the original nanoVLM-222M: SigLIP-B/16-224 + SmolLM2-135M (downloads both)",
     "nanovlm-460m": "nanoVLM-460M: SigLIP2-B/16-512 + SmolLM2-360M-Instruct (downloads both)",
-    "small": "the default: 7.2M parameters from scratch, sized for a 2-core CPU and a few thousand images",
+    "small": "7.2M parameters from scratch, sized for a 2-core CPU and any data of a few thousand images",
     "easyvqa": "the small preset on the packaged easy-VQA data (what make demo trains)",
     "easyvqa-smollm2": "easy-VQA with the packaged SmolLM2-135M frozen and a ViT from scratch",
     "tiny": "the smallest model (32x32 images, 4 image tokens, 2 + 2 blocks) for tests",

@@ -1,6 +1,8 @@
 """The command line as a user meets it: real subprocesses, exit codes, one-sentence errors."""
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 
 from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.cli import build_parser, main
 
 
 def run(*args, timeout=240):
@@ -78,3 +81,118 @@ def test_user_errors_are_one_sentence_and_exit_1(tiny_ckpt, tmp_path, args, mess
 def test_debug_shows_traceback(tiny_ckpt):
     r = run("--debug", "generate", "--model", "MISSING_DIR", "--prompt", "x")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ------------------------------------------------------------------ mistyped command lines
+TRAIN_OPTIONS = "valid options: --preset, --config, --out, --resume/--no-resume, key=value settings, --help."
+EVAL_OPTIONS = "valid options: --model, --task, --split, --limit, --batch-size, --out, --help."
+
+
+@pytest.mark.parametrize("argv, sentence", [
+    (["train", "--bogus"], f"nanovlm train: error: unknown option --bogus; {TRAIN_OPTIONS}"),
+    (["train", "--bogus=3"], f"nanovlm train: error: unknown option --bogus; {TRAIN_OPTIONS}"),
+    (["eval", "--model", "m", "--bogus"], f"nanovlm eval: error: unknown option --bogus; {EVAL_OPTIONS}"),
+    (["eval", "--model", "m", "extra"], f"nanovlm eval: error: unexpected argument 'extra'; {EVAL_OPTIONS}"),
+    (["generate", "--model", "m", "--prompt", "x", "--temprature", "1"],
+     "nanovlm generate: error: unknown option --temprature (did you mean --temperature?); valid options: --model, "
+     "--lm, --image, --prompt, --max-new-tokens, --greedy/--no-greedy, --temperature, --top-k, --top-p, --seed, "
+     "--stream/--no-stream, --dtype, --help."),
+    (["eval", "--task", "nope"], "nanovlm eval: error: --task 'nope' is not a valid choice; choose one of: easyvqa."),
+    (["eval", "--model", "m", "--split", "dev"],
+     "nanovlm eval: error: --split 'dev' is not a valid choice; choose one of: train, test."),
+    (["generate", "--lm", "x", "--prompt", "y", "--dtype", "fp16"],
+     "nanovlm generate: error: --dtype 'fp16' is not a valid choice; choose one of: auto, fp32, bf16."),
+    (["eval"], "nanovlm eval: error: missing --model (checkpoint directory); see nanovlm eval --help."),
+    (["generate", "--lm", "x"],
+     "nanovlm generate: error: missing --prompt (the question or instruction); see nanovlm generate --help."),
+    (["generate", "--prompt", "x"],
+     "nanovlm generate: error: missing --model or --lm: give one of them; see nanovlm generate --help."),
+    (["generate", "--model", "a", "--lm", "b", "--prompt", "x"],
+     "nanovlm generate: error: --lm cannot be combined with --model; give one of them."),
+    (["eval", "--model"], "nanovlm eval: error: --model needs a value; see nanovlm eval --help."),
+    (["eval", "--model", "m", "--limit", "ten"], "nanovlm eval: error: --limit expects an integer, got 'ten'."),
+    (["generate", "--lm", "x", "--prompt", "y", "--top-p", "most"],
+     "nanovlm generate: error: --top-p expects a number, got 'most'."),
+    (["serve", "--model", "m", "--port", "http"], "nanovlm serve: error: --port expects an integer, got 'http'."),
+    (["trian"], "nanovlm: error: unknown command 'trian' (did you mean train?); "
+                "choose one of: train, generate, eval, serve, data."),
+    (["data"], "nanovlm data: error: missing a command; choose one of: preview (see nanovlm data --help)."),
+    (["data", "preview", "--bogus"], "nanovlm data preview: error: unknown option --bogus; valid options: --out, "
+                                     "--num, --preset, key=value settings, --help."),
+])
+def test_a_mistyped_command_line_is_one_sentence_naming_what_the_verb_takes(capsys, argv, sentence):
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == sentence
+    assert captured.out == ""
+
+
+def test_unknown_option_exits_1_without_a_usage_block():
+    r = run("train", "--bogus")
+    assert r.returncode == 1
+    assert r.stderr == f"nanovlm train: error: unknown option --bogus; {TRAIN_OPTIONS}\n"
+    assert "usage:" not in r.stderr + r.stdout
+    r = run("eval", "--task", "nope")
+    assert (r.returncode, r.stderr) == (1, "nanovlm eval: error: --task 'nope' is not a valid choice; "
+                                           "choose one of: easyvqa.\n")
+
+
+def test_settings_after_an_option_are_settings_too():
+    """`train --out x a=1 --resume b=2`: argparse alone would call b=2 an unrecognized argument."""
+    args = build_parser().parse_args(["train", "a=1", "--resume", "b=2", "--out", "x", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"] and args.resume and args.out == "x"
+
+
+def test_a_bare_nanovlm_shows_the_verbs(capsys):
+    assert main([]) == 1
+    assert "{train,generate,eval,serve,data}" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------- --help
+def _all_parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_every_option_has_help_and_no_help_shows_a_default_of_none(capsys):
+    for parser in _all_parsers(build_parser()):
+        for action in parser._actions:
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help text"
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: [])" not in text, parser.prog
+    assert main(["eval", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    out_help = text[text.rindex("--out FILE"):]
+    assert out_help.count("default") == 1
+    assert "eval-<model>-<task>-<split>[-first<N>].json in the current directory" in out_help
+
+
+def test_help_lists_the_presets_and_booleans_have_a_no_form():
+    from nanovlm.config import PRESETS
+
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert all(name in text for name in PRESETS)
+    args = build_parser().parse_args(["generate", "--lm", "x", "--prompt", "y", "--greedy", "--no-greedy",
+                                      "--stream"])
+    assert args.greedy is False and args.stream is True
+
+
+def test_the_readme_command_gives_a_real_test_image(tmp_path):
+    """The README's one-liner that writes shape.png (the generate and answer() examples use it)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    code = re.search(r'python -c "(.*shape\.png.*)"', readme).group(1)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
+    with Image.open(tmp_path / "shape.png") as img:
+        assert img.size == (64, 64)
+
+
+def test_the_chat_page_says_what_to_do_in_an_empty_conversation():
+    from importlib.resources import files
+
+    page = files("nanovlm.serve").joinpath("static/index.html").read_text()
+    rule = re.search(r'#log:empty::before \{ content: "([^"]+)"', page)
+    assert rule and "Attach an image" in rule.group(1) and "ask a question" in rule.group(1)
+    assert '<main id="log" aria-live="polite"></main>' in page  # :empty needs no whitespace inside

@@ -48,3 +48,42 @@ def test_preview_of_easyvqa(tmp_path):
     assert stats["samples"] == 9673 and stats["counted"] == 50 and stats["skips"] == {}
     assert stats["tokens_max"] >= stats["tokens_mean"] > 0
     assert Image.open(tmp_path / "e.png").size == (4 * 320, Image.open(tmp_path / "e.png").size[1])
+
+
+def test_preview_says_how_many_samples_it_measured(tmp_path, capsys):
+    """Counted on a random part of the data: the total stays the total, and the lines that
+    come from the part say so (issue: `samples: 14178 (counted 2000)`)."""
+    Image.new("RGB", (40, 40), (0, 0, 200)).save(tmp_path / "blue.png")
+    records = [{"image": "blue.png", "conversations": [{"from": "human", "value": f"<image>\nQuestion {k}?"},
+                                                       {"from": "gpt", "value": "blue"}]} for k in range(6)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert run_preview(preset="tiny", overrides=[f"data={tmp_path / 'd.jsonl'}", "max_count=4"],
+                       out=str(tmp_path / "grid.png"), n=2) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "samples: 6"
+    assert lines[1].startswith("tokens per sample (in 4 of them drawn at random; max_count=6 measures all): mean ")
+    assert lines[2] == "skips (in 4 of them drawn at random; max_count=6 measures all): no samples skipped"
+
+
+def test_the_readme_own_data_examples_load_without_skips(tmp_path):
+    """The README's LLaVA line and Cauldron parquet, with an easy-VQA test image."""
+    import shutil
+
+    import easy_vqa
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "mydata" / "images").mkdir(parents=True)
+    shutil.copy(easy_vqa.get_test_image_paths()[0], tmp_path / "mydata" / "images" / "0001.png")
+    line = ('{"image": "images/0001.png", "conversations": [{"from": "human", "value": "<image>\\nWhat is in the '
+            'picture?"}, {"from": "gpt", "value": "a red triangle"}]}')
+    (tmp_path / "mydata" / "train.jsonl").write_text(line + "\n")
+    png = open(tmp_path / "mydata" / "images" / "0001.png", "rb").read()
+    pq.write_table(pa.table({"images": [[{"bytes": png, "path": None}]],
+                             "texts": [[{"user": "What is in the picture?", "assistant": "a red triangle"}]]}),
+                   tmp_path / "mydata" / "train.parquet")
+    cfg = VLMConfig.from_preset("easyvqa")
+    for name in ("train.jsonl", "train.parquet"):
+        stats = preview(str(tmp_path / "mydata" / name), str(tmp_path / f"{name}.png"), n=1, vlm_cfg=cfg,
+                        verbose=False)
+        assert stats["samples"] == 1 and stats["skips"] == {}, (name, stats)

@@ -68,3 +68,26 @@ def test_eval_errors(tiny_model_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "nanovlm: error: --limit must be >= 0 (0: every question), got -1."
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "easyvqa", "--batch-size", "0"]) == 1
     assert capsys.readouterr().err.strip() == "nanovlm: error: --batch-size must be at least 1, got 0."
+
+
+def test_the_default_report_goes_to_the_current_directory_and_names_the_limit(tiny_model_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Never into the model's folder (it may be shared or read-only); a --limit run never
+    replaces a full report."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    model_files = sorted(os.listdir(tiny_model_dir))
+    assert main(["eval", "--model", str(tiny_model_dir), "--limit", "4", "--batch-size", "4"]) == 0
+    name = f"eval-{tiny_model_dir.parent.name}-tiny-easyvqa-test-first4.json"
+    assert capsys.readouterr().out.rstrip().endswith(f"report written to {name}")
+    assert json.loads((tmp_path / name).read_text())["n"] == 4
+    assert sorted(os.listdir(tiny_model_dir)) == model_files
+    assert easyvqa_default("runs/demo/final", 0) == "eval-demo-final-easyvqa-test.json"
+    assert easyvqa_default("runs/demo/final/", 500) == "eval-demo-final-easyvqa-test-first500.json"
+
+
+def easyvqa_default(model: str, limit: int) -> str:
+    from nanovlm.eval.run import default_report_path
+
+    return default_report_path(model, "easyvqa", "test", limit)

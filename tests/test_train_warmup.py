@@ -176,3 +176,19 @@ def test_validation_split_is_deterministic_grouped_and_disjoint():
     assert len(validation_split(keys, 0.5, 9, seed=0)[1]) == 9  # the cap
     assert validation_split(keys, 0.0, 500, seed=0)[1] == []
     assert validation_split(["a", "a"], 0.5, 500, seed=0)[1] == []  # never everything
+
+
+def test_the_header_comes_before_the_progress_bar_in_one_log(monkeypatch):
+    """stdout and stderr into one file (`nanovlm train > log 2>&1`): the header line first."""
+    import io
+
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stdout", log)
+    monkeypatch.setattr("sys.stderr", log)
+    model = _tiny_model()
+    _, data = _targets(model.cfg, n=16)
+    vision_warmup(model, data, 2, 3e-3, 4, seed=0, amp=FP32, fused=False, say=lambda text: print(text, flush=True),
+                  progress=True)
+    text = log.getvalue()
+    assert text.startswith("vision warm-up: 2 steps of the vision encoder with a question-keyed readout"), text[:200]
+    assert "%|" in text  # the bar was drawn, after the header

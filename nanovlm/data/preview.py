@@ -131,10 +131,17 @@ def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tok
         "out": out_png,
     }
     if verbose:
-        of = f" (counted {n_counted})" if stats["samples"] != n_counted else ""
-        print(f"samples: {stats['samples']}{of}")
-        print(f"tokens per sample: mean {stats['tokens_mean']:.1f}, max {stats['tokens_max']}")
-        print(f"skips: {skips.summary()}")
+        over = ""
+        if total is not None and total != n_counted:
+            print(f"samples: {total}")
+            over = f" (in {n_counted} of them drawn at random; max_count={total} measures all)"
+        elif total is None and n_counted >= max_count:
+            print(f"samples: at least {n_counted} (streamed data: only the first {n_counted} read)")
+            over = f" (in the first {n_counted})"
+        else:
+            print(f"samples: {n_counted}")
+        print(f"tokens per sample{over}: mean {stats['tokens_mean']:.1f}, max {stats['tokens_max']}")
+        print(f"skips{over}: {skips.summary()}")
         for reason, example in skips.examples.items():
             print(f"  {reason}: e.g. {example}")
         print(f"wrote {out_png}")

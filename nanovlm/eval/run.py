@@ -46,7 +46,7 @@ def run_eval(model_dir: str, task: str | None = None, split: str | None = None, 
                               autocast_dtype=dtype if dtype != torch.float32 else None, progress=True)
     report["model"] = os.path.abspath(model_dir)
     report["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
-    out = out or os.path.join(model_dir, f"eval_{task}_{split}.json")
+    out = out or default_report_path(model_dir, task, split, limit)
     atomic_write_json(out, report)
     print(easyvqa.format_report(report))
     print(easyvqa.format_examples(report))
@@ -106,3 +106,15 @@ def default_data_report_path(data: str, limit: int = 0) -> str:
     (which may be read-only or shared), and a `--limit` run never replaces a full run's report."""
     stem = os.path.splitext(os.path.basename(os.path.normpath(os.path.expanduser(data))))[0] or "data"
     return f"eval_{stem}" + (f"_limit{limit}" if limit else "") + ".json"
+
+
+def default_report_path(model: str, task: str, split: str, limit: int = 0) -> str:
+    """`eval-<model>-<task>-<split>[-first<N>].json` in the current directory: never inside the
+    model's folder (which may be read-only or shared), and a `--limit` run never replaces the
+    report of a full one. <model> is the last two parts of the path (`runs/demo/final` ->
+    `demo-final`), so that two models' reports do not collide either."""
+    parts = [p for p in os.path.normpath(os.path.abspath(model) if os.path.exists(model) else model).split(os.sep)
+             if p not in ("", ".", "..")]
+    name = "-".join(parts[-2:]) or "model"
+    first = f"-first{limit}" if limit else ""
+    return f"eval-{name}-{task}-{split}{first}.json"

@@ -1,9 +1,14 @@
-"""`nanovlm train`: resolve the settings, set up the processes, prepare the run folder, train."""
+"""`nanovlm train`: resolve the settings, set up the processes, prepare the run folder, train.
+
+A run refused before it trains (a bad setting, a missing data file, data the loop rejects once
+it is built) leaves no run folder behind: what can be checked is checked before the folder is
+made, and a folder made for a run that then stopped with nothing to keep is removed again."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 
 def run_training(preset: str = "small", config_file: str | None = None, out: str = "runs/latest",
@@ -25,10 +30,13 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
                 base = json.load(f)
     vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
     _check_data(train_cfg.data)
+    _check_out(out)
 
     info = dist.init()
+    created = False
     try:
         if info.is_main:
+            created = not os.path.exists(out)
             os.makedirs(out, exist_ok=True)
             if not resume and os.path.isdir(os.path.join(out, "checkpoints")):
                 # A new run in an old folder: its checkpoints would mix with ours on a later --resume.
@@ -38,7 +46,12 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
             ckpt.recover(out)
             ckpt.write_run_config(out, settings.to_dict(vlm_cfg, train_cfg))
         dist.barrier(info)
-        train(vlm_cfg, train_cfg, out, resume=resume, info=info)
+        try:
+            train(vlm_cfg, train_cfg, out, resume=resume, info=info)
+        except Exception:
+            if created:
+                _remove_refused_run(out)
+            raise
     finally:
         dist.shutdown()
     return 0
@@ -52,3 +65,23 @@ def _check_data(data: str) -> None:
     looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))
     if looks_local and not os.path.exists(path):
         raise FileNotFoundError(f"data file {data} does not exist.")
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; give a folder for the run.")
+
+
+def _remove_refused_run(out: str) -> None:
+    """The run folder this call created, removed again when the run stopped before it trained
+    anything worth keeping: the data or a setting was refused once the model and the data were
+    built (bad data content, a warm-up the data cannot have, ...). A folder holding a checkpoint,
+    a final model or a logged metric stays, and so does any folder that existed before."""
+    from nanovlm.train import checkpoint as ckpt
+
+    kept = (ckpt.list_checkpoints(out) or os.path.isdir(os.path.join(out, "checkpoints", "best"))
+            or os.path.isdir(os.path.join(out, "final")))
+    metrics = os.path.join(out, "metrics.jsonl")
+    if kept or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
+        return
+    shutil.rmtree(out, ignore_errors=True)

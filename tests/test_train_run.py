@@ -1,0 +1,66 @@
+"""`nanovlm train` refused: one sentence, exit 1, and no run folder left behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from nanovlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def small_jsonl(tmp_path_factory):
+    """Three valid LLaVA-layout samples: fewer than one batch of the tiny preset."""
+    root = tmp_path_factory.mktemp("data")
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(root / "red.png")
+    records = [{"image": "red.png", "conversations": [{"from": "human", "value": f"<image>\nquestion {k}?"},
+                                                      {"from": "gpt", "value": "red"}]} for k in range(3)]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return root / "d.jsonl"
+
+
+def _refused(capsys, argv) -> str:
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("nanovlm: error: ") and "\n" not in err, err
+    return err
+
+
+def test_a_run_refused_by_its_settings_or_data_path_makes_no_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert "unknown setting 'epochs'" in _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), "epochs=3"])
+    assert not out.exists()
+    missing = tmp_path / "nothing.jsonl"
+    assert _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), f"data={missing}"]) == (
+        f"nanovlm: error: data file {missing} does not exist.")
+    assert not out.exists()
+
+
+def test_a_run_refused_once_its_data_is_built_leaves_no_folder(tmp_path, capsys, small_jsonl):
+    out = tmp_path / "run"
+    err = _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), f"data={small_jsonl}", "batch_size=8",
+                            "val_size=0"])
+    assert err == ("nanovlm: error: the training data has 3 samples, fewer than one global batch "
+                   "(batch_size 8 x 1 process(es)).")
+    assert not out.exists()
+
+
+def test_a_refused_run_in_an_existing_folder_leaves_the_folder_and_what_it_held(tmp_path, capsys, small_jsonl):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    err = _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), f"data={small_jsonl}",
+                            "vision_warmup_steps=2", "batch_size=2", "val_size=0"])
+    assert err.startswith("nanovlm: error: vision_warmup_steps=2 needs images with labels of their own")
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_out_that_is_a_file_is_refused_before_anything(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert _refused(capsys, ["train", "--preset", "tiny", "--out", str(target)]) == (
+        f"nanovlm: error: --out {target} is a file, not a folder; give a folder for the run.")
+    assert target.read_text() == "x"
