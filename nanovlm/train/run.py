@@ -15,7 +15,7 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
                  resume: bool = False, overrides: list[str] | None = None) -> int:
     from nanovlm.train import checkpoint as ckpt
     from nanovlm.train import distributed as dist
-    from nanovlm.train import settings
+    from nanovlm.train import evaluation, settings
     from nanovlm.train.loop import train
 
     base = None
@@ -30,6 +30,9 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
                 base = json.load(f)
     vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
     _check_data(train_cfg.data)
+    if train_cfg.val_data:
+        _check_data(train_cfg.val_data)
+    evaluation.resolve_task(train_cfg)  # an eval_task the data does not have: refused before anything
     _check_out(out)
 
     info = dist.init()
@@ -59,7 +62,9 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
 
 def _check_data(data: str) -> None:
     """A data path that does not exist: one clear sentence before any model is built."""
-    if data.lower() in ("easyvqa", "easy-vqa", "easy_vqa"):
+    from nanovlm.train.evaluation import is_easyvqa
+
+    if is_easyvqa(data):
         return
     path = os.path.expanduser(data)
     looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))
