@@ -1,11 +1,9 @@
-"""Evaluation during and after training: validation loss, and accuracy on what the data names.
+"""Evaluation during and after training: validation loss, and the accuracy `eval_task` names.
 
-`eval_task` follows the data: `auto` (the default) is `easyvqa` (its test split) for
-`data=easyvqa` and `val` (exact match on the held-out validation questions, through `generate`)
-for any other data; `none` (or empty) measures the loss only. Naming a task the data does not
-have is an error, not a silent skip. Every accuracy is recorded under a name that says what it
-measured and on how many questions (`val_accuracy` / `val_questions`, `easyvqa_test_accuracy` /
-`easyvqa_test_questions`).
+Which accuracy (the data's held-out validation questions, or a test split the data ships
+with) is `nanovlm.eval.tasks`'s choice; this module runs it across ranks and records it under
+names that say what it measured and on how many questions (`<name>_accuracy`,
+`<name>_questions`, `<name>_what`).
 """
 
 from __future__ import annotations
@@ -14,28 +12,16 @@ from typing import Any
 
 import torch
 
-from nanovlm.config import ConfigError, TrainConfig
+from nanovlm.config import TrainConfig
 from nanovlm.train import distributed as dist
 
 IGNORE_INDEX = -100
-TASKS = ("auto", "val", "easyvqa", "none")
-
-
-def is_easyvqa(data: str) -> bool:
-    return str(data).strip().lower() in ("easyvqa", "easy-vqa", "easy_vqa")
 
 
 def resolve_task(train_cfg: TrainConfig) -> str:
-    """The accuracy a run measures: `val`, `easyvqa` or `none` (see the module docstring)."""
-    task = (train_cfg.eval_task or "none").strip().lower()
-    if task not in TASKS:
-        raise ConfigError(f"eval_task must be one of {', '.join(TASKS)}, got {train_cfg.eval_task!r}.")
-    if task == "auto":
-        return "easyvqa" if is_easyvqa(train_cfg.data) else "val"
-    if task == "easyvqa" and not is_easyvqa(train_cfg.data):
-        raise ConfigError(f"eval_task=easyvqa scores easy-VQA's test split, but the run trains on data="
-                          f"{train_cfg.data}; use eval_task=auto to score its own held-out questions.")
-    return task
+    from nanovlm.eval.tasks import resolve_task as resolve
+
+    return resolve(train_cfg.eval_task, train_cfg.data)
 
 
 @torch.no_grad()
@@ -66,26 +52,13 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
 
 def accuracy(model, task: str, data, train_cfg: TrainConfig, limit: int, info: dist.DistInfo, amp: dict,
              progress: bool = False) -> dict[str, Any] | None:
-    """The task's report (see `nanovlm.eval`), or None when the run measures no accuracy."""
-    autocast = amp["dtype"] if amp["enabled"] else None
-    if task == "easyvqa":
-        from nanovlm.eval import easyvqa
+    """The task's report (`nanovlm.eval.tasks`), or None when the run measures no accuracy."""
+    from nanovlm.eval.tasks import task_report
 
-        report = easyvqa.evaluate(model, "test", limit, train_cfg.eval_batch_size, rank=info.rank,
-                                  world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
-                                  autocast_dtype=autocast, progress=progress)
-        report["name"] = "easyvqa_test"
-        return report
-    if task != "val" or not data.val_records:
-        return None
-    from nanovlm.eval import vqa
-
-    items = vqa.qa_items(data.val_source, train_cfg.image_folder, indices=list(data.val_records), limit=limit)
-    report = vqa.evaluate(model, items, batch_size=train_cfg.eval_batch_size, progress=progress, rank=info.rank,
-                          world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
-                          autocast_dtype=autocast)
-    report["name"] = "val"
-    return report
+    return task_report(task, model, val_source=data.val_source, val_records=data.val_records,
+                       image_folder=train_cfg.image_folder, limit=limit, batch_size=train_cfg.eval_batch_size,
+                       rank=info.rank, world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
+                       autocast_dtype=amp["dtype"] if amp["enabled"] else None, progress=progress)
 
 
 def accuracy_fields(report: dict | None) -> dict[str, float | int]:
@@ -94,7 +67,7 @@ def accuracy_fields(report: dict | None) -> dict[str, float | int]:
         return {}
     name = report["name"]
     out: dict[str, float | int] = {f"{name}_accuracy": report["accuracy"], f"{name}_questions": report["n"]}
-    for kind, entry in (report.get("per_type") or {}).items():  # easy-VQA's kinds, or answer types
+    for kind, entry in (report.get("per_type") or {}).items():  # the task's question kinds
         if entry.get("n"):
             out[f"{name}_accuracy_{kind.replace('/', '_')}"] = entry["accuracy"]
     return out

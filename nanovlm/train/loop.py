@@ -328,7 +328,7 @@ def evaluate(run: Run, limit: int, final: bool) -> dict:
             run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in record.items() if k != "step"))
     # The best checkpoint: by held-out accuracy where the run measures it, else by validation
-    # loss (never by a test split: easy-VQA's test questions only report).
+    # loss (never by a test split: a test split only reports).
     metric, value, higher = ("val_accuracy", record.get("val_accuracy"), True) if "val_accuracy" in record \
         else ("val_loss", val, False)
     best = state.best
@@ -384,16 +384,11 @@ def finish(run: Run, final_eval: bool, t_session: float, last_record: dict) -> d
 
 
 def _write_report(run: Run, report: dict) -> None:
+    from nanovlm.eval.tasks import format_report
     from nanovlm.fileio import atomic_write_json
 
-    if report["name"] == "easyvqa_test":
-        from nanovlm.eval import easyvqa as task
-    else:
-        from nanovlm.eval import vqa as task
     atomic_write_json(os.path.join(run.run_dir, f"eval_{report['name']}.json"), report)
-    run.say(task.format_report(report))
-    if hasattr(task, "format_examples"):
-        run.say("a few answered questions:\n" + task.format_examples(report))
+    run.say(format_report(report))
 
 
 class _Printer:

@@ -107,12 +107,11 @@ def plot(records: list[dict], path: str) -> str | None:
     ax["loss"].set_yscale("log")
     ax["loss"].legend()
     ax["loss"].grid(alpha=0.3)
-    names = {"val": "held-out validation questions", "easyvqa_test": "easy-VQA test questions"}
     for name in accuracies:
         key, n_key = f"{name}_accuracy", f"{name}_questions"
         periodic = [r for r in records if key in r and not r.get("final")]
         final = [r for r in records if key in r and r.get("final")]
-        what = names.get(name, name)
+        what = next((r[f"{name}_what"] for r in periodic + final if f"{name}_what" in r), name)
         if periodic:
             n = periodic[-1].get(n_key, "?")
             ax["accuracy"].plot([r["step"] for r in periodic], [100 * r[key] for r in periodic], marker="o",

@@ -62,9 +62,9 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
 
 def _check_data(data: str) -> None:
     """A data path that does not exist: one clear sentence before any model is built."""
-    from nanovlm.train.evaluation import is_easyvqa
+    from nanovlm.eval.tasks import DATA_TASKS
 
-    if is_easyvqa(data):
+    if data.strip().lower() in DATA_TASKS:  # packaged data, not a path
         return
     path = os.path.expanduser(data)
     looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))

@@ -2,9 +2,9 @@
 questions through a small readout of its own, before the VLM stage.
 
 nanoVLM starts from a pretrained SigLIP. A vision encoder trained from scratch through the
-language model learns slowly: on easy-VQA the shape of the object stayed near chance after 900
-steps (docs/benchmarks.md, rounds 2-6), where the same encoder with a direct readout learned it
-in minutes. This stage gives it that direct readout, built from nothing but the training
+language model learns slowly: on the packaged shapes data the shape of the object stayed near
+chance after 900 steps (docs/benchmarks.md, rounds 2-6), where the same encoder with a direct
+readout learned it in minutes. This stage gives it that direct readout, built from nothing but the training
 samples every data layout yields (an image, questions, supervised answer tokens), as classic
 VQA models were trained:
 
