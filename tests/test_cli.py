@@ -84,8 +84,9 @@ def test_debug_shows_traceback(tiny_ckpt):
 
 
 # ------------------------------------------------------------------ mistyped command lines
-TRAIN_OPTIONS = "valid options: --preset, --config, --out, --resume/--no-resume, key=value settings, --help."
-EVAL_OPTIONS = "valid options: --model, --task, --split, --limit, --batch-size, --out, --help."
+TRAIN_OPTIONS = ("valid options: --preset, --config, --out, --resume/--no-resume, --list-settings, key=value settings, "
+                 "--help.")
+EVAL_OPTIONS = "valid options: --model, --task, --data, --image-folder, --split, --limit, --batch-size, --out, --help."
 
 
 @pytest.mark.parametrize("argv, sentence", [
@@ -97,9 +98,10 @@ EVAL_OPTIONS = "valid options: --model, --task, --split, --limit, --batch-size, 
      "nanovlm generate: error: unknown option --temprature (did you mean --temperature?); valid options: --model, "
      "--lm, --image, --prompt, --max-new-tokens, --greedy/--no-greedy, --temperature, --top-k, --top-p, --seed, "
      "--stream/--no-stream, --dtype, --help."),
-    (["eval", "--task", "nope"], "nanovlm eval: error: --task 'nope' is not a valid choice; choose one of: easyvqa."),
-    (["eval", "--model", "m", "--split", "dev"],
-     "nanovlm eval: error: --split 'dev' is not a valid choice; choose one of: train, test."),
+    (["eval", "--model", "m", "--task", "nope"],
+     "nanovlm: error: unknown task 'nope'; choose one of: easyvqa, or give --data FILE."),
+    (["eval", "--model", "m", "--task", "easyvqa", "--split", "dev"],
+     "nanovlm: error: --split 'dev' is not a split of easyvqa; choose one of: train, test."),
     (["generate", "--lm", "x", "--prompt", "y", "--dtype", "fp16"],
      "nanovlm generate: error: --dtype 'fp16' is not a valid choice; choose one of: auto, fp32, bf16."),
     (["eval"], "nanovlm eval: error: missing --model (checkpoint directory); see nanovlm eval --help."),
@@ -132,9 +134,9 @@ def test_unknown_option_exits_1_without_a_usage_block():
     assert r.returncode == 1
     assert r.stderr == f"nanovlm train: error: unknown option --bogus; {TRAIN_OPTIONS}\n"
     assert "usage:" not in r.stderr + r.stdout
-    r = run("eval", "--task", "nope")
-    assert (r.returncode, r.stderr) == (1, "nanovlm eval: error: --task 'nope' is not a valid choice; "
-                                           "choose one of: easyvqa.\n")
+    r = run("eval", "--model", "m", "--task", "nope")
+    assert (r.returncode, r.stderr) == (1, "nanovlm: error: unknown task 'nope'; choose one of: easyvqa, "
+                                           "or give --data FILE.\n")
 
 
 def test_settings_after_an_option_are_settings_too():
@@ -167,7 +169,7 @@ def test_every_option_has_help_and_no_help_shows_a_default_of_none(capsys):
     text = " ".join(capsys.readouterr().out.split())
     out_help = text[text.rindex("--out FILE"):]
     assert out_help.count("default") == 1
-    assert "eval-<model>-<task>-<split>[-first<N>].json in the current directory" in out_help
+    assert "eval-<model>-<task>-<split>[-first<N>].json for --task" in out_help
 
 
 def test_help_lists_the_presets_and_booleans_have_a_no_form():

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from nanovlm.cli import main
-from nanovlm.config import PRESETS, ConfigError
+from nanovlm.config import DEFAULT_PRESET, PRESETS, ConfigError
 from nanovlm.train.settings import resolve, to_dict
 
 
@@ -232,7 +232,7 @@ def test_list_settings_names_every_preset_with_its_description(capsys):
         name = line.split()[0]
         assert PRESET_DESCRIPTIONS[name] in line
     assert [line for line in presets if line.endswith("(the default)")] == [
-        next(line for line in presets if line.split()[0] == "easyvqa")]
+        next(line for line in presets if line.split()[0] == DEFAULT_PRESET)]
 
 
 def test_train_help_names_the_presets_and_list_settings(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 TASKS = ("easyvqa",)
+TASK_SPLITS = {"easyvqa": ("train", "test")}
 
 
 def run_eval(model_dir: str, task: str | None = None, split: str | None = None, limit: int = 0, batch_size: int = 64,
@@ -25,6 +26,8 @@ def run_eval(model_dir: str, task: str | None = None, split: str | None = None, 
                          "see nanovlm eval --help.")
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}, or give --data FILE.")
+    if task is not None and split is not None and split not in TASK_SPLITS[task]:
+        raise ValueError(f"--split {split!r} is not a split of {task}; choose one of: {', '.join(TASK_SPLITS[task])}.")
     if limit < 0:
         raise ValueError(f"--limit must be >= 0 (0: every question), got {limit}.")
     if batch_size < 1:

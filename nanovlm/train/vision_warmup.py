@@ -12,7 +12,7 @@ VQA models were trained:
   twice, cross-entropy), when they cover most questions; otherwise (captions, long free-form
   answers) the answer's tokens as a bag of words (`words`: multi-label, binary cross-entropy);
   with neither (fewer than two classes), or a pretrained encoder, the stage is skipped;
-- the readout (`ReadoutHead`): the question's tokens through a one-layer transformer, mean
+- the readout (`ReadoutHead`): the question's tokens through one transformer block, mean
   pooled, key an attention over the encoder's patch tokens (several heads: where things are
   matters for positions and "which of several objects"), plus a sigmoid-gated sum over the
   patches (softmax attention normalises counts away), then an MLP to the targets;
@@ -227,16 +227,39 @@ def held_out_targets(pairs: _Pairs, train: ReadoutData) -> ReadoutData | None:
                        coverage=len(keep) / len(pairs.answers), n_questions=len(pairs.answers))
 
 
+class QuestionBlock(nn.Module):
+    """One pre-norm self-attention + MLP block over a question's tokens (word order matters:
+    "is the circle left of the square?"). Attention as two matmuls: SDPA's fused CPU backward
+    is several times slower on such short rows (docs/benchmarks.md, seventh round)."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        H, D = self.n_heads, C // self.n_heads
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, H, D).unbind(2)  # each (B, L, H, D)
+        scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(D)  # (B, H, L, L)
+        scores = scores.masked_fill(~present.view(B, 1, 1, L), float("-inf"))
+        attn = scores.float().softmax(-1).to(v.dtype)
+        x = x + self.proj(torch.einsum("bhlm,bmhd->blhd", attn, v).reshape(B, L, C))
+        return x + self.mlp(self.norm2(x))
+
+
 class ReadoutHead(nn.Module):
-    """(patch tokens of each image, questions) -> logits over the targets."""
+    """(patch tokens of each image, questions about each image) -> logits over the targets."""
 
     def __init__(self, dim: int, n_question_tokens: int, n_out: int, n_heads: int = 4):
         super().__init__()
         self.n_heads = n_heads
         self.token = nn.Embedding(n_question_tokens + 1, dim, padding_idx=0)
         self.position = nn.Parameter(torch.randn(MAX_QUESTION_TOKENS, dim) * 0.02)
-        self.encoder = nn.TransformerEncoderLayer(dim, n_heads, 2 * dim, dropout=0.0, batch_first=True,
-                                                  norm_first=True)
+        self.encoder = QuestionBlock(dim, n_heads)
         self.norm = nn.LayerNorm(dim)
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
@@ -244,25 +267,28 @@ class ReadoutHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(3 * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, n_out))
 
     def question_vector(self, questions: torch.Tensor) -> torch.Tensor:
-        present = questions != 0  # (P, L)
-        x = self.token(questions) + self.position[:questions.shape[1]]  # (P, L, C)
-        x = self.encoder(x, src_key_padding_mask=~present)
-        x = (x * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True).clamp(min=1)  # (P, C)
+        """(Q, L) token ids (0: padding) -> (Q, C)."""
+        present = questions != 0  # (Q, L)
+        present[:, 0] = True  # a padding question must not be all-masked (its softmax would be NaN)
+        x = self.token(questions) + self.position[:questions.shape[1]]  # (Q, L, C)
+        x = self.encoder(x, present)
+        x = (x * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True)  # (Q, C)
         return self.norm(x)
 
-    def forward(self, patches: torch.Tensor, patch_mask: torch.Tensor, pair_image: torch.Tensor,
-                questions: torch.Tensor) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, patch_mask: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
+        """patches (B, N, C), patch_mask (B, N), questions (B, P, L) -> logits (B, P, n_out)."""
         B, N, C = patches.shape
+        P, L = questions.shape[1:]
         H, D = self.n_heads, C // self.n_heads
-        q = self.question_vector(questions)  # (P, C)
-        k = self.key(patches).view(B, N, H, D)[pair_image]  # (P, N, H, D)
-        v = self.value(patches).view(B, N, H, D)[pair_image]  # (P, N, H, D)
-        scores = torch.einsum("phd,pnhd->phn", self.query(q).view(-1, H, D), k) / math.sqrt(D)  # (P, H, N)
-        mask = patch_mask[pair_image].unsqueeze(1)  # (P, 1, N)
+        q = self.question_vector(questions.reshape(B * P, L)).view(B, P, C)
+        k = self.key(patches).view(B, N, H, D)
+        v = self.value(patches).view(B, N, H, D)
+        scores = torch.einsum("bphd,bnhd->bhpn", self.query(q).view(B, P, H, D), k) / math.sqrt(D)  # (B, H, P, N)
+        mask = patch_mask.view(B, 1, 1, N)
         attn = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         gate = torch.sigmoid(scores) * mask / N  # grows with the number of patches that match
-        pooled = torch.einsum("phn,pnhd->phd", attn, v).reshape(-1, C)  # (P, C)
-        summed = torch.einsum("phn,pnhd->phd", gate.to(v.dtype), v).reshape(-1, C)  # (P, C)
+        pooled = torch.einsum("bhpn,bnhd->bphd", attn, v).reshape(B, P, C)
+        summed = torch.einsum("bhpn,bnhd->bphd", gate.to(v.dtype), v).reshape(B, P, C)
         return self.mlp(torch.cat([pooled, summed, q], dim=-1))
 
 
@@ -293,17 +319,37 @@ def _encode(model: nn.Module, data: ReadoutData, image_idx: torch.Tensor, device
     return out.view(b, T * n, out.shape[-1]), mask.to(device)
 
 
-def _pairs_for(data: ReadoutData, image_idx: torch.Tensor, generator: torch.Generator,
-               pairs_by_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to MAX_PAIRS_PER_IMAGE questions of each chosen image: (pair indices, their row in the batch)."""
-    chosen, rows = [], []
-    for row, k in enumerate(image_idx.tolist()):
-        own = pairs_by_image[k]
-        if len(own) > MAX_PAIRS_PER_IMAGE:
-            own = own[torch.randperm(len(own), generator=generator)[:MAX_PAIRS_PER_IMAGE]]
-        chosen.append(own)
-        rows.append(torch.full((len(own),), row, dtype=torch.long))
-    return torch.cat(chosen), torch.cat(rows)
+def _pairs_for(image_idx: torch.Tensor, pairs_by_image: list[torch.Tensor], cap: int,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) indices of up to `cap` questions of each chosen image (-1: none), and their mask;
+    a random `cap` of them where an image has more (all, in order, without a generator)."""
+    own = []
+    for k in image_idx.tolist():
+        pairs = pairs_by_image[k]
+        if len(pairs) > cap:
+            pairs = pairs[torch.randperm(len(pairs), generator=generator)[:cap]] if generator is not None \
+                else pairs[:cap]
+        own.append(pairs)
+    P = max(1, max(len(o) for o in own))
+    idx = torch.full((len(own), P), -1, dtype=torch.long)
+    for row, pairs in enumerate(own):
+        idx[row, :len(pairs)] = pairs
+    return idx, idx >= 0
+
+
+def _by_image(data: ReadoutData) -> list[torch.Tensor]:
+    n_images = int(data.images.shape[0])
+    order = torch.argsort(data.pair_image, stable=True)
+    return list(torch.split(order, torch.bincount(data.pair_image, minlength=n_images).tolist()))
+
+
+def _logits(model, head: "ReadoutHead", data: ReadoutData, image_idx: torch.Tensor, pair_idx: torch.Tensor,
+            device) -> torch.Tensor:
+    """(B, P, n_out) logits of the chosen images' questions."""
+    patches, mask = _encode(model, data, image_idx, device)
+    questions = data.questions[pair_idx.clamp(min=0)]  # (B, P, L)
+    questions[pair_idx < 0] = 0
+    return head(patches, mask, questions.to(device))
 
 
 @torch.no_grad()
@@ -312,18 +358,16 @@ def readout_accuracy(model, head: ReadoutHead, data: ReadoutData, amp: dict, bat
     device = next(model.parameters()).device
     was = model.vision_encoder.training
     model.vision_encoder.eval()
-    right = 0
+    by_image = _by_image(data)
     images = torch.unique(data.pair_image)
     autocast = torch.autocast(**amp) if amp.get("enabled") else contextlib.nullcontext()
+    right = 0
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        sel = torch.isin(data.pair_image, chunk).nonzero().squeeze(1)
-        row_of = torch.full((int(data.images.shape[0]),), -1, dtype=torch.long)
-        row_of[chunk] = torch.arange(len(chunk))
+        pair_idx, valid = _pairs_for(chunk, by_image, len(data.pair_image), None)
         with autocast:
-            patches, mask = _encode(model, data, chunk, device)
-            logits = head(patches, mask, row_of[data.pair_image[sel]].to(device), data.questions[sel].to(device))
-        right += readout_right(logits.float(), data.targets[sel].to(device), data.mode)
+            logits = _logits(model, head, data, chunk, pair_idx, device)
+        right += readout_right(logits[valid.to(device)].float(), data.targets[pair_idx[valid]].to(device), data.mode)
     model.vision_encoder.train(was)
     return right / max(1, len(data.pair_image))
 
@@ -352,11 +396,8 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
                                   betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
     schedule = WarmupCosine(optimizer, steps, warmup_ratio=0.02)
     generator = torch.Generator().manual_seed(seed)
-    n_images = int(data.images.shape[0])
-    order = torch.argsort(data.pair_image, stable=True)
-    counts = torch.bincount(data.pair_image, minlength=n_images)
-    pairs_by_image = list(torch.split(order, counts.tolist()))
-    with_pairs = (counts > 0).nonzero().squeeze(1)
+    pairs_by_image = _by_image(data)
+    with_pairs = torch.tensor([k for k, p in enumerate(pairs_by_image) if len(p)], dtype=torch.long)
     autocast = torch.autocast(**amp) if amp.get("enabled") else contextlib.nullcontext()
 
     kind = (f"{data.n_classes} answer classes covering {data.coverage:.0%} of {data.n_questions} questions"
@@ -390,11 +431,10 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
                 perm, pos = torch.randperm(len(with_pairs), generator=generator), 0
             image_idx = with_pairs[perm[pos:pos + batch_size]]
             pos += batch_size
-            pair_idx, rows = _pairs_for(data, image_idx, generator, pairs_by_image)
-            targets = data.targets[pair_idx].to(device)
+            pair_idx, valid = _pairs_for(image_idx, pairs_by_image, MAX_PAIRS_PER_IMAGE, generator)
+            targets = data.targets[pair_idx[valid]].to(device)
             with autocast:
-                patches, mask = _encode(model, data, image_idx, device)
-                logits = head(patches, mask, rows.to(device), data.questions[pair_idx].to(device))
+                logits = _logits(model, head, data, image_idx, pair_idx, device)[valid.to(device)]
             loss = readout_loss(logits, targets, data.mode)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -402,7 +442,7 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
             optimizer.step()
             if step >= steps - tail:
                 right += readout_right(logits.detach().float(), targets, data.mode)
-                seen += len(pair_idx)
+                seen += len(targets)
             if step % 50 == 0 or step == steps - 1:
                 value = loss.item()
                 if bar is not None:

@@ -1,0 +1,91 @@
+"""The run's data: a validation part held out of the user's own data, the same on every rank and
+every resume, never trained on; the accuracy a run measures follows its data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from shapes_data import write_llava
+from test_train_synthetic import EOS, SyntheticVQA, tiny_configs
+
+from nanovlm.config import ConfigError, TrainConfig
+from nanovlm.data.collators import VLMCollator
+from nanovlm.eval.tasks import resolve_task
+from nanovlm.train import distributed as dist
+from nanovlm.train.data import make_data
+
+
+class Grouped(SyntheticVQA):
+    """SyntheticVQA whose samples come three to an image (as LLaVA records of one image do)."""
+
+    def group_keys(self):
+        return [f"image{i // 3}" for i in range(len(self))]
+
+
+def _data(rank: int, world: int, **overrides):
+    vlm_cfg, train_cfg = tiny_configs(**overrides)
+    info = dist.DistInfo(rank=rank, world_size=world)
+    return make_data(Grouped(vlm_cfg, 90), VLMCollator(EOS, vlm_cfg.lm_max_length), train_cfg, info)
+
+
+def test_the_validation_part_is_the_same_on_every_rank_and_never_trained_on():
+    d0 = _data(0, 2, val_fraction=0.1, val_size=100, batch_size=4)
+    d1 = _data(1, 2, val_fraction=0.1, val_size=100, batch_size=4)
+    assert list(d0.val.indices) == list(d1.val.indices) == list(d0.val_records) and len(d0.val) == 9
+    held = set(d0.val.indices)
+    keys = d0.source.group_keys()
+    assert {keys[i] for i in held}.isdisjoint({keys[i] for i in d0.train_indices})  # whole images held out
+    # what the two ranks' samplers draw over an epoch, mapped back to the dataset: training samples only
+    trained = set()
+    for d in (d0, d1):
+        sampler = d.train.sampler if hasattr(d.train, "sampler") else None
+        for b in range(d.batches_per_epoch):
+            trained.update(d.train.dataset.indices[i] for i in sampler.rank_batch(0, b))
+    assert trained and not trained & held
+    assert list(_data(0, 1, val_fraction=0.1, val_size=100).val.indices) == list(d0.val.indices)  # a resume
+
+
+def test_eval_task_follows_the_data():
+    assert resolve_task("auto", "easyvqa") == "easyvqa"
+    assert resolve_task("auto", "mine.parquet") == "val"
+    assert resolve_task("none", "mine.parquet") == "none" and resolve_task("", "x.jsonl") == "none"
+    with pytest.raises(ConfigError, match=r"^eval_task=easyvqa scores that task's own test split, but the run "
+                                          r"trains on data=mine.parquet; use eval_task=auto"):
+        resolve_task("easyvqa", "mine.parquet")
+    with pytest.raises(ConfigError, match=r"^eval_task must be one of auto, val, easyvqa, none, got 'nope'\.$"):
+        resolve_task("nope", "easyvqa")
+
+
+def test_bad_budget_and_validation_settings_name_the_field():
+    for kwargs, message in [({"val_fraction": 1.0}, "val_fraction must be in [0, 1), got 1.0."),
+                            ({"max_train_time": -1.0}, "max_train_time must be >= 0 seconds (0: no limit), got -1.0."),
+                            ({"vision_warmup": "maybe"},
+                             "vision_warmup must be one of auto, answers, words, off, got 'maybe'.")]:
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(**kwargs)
+        assert str(e.value) == message
+
+
+def test_a_run_on_a_llava_file_reports_accuracy_on_its_held_out_images(tmp_path):
+    """The real path end to end: a LLaVA file with one question per record (records share images),
+    the default warm-up, and accuracy measured on the held-out images' questions."""
+    from nanovlm.train.run import run_training
+
+    data = tmp_path / "d" / "train.jsonl"
+    os.makedirs(data.parent)
+    write_llava(str(data), 24, ["colour", "size"], seed=3, size=48)
+    out = tmp_path / "run"
+    run_training("tiny", None, str(out), overrides=[
+        f"data={data}", "max_training_steps=3", "batch_size=4", "vision_warmup=auto", "vision_warmup_steps=3",
+        "val_fraction=0.25", "eval_interval=0", "precision=fp32"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_questions"] == 12  # 6 of 24 images held out, 2 questions each
+    assert 0.0 <= summary["val_accuracy"] <= 1.0
+    assert summary["vision_warmup"]["mode"] == "answers" and summary["vision_warmup"]["images"] == 18
+    assert summary["best_checkpoint"]["metric"] == "val_accuracy"
+    report = json.loads((out / "eval_val.json").read_text())
+    assert len(report["items"]) == 12 and {"question", "prediction", "reference"} <= set(report["items"][0])
+    assert "easyvqa_test_accuracy" not in summary
