@@ -270,26 +270,35 @@ def _refused(port) -> bool:
         return True
 
 
-def test_sigterm_mid_stream_drains_then_exits_0(checkpoint, tmp_path):
+def _held_server(checkpoint, tmp_path, drain_timeout):
     script = tmp_path / "held_server.py"
     script.write_text(HELD_SERVER)
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NANOVLM_API_KEY": KEY,
            "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, str(script), "serve", "--model", checkpoint, "--port", str(port),
-                             "--drain-timeout", str(int(HANG_GUARD_S))],
+                             "--drain-timeout", str(drain_timeout)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    return proc, port
+
+
+def _open_stream(port):
+    """A streamed answer whose first chunk has arrived; the held engine then waits for SIGUSR1."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=HANG_GUARD_S)
+    name = client.models.list().data[0].id
+    chunks = iter(client.chat.completions.create(model=name, messages=HI, max_tokens=12, temperature=0, stream=True))
+    first = next(chunks)
+    assert first.choices[0].delta.role == "assistant"
+    return chunks
+
+
+def test_sigterm_mid_stream_drains_then_exits_0(checkpoint, tmp_path):
+    proc, port = _held_server(checkpoint, tmp_path, drain_timeout=int(HANG_GUARD_S))
     try:
         _until(lambda: _up(port), "the server to come up", proc)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0,
-                               timeout=HANG_GUARD_S)
         with pytest.raises(openai.AuthenticationError):  # NANOVLM_API_KEY is the key
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0).models.list()
-        name = client.models.list().data[0].id
-        stream = client.chat.completions.create(model=name, messages=HI, max_tokens=12, temperature=0, stream=True)
-        chunks = iter(stream)
-        first = next(chunks)  # the role chunk: the stream is open and the engine is held at its first step
-        assert first.choices[0].delta.role == "assistant"
+        chunks = _open_stream(port)
 
         proc.send_signal(signal.SIGTERM)
         _until(lambda: _refused(port), "the listener to close", proc)  # no new connections while draining
@@ -308,3 +317,20 @@ def test_sigterm_mid_stream_drains_then_exits_0(checkpoint, tmp_path):
             proc.communicate()
     assert proc.returncode == 0, out
     assert "SIGTERM: draining" in out and "nanovlm: stopped." in out, out
+
+
+def test_drain_timeout_ends_a_stream_that_does_not_finish(checkpoint, tmp_path):
+    proc, port = _held_server(checkpoint, tmp_path, drain_timeout=1)
+    try:
+        _until(lambda: _up(port), "the server to come up", proc)
+        chunks = _open_stream(port)  # never released: only the drain timeout can end it
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError):  # the stream is cut, not completed
+            list(chunks)
+        out, _ = proc.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "up to 1.0 s to finish" in out, out

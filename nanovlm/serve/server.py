@@ -594,12 +594,23 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch_s
     print(f"nanovlm: serving {name!r} on {url} (OpenAI API at {url}/v1, chat page at {url}/"
           f"{', API key required' if api_key else ''}); Ctrl-C to stop.", flush=True)
     server = _uvicorn(app, drain_timeout)
+    engine_died = threading.Event()
+
+    def watch_engine() -> None:  # the engine thread never should end; if it does, stop serving
+        while not server.should_exit:
+            if not app.engine.alive:
+                logger.error("the engine thread stopped; shutting down.")
+                engine_died.set()
+                server.should_exit = True
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch_engine, name="nanovlm-engine-watch", daemon=True).start()
     try:
         server.run(sockets=[sock])
     finally:
-        app.engine.stop()
-    if not server.started:
-        logger.error("the HTTP server did not start.")
+        app.engine.stop(timeout=5.0)
+    if not server.started or engine_died.is_set():
         return 1
     print("nanovlm: stopped.", flush=True)
     return 0
