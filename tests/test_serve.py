@@ -154,7 +154,7 @@ def test_multi_turn_and_max_completion_tokens(server, client):
     assert r.usage.prompt_tokens == len(tok.encode(text))
 
 
-def test_concurrent_requests_batch_and_match_sequential(server, client):
+def test_concurrent_requests_batch_and_match_sequential(server, client, monkeypatch):
     questions = [f"Question {i}: what is shown?" for i in range(10)]
     colors = [(30 * i, 255 - 20 * i, 100) for i in range(10)]
 
@@ -170,10 +170,16 @@ def test_concurrent_requests_batch_and_match_sequential(server, client):
 
     sequential = [ask(i) for i in range(10)]
     assert len(set(sequential)) > 5, "answers should differ between prompts"
-    before = server.app.engine.stats()
+    engine = server.app.engine
+    before = engine.stats()
+    gate = Gate(monkeypatch, engine)  # decoding waits until all ten are in: batching does not hang on timing
     with ThreadPoolExecutor(10) as pool:
-        concurrent = list(pool.map(lambda i: ask(i, stream=i % 3 == 0), range(10)))
-    after = server.app.engine.stats()
+        futures = [pool.submit(ask, i, i % 3 == 0) for i in range(10)]
+        _until(lambda: engine.stats()["requests"] - before["requests"] + engine.stats()["waiting"] == 10,
+               "all ten requests to reach the engine")
+        gate.release()
+        concurrent = [f.result() for f in futures]
+    after = engine.stats()
     assert concurrent == sequential
     steps = after["decode_steps"] - before["decode_steps"]
     rows = after["decode_rows"] - before["decode_rows"]
@@ -395,8 +401,9 @@ def _wait_running(engine, n):
     return True
 
 
-def _cancelled(engine) -> bool:
-    return all(r.handle.cancelled for r in engine._rows) and bool(engine._rows)
+def _running_handle(engine):
+    _wait_running(engine, 1)
+    return engine._rows[0].handle
 
 
 def test_disconnect_mid_stream_frees_the_slot(server, client, monkeypatch):
@@ -412,9 +419,9 @@ def test_disconnect_mid_stream_frees_the_slot(server, client, monkeypatch):
     while received.count(b"data: ") < 3:
         gate.allow(1)  # one token more until three events came (some tokens decode to no text yet)
         received += sock.recv(4096)
-    assert _wait_running(engine, 1)
+    handle = _running_handle(engine)
     sock.close()
-    _until(lambda: _cancelled(engine), "the server to cancel the request of a gone client")
+    _until(lambda: handle.cancelled, "the server to cancel the request of a gone client")
     gate.release()
     assert _wait_running(engine, 0), "the engine kept decoding for a gone client"
     assert engine.stats()["generated_tokens"] - before < 60
@@ -425,9 +432,9 @@ def test_disconnect_mid_stream_frees_the_slot(server, client, monkeypatch):
     sock = socket.create_connection((host, port), timeout=HANG_GUARD_S)
     body = json.dumps(_chat(max_tokens=60)).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    assert _wait_running(engine, 1)
+    handle = _running_handle(engine)
     sock.close()
-    _until(lambda: _cancelled(engine), "the server to cancel the request of a gone client")
+    _until(lambda: handle.cancelled, "the server to cancel the request of a gone client")
     gate.release()
     assert _wait_running(engine, 0)
 

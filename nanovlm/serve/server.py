@@ -320,6 +320,7 @@ async def _stream(app: App, parsed: protocol.ChatRequest, handle, queue: asyncio
 
 # ------------------------------------------------------------------------------------ errors, routing
 _METHOD_ORDER = ("GET", "HEAD", "POST")
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -388,7 +389,8 @@ class _Gate:
                 finally:
                     app.metrics.in_progress -= 1
         finally:
-            app.metrics.observe(_route_label(path), scope["method"][:16], status, time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in _METHODS else "other"  # labels stay a small set
+            app.metrics.observe(_route_label(path), method, status, time.perf_counter() - started)
 
     def _authorized(self, scope) -> bool:
         expected = b"Bearer " + self.app.api_key.encode("utf-8")
