@@ -303,14 +303,27 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="requests decoded together")
     p.add_argument("--allow-remote-images", action=argparse.BooleanOptionalAction, default=False,
                    help="fetch http(s) image URLs on the server")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1/* request (401 without it); "
+                        "default: the NANOVLM_API_KEY environment variable, else no key")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long requests in progress (streams included) may take to "
+                        "finish before the server exits")
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
+    for module in ("starlette", "uvicorn", "pydantic"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise RuntimeError(f"nanovlm serve needs the [serve] extra ({module} is not installed): "
+                               "pip install 'nanovlm[serve]'.") from None
     from nanovlm.serve.server import serve
 
     return serve(model_dir=args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                 allow_remote_images=args.allow_remote_images)
+                 allow_remote_images=args.allow_remote_images, api_key=args.api_key,
+                 drain_timeout=args.drain_timeout)
 
 
 # ----------------------------------------------------------------------------------------- data

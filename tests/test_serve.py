@@ -68,8 +68,8 @@ def image_message(text, url=None):
 
 
 def request(server, method, path, body=None, headers=None, raw=None):
-    """(status, headers, parsed JSON or text) over a fresh connection."""
-    host, port = server.httpd.server_address[:2]
+    """(status, headers (case-insensitive names), parsed JSON or text) over a fresh connection."""
+    host, port = server.address
     conn = http.client.HTTPConnection(host, port, timeout=30)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
@@ -80,7 +80,7 @@ def request(server, method, path, body=None, headers=None, raw=None):
         payload = json.loads(payload)
     except ValueError:
         payload = payload.decode("utf-8", "replace")
-    return response.status, dict(response.getheaders()), payload
+    return response.status, response.headers, payload
 
 
 # ------------------------------------------------------------------------------ happy paths
@@ -154,7 +154,7 @@ def test_multi_turn_and_max_completion_tokens(server, client):
     assert r.usage.prompt_tokens == len(tok.encode(text))
 
 
-def test_concurrent_requests_batch_and_match_sequential(server, client):
+def test_concurrent_requests_batch_and_match_sequential(server, client, monkeypatch):
     questions = [f"Question {i}: what is shown?" for i in range(10)]
     colors = [(30 * i, 255 - 20 * i, 100) for i in range(10)]
 
@@ -170,10 +170,16 @@ def test_concurrent_requests_batch_and_match_sequential(server, client):
 
     sequential = [ask(i) for i in range(10)]
     assert len(set(sequential)) > 5, "answers should differ between prompts"
-    before = server.app.engine.stats()
+    engine = server.app.engine
+    before = engine.stats()
+    gate = Gate(monkeypatch, engine)  # decoding waits until all ten are in: batching does not hang on timing
     with ThreadPoolExecutor(10) as pool:
-        concurrent = list(pool.map(lambda i: ask(i, stream=i % 3 == 0), range(10)))
-    after = server.app.engine.stats()
+        futures = [pool.submit(ask, i, i % 3 == 0) for i in range(10)]
+        _until(lambda: engine.stats()["requests"] - before["requests"] + engine.stats()["waiting"] == 10,
+               "all ten requests to reach the engine")
+        gate.release()
+        concurrent = [f.result() for f in futures]
+    after = engine.stats()
     assert concurrent == sequential
     steps = after["decode_steps"] - before["decode_steps"]
     rows = after["decode_rows"] - before["decode_rows"]
@@ -332,10 +338,12 @@ def test_routes_and_methods(server):
 
 
 def _raw_exchange(server, data: bytes) -> bytes:
-    host, port = server.httpd.server_address[:2]
-    with socket.create_connection((host, port), timeout=10) as s:
+    """Send raw bytes, read until the server closes (each request here ends the connection: an
+    error that closes it or `Connection: close`; no half-close, which a server reads as a client
+    that has gone)."""
+    host, port = server.address
+    with socket.create_connection((host, port), timeout=60) as s:
         s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
@@ -355,50 +363,80 @@ def test_raw_http_errors_are_json(server):
 
 
 # ------------------------------------------------------------------------------ robustness
-def _slow_engine(monkeypatch, server, delay=0.01):
-    engine = server.app.engine
-    original = engine._step
-
-    def slow_step():
-        time.sleep(delay)
-        original()
-
-    monkeypatch.setattr(engine, "_step", slow_step)
-    return engine
+# No sleeps and no deadlines that a slow machine could miss: the engine's decode step is held at a
+# gate the test opens, so requests stay in flight exactly as long as the test needs; the waits
+# below only guard against a hang (60 s) and return as soon as the state is reached.
+HANG_GUARD_S = 60.0
 
 
-def _wait_running(engine, n, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine.stats()["running"] == n:
-            return True
-        time.sleep(0.01)
-    return False
+class Gate:
+    """Holds the engine thread before each decode step until the test lets steps through."""
+
+    def __init__(self, monkeypatch, engine):
+        self.permits = threading.Semaphore(0)
+        original = engine._step
+
+        def held_step():
+            self.permits.acquire(timeout=HANG_GUARD_S)
+            original()
+
+        monkeypatch.setattr(engine, "_step", held_step)
+
+    def allow(self, steps: int) -> None:
+        self.permits.release(steps)
+
+    def release(self) -> None:
+        self.permits.release(1_000_000)  # every step from now on
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"hung waiting for {what}"
+        time.sleep(0.005)
+
+
+def _wait_running(engine, n):
+    _until(lambda: engine.stats()["running"] == n, f"{n} running request(s)")
+    return True
+
+
+def _running_handle(engine):
+    _wait_running(engine, 1)
+    return engine._rows[0].handle
 
 
 def test_disconnect_mid_stream_frees_the_slot(server, client, monkeypatch):
-    engine = _slow_engine(monkeypatch, server)
-    host, port = server.httpd.server_address[:2]
+    engine = server.app.engine
+    gate = Gate(monkeypatch, engine)
+    host, port = server.address
     body = json.dumps(_chat(max_tokens=60, stream=True)).encode()
     before = engine.stats()["generated_tokens"]
-    sock = socket.create_connection((host, port), timeout=10)
+    sock = socket.create_connection((host, port), timeout=HANG_GUARD_S)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     received = b""
     while received.count(b"data: ") < 3:
+        gate.allow(1)  # one token more until three events came (some tokens decode to no text yet)
         received += sock.recv(4096)
-    assert _wait_running(engine, 1)
+    handle = _running_handle(engine)
     sock.close()
-    assert _wait_running(engine, 0, timeout=3.0), "the engine kept decoding for a gone client"
+    _until(lambda: handle.cancelled, "the server to cancel the request of a gone client")
+    gate.release()
+    assert _wait_running(engine, 0), "the engine kept decoding for a gone client"
     assert engine.stats()["generated_tokens"] - before < 60
 
     # A non-streaming client that leaves is noticed too.
-    sock = socket.create_connection((host, port), timeout=10)
+    monkeypatch.undo()
+    gate = Gate(monkeypatch, engine)
+    sock = socket.create_connection((host, port), timeout=HANG_GUARD_S)
     body = json.dumps(_chat(max_tokens=60)).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    assert _wait_running(engine, 1)
+    handle = _running_handle(engine)
     sock.close()
-    assert _wait_running(engine, 0, timeout=3.0)
+    _until(lambda: handle.cancelled, "the server to cancel the request of a gone client")
+    gate.release()
+    assert _wait_running(engine, 0)
 
     monkeypatch.undo()
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "still there?"}], max_tokens=4)
@@ -430,7 +468,8 @@ def test_internal_errors_are_500_and_the_server_survives(server, client, monkeyp
 
 
 def test_busy_server_answers_503(server, monkeypatch):
-    engine = _slow_engine(monkeypatch, server, delay=0.05)
+    engine = server.app.engine
+    gate = Gate(monkeypatch, engine)
     monkeypatch.setattr(engine, "max_queued", 1)
     monkeypatch.setattr(engine, "max_batch_size", 1)
     results = []
@@ -440,39 +479,51 @@ def test_busy_server_answers_503(server, monkeypatch):
 
     running = threading.Thread(target=ask, args=(20,))
     running.start()
-    assert _wait_running(engine, 1)
+    assert _wait_running(engine, 1)  # held at the gate: it cannot finish before the others are sent
     waiting = threading.Thread(target=ask, args=(2,))
     waiting.start()
-    deadline = time.monotonic() + 5
-    while engine.stats()["waiting"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _until(lambda: engine.stats()["waiting"] == 1, "the second request to queue")
     status, _, body = request(server, "POST", "/v1/chat/completions", _chat())
+    gate.release()
     running.join()
     waiting.join()
     assert status == 503 and body["error"]["code"] == "server_busy" and "retry" in body["error"]["message"]
     assert results == [200, 200]
 
 
-def test_connections_over_the_limit_get_503(checkpoint):
+def test_connections_over_the_limit_get_503(checkpoint, monkeypatch):
+    """The cap counts requests in progress; the one over it is answered after its request was
+    read (item 1 of issue 18: the old server could reset it), by raw HTTP and the openai client."""
     model = VisionLanguageModel.from_pretrained(checkpoint)
     srv = start_server(model, port=0, max_batch_size=2, limits=Limits(max_connections=2), model_name=NAME)
+    gate = Gate(monkeypatch, srv.app.engine)
+    results = []
     try:
-        address = srv.httpd.server_address[:2]
-        idle = [socket.create_connection(address, timeout=10) for _ in range(2)]  # each holds a thread
-        deadline = time.monotonic() + 5
-        while len(srv.httpd._live) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        reply = _raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        held = [threading.Thread(target=lambda: results.append(
+            request(srv, "POST", "/v1/chat/completions", _chat(max_tokens=3))[0])) for _ in range(2)]
+        for t in held:
+            t.start()
+        _until(lambda: srv.app.metrics.in_progress == 2, "two requests in progress")
+        reply = _raw_exchange(srv, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         status_line, _, rest = reply.partition(b"\r\n")
         assert b" 503 " in status_line
         error = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
         assert error["code"] == "too_many_connections" and "2 open connections" in error["message"]
-        idle[0].close()
-        while len(srv.httpd._live) > 1 and time.monotonic() < deadline + 5:
-            time.sleep(0.01)
-        assert request(srv, "GET", "/health")[0] == 200  # a freed slot serves again
-        idle[1].close()
+        assert request(srv, "GET", "/health")[0] == 200  # monitoring is not capped
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD_S)
+        for _ in range(3):  # the client reads the answer every time, never a reset
+            with pytest.raises(openai.InternalServerError) as e:
+                c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert e.value.status_code == 503 and e.value.code == "too_many_connections"
+        gate.release()
+        for t in held:
+            t.join()
+        assert results == [200, 200]
+        assert request(srv, "GET", "/v1/models")[0] == 200  # a freed slot serves again
+        metrics = request(srv, "GET", "/metrics")[2]
+        assert 'nanovlm_requests_total{route="/v1/chat/completions",method="POST",status="503"} 3' in metrics
     finally:
+        gate.release()
         srv.close()
 
 

@@ -115,3 +115,13 @@ def test_error_body_shape():
     assert body == {"error": {"message": body["error"]["message"], "type": "invalid_request_error",
                               "param": "messages", "code": None}}
     assert "non-empty list" in body["error"]["message"] and '"hi" (string)' in body["error"]["message"]
+
+
+def test_empty_messages_and_corrupt_images_read_as_one_sentence():
+    with pytest.raises(APIError) as e:
+        parse({"messages": []})
+    assert e.value.message.endswith("got an empty array.") and e.value.param == "messages"
+    with pytest.raises(APIError) as e:
+        parse({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(b"not a picture").decode()}}]}]})
+    assert "cannot be decoded (" in e.value.message and ".)" not in e.value.message

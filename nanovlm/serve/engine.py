@@ -62,12 +62,14 @@ class Handle:
     """A submitted request: read its events, or cancel it (the engine then frees its slot).
 
     Events: ("token", id), ("done", finish_reason, n_generated) with finish_reason "stop" (EOS)
-    or "length", and ("error", message).
+    or "length", and ("error", message). `events` is where the engine puts them: anything with a
+    thread-safe `put` (the HTTP server passes one that wakes its event loop); by default a queue
+    that `get` reads.
     """
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, events: Any = None):
         self.request = request
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.events = queue.SimpleQueue() if events is None else events
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -163,12 +165,12 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, request: GenerationRequest) -> Handle:
+    def submit(self, request: GenerationRequest, events: Any = None) -> Handle:
         n = len(request.input_ids)
         if n < 1 or request.max_tokens < 1 or n + request.max_tokens > self.context:
             raise ValueError(f"a request needs 1 <= prompt ({n}) and prompt + max_tokens ({request.max_tokens}) "
                              f"<= the context ({self.context}).")
-        handle = Handle(request)
+        handle = Handle(request, events)
         with self._cond:
             if self._stopping:
                 raise EngineBusy("the engine is shutting down.")

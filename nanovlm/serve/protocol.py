@@ -2,8 +2,12 @@
 
 Everything a client can get wrong is caught here and raised as an `APIError` carrying the
 HTTP status and OpenAI's error object (`{"error": {"message", "type", "param", "code"}}`), with a
-message that says what to fix. Parsing needs no model: the server turns the validated
-`ChatRequest` into tokens (see `engine.build_prompt`).
+message that says what to fix. The request's scalar fields are a typed pydantic model
+(`ChatCompletionRequest`, strict types, ranges as constraints) whose validation errors become
+one sentence per field; messages and their images are checked by hand, part by part, because
+their errors name the exact part (`messages[1].content[0].image_url.url`) and images are decoded
+under `Limits`. Parsing needs no model: the server turns the validated `ChatRequest` into tokens
+(see `engine.build_prompt`).
 
 Unknown request fields are ignored (clients send many optional ones); fields this server cannot
 honour in a way the client would notice (`n > 1`, `logprobs`, `tools`, JSON response formats)
@@ -17,13 +21,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -59,7 +63,7 @@ class Limits:
     max_tokens_cap: int | None = None  # None: the model's context is the only cap
     max_stop: int = 4  # stop strings, as in OpenAI's API
     max_queued: int = 256  # requests waiting for a batch slot before new ones get a 503
-    max_connections: int = 512  # open connections (one thread each) before new ones get a 503
+    max_connections: int = 512  # requests in progress (streams included) before new ones get a 503
     remote_image_timeout_s: float = 10.0
 
 
@@ -105,21 +109,99 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
     return data
 
 
+# The request body as a typed model. Field types are strict (JSON `true` is not a number, "5" is
+# not an integer); what pydantic reports is turned into one sentence by `_validation_error`, with
+# the wording of `_RULES` for the field that was wrong.
+_Int = Annotated[int, Field(strict=True)]
+_Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: Annotated[bool, Field(strict=True)] | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat-completions request this server reads; others are ignored.
+    `messages` stays untyped here: `_parse_message` checks each one and decodes its images."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Annotated[str, Field(strict=True)] | None = None
+    messages: Annotated[list[Any], Field(min_length=1)]
+    max_tokens: Annotated[_Int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[_Int, Field(ge=1)] | None = None
+    temperature: Annotated[_Number, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[_Number, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[_Int, Field(ge=0)] | None = None  # not OpenAI's, but vLLM and llama.cpp accept it
+    seed: Annotated[_Int, Field(ge=-(2 ** 63), le=2 ** 64 - 1)] | None = None
+    stream: Annotated[bool, Field(strict=True)] | None = None
+    stream_options: StreamOptions | None = None
+    stop: Annotated[str, Field(strict=True)] | list[Annotated[str, Field(strict=True)]] | None = None
+    n: Annotated[_Int, Field(ge=1, le=1)] | None = None
+    logprobs: Literal[False] | None = None
+    top_logprobs: Literal[0] | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    functions: Annotated[list[Any], Field(max_length=0)] | None = None
+    response_format: ResponseFormat | None = None
+
+
+# field -> (what it must be, whether to add "got <value>", param reported)
+_RULES: dict[str, tuple[str, bool, str]] = {
+    "model": ("'model' must be a string", True, "model"),
+    "messages": ("'messages' must be a non-empty list of {\"role\", \"content\"} objects", True, "messages"),
+    "max_tokens": ("'max_tokens' must be a positive integer", True, "max_tokens"),
+    "max_completion_tokens": ("'max_completion_tokens' must be a positive integer", True, "max_completion_tokens"),
+    "temperature": ("'temperature' must be a number between 0 and 2", True, "temperature"),
+    "top_p": ("'top_p' must be a number greater than 0 and at most 1 (1 keeps every token)", True, "top_p"),
+    "top_k": ("'top_k' must be an integer at least 0 (0 keeps every token)", True, "top_k"),
+    "seed": (f"'seed' must be an integer between {-(2 ** 63)} and {2 ** 64 - 1}", True, "seed"),
+    "stream": ("'stream' must be true or false", True, "stream"),
+    "stream_options": ("'stream_options' must be an object such as {\"include_usage\": true}", True,
+                       "stream_options"),
+    "stream_options.include_usage": ("'stream_options.include_usage' must be true or false", True,
+                                     "stream_options.include_usage"),
+    "stop": ("'stop' must be a string or a list of strings", True, "stop"),
+    "n": ("'n' must be 1 (this server returns one choice per request; send several requests for several "
+          "answers)", True, "n"),
+    "logprobs": ("'logprobs' is not supported by this server; remove it", False, "logprobs"),
+    "top_logprobs": ("'logprobs' is not supported by this server; remove 'top_logprobs'", False, "logprobs"),
+    "tools": ("tools / function calling are not supported by this model; remove 'tools'", False, "tools"),
+    "functions": ("tools / function calling are not supported by this model; remove 'functions'", False, "tools"),
+    "response_format": ("only response_format {\"type\": \"text\"} is supported; remove 'response_format'", False,
+                        "response_format"),
+}
+
+
+def _validation_error(error: ValidationError) -> APIError:
+    """pydantic's first complaint -> one sentence naming the field, what it must be, and what came."""
+    first = error.errors(include_url=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc[:2]) if loc[:2] == ["stream_options", "include_usage"] else loc[0]
+    if first["type"] == "missing" and key == "messages":
+        return APIError(400, "missing required field 'messages': a list of messages such as "
+                             "[{\"role\": \"user\", \"content\": \"Hello\"}].", param="messages",
+                        code="missing_required_parameter")
+    rule, show_value, param = _RULES.get(key, (f"'{key}' is invalid", True, key))
+    got = f", got {_describe(first['input'])}" if show_value else ""
+    return APIError(400, f"{rule}{got}.", param=param)
+
+
 def parse_chat_request(body: bytes, *, model_names: tuple[str, ...], limits: Limits = Limits(),
                        allow_remote_images: bool = False) -> ChatRequest:
     """Validate a chat-completions body and decode its images. Raises APIError."""
     data = parse_json_body(body)
-    model = _parse_model(data.get("model"), model_names)
+    try:
+        fields = ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    model = _parse_model(fields.model, model_names)
 
-    for key in ("messages",):
-        if key not in data:
-            raise APIError(400, f"missing required field '{key}': a list of messages such as "
-                                "[{\"role\": \"user\", \"content\": \"Hello\"}].", param=key, code="missing_required_parameter")
-    raw_messages = data["messages"]
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise APIError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects, got "
-                            f"{_describe(raw_messages)}.", param="messages")
-
+    raw_messages = fields.messages
     # Count images before decoding any, so an oversized request costs nothing.
     n_images = sum(1 for m in raw_messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                    for p in m["content"] if isinstance(p, dict) and p.get("type") in ("image_url", "input_image"))
@@ -129,38 +211,14 @@ def parse_chat_request(body: bytes, *, model_names: tuple[str, ...], limits: Lim
                        code="too_many_images")
     messages = [_parse_message(m, i, limits, allow_remote_images) for i, m in enumerate(raw_messages)]
 
-    max_tokens = _parse_max_tokens(data)
-    temperature = _number(data, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(data, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0.0:
-        raise APIError(400, "'top_p' must be greater than 0 and at most 1 (1 keeps every token).", param="top_p")
-    top_k = _integer(data, "top_k", 0, 0, None)  # not OpenAI's, but vLLM and llama.cpp accept it
-    seed = _integer(data, "seed", None, -(2 ** 63), 2 ** 64 - 1)
-    stream = _boolean(data, "stream", False)
-    include_usage = False
-    options = data.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise APIError(400, f"'stream_options' must be an object such as {{\"include_usage\": true}}, got "
-                                f"{_describe(options)}.", param="stream_options")
-        include_usage = _boolean(options, "include_usage", False, param="stream_options.include_usage")
-    stop = _parse_stop(data.get("stop"), limits)
-
-    n = data.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise APIError(400, f"'n' must be 1 (this server returns one choice per request), got {_describe(n)}; "
-                            "send several requests for several answers.", param="n")
-    if data.get("logprobs") not in (None, False) or data.get("top_logprobs") not in (None, 0):
-        raise APIError(400, "'logprobs' is not supported by this server; remove it.", param="logprobs")
-    if data.get("tools") or data.get("functions"):
-        raise APIError(400, "tools / function calling are not supported by this model; remove 'tools'.",
-                       param="tools")
-    fmt = data.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported; remove 'response_format'.",
-                       param="response_format")
-    return ChatRequest(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, seed=seed, stop=stop, stream=stream, include_usage=include_usage)
+    # max_completion_tokens wins over max_tokens, as in OpenAI's API
+    max_tokens = fields.max_completion_tokens if fields.max_completion_tokens is not None else fields.max_tokens
+    options = fields.stream_options
+    return ChatRequest(model=model, messages=messages, max_tokens=max_tokens,
+                       temperature=1.0 if fields.temperature is None else fields.temperature,
+                       top_p=1.0 if fields.top_p is None else fields.top_p,
+                       top_k=fields.top_k or 0, seed=fields.seed, stop=_parse_stop(fields.stop, limits),
+                       stream=bool(fields.stream), include_usage=bool(options and options.include_usage))
 
 
 def _parse_model(model: Any, model_names: tuple[str, ...]) -> str:
@@ -254,7 +312,9 @@ def load_image_url(url: str, where: str, limits: Limits, allow_remote: bool) -> 
         if e.reason == "image_too_large":
             raise APIError(400, f"{where}: {e} Downscale the image before sending it.", param=param,
                            code="image_too_large") from None
-        raise APIError(400, f"{where}: the image data cannot be decoded ({e}); send a PNG, JPEG, GIF or WebP file.",
+        reason = str(e).rstrip(".")  # ImageError's sentence, inside our parentheses
+        raise APIError(400, f"{where}: the image data cannot be decoded ({reason}); send a PNG, JPEG, GIF or WebP "
+                            "file.",
                        param=param, code="invalid_image") from None
 
 
@@ -274,61 +334,15 @@ def _fetch(url: str, where: str, limits: Limits) -> bytes:
     return data
 
 
-def _parse_max_tokens(data: dict[str, Any]) -> int | None:
-    value = None
-    for key in ("max_tokens", "max_completion_tokens"):
-        v = data.get(key)
-        if v is None:
-            continue
-        if not _is_int(v) or v < 1:
-            raise APIError(400, f"'{key}' must be a positive integer, got {_describe(v)}.", param=key)
-        value = v  # max_completion_tokens (checked second) wins, as in OpenAI's API
-    return value
-
-
-def _parse_stop(stop: Any, limits: Limits) -> list[str]:
+def _parse_stop(stop: str | list[str] | None, limits: Limits) -> list[str]:
     if stop is None:
         return []
     items = [stop] if isinstance(stop, str) else stop
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise APIError(400, f"'stop' must be a string or a list of strings, got {_describe(stop)}.", param="stop")
     if len(items) > limits.max_stop:
         raise APIError(400, f"'stop' has {len(items)} strings; at most {limits.max_stop} are allowed.", param="stop")
     if any(s == "" for s in items):
         raise APIError(400, "'stop' strings must not be empty.", param="stop")
     return list(items)
-
-
-def _number(data: dict, key: str, default: float, lo: float, hi: float) -> float:
-    v = data.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise APIError(400, f"'{key}' must be a number between {lo:g} and {hi:g}, got {_describe(v)}.", param=key)
-    return float(v)
-
-
-def _integer(data: dict, key: str, default, lo: int, hi: int | None):
-    v = data.get(key)
-    if v is None:
-        return default
-    if not _is_int(v) or v < lo or (hi is not None and v > hi):
-        bound = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-        raise APIError(400, f"'{key}' must be an integer {bound}, got {_describe(v)}.", param=key)
-    return v
-
-
-def _boolean(data: dict, key: str, default: bool, param: str | None = None) -> bool:
-    v = data.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise APIError(400, f"'{param or key}' must be true or false, got {_describe(v)}.", param=param or key)
-    return v
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _json_type(v: Any) -> str:
@@ -348,7 +362,7 @@ def _json_type(v: Any) -> str:
 def _describe(v: Any) -> str:
     """A short rendering of a wrong value for an error message: `"hot" (string)`, `an array`."""
     if isinstance(v, list):
-        return "an array"
+        return "an array" if v else "an empty array"
     if isinstance(v, dict):
         return "an object"
     if v is None:
