@@ -19,9 +19,21 @@ def run(*args, timeout=240):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
+    """A tiny model whose greedy answer is known: " red" every time. Only dimension 0 of the
+    final norm is kept, and every token's embedding is 1000 there (2000 for " red"): that entry
+    dominates the residual stream, so the normed state is positive there and, the head being
+    tied to the embedding, " red" (twice the logit of any other token) wins each step."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     torch.manual_seed(0)
-    VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False).save_pretrained(path)
+    model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
+    (red,) = model.tokenizer.encode(" red")
+    assert model.decoder.head.weight is model.decoder.token_embedding.weight
+    with torch.no_grad():
+        model.decoder.token_embedding.weight[:, 0] = 1000.0
+        model.decoder.token_embedding.weight[red, 0] = 2000.0
+        model.decoder.norm.weight.zero_()
+        model.decoder.norm.weight[0] = 1.0
+    model.save_pretrained(path)
     img = tmp_path_factory.mktemp("img") / "red.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(img)
     return path, img
@@ -49,7 +61,8 @@ def test_generate_from_checkpoint_with_image_and_stream(tiny_ckpt):
     streamed = run("generate", "--model", str(ckpt), "--image", str(img), "--prompt", "what color?", "--greedy",
                    "--max-new-tokens", "5", "--dtype", "fp32", "--stream")
     assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
-    assert plain.stdout.strip() == streamed.stdout.strip()  # a random model: the text itself means nothing
+    assert plain.stdout.strip() == "red red red red red"  # 5 new tokens, each " red" (see tiny_ckpt)
+    assert streamed.stdout.strip() == plain.stdout.strip()
 
 
 @pytest.mark.parametrize("args, message", [
