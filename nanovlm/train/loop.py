@@ -226,7 +226,7 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
 
     resume_from = None
     if resume:
-        resume_from = ckpt.latest_checkpoint(run_dir)
+        resume_from = ckpt.latest_good_checkpoint(run_dir, say)
         if resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
                                     "run without --resume to start a new run.")
