@@ -91,3 +91,16 @@ def test_user_errors_are_one_sentence_and_exit_1(tiny_ckpt, tmp_path, args, mess
 def test_debug_shows_traceback(tiny_ckpt):
     r = run("--debug", "generate", "--model", "MISSING_DIR", "--prompt", "x")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_resume_with_no_readable_checkpoint_is_one_sentence(tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step_000002"
+    step.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "trainer_state.pt"):
+        (step / name).write_bytes(b"\x00" * 16)
+    (step / "trainer_state.json").write_text('{"step": 2')  # cut short
+    r = run("train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"nanovlm: error: --resume: every checkpoint in {tmp_path / 'run' / 'checkpoints'} "
+                                "is unreadable (step_000002: config.json is not valid JSON (Expecting value: line 1 "
+                                "column 1 (char 0))); run without --resume to start a new run.")

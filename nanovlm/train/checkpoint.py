@@ -163,20 +163,22 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def latest_good_checkpoint(run_dir: str, say: Callable[[str], None] = print) -> str | None:
     """The newest step checkpoint whose files are sound, saying in one line of each newer one what
-    is wrong with it; None when the run has no step checkpoint at all. Raises ValueError when it
-    has some and none is sound."""
+    is wrong with it; None when the run has no step checkpoint at all. Raises ValueError (one
+    sentence naming every checkpoint and its fault) when it has some and none is sound."""
     found = list_checkpoints(run_dir)
     damaged = []
     for path in reversed(found):
         problem = checkpoint_problem(path)
         if problem is None:
+            for bad, why in damaged:
+                say(f"--resume: checkpoint {bad} is unreadable ({why}); trying the one before it.")
             return path
-        say(f"--resume: checkpoint {path} is unreadable ({problem}); trying the one before it.")
-        damaged.append(f"{os.path.basename(path)}: {problem}")
+        damaged.append((path, problem))
     if not found:
         return None
+    faults = "; ".join(f"{os.path.basename(path)}: {why}" for path, why in damaged)
     raise ValueError(f"--resume: every checkpoint in {os.path.join(run_dir, 'checkpoints')} is unreadable "
-                     f"({'; '.join(damaged)}); run without --resume to start a new run.")
+                     f"({faults}); run without --resume to start a new run.")
 
 
 def checkpoint_problem(path: str) -> str | None:
