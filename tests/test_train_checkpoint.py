@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume, and atomic writes (a kill at any instant leaves a loadable one)."""
+"""Checkpoints: exact resume, atomic writes (a kill at any instant leaves a loadable one), and a
+resume that passes over a damaged checkpoint (truncated or missing files) to the newest sound one."""
 
 from __future__ import annotations
 

@@ -109,8 +109,8 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, schedu
     tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}
     _write_dir(path, model, tokenizer, {**state, "step": step}, tensors)
     if keep_last > 0:
-        # Only checkpoints up to this step count: a newer one is a damaged checkpoint this run
-        # resumed from before (left for inspection; a save at its step replaces it).
+        # Only checkpoints up to this step count: a newer one is a damaged checkpoint that this
+        # run's resume passed over (left for inspection; a save at its step replaces it).
         upto = [p for p in list_checkpoints(run_dir) if _step_of(p) <= step]
         for old in upto[:-keep_last]:
             _remove(old)
