@@ -22,9 +22,21 @@ def run(*args, timeout=240):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
+    """A tiny model whose greedy answer is known: " red" every time. Only dimension 0 of the
+    final norm is kept, and every token's embedding is 1000 there (2000 for " red"): that entry
+    dominates the residual stream, so the normed state is positive there and, the head being
+    tied to the embedding, " red" (twice the logit of any other token) wins each step."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     torch.manual_seed(0)
-    VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False).save_pretrained(path)
+    model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
+    (red,) = model.tokenizer.encode(" red")
+    assert model.decoder.head.weight is model.decoder.token_embedding.weight
+    with torch.no_grad():
+        model.decoder.token_embedding.weight[:, 0] = 1000.0
+        model.decoder.token_embedding.weight[red, 0] = 2000.0
+        model.decoder.norm.weight.zero_()
+        model.decoder.norm.weight[0] = 1.0
+    model.save_pretrained(path)
     img = tmp_path_factory.mktemp("img") / "red.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(img)
     return path, img
@@ -52,7 +64,8 @@ def test_generate_from_checkpoint_with_image_and_stream(tiny_ckpt):
     streamed = run("generate", "--model", str(ckpt), "--image", str(img), "--prompt", "what color?", "--greedy",
                    "--max-new-tokens", "5", "--dtype", "fp32", "--stream")
     assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
-    assert plain.stdout.strip() == streamed.stdout.strip()  # a random model: the text itself means nothing
+    assert plain.stdout.strip() == "red red red red red"  # 5 new tokens, each " red" (see tiny_ckpt)
+    assert streamed.stdout.strip() == plain.stdout.strip()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -198,3 +211,16 @@ def test_the_chat_page_says_what_to_do_in_an_empty_conversation():
     rule = re.search(r'#log:empty::before \{ content: "([^"]+)"', page)
     assert rule and "Attach an image" in rule.group(1) and "ask a question" in rule.group(1)
     assert '<main id="log" aria-live="polite"></main>' in page  # :empty needs no whitespace inside
+
+
+def test_resume_with_no_readable_checkpoint_is_one_sentence(tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step_000002"
+    step.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "trainer_state.pt"):
+        (step / name).write_bytes(b"\x00" * 16)
+    (step / "trainer_state.json").write_text('{"step": 2')  # cut short
+    r = run("train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"nanovlm: error: --resume: every checkpoint in {tmp_path / 'run' / 'checkpoints'} "
+                                "is unreadable (step_000002: config.json is not valid JSON (Expecting value: line 1 "
+                                "column 1 (char 0))); run without --resume to start a new run.")

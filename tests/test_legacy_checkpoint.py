@@ -1,97 +1,83 @@
-"""A checkpoint directory as the original nanoVLM wrote it loads unchanged and gives the logits
-of the model that wrote it.
+"""A checkpoint directory written by the original nanoVLM loads unchanged and gives the logits of
+the model that wrote it.
 
-The original wrote `config.json` as `asdict(VLMConfig)` (flat, with derived fields such as
-`lm_vocab_size`, `extra_token_amount`, `mp_image_token_length` spelled out, and keys this
-project no longer knows) and `model.safetensors` from the full state dict: `vision_encoder.*`,
-`MP.*`, `decoder.*`, including the `decoder.rotary_embd.inv_freq` buffer and, with tied weights,
-`decoder.head.weight` (safetensors' `save_model` may keep only one name of a tied pair).
+`fixtures/nanovlm_original/` was written by the original's own code (its save_pretrained; see the
+README there): `config.json` is `asdict(VLMConfig)` (flat, derived fields such as `lm_vocab_size`
+and `extra_token_amount` spelled out), `model.safetensors` its state dict through safetensors'
+`save_model`, which keeps one name of the tied embedding/head pair (`decoder.head.weight`) and the
+`decoder.rotary_embd.inv_freq` buffer. `expected.safetensors` holds a fixed input and the logits
+the original's forward gave for it. The other tests edit a copy of that directory.
 """
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from nanovlm.config import VLMConfig
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.weights.common import WeightLoadError
 
-LEGACY_CONFIG = {
-    "vit_hidden_dim": 32, "vit_inter_dim": 128, "vit_patch_size": 8, "vit_img_size": 32, "vit_n_heads": 2,
-    "vit_dropout": 0.0, "vit_n_blocks": 2, "vit_ln_eps": 1e-6, "vit_cls_flag": False,
-    "vit_model_type": "google/siglip-base-patch16-224",
-    "lm_hidden_dim": 64, "lm_inter_dim": 128, "lm_rms_eps": 1e-5, "lm_re_base": 100000,
-    "lm_max_position_embeddings": 8192, "lm_base_vocab_size": 100, "extra_token_amount": 1, "lm_vocab_size": 101,
-    "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_dropout": 0.0, "lm_n_blocks": 2, "lm_attn_scaling": 1.0,
-    "lm_max_length": 128, "lm_use_tokens": False, "lm_tie_weights": True,
-    "lm_model_type": "HuggingFaceTB/SmolLM2-135M-Instruct", "lm_tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "lm_chat_template": "{% for message in messages %}{{ message['content'] }}{% endfor %}",
-    "mp_pixel_shuffle_factor": 2, "mp_image_token_length": 4,
-    "vlm_extra_tokens": {"image_token": "<|image|>"}, "vlm_load_backbone_weights": True,
-    "vlm_checkpoint_path": "checkpoints", "hf_repo_name": "nanoVLM",
-    # Keys of other nanoVLM versions this project does not know: a warning, not a crash.
-    "IMAGE_TOKEN_LENGTH": 4, "TOTAL_SEQUENCE_LENGTH": 128,
-}
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "nanovlm_original")
+ORIGINAL = os.path.join(FIXTURE, "checkpoint")
+
+# fp32 round-off (eps 1.2e-7): the deepest path is ~27 chained reductions (ViT, projector, LM,
+# head) of length <= 192 (the patch embedding), so a random-walk estimate is
+# eps * sqrt(192) * sqrt(27) * max|logit| (3.9) ~ 3.4e-5; we allow 1e-4 (seen: 2e-6). A wrong
+# layer, RoPE or image splice moves logits by ~1.
+TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-def write_legacy(directory, model, head_only=False):
-    """What the original nanoVLM's save_pretrained left on disk."""
-    directory.mkdir(exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(LEGACY_CONFIG, indent=4))
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    head_dim = model.cfg.lm_head_dim
-    exponents = torch.arange(0, head_dim, 2).float() / head_dim
-    state["decoder.rotary_embd.inv_freq"] = 1.0 / (model.cfg.lm_re_base ** exponents)
-    assert "decoder.head.weight" in state  # the tied head is its own key in a state dict
-    if head_only:
-        del state["decoder.token_embedding.weight"]
-    save_file(state, directory / "model.safetensors")
+def expected():
+    return load_file(os.path.join(FIXTURE, "expected.safetensors"))
 
 
-@pytest.fixture
-def writer():
-    with pytest.warns(UserWarning, match="IMAGE_TOKEN_LENGTH, TOTAL_SEQUENCE_LENGTH"):
-        cfg = VLMConfig.from_dict(LEGACY_CONFIG)
-    model = VisionLanguageModel(cfg, load_backbone=False).eval()
+def logits_of(model):
+    e = expected()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+        logits, _ = model.eval()(e["input_ids"], e["images"])
+    return logits
 
 
-def inputs(model):
-    n = model.cfg.mp_image_token_length
-    image = model.image_token_id
-    ids = torch.tensor([[5, 6, *[image] * n, 7, 8, 9], [10, *[image] * n, 11, 12, 13, 14]])
-    images = torch.rand(2, 3, 32, 32)
-    return ids, images
+def copy_of_original(tmp_path):
+    return shutil.copytree(ORIGINAL, tmp_path / "ckpt")
 
 
-@pytest.mark.parametrize("head_only", [False, True], ids=["embedding+head", "head-only"])
-def test_legacy_checkpoint_gives_same_logits(tmp_path, writer, head_only):
-    write_legacy(tmp_path / "ckpt", writer, head_only=head_only)
-    with pytest.warns(UserWarning, match="ignoring unknown keys IMAGE_TOKEN_LENGTH, TOTAL_SEQUENCE_LENGTH"):
-        loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
-    assert loaded.cfg.lm_vocab_size == 101 and loaded.cfg.mp_image_token_length == 4
+def test_the_originals_checkpoint_gives_the_originals_logits():
+    with open(os.path.join(ORIGINAL, "config.json")) as f:
+        assert "lm_vocab_size" in json.load(f)  # a config as the original wrote it
+    assert "decoder.token_embedding.weight" not in load_file(os.path.join(ORIGINAL, "model.safetensors"))
+    loaded = VisionLanguageModel.from_pretrained(ORIGINAL)
+    assert loaded.cfg.lm_vocab_size == 166 and loaded.cfg.mp_image_token_length == 4
+    assert loaded.image_token_id == 100  # the original's tokenizer put its extra tokens after 100 words
     assert loaded.decoder.head.weight is loaded.decoder.token_embedding.weight
-    ids, images = inputs(writer)
-    with torch.no_grad():
-        expected, _ = writer(ids, images)
-        logits, _ = loaded(ids, images)
-    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(logits_of(loaded), expected()["logits"], **TOL)
 
 
-def test_legacy_checkpoint_missing_tensor(tmp_path, writer):
-    write_legacy(tmp_path / "ckpt", writer)
-    from safetensors.torch import load_file
+def test_both_names_of_the_tied_pair_and_unknown_config_keys(tmp_path):
+    """A state dict saved with both names of the tied pair (safetensors' `save_file` of the full
+    state dict), and a config.json with keys of other nanoVLM versions: a warning, not a crash."""
+    ckpt = copy_of_original(tmp_path)
+    state = load_file(ckpt / "model.safetensors")
+    state["decoder.token_embedding.weight"] = state["decoder.head.weight"].clone()
+    save_file(state, ckpt / "model.safetensors")
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(IMAGE_TOKEN_LENGTH=4, TOTAL_SEQUENCE_LENGTH=128)
+    (ckpt / "config.json").write_text(json.dumps(config, indent=4))
+    with pytest.warns(UserWarning, match="ignoring unknown keys IMAGE_TOKEN_LENGTH, TOTAL_SEQUENCE_LENGTH"):
+        loaded = VisionLanguageModel.from_pretrained(ckpt)
+    torch.testing.assert_close(logits_of(loaded), expected()["logits"], **TOL)
 
-    state = load_file(tmp_path / "ckpt" / "model.safetensors")
+
+def test_legacy_checkpoint_missing_tensor(tmp_path):
+    ckpt = copy_of_original(tmp_path)
+    state = load_file(ckpt / "model.safetensors")
     del state["MP.proj.weight"]
-    state["decoder.blocks.0.attn.q_proj.bias"] = torch.zeros(64)
-    save_file(state, tmp_path / "ckpt" / "model.safetensors")
-    with pytest.warns(UserWarning), pytest.raises(WeightLoadError) as err:
-        VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    state["decoder.blocks.0.attn.q_proj.bias"] = torch.zeros(32)
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(WeightLoadError) as err:
+        VisionLanguageModel.from_pretrained(ckpt)
     err.match(r"missing tensors: MP\.proj\.weight")
     err.match(r"unexpected tensors: decoder\.blocks\.0\.attn\.q_proj\.bias")

@@ -181,10 +181,59 @@ def test_sampling_options(model):
     torch.manual_seed(0)
     b = model.generate(ids, img, max_new_tokens=6, temperature=1.0, top_k=5, top_p=0.9, eos_token_id=-1)
     assert torch.equal(a, b)
+
+    # top_k=1, or a top_p so small that only the most likely token reaches it, leaves one token:
+    # sampling must then give the greedy tokens in every row. Were the option ignored, a row's
+    # first token would be the greedy one with probability p_max (the random model's distribution
+    # is nearly flat; asserted < 0.01), so 8 rows pass by chance with probability < 0.01**8.
+    rows = 8
+    with torch.no_grad():
+        p_max = float(model(ids, img)[0][0, -1].softmax(-1).max())
+    assert p_max < 0.01
+    ids_n, img_n = ids.repeat(rows, 1), img.repeat(rows, 1, 1, 1)
+    batch = dict(max_new_tokens=4, eos_token_id=-1)
+    greedy = model.generate(ids_n, img_n, greedy=True, **batch)
+    assert torch.equal(greedy, greedy[:1].expand(rows, -1))
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(ids_n, img_n, temperature=1.0, top_k=1, top_p=1.0, **batch), greedy)
+    torch.manual_seed(2)
+    assert torch.equal(model.generate(ids_n, img_n, temperature=1.0, top_k=0, top_p=1e-6, **batch), greedy)
+
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
         model.generate(ids, img, top_p=1.5)
     with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
         model.generate(ids, img, temperature=-1)
+
+
+_P = (0.4, 0.3, 0.2, 0.1)
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature, expected", [
+    (0, 1.0, 1.0, [0.4, 0.3, 0.2, 0.1]),  # nothing filtered
+    (3, 1.0, 1.0, [4 / 9, 3 / 9, 2 / 9, 0]),  # the 3 largest, renormalised
+    (0, 0.6, 1.0, [4 / 7, 3 / 7, 0, 0]),  # 0.4 < 0.6 <= 0.4 + 0.3: the smallest set reaching top_p
+    (0, 0.85, 1.0, [4 / 9, 3 / 9, 2 / 9, 0]),  # 0.7 < 0.85 <= 0.9
+    (0, 0.95, 1.0, [0.4, 0.3, 0.2, 0.1]),  # 0.9 < 0.95: all four needed
+    (3, 0.6, 1.0, [4 / 7, 3 / 7, 0, 0]),  # both: the stricter wins
+    (0, 1.0, 2.0, [q ** 0.5 / sum(r ** 0.5 for r in _P) for q in _P]),  # temperature 2: p^(1/2), renormalised
+])
+def test_sampling_draws_from_the_filtered_distribution(top_k, top_p, temperature, expected):
+    """20,000 draws from a hand-built distribution (probabilities 0.4, 0.3, 0.2, 0.1): tokens that
+    top-k / top-p remove never appear, and each kept token's frequency is within 0.02 of its
+    renormalised probability. Hoeffding: P(|freq - p| >= 0.02) <= 2 exp(-2 * 20000 * 0.02**2)
+    = 2.3e-7 per token, so with any seed this passes with probability > 1 - 1e-5 (seeded: fixed)."""
+    from nanovlm.generation import sample_next
+
+    n = 20_000
+    logits = torch.log(torch.tensor(_P)).expand(n, 4)
+    g = torch.Generator().manual_seed(0)
+    tokens = sample_next(logits, False, temperature, top_k, top_p, generator=g)
+    freq = torch.bincount(tokens, minlength=4).double() / n
+    for token, (f, p) in enumerate(zip(freq.tolist(), expected)):
+        if p == 0:
+            assert f == 0, f"token {token} should have been filtered out, drawn {f:.4f} of the time"
+        else:
+            assert abs(f - p) < 0.02, f"token {token}: drawn {f:.4f} of the time, expected {p:.4f}"
 
 
 def test_filter_logits_top_k_top_p():

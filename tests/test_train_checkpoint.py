@@ -1,10 +1,12 @@
-"""Checkpoints: exact resume, and atomic writes (a kill at any instant leaves a loadable one)."""
+"""Checkpoints: exact resume, atomic writes (a kill at any instant leaves a loadable one), and a
+resume that passes over a damaged checkpoint (truncated or missing files) to the newest sound one."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -150,3 +152,109 @@ def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint(tmp_path):
         state = ckpt.load_checkpoint(latest, model, opt, sched)
         assert state["step"] >= saved[-1]
         start = state["step"] + 1
+
+
+# ------------------------------------------------------------------ a damaged newest checkpoint
+def _truncate(path, keep):
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.truncate(keep(size))
+
+
+def _append(path, data):
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+DAMAGE = {
+    "safetensors cut in half": (lambda d: _truncate(d / "model.safetensors", lambda n: n // 2),
+                                r"model\.safetensors is truncated \(\d+ of \d+ bytes\)"),
+    "safetensors cut inside its header": (lambda d: _truncate(d / "model.safetensors", lambda n: 40),
+                                          r"model\.safetensors is truncated \(40 bytes; its header alone needs \d+\)"),
+    "safetensors of 3 bytes": (lambda d: _truncate(d / "model.safetensors", lambda n: 3),
+                               r"model\.safetensors is truncated \(3 bytes, not even a header\)"),
+    "safetensors with bytes after the data": (lambda d: _append(d / "model.safetensors", b"xyz"),
+                                              r"model\.safetensors has 3 bytes after its last tensor"),
+    "safetensors missing": (lambda d: os.remove(d / "model.safetensors"), r"model\.safetensors is missing"),
+    "trainer_state.pt cut short": (lambda d: _truncate(d / "trainer_state.pt", lambda n: n - 10),
+                                   r"trainer_state\.pt is truncated or not a torch\.save archive"),
+    "trainer_state.pt missing": (lambda d: os.remove(d / "trainer_state.pt"), r"trainer_state\.pt is missing"),
+    "trainer_state.json cut in half": (lambda d: _truncate(d / "trainer_state.json", lambda n: n // 2),
+                                       r"trainer_state\.json is not valid JSON"),
+    "trainer_state.json missing": (lambda d: os.remove(d / "trainer_state.json"), r"trainer_state\.json is missing"),
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("{'vit_hidden_dim': 32"),
+                             r"config\.json is not valid JSON"),
+    "config.json missing": (lambda d: os.remove(d / "config.json"), r"config\.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_it_chosen(tmp_path, damage):
+    model, opt, sched = _model_and_optimizer()
+    _save(tmp_path, 1, model, opt, sched)
+    newest = _save(tmp_path, 2, model, opt, sched)
+    assert ckpt.checkpoint_problem(newest) is None
+    harm, message = DAMAGE[damage]
+    harm(tmp_path / "checkpoints" / "step_000002")
+    said = []
+    chosen = ckpt.latest_good_checkpoint(str(tmp_path), said.append)
+    assert chosen == ckpt.step_dir(str(tmp_path), 1)
+    assert len(said) == 1, said
+    assert re.fullmatch(rf"--resume: checkpoint {re.escape(newest)} is unreadable \({message}.*\); "
+                        r"trying the one before it\.", said[0]), said[0]
+    fresh, fresh_opt, fresh_sched = _model_and_optimizer()
+    assert ckpt.load_checkpoint(chosen, fresh, fresh_opt, fresh_sched)["step"] == 1
+
+
+def test_no_sound_checkpoint_is_one_clear_error(tmp_path):
+    assert ckpt.latest_good_checkpoint(str(tmp_path), print) is None  # none at all: the caller says so
+    model, opt, sched = _model_and_optimizer()
+    _save(tmp_path, 1, model, opt, sched)
+    _save(tmp_path, 2, model, opt, sched)
+    os.remove(tmp_path / "checkpoints" / "step_000001" / "trainer_state.pt")
+    _truncate(tmp_path / "checkpoints" / "step_000002" / "model.safetensors", lambda n: n - 1)
+    said = []
+    with pytest.raises(ValueError) as err:
+        ckpt.latest_good_checkpoint(str(tmp_path), said.append)
+    assert str(err.value) == (
+        f"--resume: every checkpoint in {tmp_path / 'checkpoints'} is unreadable (step_000002: model.safetensors "
+        f"is truncated ({os.path.getsize(tmp_path / 'checkpoints' / 'step_000002' / 'model.safetensors')} of "
+        f"{os.path.getsize(tmp_path / 'checkpoints' / 'step_000002' / 'model.safetensors') + 1} bytes); "
+        "step_000001: trainer_state.pt is missing); run without --resume to start a new run.")
+    assert said == []  # the error names them all; no lines before it
+
+
+def test_saving_after_a_fallback_keeps_the_new_checkpoint(tmp_path):
+    """Resumed from step 2 past a damaged step 3: with keep_last=1 the new step 2 stays (the
+    damaged step 3 is newer, not a reason to drop it) and step 1 goes."""
+    model, opt, sched = _model_and_optimizer()
+    for step in (1, 2, 3):
+        _save(tmp_path, step, model, opt, sched, keep_last=0)
+    _truncate(tmp_path / "checkpoints" / "step_000003" / "model.safetensors", lambda n: n // 2)
+    assert ckpt.latest_good_checkpoint(str(tmp_path), lambda _: None).endswith("step_000002")
+    _save(tmp_path, 2, model, opt, sched, keep_last=1)
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_000002", "step_000003"]
+    assert ckpt.latest_good_checkpoint(str(tmp_path), lambda _: None).endswith("step_000002")
+
+
+def test_resume_past_a_truncated_checkpoint_ends_with_the_same_weights(tmp_path, capsys):
+    """A finished run whose newest checkpoint (step 4) is then cut short: --resume says so in one
+    line, continues from step 2, and ends with the weights and losses of the run it repeats."""
+    settings = dict(max_training_steps=4, save_interval=2)
+    run_synthetic(tmp_path, **settings)
+    whole, whole_losses = final_weights(tmp_path), losses(tmp_path)
+    weights = tmp_path / "checkpoints" / "step_000004" / "model.safetensors"
+    size = os.path.getsize(weights)
+    _truncate(weights, lambda n: n - 100)
+    capsys.readouterr()
+    summary = run_synthetic(tmp_path, resume=True, **settings)
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "unreadable" in line] == [
+        f"--resume: checkpoint {ckpt.step_dir(str(tmp_path), 4)} is unreadable (model.safetensors is truncated "
+        f"({size - 100} of {size} bytes)); trying the one before it."], out
+    assert f"resumed from {ckpt.step_dir(str(tmp_path), 2)} at step 2" in out
+    assert summary["resumed_at_step"] == 2
+    resumed = final_weights(tmp_path)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert losses(tmp_path) == whole_losses
+    assert ckpt.checkpoint_problem(ckpt.step_dir(str(tmp_path), 4)) is None  # written again, whole

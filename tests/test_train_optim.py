@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from tolerances import assert_same_adam_training
@@ -21,15 +19,31 @@ def _optimizer(base_lr: float = 1.0):
 
 
 def test_schedule_values():
-    opt = _optimizer(2.0)
-    s = WarmupCosine(opt, total_steps=10, warmup_ratio=0.2, min_lr_ratio=0.1)
+    """Values known without the formula: the warm-up climbs linearly to the base rate, the cosine
+    is at the base rate where the decay starts, halfway between base and min at its middle, at min
+    where it ends (after the last update, as in transformers' get_cosine_schedule_with_warmup),
+    point-symmetric about its middle, and monotone on each side."""
+    base, lo = 2.0, 0.2  # min_lr_ratio 0.1
+    s = WarmupCosine(_optimizer(base), total_steps=10, warmup_ratio=0.2, min_lr_ratio=0.1)
     assert s.warmup_steps == 2
-    expected = [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
-    assert [s.factor(i) for i in range(10)] == pytest.approx(expected)
-    assert s.factor(2) == 1.0 and s.factor(9) > 0.1  # the peak right after warm-up; never below min
-    s.apply(6)
-    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * expected[6])
-    assert WarmupCosine(opt, 4, 0.0, 0.0).factor(0) == 1.0  # no warm-up: start at the peak
+    lr = [base * s.factor(i) for i in range(12)]
+    assert lr[:2] == pytest.approx([base / 2, base])  # linear: the last warm-up step reaches base
+    assert s.factor(2) == 1.0  # the decay (steps 2..10) starts at the peak
+    assert lr[6] == pytest.approx((base + lo) / 2)  # its middle: step 2 + 8 / 2
+    assert lr[4] == pytest.approx(lo + (base - lo) * (1 + 2 ** -0.5) / 2)  # a quarter in: cos(pi/4) = 1/sqrt(2)
+    assert lr[10] == pytest.approx(lo) and lr[11] == pytest.approx(lo)  # the end, and it stays there
+    for d in (1, 2, 3, 4):
+        assert lr[6 - d] - lr[6] == pytest.approx(lr[6] - lr[6 + d])  # cos(pi/2 - x) = -cos(pi/2 + x)
+    assert lr[0] < lr[1] <= lr[2] and all(a > b for a, b in zip(lr[2:10], lr[3:11]))
+    assert min(lr) == pytest.approx(lo) and max(lr) == pytest.approx(base)
+
+    # apply writes base_lr x factor into every group, each from its own base rate.
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0, "base_lr": 1.0},
+                             {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3.0, "base_lr": 3.0}])
+    WarmupCosine(opt, 10, 0.2, 0.1).apply(6)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.55, 1.65])  # (1 + 0.1) / 2 x base
+    no_warmup = WarmupCosine(opt, 4, 0.0, 0.0)
+    assert no_warmup.factor(0) == 1.0 and no_warmup.factor(2) == pytest.approx(0.5)  # peak first, half midway
 
 
 def test_schedule_state_round_trip():

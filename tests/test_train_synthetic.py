@@ -8,6 +8,7 @@ for saving), so a run costs only the model's own time. Other test modules import
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -109,8 +110,23 @@ def test_a_run_leaves_a_complete_run_folder(tmp_path):
     assert {"config.json", "model.safetensors", "trainer_state.json", "trainer_state.pt"} <= set(
         os.listdir(tmp_path / "checkpoints" / "step_000004"))
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
-    assert summary["steps"] == 4 and summary["samples"] == 16 and summary["samples_per_s"] > 0
+    assert summary["steps"] == 4 and summary["global_batch"] == 4
+    assert summary["samples"] == 4 * 4  # steps x batch_size x gradient_accumulation_steps (1)
+    assert summary["epochs"] == pytest.approx(16 / 56, abs=1e-3)  # 64 samples, 8 held out for validation
+    # The rates are counts over the same time: samples / rate gives back train_time_s (rounded to
+    # 0.01 s), and tokens per sample is what a sample holds (4 image + 3..6 question + 2..3 answer).
+    assert summary["samples"] / summary["samples_per_s"] == pytest.approx(summary["train_time_s"], abs=0.006)
+    assert 9 <= summary["tokens_per_s"] / summary["samples_per_s"] <= 13
     assert 0 < summary["mfu"] < 1
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [r for r in map(json.loads, f) if "train_loss" in r]
+    # warmup_ratio 0.2 of 4 steps rounds to 1 warm-up step, then the cosine over 3: 1, cos(pi/3), ...
+    assert [r["lr_factor"] for r in records] == pytest.approx([1.0, 1.0, 0.75, 0.25])
+    # A fresh model predicts nearly uniformly: its first loss is about ln(vocab) (init std 0.02 gives
+    # logits of std ~0.16, adding ~0.16**2 / 2 = 0.013), and the next steps' losses are lower.
+    first, *later = [r["train_loss"] for r in records]
+    assert first == pytest.approx(math.log(tiny_configs()[0].lm_vocab_size), abs=0.1)
+    assert max(later) < first
     with open(tmp_path / "summary.json") as f:
         assert json.load(f)["steps"] == 4
 

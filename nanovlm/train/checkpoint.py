@@ -8,6 +8,10 @@ A checkpoint is a directory `checkpoints/step_XXXXXX/`:
 It is assembled in a hidden temporary directory beside its final place, flushed to disk, and
 renamed into place: a directory named step_XXXXXX is always complete. `best/` (lowest validation
 loss) holds the model and trainer_state.json only; `final/` is a plain model directory.
+
+What happens to a checkpoint after it is written (a full disk that another program filled, a
+copy cut short, a file removed by hand) is outside our control, so a resume checks the files
+before it trusts them (`latest_good_checkpoint`) and falls back to the newest sound checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import random
 import re
 import shutil
+import zipfile
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,6 +32,8 @@ from nanovlm.fileio import atomic_write_json, make_temp_dir_beside, replace_dir
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
+# The files a step checkpoint must hold: the model directory's two and the trainer state's two.
+REQUIRED_FILES = ("config.json", "model.safetensors", STATE_JSON, STATE_PT)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -101,7 +109,10 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, schedu
     tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}
     _write_dir(path, model, tokenizer, {**state, "step": step}, tensors)
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        # Only checkpoints up to this step count: a newer one is a damaged checkpoint that this
+        # run's resume passed over (left for inspection; a save at its step replaces it).
+        upto = [p for p in list_checkpoints(run_dir) if _step_of(p) <= step]
+        for old in upto[:-keep_last]:
             _remove(old)
     return path
 
@@ -131,18 +142,118 @@ def save_final(run_dir: str, model, tokenizer) -> str:
 
 # ------------------------------------------------------------------------------------ reading
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete step checkpoints, oldest first."""
+    """Step checkpoint directories, oldest first (not checked: see `latest_good_checkpoint`)."""
     found = []
     for path in glob.glob(os.path.join(run_dir, "checkpoints", "step_*")):
         m = _STEP_DIR.match(os.path.basename(path))
-        if m and os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, STATE_PT)):
+        if m and os.path.isdir(path):
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
 
 
+def _step_of(path: str) -> int:
+    return int(_STEP_DIR.match(os.path.basename(path)).group(1))
+
+
 def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest step checkpoint directory, unchecked; a resume uses `latest_good_checkpoint`."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_good_checkpoint(run_dir: str, say: Callable[[str], None] = print) -> str | None:
+    """The newest step checkpoint whose files are sound, saying in one line of each newer one what
+    is wrong with it; None when the run has no step checkpoint at all. Raises ValueError (one
+    sentence naming every checkpoint and its fault) when it has some and none is sound."""
+    found = list_checkpoints(run_dir)
+    damaged = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in damaged:
+                say(f"--resume: checkpoint {bad} is unreadable ({why}); trying the one before it.")
+            return path
+        damaged.append((path, problem))
+    if not found:
+        return None
+    faults = "; ".join(f"{os.path.basename(path)}: {why}" for path, why in damaged)
+    raise ValueError(f"--resume: every checkpoint in {os.path.join(run_dir, 'checkpoints')} is unreadable "
+                     f"({faults}); run without --resume to start a new run.")
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What makes the step checkpoint `path` unusable, in a few words, or None when it is sound.
+
+    Checks what can be checked without reading the tensors: every required file is there, the
+    JSON files parse, model.safetensors' header parses and the file is as long as the header says,
+    and trainer_state.pt (a torch.save zip archive) still has its index, which sits at its end."""
+    for name in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        for name in ("config.json", STATE_JSON):
+            problem = _json_problem(os.path.join(path, name))
+            if problem:
+                return f"{name} {problem}"
+        problem = _safetensors_problem(os.path.join(path, "model.safetensors"))
+        if problem:
+            return f"model.safetensors {problem}"
+        problem = _torch_archive_problem(os.path.join(path, STATE_PT))
+        if problem:
+            return f"{STATE_PT} {problem}"
+    except OSError as e:
+        return f"{os.path.basename(e.filename or '') or 'a file'} cannot be read ({e.strerror})"
+    return None
+
+
+def _json_problem(path: str) -> str | None:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # also bad UTF-8
+        return f"is not valid JSON ({e})"
+    if not isinstance(obj, dict):
+        return f"holds a {type(obj).__name__}, not an object"
+    if os.path.basename(path) == STATE_JSON and not isinstance(obj.get("step"), int):
+        return "has no step"
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """The layout: 8 bytes (little-endian header length n), n bytes of JSON (name -> dtype, shape,
+    data_offsets into the data that follows), then the data, ending at the largest offset."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"is truncated ({size} bytes, not even a header)"
+        n = int.from_bytes(prefix, "little")
+        if 8 + n > size:
+            return f"is truncated ({size} bytes; its header alone needs {8 + n})"
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            return f"has a header that does not parse ({e})"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"is truncated ({size} of {expected} bytes)"
+    if size > expected:
+        return f"has {size - expected} bytes after its last tensor"
+    return None
+
+
+def _torch_archive_problem(path: str) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            size = os.path.getsize(path)
+            for entry in archive.infolist():
+                if entry.header_offset + entry.compress_size > size:
+                    return f"is truncated (its entry {entry.filename} runs past the end)"
+    except zipfile.BadZipFile as e:
+        return f"is truncated or not a torch.save archive ({e})"
+    return None
 
 
 def recover(run_dir: str) -> None:

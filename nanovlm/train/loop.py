@@ -139,7 +139,7 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
     task = evaluation.resolve_task(cfg)
     resume_from = None
     if resume:
-        resume_from = ckpt.latest_checkpoint(run_dir)
+        resume_from = ckpt.latest_good_checkpoint(run_dir, say)
         if resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
                                     "run without --resume to start a new run.")
