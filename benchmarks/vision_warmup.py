@@ -17,6 +17,7 @@ import torch
 
 from nanovlm import VLMConfig, VisionLanguageModel
 from nanovlm.data.easyvqa import EasyVQADataset
+from nanovlm.data.tokenizer import tokenizer_for
 from nanovlm.train.loop import seed_everything
 from nanovlm.train.vision_warmup import kind_accuracy, pooled_features, vision_warmup
 
@@ -43,8 +44,9 @@ def main() -> None:
     for seed in args.seeds:
         seed_everything(seed)
         model = VisionLanguageModel(VLMConfig.from_preset(args.preset), load_backbone=False)
-        train = EasyVQADataset(model.cfg, model.tokenizer, split="train").image_targets()
-        test = EasyVQADataset(model.cfg, model.tokenizer, split="test").image_targets()
+        tokenizer = tokenizer_for(model.cfg)
+        train = EasyVQADataset(model.cfg, tokenizer, split="train").image_targets()
+        test = EasyVQADataset(model.cfg, tokenizer, split="test").image_targets()
         result = vision_warmup(model, train, args.steps, args.lr, args.batch, seed=seed, amp=amp, fused=True,
                                say=lambda _: None, progress=False)
         shape, colour = head_accuracy(model, result["heads"], test)

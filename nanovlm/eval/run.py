@@ -15,6 +15,7 @@ def run_eval(model_dir: str, task: str = "easyvqa", split: str = "test", limit: 
     from nanovlm.fileio import atomic_write_json
     from nanovlm.models.vision_language_model import VisionLanguageModel
     from nanovlm.runtime import default_device, pick_dtype
+    from nanovlm.weights.nanovlm import checkpoint_directory
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}.")
@@ -22,12 +23,10 @@ def run_eval(model_dir: str, task: str = "easyvqa", split: str = "test", limit: 
         raise ValueError(f"--limit must be >= 0 (0: every question), got {limit}.")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir} does not exist; give a checkpoint directory "
-                                "such as runs/demo/final.")
+    model_dir = checkpoint_directory(model_dir)  # the message every --model gives for a bad value
     device = default_device()
     # Weights stay fp32; bf16 autocast where the hardware has fast bf16 matmuls.
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device, require_tokenizer=True)
     dtype = pick_dtype(precision, device)
     report = easyvqa.evaluate(model, split=split, limit=limit, batch_size=batch_size,
                               autocast_dtype=dtype if dtype != torch.float32 else None, progress=True)

@@ -234,9 +234,10 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
     seed_everything(train_cfg.seed)
     model = VisionLanguageModel(vlm_cfg, load_backbone=vlm_cfg.vlm_load_backbone_weights).to(device)
     if tokenizer is None:
-        tokenizer = model.tokenizer
-    else:
-        model.tokenizer = tokenizer
+        from nanovlm.data.tokenizer import tokenizer_for
+
+        tokenizer = tokenizer_for(vlm_cfg)
+    model.tokenizer = tokenizer
     if data is None:
         data = build_data(vlm_cfg, train_cfg, tokenizer, info)
     fused = fused_adamw_available(device)
