@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nanovlm.data.datasets import build_dataset  # noqa: E402
+from nanovlm.data.tokenizer import tokenizer_for  # noqa: E402
 from nanovlm.models.vision_language_model import VisionLanguageModel  # noqa: E402
 from nanovlm.train import settings  # noqa: E402
 from nanovlm.train.loop import seed_everything  # noqa: E402
@@ -45,7 +46,7 @@ def main() -> None:
     for seed in args.seeds:
         seed_everything(seed)
         model = VisionLanguageModel(vlm_cfg, load_backbone=False)
-        tok = model.tokenizer
+        tok = model.tokenizer = tokenizer_for(vlm_cfg)
         drop = special_ids(tok, vlm_cfg)
         train_set = build_dataset(train_cfg, vlm_cfg, tok, split="train")
         data = build_targets(collect_pairs(train_set, range(len(train_set)), drop))

@@ -227,12 +227,12 @@ def _cmd_generate(args) -> int:
     if args.model:
         from nanovlm.models.vision_language_model import VisionLanguageModel
 
-        model = VisionLanguageModel.from_pretrained(args.model, dtype=dtype)
+        model = VisionLanguageModel.from_pretrained(args.model, dtype=dtype, require_tokenizer=True)
         ids, mask, tiles = generation.build_prompts(model, [args.image or None], [args.prompt])
     else:
         if args.image:
             raise ValueError("--image needs --model (a vision-language checkpoint); --lm is text only.")
-        model = generation.TextModel.from_source(args.lm, dtype=dtype)
+        model = _load_text_model(args.lm, dtype)
         ids, mask, tiles = model.encode_prompt(args.prompt), None, None
     tok = model.tokenizer
     kwargs = dict(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
@@ -257,6 +257,20 @@ def _cmd_generate(args) -> int:
     else:
         print(text)
     return 0
+
+
+def _load_text_model(source: str, dtype):
+    """`--lm SOURCE`: the language model and tokenizer of one source, wrapped for the decode loop."""
+    from nanovlm.config import VLMConfig
+    from nanovlm.data.tokenizer import get_tokenizer
+    from nanovlm.generation import TextModel
+    from nanovlm.models.language_model import LanguageModel
+    from nanovlm.weights.loading import config_from_source
+
+    tokenizer = get_tokenizer(source)
+    cfg = VLMConfig(**config_from_source(source), lm_model_type=source, lm_tokenizer=source,
+                    vlm_extra_tokens={"image_token": "<|image|>"}, lm_eos_token_id=tokenizer.eos_token_id)
+    return TextModel(LanguageModel.from_pretrained(cfg).to(dtype), tokenizer).eval()
 
 
 # ----------------------------------------------------------------------------------------- eval

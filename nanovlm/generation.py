@@ -185,7 +185,8 @@ def decode_until_eos(tok, ids: list[int], eos: int) -> str:
 
 # ---------------------------------------------------------------------- text-only language models
 class TextModel(torch.nn.Module):
-    """A bare language model with the interface `stream` needs (`--lm` in `nanovlm generate`)."""
+    """A bare language model with the interface `stream` needs (`--lm` in `nanovlm generate`,
+    which loads the decoder; this module takes models duck-typed and imports none)."""
 
     def __init__(self, decoder, tokenizer):
         super().__init__()
@@ -201,20 +202,6 @@ class TextModel(torch.nn.Module):
         if images is not None:
             raise ValueError("a text-only language model takes no images.")
         return self.decoder.token_embedding(input_ids)
-
-    @classmethod
-    def from_source(cls, source: str, dtype: torch.dtype = torch.float32) -> "TextModel":
-        from nanovlm.config import VLMConfig
-        from nanovlm.data.processors import get_tokenizer
-        from nanovlm.models.language_model import LanguageModel
-        from nanovlm.weights.loading import config_from_source
-
-        tokenizer = get_tokenizer(source)
-        fields = config_from_source(source)
-        cfg = VLMConfig(**fields, lm_model_type=source, lm_tokenizer=source,
-                        vlm_extra_tokens={"image_token": "<|image|>"}, lm_eos_token_id=tokenizer.eos_token_id)
-        decoder = LanguageModel.from_pretrained(cfg).to(dtype)
-        return cls(decoder, tokenizer).eval()
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

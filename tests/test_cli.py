@@ -69,7 +69,7 @@ def test_generate_from_checkpoint_with_image_and_stream(tiny_ckpt):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--model", "MISSING_DIR", "--prompt", "x"], "HF_HUB_OFFLINE=1 forbids a hub download"),
+    (["generate", "--model", "MISSING_DIR", "--prompt", "x"], "MISSING_DIR is not a local directory, and HF_HUB_OFFLINE=1 forbids downloading it from the hub"),
     (["generate", "--model", "CKPT", "--image", "nope.png", "--prompt", "x"], "image file nope.png does not exist"),
     (["generate", "--lm", "packaged:smollm2-135m", "--image", "IMG", "--prompt", "x"], "--image needs --model"),
     (["generate", "--model", "CKPT", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),

@@ -62,8 +62,8 @@ def test_eval_writes_a_report(tiny_model_dir, tmp_path, capsys):
 def test_eval_errors(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "none"), "--task", "easyvqa"]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"nanovlm: error: model directory {tmp_path / 'none'} does not exist; give a checkpoint directory "
-        "such as runs/demo/final.")
+        f"nanovlm: error: {tmp_path / 'none'}: no such file or directory; a value that looks like a path is "
+        "never looked up on the hub, so check the path.")
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "easyvqa", "--limit", "-1"]) == 1
     assert capsys.readouterr().err.strip() == "nanovlm: error: --limit must be >= 0 (0: every question), got -1."
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "easyvqa", "--batch-size", "0"]) == 1

@@ -261,7 +261,8 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(ValueError, match="is a file; --model / from_pretrained expects a checkpoint directory"):
         VisionLanguageModel.from_pretrained(tmp_path / "f.txt")
-    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1 forbids a hub download"):
+    with pytest.raises(FileNotFoundError, match="^someone/not-here is not a local directory, and HF_HUB_OFFLINE=1 "
+                                                "forbids downloading it from the hub; "):
         VisionLanguageModel.from_pretrained("someone/not-here")
 
 

@@ -3,14 +3,15 @@ its logits (q/k rows un-permuted, GQA, tied and untied heads), and the packaged 
 GGUF gives the logits and greedy tokens of transformers' own GGUF loading."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from nanovlm.config import VLMConfig
-from nanovlm.data.tokenizer import PACKAGED_SMOLLM2, packaged_smollm2_path
 from nanovlm.models.language_model import LanguageModel
+from nanovlm.sources import PACKAGED_SMOLLM2, SourceError, packaged_smollm2_path
 from nanovlm.weights.common import WeightLoadError
 from nanovlm.weights.loading import config_from_source
 
@@ -134,8 +135,10 @@ def test_not_a_gguf_file(tmp_path):
 
 
 def test_nonexistent_gguf(tmp_path):
-    with pytest.raises(WeightLoadError, match="language-model checkpoint .*/missing.gguf does not exist"):
-        config_from_source(str(tmp_path / "missing.gguf"))
+    path = str(tmp_path / "missing.gguf")
+    with pytest.raises(SourceError, match=f"^{re.escape(path)}: no such file or directory; a value that looks "
+                                          "like a path is never looked up on the hub"):
+        config_from_source(path)
 
 
 def test_architecture_mismatch_names_fields():

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from nanovlm.config import VLMConfig, default_extra_tokens
 from nanovlm.models.language_model import LanguageModel
+from nanovlm.sources import SourceError
 from nanovlm.weights.common import WeightLoadError
 from nanovlm.weights.loading import config_from_source
 
@@ -185,13 +186,13 @@ def test_neither_directory_nor_gguf(tmp_path):
 def test_nonexistent_path(tmp_path):
     make_llama(tmp_path)
     cfg = lm_cfg(tmp_path)
-    with pytest.raises(WeightLoadError, match="language-model checkpoint /does/not/exist does not exist"):
+    with pytest.raises(SourceError, match="^/does/not/exist: no such file or directory; "):
         LanguageModel.from_pretrained(cfg.replace(lm_model_type="/does/not/exist"))
 
 
 def test_hub_id_offline(tmp_path):
     make_llama(tmp_path)
     cfg = lm_cfg(tmp_path)
-    with pytest.raises(WeightLoadError, match="'HuggingFaceTB/SmolLM2-135M' is not a local path, and "
-                                              "HF_HUB_OFFLINE=1 forbids downloading it"):
+    with pytest.raises(SourceError, match="^HuggingFaceTB/SmolLM2-135M is not a local directory, and "
+                                          "HF_HUB_OFFLINE=1 forbids downloading it from the hub; "):
         LanguageModel.from_pretrained(cfg.replace(lm_model_type="HuggingFaceTB/SmolLM2-135M"))

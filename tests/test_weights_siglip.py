@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from nanovlm.config import VLMConfig
 from nanovlm.models.vision_transformer import ViT
+from nanovlm.sources import SourceError
 from nanovlm.weights.common import WeightLoadError
 from nanovlm.weights.hf_siglip import config_from_source
 
@@ -217,10 +218,11 @@ def test_file_instead_of_directory(tmp_path):
 
 
 def test_nonexistent_path(tmp_path):
-    with pytest.raises(WeightLoadError, match="vision checkpoint .*/nothing/here does not exist"):
+    with pytest.raises(SourceError, match=".*/nothing/here: no such file or directory; "):
         ViT.from_pretrained(vit_cfg(tmp_path / "nothing" / "here"))
 
 
 def test_hub_id_offline(tmp_path):
-    with pytest.raises(WeightLoadError, match="HF_HUB_OFFLINE=1 forbids downloading it"):
+    with pytest.raises(SourceError, match="^google/siglip-base-patch16-224 is not a local directory, and "
+                                          "HF_HUB_OFFLINE=1 forbids downloading it from the hub; "):
         ViT.from_pretrained(vit_cfg("google/siglip-base-patch16-224"))

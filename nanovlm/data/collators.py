@@ -16,41 +16,12 @@ sample brings its own (a shared prompt with independent branches: see
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Sequence
 
 import torch
 
-from nanovlm.data.datasets import SampleError, is_skip
+from nanovlm.data.packing import PackingCollator, filter_samples, sample_positions, wants_positions
 from nanovlm.data.processors import IGNORE_INDEX
-
-
-def filter_samples(samples: Sequence[dict[str, Any]], max_length: int | None, strict: bool = False
-                   ) -> tuple[list[dict[str, Any]], Counter]:
-    """(usable samples, {reason: count} of the rest)."""
-    kept, skips = [], Counter()
-    for s in samples:
-        if is_skip(s):
-            skips[s["skip"]] += 1
-        elif max_length and len(s["input_ids"]) > max_length:
-            if strict:
-                raise SampleError("too_long", f"{len(s['input_ids'])} tokens, more than lm_max_length = {max_length}.",
-                                  s.get("id"))
-            skips["too_long"] += 1
-        else:
-            kept.append(s)
-    return kept, skips
-
-
-def sample_positions(sample: dict[str, Any]) -> torch.Tensor:
-    """A sample's own `position_ids`, or 0, 1, 2, ... (the positions it gets alone)."""
-    if "position_ids" in sample:
-        return torch.as_tensor(sample["position_ids"], dtype=torch.long)
-    return torch.arange(len(sample["input_ids"]))
-
-
-def wants_positions(samples: Sequence[dict[str, Any]]) -> bool:
-    return any("position_ids" in s for s in samples)
 
 
 class VLMCollator:
@@ -87,8 +58,6 @@ def build_collator(train_cfg, vlm_cfg, tokenizer):
     """The collator a run asks for: packing (`train_cfg.packing`) or left padding."""
     strict = bool(getattr(train_cfg, "strict", False))
     if getattr(train_cfg, "packing", False):
-        from nanovlm.data.packing import PackingCollator
-
         pack_length = getattr(train_cfg, "pack_length", 0) or vlm_cfg.lm_max_length
         if pack_length > vlm_cfg.lm_max_position_embeddings:
             raise ValueError(f"pack_length ({pack_length}) exceeds lm_max_position_embeddings "

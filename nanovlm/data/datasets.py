@@ -735,7 +735,9 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
 
 
 def _hub_dataset(name: str, train_cfg, vlm_cfg, tokenizer, split, strict, max_pixels, streaming, rank, world_size):
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    from nanovlm.sources import env_flag, hub_offline
+
+    if hub_offline() or env_flag("HF_DATASETS_OFFLINE"):
         raise DataError(f"data {name!r} is not a local file or directory, and offline mode forbids a hub download; "
                         "give a path, or data=easyvqa.")
     try:

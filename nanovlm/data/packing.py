@@ -18,12 +18,42 @@ A sample that brings its own `position_ids` (a shared image prompt with independ
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
 
-from nanovlm.data.collators import filter_samples, sample_positions, wants_positions
+from nanovlm.data.datasets import SampleError, is_skip
 from nanovlm.data.processors import IGNORE_INDEX
+
+
+# What every collator asks of its samples (`collators.py` imports these: packing never imports it).
+def filter_samples(samples: Sequence[dict[str, Any]], max_length: int | None, strict: bool = False
+                   ) -> tuple[list[dict[str, Any]], Counter]:
+    """(usable samples, {reason: count} of the rest)."""
+    kept, skips = [], Counter()
+    for s in samples:
+        if is_skip(s):
+            skips[s["skip"]] += 1
+        elif max_length and len(s["input_ids"]) > max_length:
+            if strict:
+                raise SampleError("too_long", f"{len(s['input_ids'])} tokens, more than lm_max_length = {max_length}.",
+                                  s.get("id"))
+            skips["too_long"] += 1
+        else:
+            kept.append(s)
+    return kept, skips
+
+
+def sample_positions(sample: dict[str, Any]) -> torch.Tensor:
+    """A sample's own `position_ids`, or 0, 1, 2, ... (the positions it gets alone)."""
+    if "position_ids" in sample:
+        return torch.as_tensor(sample["position_ids"], dtype=torch.long)
+    return torch.arange(len(sample["input_ids"]))
+
+
+def wants_positions(samples: Sequence[dict[str, Any]]) -> bool:
+    return any("position_ids" in s for s in samples)
 
 
 def plan_packs(lengths: Sequence[int], n_images: Sequence[int], pack_length: int,

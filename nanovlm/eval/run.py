@@ -18,6 +18,7 @@ def run_eval(model_dir: str, task: str | None = None, split: str | None = None, 
     from nanovlm.fileio import atomic_write_json
     from nanovlm.models.vision_language_model import VisionLanguageModel
     from nanovlm.runtime import default_device, pick_dtype
+    from nanovlm.weights.nanovlm import checkpoint_directory
 
     if task is not None and data is not None:
         raise ValueError("give --task or --data, not both: --task scores a benchmark, --data your own questions.")
@@ -32,9 +33,7 @@ def run_eval(model_dir: str, task: str | None = None, split: str | None = None, 
         raise ValueError(f"--limit must be >= 0 (0: every question), got {limit}.")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir} does not exist; give a checkpoint directory "
-                                "such as runs/demo/final.")
+    model_dir = checkpoint_directory(model_dir)  # the message every --model gives for a bad value
     if data is not None:
         return run_data_eval(model_dir, data, image_folder=image_folder, split=split or "train", limit=limit,
                              batch_size=batch_size, out=out, precision=precision)
@@ -43,7 +42,7 @@ def run_eval(model_dir: str, task: str | None = None, split: str | None = None, 
     split = split or "test"
     device = default_device()
     # Weights stay fp32; bf16 autocast where the hardware has fast bf16 matmuls.
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device, require_tokenizer=True)
     dtype = pick_dtype(precision, device)
     report = easyvqa.evaluate(model, split=split, limit=limit, batch_size=batch_size,
                               autocast_dtype=dtype if dtype != torch.float32 else None, progress=True)
@@ -83,7 +82,7 @@ def run_data_eval(model_dir: str, data: str, *, image_folder: str | None = None,
         raise DataError(f"none of the {len(paths)} image files that {data} names exists (the first: "
                         f"{min(paths)}); check the image paths, or give --image-folder.")
     device = default_device()
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device, require_tokenizer=True)
     dtype = pick_dtype(precision, device)
     report = vqa.evaluate(model, items, batch_size=batch_size, progress=True,
                           autocast_dtype=dtype if dtype != torch.float32 else None)

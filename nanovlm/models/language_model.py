@@ -94,11 +94,6 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (used when finished rows leave a batch)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
-
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 wherever the segment id changes; 0 on padding.

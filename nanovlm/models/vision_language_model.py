@@ -6,15 +6,15 @@ prompts decide where images go and a sample may hold several images or none. Tra
 the vocabulary projection only at supervised positions.
 
 State-dict names are the original nanoVLM's (`vision_encoder.*`, `MP.*`, `decoder.*`), so its
-checkpoint directories load unchanged.
+checkpoint directories load unchanged. `from_pretrained`, `save_pretrained`, `push_to_hub`,
+`generate` and `answer` are thin entry points into `nanovlm.weights.nanovlm` (checkpoint files),
+`nanovlm.data.tokenizer` and `nanovlm.generation`, imported when called: this module imports only
+torch, `config` and the other model modules.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from typing import Any, Sequence
 
 import torch
@@ -22,16 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
-from nanovlm.fileio import make_temp_dir_beside, replace_dir
 from nanovlm.models.language_model import LanguageModel
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
 
 IGNORE_INDEX = -100
-
-# Buffers the original nanoVLM saved that hold no learned state (recomputed from the config).
-_NON_LEARNED_KEYS = ("decoder.rotary_embd.inv_freq",)
 
 
 class VisionLanguageModel(nn.Module):
@@ -48,8 +44,8 @@ class VisionLanguageModel(nn.Module):
         else:
             self.decoder = LanguageModel(cfg)
         self.MP = ModalityProjector(cfg)
-        self._tokenizer = None
-        self._source_dir: str | None = None
+        # Attached by from_pretrained and by training; answer() builds one from the config when missing.
+        self.tokenizer = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -64,20 +60,6 @@ class VisionLanguageModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.token_embedding.weight.dtype
-
-    @property
-    def tokenizer(self):
-        """The tokenizer saved with the checkpoint, else the one `cfg.lm_tokenizer` names."""
-        if self._tokenizer is None:
-            from nanovlm.data.processors import get_tokenizer
-
-            source = self._source_dir if self._source_dir and _has_tokenizer(self._source_dir) else self.cfg.lm_tokenizer
-            self._tokenizer = get_tokenizer(source, self.cfg.vlm_extra_tokens, self.cfg.lm_chat_template)
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value) -> None:
-        self._tokenizer = value
 
     # ------------------------------------------------------------------ forward
     def _flatten_images(self, images) -> torch.Tensor | None:
@@ -163,8 +145,11 @@ class VisionLanguageModel(nn.Module):
 
     def answer(self, images, questions, max_new_tokens: int = 32, greedy: bool = True, **kwargs) -> list[str]:
         """Answer each question about its image(s); see `nanovlm.generation.answer`."""
+        from nanovlm.data.tokenizer import tokenizer_for
         from nanovlm.generation import answer
 
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer_for(self.cfg)
         return answer(self, images, questions, max_new_tokens=max_new_tokens, greedy=greedy, **kwargs)
 
     # ------------------------------------------------------------------ saving / loading
@@ -175,101 +160,51 @@ class VisionLanguageModel(nn.Module):
         return {k: v.detach().contiguous() for k, v in sd.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
-        """Write config.json, model.safetensors and the tokenizer files; atomically (a temp
-        directory renamed into place), so a crash never leaves a half-written checkpoint."""
-        from safetensors.torch import save_file
+        """Write config.json, model.safetensors and the tokenizer files, atomically (see
+        `nanovlm.weights.nanovlm.write_checkpoint`). Without a tokenizer given or attached, the
+        one the config names is saved; when it cannot be built (offline), weights and config only."""
+        from nanovlm.data.tokenizer import tokenizer_for
+        from nanovlm.weights.nanovlm import write_checkpoint
 
-        save_directory = os.fspath(save_directory)
-        tmp = make_temp_dir_beside(save_directory)
-        try:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(self.cfg.to_dict(), f, indent=2)
-            save_file(self.state_dict_for_saving(), os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt", "library": "nanovlm"})
-            tok = tokenizer if tokenizer is not None else self._tokenizer_or_none()
-            if tok is not None:
-                tok.save_pretrained(tmp)
-            replace_dir(tmp, save_directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def _tokenizer_or_none(self):
-        try:
-            return self.tokenizer
-        except Exception:  # an offline machine without the tokenizer: save weights and config only
-            return None
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if tok is None:
+            try:
+                tok = self.tokenizer = tokenizer_for(self.cfg)
+            except (ValueError, OSError):  # e.g. offline with a hub tokenizer: the files are optional
+                tok = None
+        write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok)
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
-                        dtype: torch.dtype | None = None, device: str | torch.device | None = None
-                        ) -> "VisionLanguageModel":
-        """Load a checkpoint directory (ours or the original nanoVLM's) or a hub repo."""
-        path = os.fspath(repo_id_or_path)
-        if os.path.isdir(path):
-            directory = path
-        elif os.path.exists(path):
-            raise ValueError(f"{path} is a file; --model / from_pretrained expects a checkpoint directory "
-                             "with config.json and model.safetensors.")
-        else:
-            directory = _download(path, revision)
-        config_path = os.path.join(directory, "config.json")
-        weights_path = os.path.join(directory, "model.safetensors")
-        for p in (config_path, weights_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"{p} is missing; a checkpoint directory needs config.json and "
-                                        "model.safetensors (write one with save_pretrained or nanovlm train).")
-        cfg = VLMConfig.from_json(config_path)
-        model = cls(cfg, load_backbone=False)
-        from safetensors.torch import load_file
+                        dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        require_tokenizer: bool = False) -> "VisionLanguageModel":
+        """Load a checkpoint directory (ours or the original nanoVLM's) or a hub repo, and attach
+        its tokenizer: the one saved beside the weights, else the one the config names. When
+        that one cannot be built (offline, a hub tokenizer) the model loads without it
+        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error."""
+        from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
+        from nanovlm.weights.nanovlm import WEIGHTS_FILE, checkpoint_directory, load_state, read_checkpoint
 
-        model.load_checkpoint_state(load_file(weights_path), source=weights_path)
-        model._source_dir = directory
+        directory = checkpoint_directory(repo_id_or_path, revision)
+        cfg, state = read_checkpoint(directory)
+        model = cls(cfg, load_backbone=False)
+        load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
+        try:
+            model.tokenizer = tokenizer_for(cfg, directory)
+        except (ValueError, OSError):
+            if require_tokenizer or has_tokenizer(directory):  # a checkpoint's own broken tokenizer: an error
+                raise
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
 
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Strictly load a nanoVLM-layout state dict; every problem is listed, none is skipped."""
-        state = {k: v for k, v in state.items() if k not in _NON_LEARNED_KEYS}
-        if self.cfg.lm_tie_weights and "decoder.token_embedding.weight" not in state and "decoder.head.weight" in state:
-            state["decoder.token_embedding.weight"] = state["decoder.head.weight"]
-        if self.cfg.lm_tie_weights:
-            state.pop("decoder.head.weight", None)
-        expected = self.state_dict_for_saving()
-        from nanovlm.weights.common import check_state_dict
-
-        check_state_dict(state, {k: tuple(v.shape) for k, v in expected.items()}, source)
-        # head.weight is absent when tied (it is the embedding); everything else was checked above.
-        self.load_state_dict(state, strict=False)
-
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanovlm model"):
         """Upload this model as a checkpoint directory (needs `huggingface_hub` and a login)."""
-        from huggingface_hub import create_repo, upload_folder
+        from nanovlm.weights.nanovlm import push_checkpoint
 
-        repo_id = create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(os.path.join(tmp, "model"))
-            return upload_folder(repo_id=repo_id, folder_path=os.path.join(tmp, "model"),
-                                 commit_message=commit_message)
+        return push_checkpoint(repo_id, self.save_pretrained, private=private, commit_message=commit_message)
 
     def num_parameters(self) -> dict[str, Any]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"vision_encoder": count(self.vision_encoder), "MP": count(self.MP),
                 "decoder": count(self.decoder), "total": count(self)}
-
-
-def _has_tokenizer(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "tokenizer.json"))
-
-
-def _download(repo_id: str, revision: str | None) -> str:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"{repo_id} is not a local directory, and HF_HUB_OFFLINE=1 forbids a hub "
-                                "download; give the path of a checkpoint directory.")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise FileNotFoundError(f"{repo_id} is not a local directory; install huggingface_hub to fetch "
-                                "it from the hub.") from e
-    return snapshot_download(repo_id, revision=revision)

@@ -570,16 +570,16 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch_s
 
     from nanovlm.models.vision_language_model import VisionLanguageModel
     from nanovlm.runtime import default_device, pick_dtype
+    from nanovlm.weights.nanovlm import checkpoint_directory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"--model {model_dir} is not a checkpoint directory (config.json + model.safetensors).")
     if drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be 0 or more seconds, got {drain_timeout:g}.")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    directory = checkpoint_directory(model_dir)  # the message every --model gives for a bad value
     device = default_device()
-    model = VisionLanguageModel.from_pretrained(model_dir, dtype=pick_dtype(dtype, device), device=device)
-    model.tokenizer  # load it now, not on the first request
+    model = VisionLanguageModel.from_pretrained(directory, dtype=pick_dtype(dtype, device), device=device,
+                                                require_tokenizer=True)
     torch.set_grad_enabled(False)
     name = model_name_for(model_dir)
     try:

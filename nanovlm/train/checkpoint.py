@@ -285,9 +285,11 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, rank: int 
     checkpoint; returns its JSON state."""
     from safetensors.torch import load_file
 
+    from nanovlm.weights.nanovlm import load_state
+
     with open(os.path.join(path, STATE_JSON)) as f:
         state = json.load(f)
-    model.load_checkpoint_state(load_file(os.path.join(path, "model.safetensors")), source=path)
+    load_state(model, load_file(os.path.join(path, "model.safetensors")), source=path)
     if optimizer is not None or scheduler is not None:
         tensors = torch.load(os.path.join(path, STATE_PT), map_location="cpu", weights_only=True)
         if optimizer is not None:

@@ -146,9 +146,10 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
     seed_everything(cfg.seed)
     model = VisionLanguageModel(vlm_cfg, load_backbone=vlm_cfg.vlm_load_backbone_weights).to(info.device)
     if tokenizer is None:
-        tokenizer = model.tokenizer
-    else:
-        model.tokenizer = tokenizer
+        from nanovlm.data.tokenizer import tokenizer_for
+
+        tokenizer = tokenizer_for(vlm_cfg)
+    model.tokenizer = tokenizer
     data = data or build_data(vlm_cfg, cfg, tokenizer, info)
     fused = fused_adamw_available(info.device)
     dtype = pick_dtype(cfg.precision, info.device)

@@ -20,9 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from nanovlm.weights.common import WeightLoadError
-from nanovlm.weights.loading import (Transform, check_lm_architecture, convert, expand_blocks, expected_shapes,
-                                     f32_value, grow_rows, load_into, rule)
+from nanovlm.weights.common import (Transform, WeightLoadError, check_lm_architecture, convert, expand_blocks,
+                                    expected_shapes, f32_value, grow_rows, load_into, rule)
 
 # ours <- GGUF's
 KEYS = {

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanovlm.weights.common import WeightLoadError
-from nanovlm.weights.loading import (SafetensorsTensors, check_lm_architecture, convert, expand_blocks,
-                                     expected_shapes, grow_rows, load_into, read_model_config, rule)
+from nanovlm.weights.common import (SafetensorsTensors, WeightLoadError, check_lm_architecture, convert,
+                                    expand_blocks, expected_shapes, grow_rows, load_into, read_model_config,
+                                    rule)
 
 # ours <- transformers'
 KEYS = {

@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from nanovlm.config import VIT_ACTIVATIONS
-from nanovlm.weights.common import WeightLoadError
-from nanovlm.weights.loading import (HF_PATTERNS, SafetensorsTensors, check_architecture, convert, expand_blocks,
-                                     expected_shapes, fuse, local_or_download, read_model_config,
-                                     rule)
+from nanovlm.sources import resolve
+from nanovlm.weights.common import (HF_PATTERNS, SafetensorsTensors, WeightLoadError, check_architecture,
+                                    convert, expand_blocks, expected_shapes, fuse, read_model_config, rule)
 
 _ATTN = "encoder.layers.{i}.self_attn"
 
@@ -144,15 +143,20 @@ def _vit_fields(vision: dict[str, Any], naflex: bool) -> dict[str, Any]:
 
 def config_from_source(name: str) -> dict[str, Any]:
     """The `vit_*` fields of a SigLIP / SigLIP2 directory (or hub id when online)."""
-    directory = local_or_download(name, "vision", HF_PATTERNS)
-    return _vit_fields(*_vision_config(directory))
+    return _vit_fields(*_vision_config(_resolve_vision(name)))
+
+
+def _resolve_vision(name: str) -> str:
+    if not name:
+        raise WeightLoadError("no vision checkpoint given; set vit_model_type to a SigLIP directory.")
+    return resolve(name, allow_patterns=HF_PATTERNS)
 
 
 # --------------------------------------------------------------------------- loading
 def load_siglip_vision(cls: type, cfg: Any):
     """A `cls(cfg)` (ViT) with the SigLIP vision weights `cfg.vit_model_type` names, fp32 on the CPU.
     `cfg.vit_img_size` may differ from the checkpoint's: the position grid is resized."""
-    directory = local_or_download(cfg.vit_model_type, "vision", HF_PATTERNS)
+    directory = _resolve_vision(cfg.vit_model_type)
     vision, naflex = _vision_config(directory)
     found = _vit_fields(vision, naflex)
     found.pop("vit_img_size")  # any size works: the positions are resized

@@ -1,0 +1,105 @@
+"""Checkpoint directories of nanovlm and of the original nanoVLM: config.json + model.safetensors
+(+ our tokenizer files), read, checked, written and uploaded.
+
+Both use the state-dict names of the original (`vision_encoder.*`, `MP.*`, `decoder.*`), so the
+table is the identity; what differs is handled here:
+- the original saved the RoPE frequencies (`decoder.rotary_embd.inv_freq`), which hold no learned
+  state: they are dropped;
+- with tied weights the original may hold only `decoder.head.weight` (safetensors keeps one name
+  of a tied pair), we hold only `decoder.token_embedding.weight`: either loads.
+
+Everything here works on state dicts, configs and directories; the model is taken duck-typed
+(`cfg`, `state_dict_for_saving()`, `load_state_dict()`), so `weights/` never imports `models/`.
+`VisionLanguageModel.from_pretrained` / `save_pretrained` / `push_to_hub` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+from nanovlm.config import VLMConfig
+from nanovlm.fileio import make_temp_dir_beside, replace_dir
+from nanovlm.sources import resolve
+from nanovlm.weights.common import check_state_dict
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Buffers the original nanoVLM saved that hold no learned state (recomputed from the config).
+_NON_LEARNED_KEYS = ("decoder.rotary_embd.inv_freq",)
+
+
+def checkpoint_directory(repo_id_or_path: str | os.PathLike, revision: str | None = None) -> str:
+    """The local checkpoint directory a `--model` / `from_pretrained` value names (a hub repo is
+    downloaded when online); every file it must hold is checked."""
+    directory = resolve(repo_id_or_path, revision=revision)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is a file; --model / from_pretrained expects a checkpoint directory "
+                         f"with {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing; a checkpoint directory needs {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE} (write one with save_pretrained or nanovlm train).")
+    return directory
+
+
+def read_checkpoint(directory: str) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of a checkpoint directory, ours or the original's."""
+    from safetensors.torch import load_file
+
+    cfg = VLMConfig.from_json(os.path.join(directory, CONFIG_FILE))
+    return cfg, load_file(os.path.join(directory, WEIGHTS_FILE))
+
+
+def load_state(model: Any, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strictly load a nanoVLM-layout state dict into `model`; every problem is listed, none is skipped."""
+    state = {k: v for k, v in state.items() if k not in _NON_LEARNED_KEYS}
+    tied = model.cfg.lm_tie_weights
+    if tied and "decoder.token_embedding.weight" not in state and "decoder.head.weight" in state:
+        state["decoder.token_embedding.weight"] = state["decoder.head.weight"]
+    if tied:
+        state.pop("decoder.head.weight", None)
+    expected = model.state_dict_for_saving()
+    check_state_dict(state, {k: tuple(v.shape) for k, v in expected.items()}, source)
+    # head.weight is absent when tied (it is the embedding); everything else was checked above.
+    model.load_state_dict(state, strict=False)
+
+
+def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[str, torch.Tensor],
+                     tokenizer=None) -> None:
+    """Write config.json, model.safetensors and the tokenizer files (when given) atomically: a
+    temporary directory renamed into place, so a crash never leaves a half-written checkpoint."""
+    from safetensors.torch import save_file
+
+    directory = os.fspath(directory)
+    tmp = make_temp_dir_beside(directory)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "library": "nanovlm"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def push_checkpoint(repo_id: str, save: Callable[[str], None], private: bool = False,
+                    commit_message: str = "Upload nanovlm model"):
+    """Upload the checkpoint directory `save(path)` writes to hub repo `repo_id` (created if
+    needed; needs `huggingface_hub` and a login). Only ever called explicitly."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "model")
+        save(folder)
+        return upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
