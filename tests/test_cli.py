@@ -29,6 +29,7 @@ def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
+    model.tokenizer = tokenizer_for(model.cfg)
     (red,) = model.tokenizer.encode(" red")
     assert model.decoder.head.weight is model.decoder.token_embedding.weight
     with torch.no_grad():
