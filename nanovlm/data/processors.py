@@ -370,7 +370,8 @@ class ChatRenderer:
         self.tile = cfg.vit_img_size
         self.image_processor = image_processor if image_processor is not None else image_processor_for(cfg)
         self.encoder = ChatEncoder(tokenizer)
-        self._image_tokens: dict[tuple[int, int], str] = {}
+        self.image_token_id = tokenizer.image_token_id
+        self._image_strings: dict[tuple, list[str]] = {}
 
     # --- the pieces, for callers that keep their own images (easy-VQA's tile cache) ---
     def check_images(self, messages: Sequence[dict[str, Any]], n_images: int,
@@ -379,18 +380,18 @@ class ChatRenderer:
         `n_images` images. `placeholders_required`: every image must have its place (LLaVA)."""
         n_slots = 0
         for m in messages:
-            k = _slots(m["content"])
-            if k and m["role"] == "assistant":
-                raise RenderError("image_placeholder_mismatch", f"an answer holds an image or an {IMAGE_PLACEHOLDER} "
-                                                                "placeholder; images belong in user turns.")
-            n_slots += k
+            content = m["content"]
+            k = content.count(IMAGE_PLACEHOLDER) if isinstance(content, str) else _slots(content)
+            if k:
+                if m["role"] == "assistant":
+                    raise RenderError("image_placeholder_mismatch", "an answer holds an image or an "
+                                      f"{IMAGE_PLACEHOLDER} placeholder; images belong in user turns.")
+                n_slots += k
         if (placeholders_required or n_slots) and n_slots != n_images:
             fix = ("mark each image with one placeholder" if placeholders_required else
                    "give one placeholder per image, or none to put the images before the first question")
             raise RenderError("image_placeholder_mismatch",
                               f"{n_images} image(s) but {n_slots} {IMAGE_PLACEHOLDER} placeholder(s); {fix}.")
-        if n_images and not n_slots and not any(m["role"] == "user" for m in messages):
-            raise RenderError("image_placeholder_mismatch", "the sample has images but no user turn to hold them.")
         return n_slots
 
     def process_images(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -404,21 +405,25 @@ class ChatRenderer:
                 raise RenderError("bad_image", f"image {k + 1} cannot be processed ({e}).") from e
             tiles.append(t)
             grids.append(grid)
-        pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile)
-        return pixels, grids
+        if not tiles:
+            return torch.zeros(0, 3, self.tile, self.tile), grids
+        return (tiles[0] if len(tiles) == 1 else torch.cat(tiles)), grids
 
-    def image_string(self, grid: tuple[int, int]) -> str:
-        """One image's tokens (without its tag), built once per grid."""
-        s = self._image_tokens.get(grid)
-        if s is None:
-            s = self._image_tokens[grid] = _image_tokens(self.tokenizer, grid, self.mp)
-        return s
+    def image_strings(self, grids: Sequence[tuple[int, int]]) -> list[str]:
+        """Each image's string with its `<image: k>` tag, built once per tuple of grids."""
+        key = tuple(map(tuple, grids))
+        strings = self._image_strings.get(key)
+        if strings is None:
+            strings = [image_tag(k, len(key)) + _image_tokens(self.tokenizer, g, self.mp) for k, g in enumerate(key)]
+            if len(self._image_strings) < 1024:  # a few grids recur (one per image shape); don't hoard the rest
+                self._image_strings[key] = strings
+        return strings
 
     def place_images(self, messages: Sequence[dict[str, Any]], grids: Sequence[tuple[int, int]],
                      placeholders_required: bool = False) -> list[dict[str, str]]:
         """The messages as text, with each image's string in its place (see the class docstring)."""
         n_slots = self.check_images(messages, len(grids), placeholders_required)
-        strings = [image_tag(k, len(grids)) + self.image_string(tuple(g)) for k, g in enumerate(grids)]
+        strings = self.image_strings(grids) if grids else []
         if n_slots:
             pending = iter(strings)
             out = []
@@ -431,11 +436,16 @@ class ChatRenderer:
                     text = "".join(p if isinstance(p, str) else next(pending) for p in content)
                 out.append({"role": m["role"], "content": text})
             return out
-        out = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "".join(m["content"])}
-               for m in messages]
-        if strings:
-            first_user = next(m for m in out if m["role"] == "user")
-            first_user["content"] = "".join(strings) + first_user["content"]
+        out, placed = [], not strings
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if not isinstance(content, str):
+                content = "".join(content)
+            if not placed and role == "user":  # no marked places: the images go before the first question
+                content, placed = "".join(strings) + content, True
+            out.append({"role": role, "content": content})
+        if not placed:
+            raise RenderError("image_placeholder_mismatch", "the sample has images but no user turn to hold them.")
         return out
 
     def encode(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
@@ -455,7 +465,8 @@ class ChatRenderer:
                                                              cache=not add_generation_prompt)
         except ValueError as e:
             raise RenderError("chat_template", str(e)) from e
-        return ids, shift_labels(ids, supervised), None
+        labels = [IGNORE_INDEX] * len(ids) if add_generation_prompt else shift_labels(ids, supervised)
+        return ids, labels, None
 
     def _branches(self, messages: list[dict[str, str]]) -> list[list[dict[str, str]]] | None:
         roles = [m["role"] for m in messages]
@@ -472,7 +483,8 @@ class ChatRenderer:
 
     def check_image_tokens(self, input_ids: Sequence[int], n_tiles: int) -> None:
         """A RenderError unless the ids hold exactly the image tokens the tiles fill."""
-        n = list(input_ids).count(self.tokenizer.image_token_id)
+        n = input_ids.count(self.image_token_id) if isinstance(input_ids, list) else \
+            sum(1 for i in input_ids if i == self.image_token_id)
         if n != n_tiles * self.mp:
             raise RenderError("image_token_mismatch",
                               f"the prompt holds {n} image tokens where {n_tiles} tile(s) x {self.mp} were expected; "
