@@ -98,7 +98,6 @@ def test_one_conversation_renders_the_same_everywhere(model, monkeypatch, tmp_pa
     assert tok.decode(sample["input_ids"][len(reference[0]):], skip_special_tokens=False) == ANSWER + "<|im_end|>\n"
 
     # The LLaVA layout (an <image> placeholder in front of the question) through the dataset path.
-    (tmp_path / "picture.png").write_bytes(b"")
     image.save(tmp_path / "picture.png")
     record = {"id": "q", "image": "picture.png", "conversations": [
         {"from": "human", "value": "<image>" + QUESTION}, {"from": "gpt", "value": ANSWER}]}

@@ -12,7 +12,7 @@ The prompt layout per image is the original's too: `<image: k>` (only when a sam
 several images), `<|global_image|>` + image tokens, then `<row_i_col_j>` + image tokens per
 tile when the grid is larger than 1x1.
 
-`ChatRenderer` turns messages and their images into (input ids, supervised flags, tiles):
+`ChatRenderer` turns messages and their images into (input ids, shifted labels, tiles):
 training data, `generate` / `answer`, evaluation and the server all render through it, so a
 question reads the same to the model wherever it is asked. Images go where the text has
 `<image>` placeholders (LLaVA), where a content list holds them (the server's parts), or else
@@ -342,11 +342,9 @@ class RenderedChat:
     position_ids: list[int] | None = None
 
 
-def _slots(content: Any) -> int:
-    """Image places in one message's content: `<image>` placeholders in text, images in a part list."""
-    if isinstance(content, str):
-        return content.count(IMAGE_PLACEHOLDER)
-    return sum(not isinstance(part, str) for part in content)
+def _image_parts(parts: Sequence[Any]) -> int:
+    """The images in a content part list (every part that is not text)."""
+    return sum(not isinstance(part, str) for part in parts)
 
 
 class ChatRenderer:
@@ -381,7 +379,7 @@ class ChatRenderer:
         n_slots = 0
         for m in messages:
             content = m["content"]
-            k = content.count(IMAGE_PLACEHOLDER) if isinstance(content, str) else _slots(content)
+            k = content.count(IMAGE_PLACEHOLDER) if isinstance(content, str) else _image_parts(content)
             if k:
                 if m["role"] == "assistant":
                     raise RenderError("image_placeholder_mismatch", "an answer holds an image or an "
