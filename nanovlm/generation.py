@@ -156,7 +156,9 @@ def prompt_renderer(model, image_processor=None):
 
 def build_prompts(model, images: Sequence, questions: Sequence[str]):
     """Tokenised, left-padded prompts and their image tiles for `answer`-style calls: each
-    question rendered as a user turn with its images (`ChatRenderer`), plus the assistant prompt.
+    question rendered as a user turn with its images (`ChatRenderer`), plus the assistant prompt,
+    exactly as training lays out the same question. The images go before the question, or at
+    its `<image>` placeholders when it has one per image (as LLaVA data marks them).
 
     Returns (input_ids (B, T), attention_mask (B, T), images: list of (n_i, 3, S, S))."""
     from nanovlm.data.processors import RenderError
