@@ -9,6 +9,7 @@ at EOS (later tokens are EOS padding) and the loop ends early once every row has
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -130,29 +131,54 @@ def _load_images(entry, index: int):
     return out
 
 
+_RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prompt_renderer(model, image_processor=None):
+    """The model's `ChatRenderer` (the one prompt layout of training and inference), built once
+    per model and tokenizer: `answer` calls it for every batch."""
+    from nanovlm.data.processors import ChatRenderer
+
+    tok = model.tokenizer
+    try:
+        renderer = _RENDERERS.get(model)
+    except TypeError:  # a model that cannot be weakly referenced: no reuse
+        renderer = None
+    if renderer is None or renderer.tokenizer is not tok or (
+            image_processor is not None and renderer.image_processor is not image_processor):
+        renderer = ChatRenderer(tok, model.cfg, image_processor)
+        try:
+            _RENDERERS[model] = renderer
+        except TypeError:
+            pass
+    return renderer
+
+
 def build_prompts(model, images: Sequence, questions: Sequence[str]):
-    """Tokenised, left-padded prompts and their image tiles for `answer`-style calls.
+    """Tokenised, left-padded prompts and their image tiles for `answer`-style calls: each
+    question rendered as a user turn with its images (`ChatRenderer`), plus the assistant prompt,
+    exactly as training lays out the same question. The images go before the question, or at
+    its `<image>` placeholders when it has one per image (as LLaVA data marks them).
 
     Returns (input_ids (B, T), attention_mask (B, T), images: list of (n_i, 3, S, S))."""
-    from nanovlm.data.processors import get_image_processor, get_image_string
+    from nanovlm.data.processors import RenderError
 
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} image entries for {len(questions)} questions; give one entry "
                          "(an image, a list of images, or None) per question.")
     cfg, tok = model.cfg, model.tokenizer
-    processor = get_image_processor(cfg.max_img_size, cfg.vit_img_size, cfg.resize_to_max_side_len)
+    renderer = prompt_renderer(model)
     rows, tiles = [], []
     for i, (entry, question) in enumerate(zip(images, questions)):
         if not isinstance(question, str):
             raise TypeError(f"question {i} must be a string, got {type(question).__name__}.")
-        pil_images = _load_images(entry, i)
-        processed = [processor(img) for img in pil_images]
-        image_string = get_image_string(tok, [grid for _, grid in processed], cfg.mp_image_token_length) if processed else ""
-        prompt = tok.apply_chat_template([{"role": "user", "content": image_string + question}],
-                                         add_generation_prompt=True)
-        rows.append(tok.encode(prompt))
-        tiles.append(torch.cat([t for t, _ in processed]) if processed
-                     else torch.zeros(0, 3, cfg.vit_img_size, cfg.vit_img_size))
+        try:
+            chat = renderer.render([{"role": "user", "content": question}], _load_images(entry, i),
+                                   add_generation_prompt=True)
+        except RenderError as e:
+            raise ValueError(f"question {i}: {e}") from e
+        rows.append(chat.input_ids)
+        tiles.append(chat.tiles)
     longest = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else cfg.lm_eos_token_id
     input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)

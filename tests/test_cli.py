@@ -12,6 +12,7 @@ from PIL import Image
 
 from nanovlm import VLMConfig, VisionLanguageModel
 from nanovlm.cli import build_parser, main
+from nanovlm.data.tokenizer import tokenizer_for
 
 
 def run(*args, timeout=240):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from nanovlm.config import VLMConfig
 from nanovlm.data.images import ImageError, load_image, to_rgb
-from nanovlm.data.processors import (ChatEncoder, encode_prompt, get_image_processor, get_image_string, get_tokenizer,
+from nanovlm.data.processors import (ChatEncoder, ChatRenderer, get_image_processor, get_image_string, get_tokenizer,
                                      n_tiles, shift_labels)
 from nanovlm.data.datasets import SampleProcessor, SampleError
 
@@ -194,7 +194,8 @@ def test_inference_prompt_matches_the_training_layout(tok):
     image = rgb(20, 20)
     messages = [{"role": "user", "content": "What shape?"}, {"role": "assistant", "content": "Round."}]
     sample = SampleProcessor(cfg, tok).process([image], messages, placeholders_required=False)
-    ids, tiles = encode_prompt(tok, cfg, [image], "What shape?")
+    chat = ChatRenderer(tok, cfg).render(messages[:1], [image], add_generation_prompt=True)
+    ids, tiles = torch.tensor(chat.input_ids), chat.tiles
     assert torch.equal(sample["input_ids"][:len(ids)], ids)
     assert torch.equal(tiles, sample["images"])
     assert tok.decode(ids[-4:], skip_special_tokens=False) == "<|im_start|>assistant\n"

@@ -36,9 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from nanovlm.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for, share_prefix
-
-IMAGE_PLACEHOLDER = "<image>"
+from nanovlm.data.processors import IGNORE_INDEX, IMAGE_PLACEHOLDER, ChatRenderer, RenderError
 
 
 class DataError(ValueError):
@@ -200,12 +198,9 @@ class SampleProcessor:
         self.cfg = vlm_cfg
         self.independent_turns = independent_turns
         self.tokenizer = tokenizer
-        self.image_processor = image_processor_for(vlm_cfg)
-        self.encoder = ChatEncoder(tokenizer)
+        self.renderer = ChatRenderer(tokenizer, vlm_cfg)
         self.base_dir = base_dir
         self.max_image_pixels = max_image_pixels
-        self.mp = vlm_cfg.mp_image_token_length
-        self.tile = vlm_cfg.vit_img_size
         # Text must not smuggle in tokens that only the image string may place.
         reserved = list(getattr(tokenizer, "extra_tokens", {}).values())
         reserved += [t for t in (tokenizer.eos_token, getattr(tokenizer, "bos_token", None)) if t]
@@ -246,73 +241,25 @@ class SampleProcessor:
 
     def _process(self, images, messages, placeholders_required, sample_id):
         messages = self.check_messages(messages)
-        if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] == "assistant"):
-            raise SampleError("image_placeholder_mismatch", f"an answer holds an {IMAGE_PLACEHOLDER} placeholder; "
-                                                            "images belong in user turns.")
-        n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if (placeholders_required or n_placeholders) and n_placeholders != len(images):
-            raise SampleError("image_placeholder_mismatch",
-                              f"{len(images)} image(s) but {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s).")
-        tiles, grids = [], []
-        for source in images:
-            try:
-                pil = load_image(source, base_dir=self.base_dir, max_pixels=self.max_image_pixels)
-            except ImageError as e:
-                raise SampleError(e.reason, str(e)) from e
-            t, grid = self.image_processor(pil)
-            tiles.append(t)
-            grids.append(grid)
-
-        if n_placeholders:
-            several = len(grids) > 1
-            strings = iter([(f"<image: {k}>" if several else "") + get_image_string(self.tokenizer, [g], self.mp)
-                            for k, g in enumerate(grids)])
-            for m in messages:
-                parts = m["content"].split(IMAGE_PLACEHOLDER)
-                m["content"] = parts[0] + "".join(next(strings) + p for p in parts[1:])
-        elif grids:
-            first_user = next((m for m in messages if m["role"] == "user"), None)
-            if first_user is None:
-                raise SampleError("image_placeholder_mismatch", "the sample has images but no user turn to hold them.")
-            first_user["content"] = get_image_string(self.tokenizer, grids, self.mp) + first_user["content"]
-
         try:
-            branches = self._independent(messages) if self.independent_turns else None
-            if branches is None:
-                input_ids, labels = self.encoder.encode(messages)
-            else:
-                input_ids, labels, positions = (torch.tensor(x, dtype=torch.long) for x in share_prefix(branches))
-        except ValueError as e:
-            raise SampleError("chat_template", str(e)) from e
-        n_tiles = sum(t.shape[0] for t in tiles)
-        n_image_tokens = int((input_ids == self.tokenizer.image_token_id).sum())
-        if n_image_tokens != n_tiles * self.mp:
-            raise SampleError("image_token_mismatch", f"{n_image_tokens} image tokens for {n_tiles} tiles x {self.mp}.")
-        if not bool((labels != -100).any()):
+            self.renderer.check_images(messages, len(images), placeholders_required)  # before decoding any image
+            pil_images = []
+            for source in images:
+                try:
+                    pil_images.append(load_image(source, base_dir=self.base_dir, max_pixels=self.max_image_pixels))
+                except ImageError as e:
+                    raise SampleError(e.reason, str(e)) from e
+            chat = self.renderer.render(messages, pil_images, placeholders_required=placeholders_required,
+                                        independent_turns=self.independent_turns)
+        except RenderError as e:
+            raise SampleError(e.reason, str(e)) from e
+        if all(label == IGNORE_INDEX for label in chat.labels):
             raise SampleError("empty_text", "no token of the sample is supervised.")
-        pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile)
-        sample = {"input_ids": input_ids, "labels": labels, "images": pixels, "id": sample_id}
-        if branches is not None:
-            sample["position_ids"] = positions
+        sample = {"input_ids": torch.tensor(chat.input_ids, dtype=torch.long),
+                  "labels": torch.tensor(chat.labels, dtype=torch.long), "images": chat.tiles, "id": sample_id}
+        if chat.position_ids is not None:
+            sample["position_ids"] = torch.tensor(chat.position_ids, dtype=torch.long)
         return sample
-
-    def _independent(self, messages: list[dict[str, str]]) -> list[tuple[list[int], list[int]]] | None:
-        """`independent_turns`: each question with its answer, encoded as if asked alone after the
-        first question's images (to go through `share_prefix`); None where the sample is kept as a
-        conversation: fewer than two question/answer pairs, other roles, or images elsewhere than
-        in the first question."""
-        roles = [m["role"] for m in messages]
-        if len(messages) < 4 or roles != ["user", "assistant"] * (len(messages) // 2):
-            return None
-        image_token = self.tokenizer.image_token
-        first = messages[0]["content"]
-        end = first.rfind(image_token)
-        if end < 0 or any(image_token in m["content"] for m in messages[1:]):
-            return None
-        images = first[:end + len(image_token)]  # the images and whatever text introduces them
-        questions = [first] + [images + m["content"] for m in messages[2::2]]
-        return [self.encoder.encode_lists([{"role": "user", "content": q}, a])
-                for q, a in zip(questions, messages[1::2])]
 
 
 # ---------------------------------------------------------------------------- record sources

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nanovlm.data.images import load_image
-from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for, share_prefix
+from nanovlm.data.processors import ChatRenderer
 
 QTYPES = ("shape", "color", "yes/no")
 SPLITS = ("train", "test")
@@ -94,7 +94,8 @@ class EasyVQADataset(Dataset):
         max_length = max_length or vlm_cfg.lm_max_length
         if max_turns < 0:
             raise ValueError(f"max_turns must be >= 0 (0: all questions of an image), got {max_turns}.")
-        self.processor = image_processor_for(vlm_cfg)
+        renderer = ChatRenderer(tokenizer, vlm_cfg)
+        self.processor = renderer.image_processor
         self.questions = easyvqa_questions(self.split)
 
         paths = sorted({p for p, *_ in self.questions})
@@ -103,7 +104,6 @@ class EasyVQADataset(Dataset):
         key = (self.split, self.processor.tile, self.processor.max_side, self.processor.resize_to_max_side_len,
                self.processor.max_grid)
         self.tiles, grid = _tiles_for(paths, self.processor, key)  # (n_images, n_tiles, 3, S, S) uint8
-        image_string = get_image_string(tokenizer, [grid], vlm_cfg.mp_image_token_length)
 
         # Conversations: (image index, [(question, answer), ...]).
         if multi_turn:
@@ -115,21 +115,13 @@ class EasyVQADataset(Dataset):
         else:
             convs = [(index_of[p], [(q, a)]) for p, q, a, _ in self.questions]
 
-        encoder = ChatEncoder(tokenizer)
-
-        def conversation(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
-            messages = []
-            for t, (q, a) in enumerate(turns):
-                messages.append({"role": "user", "content": (image_string if t == 0 else "") + q})
-                messages.append({"role": "assistant", "content": a})
-            return messages
-
         def encode(turns: list[tuple[str, str]]) -> list[tuple[list[tuple[str, str]], list[int], list[int], list[int]]]:
-            if independent_turns:
-                ids, labels, positions = share_prefix([encoder.encode_lists(conversation([qa])) for qa in turns])
-            else:
-                ids, labels = encoder.encode_lists(conversation(turns))
-                positions = []
+            messages = [{"role": role, "content": text}
+                        for qa in turns for role, text in zip(("user", "assistant"), qa)]
+            ids, labels, positions = renderer.encode(renderer.place_images(messages, [grid]),
+                                                     independent_turns=independent_turns)
+            if positions is None:  # a single question in independent_turns mode: its own positions
+                positions = list(range(len(ids))) if independent_turns else []
             if len(ids) <= max_length or len(turns) == 1:
                 return [(turns, ids, labels, positions)]
             # Too long: two samples about the same image instead of a dropped one.

@@ -1,5 +1,4 @@
-"""Processors: the tokenizer, the image processor, the image prompt string, and the encoder
-that turns a chat into input ids and (shifted) labels.
+"""Processors: the tokenizer, the image processor, and the one chat renderer.
 
 The image rules are the original nanoVLM's (`data/custom_transforms.py`): the long side goes
 to `max_img_size` (or up to the next tile multiple when smaller), the short side keeps the
@@ -7,16 +6,23 @@ aspect ratio rounded UP to whole tiles, bicubic resampling; the picture is cut r
 `vit_img_size` tiles, and when there is more than one tile a global view (the whole picture at
 one tile's size) goes first. Unlike the original, the grid is capped at the number of
 `<row_i_col_j>` tokens (8x8) by shrinking the picture, so the prompt can always name every tile.
-PIL + torch only.
+`image_processor_for(cfg)` is the one way a processor is built from a VLMConfig. PIL + torch only.
 
 The prompt layout per image is the original's too: `<image: k>` (only when a sample has
 several images), `<|global_image|>` + image tokens, then `<row_i_col_j>` + image tokens per
 tile when the grid is larger than 1x1.
+
+`ChatRenderer` turns messages and their images into (input ids, shifted labels, tiles):
+training data, `generate` / `answer`, evaluation and the server all render through it, so a
+question reads the same to the model wherever it is asked. Images go where the text has
+`<image>` placeholders (LLaVA), where a content list holds them (the server's parts), or else
+in front of the first question (Cauldron, easy-VQA, `answer`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,10 +30,11 @@ import torch
 from PIL import Image
 
 from nanovlm.config import CHATML_TEMPLATE
-from nanovlm.data.images import to_rgb
+from nanovlm.data.images import load_image, to_rgb
 from nanovlm.data.tokenizer import get_tokenizer  # noqa: F401  (re-exported: the public import path)
 
 IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a message's text (LLaVA data)
 MAX_GRID = 8  # the default extra tokens name tiles <row_1_col_1> .. <row_8_col_8>
 
 
@@ -134,18 +141,25 @@ def grid_limit(extra_tokens: dict[str, str]) -> int:
     return n
 
 
+def image_tag(k: int, n_images: int) -> str:
+    """What precedes image k of a sample: `<image: k>` when the sample holds several images."""
+    return f"<image: {k}>" if n_images > 1 else ""
+
+
 def get_image_string(tokenizer: Any, splitted_image_counts: Sequence[tuple[int, int]],
                      mp_image_token_length: int) -> str:
     """The prompt text that holds the image tokens of one sample's images, in order."""
-    parts: list[str] = []
-    several = len(splitted_image_counts) > 1
-    for k, (rows, cols) in enumerate(splitted_image_counts):
-        if several:
-            parts.append(f"<image: {k}>")
-        # Tokenizers without a global-image token (older checkpoints) start with the image tokens.
-        parts.append(getattr(tokenizer, "global_image_token", "") + tokenizer.image_token * mp_image_token_length)
-        if rows * cols == 1:
-            continue  # the single tile is the global view
+    n = len(splitted_image_counts)
+    return "".join(image_tag(k, n) + _image_tokens(tokenizer, grid, mp_image_token_length)
+                   for k, grid in enumerate(splitted_image_counts))
+
+
+def _image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: int) -> str:
+    """One image's tokens, without its `<image: k>` tag."""
+    rows, cols = grid
+    # Tokenizers without a global-image token (older checkpoints) start with the image tokens.
+    parts = [getattr(tokenizer, "global_image_token", "") + tokenizer.image_token * mp_image_token_length]
+    if rows * cols > 1:  # else the single tile is the global view
         for i in range(rows):
             for j in range(cols):
                 tag = getattr(tokenizer, f"r{i + 1}c{j + 1}", None)
@@ -154,35 +168,6 @@ def get_image_string(tokenizer: Any, splitted_image_counts: Sequence[tuple[int, 
                                      "lacks; lower max_img_size or add row/col tokens to vlm_extra_tokens.")
                 parts.append(tag + tokenizer.image_token * mp_image_token_length)
     return "".join(parts)
-
-
-def encode_prompt(tokenizer: Any, vlm_cfg: Any, images: Sequence[Any], question: str,
-                  image_processor: ImageProcessor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference input for one question, laid out exactly as training lays out a sample:
-    (input_ids (T,) ending with the assistant prompt, tiles (n_tiles, 3, S, S)).
-
-    images: PIL images, paths or bytes (see `load_image`). Their image string goes in front of
-    the question, or in place of `<image>` placeholders when the question has one per image.
-    """
-    from nanovlm.data.images import load_image
-
-    proc = image_processor or image_processor_for(vlm_cfg)
-    tiles, grids = [], []
-    for source in images:
-        t, grid = proc(load_image(source))
-        tiles.append(t)
-        grids.append(grid)
-    mp = vlm_cfg.mp_image_token_length
-    if grids and question.count("<image>") == len(grids):
-        parts = question.split("<image>")
-        several = len(grids) > 1
-        question = parts[0] + "".join((f"<image: {k}>" if several else "") + get_image_string(tokenizer, [g], mp) + p
-                                      for k, (g, p) in enumerate(zip(grids, parts[1:])))
-    elif grids:
-        question = get_image_string(tokenizer, grids, mp) + question
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, vlm_cfg.vit_img_size, vlm_cfg.vit_img_size)
-    return torch.tensor(tokenizer.encode(text), dtype=torch.long), pixels
 
 
 # ---------------------------------------------------------------------------- chat -> ids, labels
@@ -194,7 +179,8 @@ class ChatEncoder:
     the tokenizer's template; the text outside assistant content is tokenized in whole pieces
     (so prompts tokenize as at inference), assistant content on its own (as the model generates
     it after the `<|im_start|>assistant\\n` prompt). Piece encodings are cached, which makes
-    encoding templated data such as easy-VQA nearly free.
+    encoding templated data such as easy-VQA nearly free; inference prompts (`add_generation_prompt`,
+    each one new) are encoded without the cache, so a long-running server does not fill it.
     """
 
     def __init__(self, tokenizer: Any, cache_size: int = 200_000):
@@ -226,16 +212,20 @@ class ChatEncoder:
         self.__dict__.update(state)
         self.__init__(self.tokenizer, self._cache_size)
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         if self._chatml:
-            return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + "<|im_start|>assistant\n" if add_generation_prompt else text
         if self._template is None:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
         tok = self.tokenizer
-        return self._template.render(messages=messages, add_generation_prompt=False,
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
 
-    def _encode_piece(self, text: str) -> tuple[int, ...]:
+    def _encode_piece(self, text: str, cache: bool = True) -> Sequence[int]:
+        if not cache:
+            return self.tokenizer.encode(text)
         ids = self._cache.get(text)
         if ids is None:
             ids = tuple(self.tokenizer.encode(text))
@@ -251,7 +241,14 @@ class ChatEncoder:
 
     def encode_lists(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """`encode` with plain lists, for building large pre-tokenized datasets."""
-        text = self._render(messages)
+        ids, supervised = self.encode_supervised(messages)
+        return ids, shift_labels(ids, supervised)
+
+    def encode_supervised(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                          cache: bool = True) -> tuple[list[int], list[bool]]:
+        """(input ids, supervised flags per token); with `add_generation_prompt` the ids end with
+        the assistant prompt (an inference prompt). Raises ValueError if the template hides a message."""
+        text = self._render(messages, add_generation_prompt)
         pieces: list[tuple[str, bool]] = []  # (text, is assistant content)
         cursor = piece_start = 0
         for m in messages:
@@ -275,7 +272,7 @@ class ChatEncoder:
         for piece, is_answer in pieces:
             if not piece:
                 continue
-            piece_ids = self._encode_piece(piece)
+            piece_ids = self._encode_piece(piece, cache)
             mask = [is_answer] * len(piece_ids)
             if after_answer and not is_answer and self.eos_token_id is not None:
                 # The end-of-turn token is part of the answer: the model must learn to stop.
@@ -287,7 +284,7 @@ class ChatEncoder:
             after_answer = is_answer
             ids.extend(piece_ids)
             supervised.extend(mask)
-        return ids, shift_labels(ids, supervised)
+        return ids, supervised
 
 
 def shift_labels(input_ids: Sequence[int], supervised: Sequence[bool]) -> list[int]:
@@ -317,3 +314,197 @@ def share_prefix(encodings: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tu
         out_labels.extend(labels[shared:])
         positions.extend(range(shared, len(ids)))
     return out_ids, out_labels, positions
+
+
+# ---------------------------------------------------------------------------- messages + images -> prompt
+class RenderError(ValueError):
+    """A chat that cannot be laid out as a prompt; `reason` names the kind of fault, as data skips do."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class RenderedChat:
+    """A chat laid out for the model.
+
+    input_ids: the token ids; labels: the training targets, already shifted (`shift_labels`;
+    all IGNORE_INDEX for an inference prompt); tiles: float (n_tiles, 3, S, S) in the order the
+    image tokens appear; grids: (n_rows, n_cols) per image; position_ids: None, or the
+    positions of a `share_prefix` sample (`independent_turns`).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    tiles: torch.Tensor
+    grids: list[tuple[int, int]] = field(default_factory=list)
+    position_ids: list[int] | None = None
+
+
+def _image_parts(parts: Sequence[Any]) -> int:
+    """The images in a content part list (every part that is not text)."""
+    return sum(not isinstance(part, str) for part in parts)
+
+
+class ChatRenderer:
+    """Messages (+ their images) -> `RenderedChat`: the one place a prompt is laid out.
+
+    A message is `{"role", "content"}`; content is text, or a list of parts (text, or an image
+    where it stands). Each image becomes its image string (`get_image_string`, with its
+    `<image: k>` tag when there are several): in a part list where the image stands; in text
+    at its `<image>` placeholder (one per image, in order); and where no message marks a place,
+    all images go in front of the first user message. The chat template is applied by one
+    `ChatEncoder`, whose piece cache makes re-encoding templated training data nearly free.
+
+    `add_generation_prompt=True` ends the ids with the assistant prompt: an inference prompt is
+    then, token for token, the start of the training sample that holds the same question and
+    image, with the same tiles (the image processor is `image_processor_for(cfg)` everywhere).
+    """
+
+    def __init__(self, tokenizer: Any, cfg: Any, image_processor: ImageProcessor | None = None):
+        self.tokenizer = tokenizer
+        self.mp = cfg.mp_image_token_length
+        self.tile = cfg.vit_img_size
+        self.image_processor = image_processor if image_processor is not None else image_processor_for(cfg)
+        self.encoder = ChatEncoder(tokenizer)
+        self.image_token_id = tokenizer.image_token_id
+        self._image_strings: dict[tuple, list[str]] = {}
+
+    # --- the pieces, for callers that keep their own images (easy-VQA's tile cache) ---
+    def check_images(self, messages: Sequence[dict[str, Any]], n_images: int,
+                     placeholders_required: bool = False) -> int:
+        """How many places the messages mark for images; a RenderError where they cannot take
+        `n_images` images. `placeholders_required`: every image must have its place (LLaVA)."""
+        n_slots = 0
+        for m in messages:
+            content = m["content"]
+            k = content.count(IMAGE_PLACEHOLDER) if isinstance(content, str) else _image_parts(content)
+            if k:
+                if m["role"] == "assistant":
+                    raise RenderError("image_placeholder_mismatch", "an answer holds an image or an "
+                                      f"{IMAGE_PLACEHOLDER} placeholder; images belong in user turns.")
+                n_slots += k
+        if (placeholders_required or n_slots) and n_slots != n_images:
+            fix = ("mark each image with one placeholder" if placeholders_required else
+                   "give one placeholder per image, or none to put the images before the first question")
+            raise RenderError("image_placeholder_mismatch",
+                              f"{n_images} image(s) but {n_slots} {IMAGE_PLACEHOLDER} placeholder(s); {fix}.")
+        return n_slots
+
+    def process_images(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Images (PIL, or what `load_image` reads) -> (tiles (n_tiles, 3, S, S), grid per image)."""
+        tiles, grids = [], []
+        for k, image in enumerate(images):
+            image = image if isinstance(image, Image.Image) else load_image(image)
+            try:
+                t, grid = self.image_processor(image)
+            except Exception as e:  # the picture's own fault (a shape the processor cannot tile)
+                raise RenderError("bad_image", f"image {k + 1} cannot be processed ({e}).") from e
+            tiles.append(t)
+            grids.append(grid)
+        if not tiles:
+            return torch.zeros(0, 3, self.tile, self.tile), grids
+        return (tiles[0] if len(tiles) == 1 else torch.cat(tiles)), grids
+
+    def image_strings(self, grids: Sequence[tuple[int, int]]) -> list[str]:
+        """Each image's string with its `<image: k>` tag, built once per tuple of grids."""
+        key = tuple(map(tuple, grids))
+        strings = self._image_strings.get(key)
+        if strings is None:
+            strings = [image_tag(k, len(key)) + _image_tokens(self.tokenizer, g, self.mp) for k, g in enumerate(key)]
+            if len(self._image_strings) < 1024:  # a few grids recur (one per image shape); don't hoard the rest
+                self._image_strings[key] = strings
+        return strings
+
+    def place_images(self, messages: Sequence[dict[str, Any]], grids: Sequence[tuple[int, int]],
+                     placeholders_required: bool = False) -> list[dict[str, str]]:
+        """The messages as text, with each image's string in its place (see the class docstring)."""
+        n_slots = self.check_images(messages, len(grids), placeholders_required)
+        strings = self.image_strings(grids) if grids else []
+        if n_slots:
+            pending = iter(strings)
+            out = []
+            for m in messages:
+                content = m["content"]
+                if isinstance(content, str):
+                    pieces = content.split(IMAGE_PLACEHOLDER)
+                    text = pieces[0] + "".join(next(pending) + p for p in pieces[1:])
+                else:
+                    text = "".join(p if isinstance(p, str) else next(pending) for p in content)
+                out.append({"role": m["role"], "content": text})
+            return out
+        out, placed = [], not strings
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if not isinstance(content, str):
+                content = "".join(content)
+            if not placed and role == "user":  # no marked places: the images go before the first question
+                content, placed = "".join(strings) + content, True
+            out.append({"role": role, "content": content})
+        if not placed:
+            raise RenderError("image_placeholder_mismatch", "the sample has images but no user turn to hold them.")
+        return out
+
+    def encode(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
+               independent_turns: bool = False) -> tuple[list[int], list[int], list[int] | None]:
+        """Text messages (images placed) -> (input_ids, labels, position_ids or None).
+
+        `independent_turns`: each question with its answer is encoded as if asked alone after
+        the first question's images, and the branches share that prompt (`share_prefix`); a
+        chat with fewer than two question/answer pairs, other roles, or images elsewhere than in
+        the first question is encoded as the conversation it is (position_ids None)."""
+        try:
+            branches = self._branches(messages) if independent_turns else None
+            if branches is not None:
+                return share_prefix([self.encoder.encode_lists(b) for b in branches])
+            # Inference prompts are each new: caching them would only fill the cache.
+            ids, supervised = self.encoder.encode_supervised(messages, add_generation_prompt,
+                                                             cache=not add_generation_prompt)
+        except ValueError as e:
+            raise RenderError("chat_template", str(e)) from e
+        labels = [IGNORE_INDEX] * len(ids) if add_generation_prompt else shift_labels(ids, supervised)
+        return ids, labels, None
+
+    def _branches(self, messages: list[dict[str, str]]) -> list[list[dict[str, str]]] | None:
+        roles = [m["role"] for m in messages]
+        if len(messages) < 4 or roles != ["user", "assistant"] * (len(messages) // 2):
+            return None
+        image_token = self.tokenizer.image_token
+        first = messages[0]["content"]
+        end = first.rfind(image_token)
+        if end < 0 or any(image_token in m["content"] for m in messages[1:]):
+            return None
+        images = first[:end + len(image_token)]  # the images and whatever text introduces them
+        questions = [first] + [images + m["content"] for m in messages[2::2]]
+        return [[{"role": "user", "content": q}, a] for q, a in zip(questions, messages[1::2])]
+
+    def check_image_tokens(self, input_ids: Sequence[int], n_tiles: int) -> None:
+        """A RenderError unless the ids hold exactly the image tokens the tiles fill."""
+        n = input_ids.count(self.image_token_id) if isinstance(input_ids, list) else \
+            sum(1 for i in input_ids if i == self.image_token_id)
+        if n != n_tiles * self.mp:
+            raise RenderError("image_token_mismatch",
+                              f"the prompt holds {n} image tokens where {n_tiles} tile(s) x {self.mp} were expected; "
+                              f"remove the reserved image token {self.tokenizer.image_token!r} from the text.")
+
+    # --- the whole way ---
+    def render(self, messages: Sequence[dict[str, Any]], images: Sequence[Any] = (), *,
+               placeholders_required: bool = False, add_generation_prompt: bool = False,
+               independent_turns: bool = False) -> RenderedChat:
+        """Messages and their images -> RenderedChat. `images` are the images that text
+        messages place (placeholders, or before the first question); images inside part lists
+        come from the parts. A RenderError (a ValueError with a `reason`) says what does not fit."""
+        inline = [p for m in messages if not isinstance(m["content"], str) for p in m["content"]
+                  if not isinstance(p, str)]
+        if inline and len(images):
+            raise RenderError("image_placeholder_mismatch", "give a chat's images either inside its messages' "
+                                                            "content lists or as the images argument, not both.")
+        images = inline or list(images)
+        self.check_images(messages, len(images), placeholders_required)  # before any pixel is touched
+        tiles, grids = self.process_images(images)
+        placed = self.place_images(messages, grids, placeholders_required)
+        ids, labels, positions = self.encode(placed, add_generation_prompt=add_generation_prompt,
+                                             independent_turns=independent_turns)
+        self.check_image_tokens(ids, tiles.shape[0])
+        return RenderedChat(ids, labels, tiles, grids, positions)

@@ -384,40 +384,27 @@ class Engine:
 
 # ---------------------------------------------------------------------------------- prompts
 def build_prompt(model, processor, messages: Sequence[Any]) -> tuple[list[int], torch.Tensor | None]:
-    """Chat messages (`.role`, `.parts`: text or PIL images) -> (input ids, image tiles).
+    """Chat messages (`.role`, `.parts`: text or PIL images) -> (input ids, image tiles or None).
 
-    Each image becomes the image string of `nanovlm.data.processors` where its part stands,
-    with the `<image: k>` tags the original uses when a prompt holds several images; the
-    conversation is rendered with the tokenizer's chat template plus the assistant prompt.
+    Rendered by the model's `ChatRenderer` (`nanovlm.generation.prompt_renderer`), the layout
+    training and `answer` use: each image's string where its part stands, `<image: k>` tags when
+    the prompt holds several images, the chat template, then the assistant prompt. `processor`:
+    the image processor to tile with (None: `image_processor_for(model.cfg)`).
     """
-    from PIL import Image
+    from nanovlm.data.processors import RenderError
+    from nanovlm.generation import prompt_renderer
 
-    from nanovlm.data.processors import get_image_string
-
-    cfg, tok = model.cfg, model.tokenizer
-    n_images = sum(isinstance(p, Image.Image) for m in messages for p in m.parts)
-    chat, tiles = [], []
-    for m in messages:
-        text = ""
-        for part in m.parts:
-            if isinstance(part, Image.Image):
-                try:
-                    t, grid = processor(part)
-                except Exception as e:  # the picture's own fault (a shape the processor cannot tile)
-                    raise PromptError(f"image {len(tiles) + 1} cannot be processed ({e}).") from e
-                tag = f"<image: {len(tiles)}>" if n_images > 1 else ""
-                tiles.append(t)
-                text += tag + get_image_string(tok, [grid], cfg.mp_image_token_length)
-            else:
-                text += part
-        chat.append({"role": m.role, "content": text})
-    ids = tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True))
-    n_tiles = sum(t.shape[0] for t in tiles)
-    image_tokens = sum(1 for i in ids if i == model.image_token_id)
-    if image_tokens != n_tiles * cfg.mp_image_token_length:
-        raise PromptError(f"the message text contains the reserved image placeholder {tok.image_token!r}; "
-                          "remove it and send images as image_url content parts.")
-    return ids, (torch.cat(tiles) if tiles else None)
+    renderer = prompt_renderer(model, processor)
+    chat = [{"role": m.role, "content": list(m.parts)} for m in messages]
+    try:
+        rendered = renderer.render(chat, add_generation_prompt=True)
+    except RenderError as e:
+        if e.reason == "image_token_mismatch":
+            raise PromptError("the message text contains the reserved image placeholder "
+                              f"{model.tokenizer.image_token!r}; remove it and send images as image_url content "
+                              "parts.") from e
+        raise PromptError(str(e)) from e
+    return rendered.input_ids, (rendered.tiles if rendered.grids else None)
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
