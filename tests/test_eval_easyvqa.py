@@ -78,7 +78,7 @@ def test_the_default_report_goes_to_the_current_directory_and_names_the_limit(ti
 
     monkeypatch.chdir(tmp_path)
     model_files = sorted(os.listdir(tiny_model_dir))
-    assert main(["eval", "--model", str(tiny_model_dir), "--limit", "4", "--batch-size", "4"]) == 0
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "easyvqa", "--limit", "4", "--batch-size", "4"]) == 0
     name = f"eval-{tiny_model_dir.parent.name}-tiny-easyvqa-test-first4.json"
     assert capsys.readouterr().out.rstrip().endswith(f"report written to {name}")
     assert json.loads((tmp_path / name).read_text())["n"] == 4

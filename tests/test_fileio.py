@@ -70,7 +70,7 @@ def test_a_model_a_run_folder_and_an_eval_report_are_readable_by_others(tmp_path
     names = set(os.listdir(model))
     assert {"config.json", "model.safetensors"} <= names and len(names) > 2  # the tokenizer files too
     assert_tree_modes(model, umask)
-    assert main(["eval", "--model", str(model), "--limit", "2", "--batch-size", "2",
+    assert main(["eval", "--model", str(model), "--task", "easyvqa", "--limit", "2", "--batch-size", "2",
                  "--out", str(tmp_path / "report.json")]) == 0
     assert mode(tmp_path / "report.json") == 0o666 & ~umask
 

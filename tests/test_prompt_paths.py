@@ -14,6 +14,7 @@ from PIL import Image
 
 from nanovlm import VLMConfig, VisionLanguageModel
 from nanovlm import generation
+from nanovlm.data.tokenizer import tokenizer_for
 from nanovlm.config import TrainConfig
 from nanovlm.data.datasets import SampleProcessor, build_dataset
 from nanovlm.data.processors import IGNORE_INDEX, ChatRenderer, RenderError, image_processor_for
@@ -24,7 +25,9 @@ QUESTION, ANSWER = "What shape is in the image?", "circle"
 
 def make_model(**overrides):
     torch.manual_seed(0)
-    return VisionLanguageModel(VLMConfig.from_preset("tiny", **overrides), load_backbone=False).eval()
+    model = VisionLanguageModel(VLMConfig.from_preset("tiny", **overrides), load_backbone=False).eval()
+    model.tokenizer = tokenizer_for(model.cfg)
+    return model
 
 
 @pytest.fixture(scope="module")

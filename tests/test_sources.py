@@ -149,7 +149,7 @@ def _entry_points():
         "LanguageModel.from_pretrained": lambda v, _: LanguageModel.from_pretrained(tiny.replace(lm_model_type=v)),
         "get_tokenizer": lambda v, _: get_tokenizer(v),
         "nanovlm generate": command("generate", "--prompt", "x"),
-        "nanovlm eval": command("eval"),
+        "nanovlm eval": command("eval", "--task", "easyvqa"),
         "nanovlm serve": command("serve", "--port", "0"),
     }
 

@@ -112,7 +112,7 @@ def test_a_run_leaves_a_complete_run_folder(tmp_path):
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
     assert summary["steps"] == 4 and summary["global_batch"] == 4
     assert summary["samples"] == 4 * 4  # steps x batch_size x gradient_accumulation_steps (1)
-    assert summary["epochs"] == pytest.approx(16 / 56, abs=1e-3)  # 64 samples, 8 held out for validation
+    assert summary["epochs"] == pytest.approx(16 / 60, abs=1e-3)  # 64 samples, 4 (5%) held out for validation
     # The rates are counts over the same time: samples / rate gives back train_time_s (rounded to
     # 0.01 s), and tokens per sample is what a sample holds (4 image + 3..6 question + 2..3 answer).
     assert summary["samples"] / summary["samples_per_s"] == pytest.approx(summary["train_time_s"], abs=0.006)
