@@ -89,3 +89,30 @@ def test_a_run_on_a_llava_file_reports_accuracy_on_its_held_out_images(tmp_path)
     report = json.loads((out / "eval_val.json").read_text())
     assert len(report["items"]) == 12 and {"question", "prediction", "reference"} <= set(report["items"][0])
     assert "easyvqa_test_accuracy" not in summary
+
+
+def test_a_captions_dataset_trains_with_the_defaults_and_says_what_the_warmup_did(tmp_path, capsys):
+    """Long free-form answers (no answer repeats): the warm-up adapts to a bag of answer words."""
+    from PIL import Image
+
+    from nanovlm.train.run import run_training
+
+    folder = tmp_path / "caps"
+    os.makedirs(folder / "images")
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    lines = []
+    for i in range(24):
+        name = list(colours)[i % 3]
+        Image.new("RGB", (40, 40), colours[name]).save(folder / "images" / f"{i}.png")
+        caption = f"A flat {name} picture, number {i}, with nothing else in it at all."
+        lines.append(json.dumps({"image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": caption}]}))
+    (folder / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    run_training("tiny", None, str(out), overrides=[f"data={folder / 'caps.jsonl'}", "max_training_steps=2",
+                                                      "batch_size=4", "vision_warmup=auto", "vision_warmup_steps=2",
+                                                      "eval_interval=0", "precision=fp32"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["vision_warmup"]["mode"] == "words" and summary["vision_warmup"]["classes"] > 5
+    assert "question-keyed readout of a bag of" in capsys.readouterr().out
+    assert (out / "final" / "model.safetensors").exists()
