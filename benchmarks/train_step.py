@@ -22,7 +22,7 @@ import torch
 
 from nanovlm import VLMConfig, VisionLanguageModel
 from nanovlm.models import attention
-from nanovlm.models.vision_language_model import IGNORE_INDEX
+from nanovlm.config import IGNORE_INDEX
 
 
 DEFAULT_PLAIN_MAX_TOKENS = attention.PLAIN_MAX_TOKENS

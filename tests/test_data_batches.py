@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.config import IGNORE_INDEX, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator, build_collator
 from nanovlm.data.datasets import (ResumableLoader, SampleError, SampleProcessor, ShardedBatchSampler, skip_marker)
 from nanovlm.data.packing import PackingCollator, plan_packs
@@ -71,7 +71,7 @@ def test_left_padding(tok, samples):
         assert torch.equal(batch["input_ids"][b, T - n:], s["input_ids"])
         assert (batch["input_ids"][b, :T - n] == tok.pad_token_id).all()
         assert batch["attention_mask"][b].tolist() == [0] * (T - n) + [1] * n
-        assert (batch["labels"][b, :T - n] == -100).all() and torch.equal(batch["labels"][b, T - n:], s["labels"])
+        assert (batch["labels"][b, :T - n] == IGNORE_INDEX).all() and torch.equal(batch["labels"][b, T - n:], s["labels"])
         assert batch["images"][b] is s["images"]
     assert batch["attention_mask"].dtype == torch.long and batch["skips"] == {}
 
@@ -144,7 +144,7 @@ def test_shared_prefix_sample_loss_equals_its_questions_alone(model, tok):
     assert ids[:n0] == alone[0]["input_ids"].tolist() and positions[:n0] == list(range(n0))
     prefix = positions[n0]  # where the second branch starts again
     assert len(ids) == n0 + sum(len(s["input_ids"]) - prefix for s in alone[1:])
-    assert labels[:prefix] == [-100] * prefix  # nothing supervised is shared
+    assert labels[:prefix] == [IGNORE_INDEX] * prefix  # nothing supervised is shared
     n_image_tokens = int((alone[0]["input_ids"] == tok.image_token_id).sum())
     assert n_image_tokens > 0 and int((torch.tensor(ids) == tok.image_token_id).sum()) == n_image_tokens  # once
     shared = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),

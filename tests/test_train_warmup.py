@@ -7,6 +7,7 @@ import torch
 from test_train_checkpoint import DiesAfter, Killed
 from test_train_synthetic import SyntheticVQA, final_weights, losses, run_synthetic, synthetic_data, tiny_configs
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.easyvqa import image_labels
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train import checkpoint as ckpt
@@ -51,11 +52,11 @@ def test_warmup_is_deterministic_for_a_seed():
 
 def test_unknown_labels_are_ignored():
     logits = torch.randn(4, 5)  # two kinds: 2 classes, then 3
-    targets = torch.tensor([[0, 2], [1, -100], [-100, 0], [1, -100]])
+    targets = torch.tensor([[0, 2], [1, IGNORE_INDEX], [IGNORE_INDEX, 0], [1, IGNORE_INDEX]])
     known_first = torch.nn.functional.cross_entropy(logits[[0, 1, 3], :2], targets[[0, 1, 3], 0])
     known_second = torch.nn.functional.cross_entropy(logits[[0, 2], 2:], targets[[0, 2], 1])
     assert torch.allclose(warmup_loss(logits, targets, [2, 3]), known_first + known_second)
-    none_known = torch.full((4, 2), -100)
+    none_known = torch.full((4, 2), IGNORE_INDEX)
     assert warmup_loss(logits, none_known, [2, 3]).item() == 0.0
 
 

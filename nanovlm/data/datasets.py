@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for, share_prefix
 
@@ -267,7 +268,7 @@ class SampleProcessor:
         n_image_tokens = int((input_ids == self.tokenizer.image_token_id).sum())
         if n_image_tokens != n_tiles * self.mp:
             raise SampleError("image_token_mismatch", f"{n_image_tokens} image tokens for {n_tiles} tiles x {self.mp}.")
-        if not bool((labels != -100).any()):
+        if not bool((labels != IGNORE_INDEX).any()):
             raise SampleError("empty_text", "no token of the sample is supervised.")
         pixels = torch.cat(tiles) if tiles else torch.zeros(0, 3, self.tile, self.tile)
         sample = {"input_ids": input_ids, "labels": labels, "images": pixels, "id": sample_id}

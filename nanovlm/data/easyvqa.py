@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.images import ImageTargets, load_image
 from nanovlm.data.processors import ChatEncoder, get_image_string, image_processor_for, share_prefix
 
@@ -209,11 +210,11 @@ class EasyVQADataset(Dataset):
         return sample
 
     def image_targets(self) -> ImageTargets:
-        """Every image of the split with its shape and colour class (-100 where its questions do
+        """Every image of the split with its shape and colour class (IGNORE_INDEX where its questions do
         not tell): what a vision warm-up (`vision_warmup_steps`) trains on."""
         kinds = label_kinds()
         labels = image_labels(self.questions)
-        targets = torch.tensor([[values.index(labels[p][kind]) if labels[p][kind] else -100
+        targets = torch.tensor([[values.index(labels[p][kind]) if labels[p][kind] else IGNORE_INDEX
                                  for kind, values in kinds.items()] for p in self.image_paths], dtype=torch.long)
         return ImageTargets(self.tiles, targets, {kind: len(values) for kind, values in kinds.items()},
                             self.processor.normalize)

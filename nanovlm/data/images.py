@@ -30,7 +30,7 @@ class ImageTargets:
     """Images with class labels of their own (not answers to questions), for a vision warm-up.
 
     images: tiles (n_images, n_tiles, 3, S, S) as stored (easy-VQA: uint8); targets: (n_images,
-    n_kinds) class indices, -100 where unknown; classes: {kind: number of classes}, in the column
+    n_kinds) class indices, IGNORE_INDEX where unknown; classes: {kind: number of classes}, in the column
     order of `targets`; normalize: stored tiles -> the float pixels the vision encoder takes."""
     images: Any
     targets: Any

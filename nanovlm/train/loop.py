@@ -26,13 +26,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.config import IGNORE_INDEX, TrainConfig, VLMConfig
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train.optim import WarmupCosine, build_optimizer, clip_grad_norm, fused_adamw_available
 from nanovlm.train.report import FlopCounter, MetricsLog, batch_stats, format_summary, measure_matmul_peak, plot
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -99,7 +97,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return batch
     out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels", "position_ids"):
+    for key in ("input_ids", "attention_mask", "labels", "position_ids", "supervised_index"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     images = batch.get("images")
@@ -162,7 +160,8 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
         batch = _to_device(batch, info.device)
         with torch.autocast(**amp):
             _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
-                            loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False)
+                            loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False,
+                            supervised_index=batch.get("supervised_index"))
         total[0] += loss.double()
         total[1] += (batch["labels"] != IGNORE_INDEX).sum()
     model.train(was_training)
@@ -327,7 +326,8 @@ def train(vlm_cfg: VLMConfig, train_cfg: TrainConfig, run_dir: str, *, resume: b
                 with torch.autocast(**amp):
                     _, loss_sum = runner(batch["input_ids"], batch["images"], batch["attention_mask"],
                                          batch["labels"], loss_reduction="sum",
-                                         position_ids=batch.get("position_ids"), return_logits=False)
+                                         position_ids=batch.get("position_ids"), return_logits=False,
+                                         supervised_index=batch.get("supervised_index"))
                     if not _has_images(batch):
                         loss_sum = loss_sum + _vision_ghost(model)
                 (loss_sum * scale).backward()
