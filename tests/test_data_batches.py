@@ -76,6 +76,18 @@ def test_left_padding(tok, samples):
     assert batch["attention_mask"].dtype == torch.long and batch["skips"] == {}
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_carry_the_supervised_positions(tok, samples, packing):
+    """`supervised_index`: the flat positions b * T + t with a label, in order, found on the CPU
+    so that the training forward on an accelerator need not look for them."""
+    collate = PackingCollator(tok.pad_token_id, 256) if packing else VLMCollator(tok.pad_token_id, CFG.lm_max_length)
+    batch = collate(samples)
+    labels, T = batch["labels"], batch["labels"].shape[1]
+    expected = [b * T + t for b in range(labels.shape[0]) for t in range(T) if labels[b, t] != IGNORE_INDEX]
+    assert batch["supervised_index"].tolist() == expected and len(expected) > 0
+    assert batch["supervised_index"].dtype == torch.long
+
+
 def test_padded_batch_loss_equals_one_by_one(model, tok, samples):
     batch = VLMCollator(tok.pad_token_id, CFG.lm_max_length)(samples)
     torch.testing.assert_close(run_loss(model, batch), one_by_one(model, samples))
