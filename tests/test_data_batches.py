@@ -71,7 +71,8 @@ def test_left_padding(tok, samples):
         assert torch.equal(batch["input_ids"][b, T - n:], s["input_ids"])
         assert (batch["input_ids"][b, :T - n] == tok.pad_token_id).all()
         assert batch["attention_mask"][b].tolist() == [0] * (T - n) + [1] * n
-        assert (batch["labels"][b, :T - n] == IGNORE_INDEX).all() and torch.equal(batch["labels"][b, T - n:], s["labels"])
+        assert (batch["labels"][b, :T - n] == IGNORE_INDEX).all()
+        assert torch.equal(batch["labels"][b, T - n:], s["labels"])
         assert batch["images"][b] is s["images"]
     assert batch["attention_mask"].dtype == torch.long and batch["skips"] == {}
 

@@ -116,9 +116,10 @@ class VisionLanguageModel(nn.Module):
         n_images = 0 if pixels is None else pixels.shape[0]
         n_slots = n_images * self.cfg.mp_image_token_length  # from shapes alone
         is_image = input_ids == self.image_token_id  # (B, T)
-        if may_read_back(input_ids) and int(is_image.sum()) != n_slots:
+        found = int(is_image.sum()) if may_read_back(input_ids) else n_slots  # unchecked: no host sync
+        if found != n_slots:
             raise ValueError(
-                f"the prompts hold {int(is_image.sum())} image tokens but {n_images} image(s) x "
+                f"the prompts hold {found} image tokens but {n_images} image(s) x "
                 f"{self.cfg.mp_image_token_length} tokens = {n_slots} were expected; build prompts "
                 "with the image processor's image string.")
         if n_images == 0:
@@ -162,7 +163,8 @@ class VisionLanguageModel(nn.Module):
         if supervised_index is None:
             supervised_index = find_supervised(targets)
         hidden = hidden.flatten(0, 1).index_select(0, supervised_index)  # (n_supervised, C)
-        loss = linear_cross_entropy(hidden, self.decoder.head.weight, targets.flatten().index_select(0, supervised_index))
+        labels = targets.flatten().index_select(0, supervised_index)  # (n_supervised,)
+        loss = linear_cross_entropy(hidden, self.decoder.head.weight, labels)
         if loss_reduction == "mean":
             loss = loss / max(supervised_index.shape[0], 1)
         return (self.decoder.head(hidden) if return_logits else None), loss
