@@ -1,5 +1,5 @@
 """The one attention entry point against torch's SDPA on repeated heads, and the training
-forward without host syncs.
+forward without host syncs (on the meta device) or graph breaks (traced by torch.compile).
 
 Tolerances. fp32: both sides compute the same sums in a different order (a head_dim = 8 dot
 product, then a softmax and a weighted sum over T_kv <= 12 keys, terms below ~4 in size), so
@@ -166,3 +166,22 @@ def test_the_collators_index_gives_the_same_loss_and_logits(packed):
     torch.testing.assert_close(logits, full[supervised])
     torch.testing.assert_close(loss, F.cross_entropy(full[supervised], labels[supervised]))
     assert torch.equal(found, loss)
+
+
+def test_training_forward_is_one_torch_compile_graph():
+    """Dynamo traces the training forward (packed rows, branch positions) without a graph break:
+    no value read back, no data-dependent shape (tracing only, no compilation)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False).train()
+    ids, images, segments, labels, positions, index = _training_batch(model, packed=True)
+
+    def loss(*batch):
+        return model(*batch[:4], loss_reduction="sum", position_ids=batch[4], return_logits=False,
+                     supervised_index=batch[5])[1]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(ids, images, segments, labels, positions, index)
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
