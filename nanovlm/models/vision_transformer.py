@@ -30,7 +30,7 @@ class ViTPatchEmbeddings(nn.Module):
         self.num_patches = cfg.vit_grid**2
         self.cls_flag = cfg.vit_cls_flag
         self.embd_dim = cfg.vit_hidden_dim
-        # Kernel = stride = patch size: each patch projected once. Only its weights are used (below).
+        # Kernel = stride = patch size: each patch projected once. Its parameters, not its forward, are used.
         self.conv = nn.Conv2d(3, self.embd_dim, kernel_size=self.patch_size, stride=self.patch_size,
                               padding="valid")
         if self.cls_flag:
