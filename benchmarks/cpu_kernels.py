@@ -93,7 +93,7 @@ def rows(repeats: int) -> list[tuple[str, str, float, str, float]]:
     out.append(("LM attention (19 x 4 heads x 256, masked)", "F.scaled_dot_product_attention",
                 median_ms(forward_backward(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask), q, k, v),
                           repeats),
-                "plain path", median_ms(forward_backward(lambda *t: attention(*t, attn_mask=mask), q, k, v), repeats)))
+                "plain path", median_ms(forward_backward(lambda *t: attention(*t, mask=mask), q, k, v), repeats)))
 
     hidden = torch.randn(370, cfg.lm_hidden_dim, generator=g, requires_grad=True)
     head = (0.08 * torch.randn(cfg.lm_vocab_size, cfg.lm_hidden_dim, generator=g)).requires_grad_()

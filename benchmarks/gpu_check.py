@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanovlm.config import VLMConfig  # noqa: E402
+from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: E402
 from nanovlm.train.settings import resolve  # noqa: E402
 
 EOS = 2
@@ -47,7 +47,7 @@ class RandomVQA(Dataset):
         text = torch.randint(100, self.cfg.lm_base_vocab_size, (n_text,), generator=g)
         ids = torch.cat([torch.full((self.cfg.mp_image_token_length,), self.image_token), text,
                          torch.tensor([EOS])])
-        labels = torch.full_like(ids, -100)
+        labels = torch.full_like(ids, IGNORE_INDEX)
         start = len(ids) - n_text // 3 - 1
         labels[start - 1:-1] = ids[start:]
         image = torch.rand(1, 3, self.cfg.vit_img_size, self.cfg.vit_img_size, generator=g)

@@ -1,8 +1,9 @@
-"""Training-step time of a preset: the plain loss (full logits + cross-entropy) against the fused
-chunked one (`return_logits=False`, what `nanovlm train` uses), and (`--compare vit-attention`)
-attention through PyTorch's fused kernel against the plain matmul-softmax path that CPU
-training uses (`nanovlm.models.attention`; the vision encoder's and, since the seventh round of
-docs/benchmarks.md, the language model's too).
+"""Training-step time of a preset: the plain loss (the head's logits at the supervised positions +
+cross-entropy, the model's second loss path until it kept one) against the fused chunked one
+(`return_logits=False`, the model's one loss path and what `nanovlm train` uses), and
+(`--compare vit-attention`) attention through PyTorch's fused kernel against the plain
+matmul-softmax path that CPU training uses (`nanovlm.models.attention`; the vision encoder's
+and, since the seventh round of docs/benchmarks.md, the language model's too).
 
     python benchmarks/train_step.py [--compare loss|vit-attention] [--preset easyvqa] [--rows 24]
         [--length 256] [--images-per-row 3] [--supervised-per-row 20] [--precision bf16] [--repeats 10]
@@ -19,10 +20,12 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.models import attention
-from nanovlm.models.vision_language_model import IGNORE_INDEX
+from nanovlm.models.linear_cross_entropy import supervised_index
 
 
 DEFAULT_PLAIN_MAX_TOKENS = attention.PLAIN_MAX_TOKENS
@@ -45,6 +48,13 @@ def make_batch(model: VisionLanguageModel, rows: int, length: int, images_per_ro
     return ids, images, torch.ones_like(ids), labels
 
 
+def plain_loss(model: VisionLanguageModel, ids, images, mask, labels) -> torch.Tensor:
+    """The summed loss through the (n_supervised, vocab) logits: the reference the fused path replaced."""
+    hidden, _ = model.decoder(model.embed(ids, images), attention_mask=mask)
+    supervised = labels != IGNORE_INDEX
+    return F.cross_entropy(model.decoder.head(hidden[supervised]).float(), labels[supervised], reduction="sum")
+
+
 def measure(preset: str, fused: bool, args, plain_vit_attention: bool = True) -> dict:
     attention.PLAIN_MAX_TOKENS = DEFAULT_PLAIN_MAX_TOKENS if plain_vit_attention else -1
     torch.manual_seed(0)
@@ -52,12 +62,17 @@ def measure(preset: str, fused: bool, args, plain_vit_attention: bool = True) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids, images, mask, labels = make_batch(model, args.rows, args.length, args.images_per_row,
                                            args.supervised_per_row)
+    index = supervised_index(labels)  # as the collators give it
     amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = []
     for i in range(args.repeats + 2):  # two warm-up steps
         t0 = time.perf_counter()
         with torch.autocast(**amp):
-            _, loss = model(ids, images, mask, labels, loss_reduction="sum", return_logits=not fused)
+            if fused:
+                _, loss = model(ids, images, mask, labels, loss_reduction="sum", return_logits=False,
+                                supervised_index=index)
+            else:
+                loss = plain_loss(model, ids, images, mask, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,10 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# The label of a position that gets no loss (PyTorch's `cross_entropy` default): prompts,
+# padding, and the last position of every sample.
+IGNORE_INDEX = -100
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

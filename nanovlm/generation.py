@@ -77,6 +77,7 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
     embeds = model.embed(input_ids, images)  # (B, T, C)
     full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
     full_mask[:, :T] = attention_mask
+    # One host sync per call (the mask is read back) buys SDPA's causal kernel for unpadded batches.
     padded = not bool((attention_mask == 1).all())
 
     cache = decoder.new_kv_cache(B, T + max_new_tokens) if use_kv_cache else None
@@ -90,6 +91,10 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
         tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
         finished = finished | (tokens == eos)
         yield tokens, finished
+        # One host sync per decoded token, the price of stopping once every row has ended: the
+        # host waits for this step's kernels before it queues the next step's, so an accelerator
+        # idles for one launch latency. (The position check in the next forward reads back right
+        # after it, with the queue empty: no further wait.)
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
         x = decoder.token_embedding(tokens[:, None])  # (B, 1, C)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.config import IGNORE_INDEX, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator, build_collator
 from nanovlm.data.datasets import (ResumableLoader, SampleError, SampleProcessor, ShardedBatchSampler, skip_marker)
 from nanovlm.data.packing import PackingCollator, plan_packs
@@ -71,9 +71,22 @@ def test_left_padding(tok, samples):
         assert torch.equal(batch["input_ids"][b, T - n:], s["input_ids"])
         assert (batch["input_ids"][b, :T - n] == tok.pad_token_id).all()
         assert batch["attention_mask"][b].tolist() == [0] * (T - n) + [1] * n
-        assert (batch["labels"][b, :T - n] == -100).all() and torch.equal(batch["labels"][b, T - n:], s["labels"])
+        assert (batch["labels"][b, :T - n] == IGNORE_INDEX).all()
+        assert torch.equal(batch["labels"][b, T - n:], s["labels"])
         assert batch["images"][b] is s["images"]
     assert batch["attention_mask"].dtype == torch.long and batch["skips"] == {}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_carry_the_supervised_positions(tok, samples, packing):
+    """`supervised_index`: the flat positions b * T + t with a label, in order, found on the CPU
+    so that the training forward on an accelerator need not look for them."""
+    collate = PackingCollator(tok.pad_token_id, 256) if packing else VLMCollator(tok.pad_token_id, CFG.lm_max_length)
+    batch = collate(samples)
+    labels, T = batch["labels"], batch["labels"].shape[1]
+    expected = [b * T + t for b in range(labels.shape[0]) for t in range(T) if labels[b, t] != IGNORE_INDEX]
+    assert batch["supervised_index"].tolist() == expected and len(expected) > 0
+    assert batch["supervised_index"].dtype == torch.long
 
 
 def test_padded_batch_loss_equals_one_by_one(model, tok, samples):
@@ -144,7 +157,7 @@ def test_shared_prefix_sample_loss_equals_its_questions_alone(model, tok):
     assert ids[:n0] == alone[0]["input_ids"].tolist() and positions[:n0] == list(range(n0))
     prefix = positions[n0]  # where the second branch starts again
     assert len(ids) == n0 + sum(len(s["input_ids"]) - prefix for s in alone[1:])
-    assert labels[:prefix] == [-100] * prefix  # nothing supervised is shared
+    assert labels[:prefix] == [IGNORE_INDEX] * prefix  # nothing supervised is shared
     n_image_tokens = int((alone[0]["input_ids"] == tok.image_token_id).sum())
     assert n_image_tokens > 0 and int((torch.tensor(ids) == tok.image_token_id).sum()) == n_image_tokens  # once
     shared = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),

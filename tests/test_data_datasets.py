@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.config import ConfigError, TrainConfig, VLMConfig
+from nanovlm.config import IGNORE_INDEX, ConfigError, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator
 from nanovlm.data.datasets import (ConversationDataset, DataError, SampleError, SkipCounter,
                                    StreamingConversationDataset, build_dataset, is_skip, make_loader)
@@ -76,7 +76,7 @@ def test_llava_json_with_skips(tmp_path, tok):
     assert good["images"].shape == (1, 3, 32, 32) and "good" in good["id"]
     text = tok.decode(good["input_ids"], skip_special_tokens=False)
     assert "<|global_image|>" + "<|image|>" * 4 + "\nWhat color?" in text
-    supervised = good["labels"][good["labels"] != -100]
+    supervised = good["labels"][good["labels"] != IGNORE_INDEX]
     assert tok.decode(supervised, skip_special_tokens=False) == "Red.<|im_end|>Yes.<|im_end|>"
     assert ds[1]["images"].shape == (0, 3, 32, 32)
     two = ds[9]
@@ -159,7 +159,7 @@ def check_cauldron(ds, tok):
     assert s["images"].shape == (2, 3, 32, 32)
     text = tok.decode(s["input_ids"], skip_special_tokens=False)
     assert text.startswith("<|im_start|>user\n<image: 0><|global_image|>")
-    supervised = s["labels"][s["labels"] != -100]
+    supervised = s["labels"][s["labels"] != IGNORE_INDEX]
     assert tok.decode(supervised, skip_special_tokens=False) == "Blue and red.<|im_end|>Two.<|im_end|>"
 
 
@@ -296,7 +296,7 @@ def test_easyvqa(tok):
     single = build_dataset(TrainConfig(data="easyvqa", multi_turn=True), CFG, tok, split="test")
     assert len(single) == 9673  # the test split is always one question per sample
     x = single[3]
-    assert tok.decode(x["labels"][x["labels"] != -100]) == test_q[3][2]
+    assert tok.decode(x["labels"][x["labels"] != IGNORE_INDEX]) == test_q[3][2]
     assert single.tiles.dtype == torch.uint8
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.config import VLMConfig
+from nanovlm.config import IGNORE_INDEX, VLMConfig
 from nanovlm.data.images import ImageError, load_image, to_rgb
 from nanovlm.data.processors import (ChatEncoder, ChatRenderer, get_image_processor, get_image_string, get_tokenizer,
                                      n_tiles, shift_labels)
@@ -85,11 +85,13 @@ def test_tiles_are_row_major_with_the_global_view_first():
     assert tiles[0].shape == (3, 32, 32)
 
 
-def test_mean_std_normalisation():
-    proc = get_image_processor(32, 32, mean=[0.5] * 3, std=[0.5] * 3)
-    tiles, _ = proc(rgb(32, 32, (255, 0, 255)))
-    torch.testing.assert_close(tiles[:, 0], torch.ones(1, 32, 32))
-    torch.testing.assert_close(tiles[:, 1], -torch.ones(1, 32, 32))
+def test_pixels_leave_the_processor_in_0_1():
+    """The processor never normalises (the model does, from vit_pixel_mean / vit_pixel_std:
+    tests/test_models.py): 255 -> 1 and 0 -> 0 exactly."""
+    tiles, _ = get_image_processor(32, 32)(rgb(32, 32, (255, 0, 255)))
+    assert torch.equal(tiles[:, 0], torch.ones(1, 32, 32)) and torch.equal(tiles[:, 1], torch.zeros(1, 32, 32))
+    with pytest.raises(TypeError, match="mean"):
+        get_image_processor(32, 32, mean=[0.5] * 3, std=[0.5] * 3)
 
 
 def test_several_images_get_numbered(tok):
@@ -172,9 +174,9 @@ def test_loss_mask_on_a_multi_turn_conversation(tok):
     sample = proc.process([rgb(20, 20)], messages, placeholders_required=False, sample_id="x")
     ids, labels = sample["input_ids"], sample["labels"]
     assert ids.shape == labels.shape and sample["images"].shape == (1, 3, 32, 32)
-    sup = labels != -100
+    sup = labels != IGNORE_INDEX
     # shifted once: labels[t] is the token at t + 1
-    assert torch.equal(labels[:-1][sup[:-1]], ids[1:][sup[:-1]]) and labels[-1] == -100
+    assert torch.equal(labels[:-1][sup[:-1]], ids[1:][sup[:-1]]) and labels[-1] == IGNORE_INDEX
     assert tok.decode(labels[sup], skip_special_tokens=False) == "A red circle.<|im_end|>It is white.<|im_end|>"
     text = tok.decode(ids, skip_special_tokens=False)
     assert text.startswith("<|im_start|>user\n<|global_image|>" + "<|image|>" * 4 + "What shape is it?<|im_end|>")
@@ -202,8 +204,8 @@ def test_inference_prompt_matches_the_training_layout(tok):
 
 
 def test_shift_labels_is_the_only_shift():
-    assert shift_labels([5, 6, 7, 8], [False, False, True, True]) == [-100, 7, 8, -100]
-    assert shift_labels([5], [True]) == [-100]
+    assert shift_labels([5, 6, 7, 8], [False, False, True, True]) == [IGNORE_INDEX, 7, 8, IGNORE_INDEX]
+    assert shift_labels([5], [True]) == [IGNORE_INDEX]
 
 
 def test_text_cannot_smuggle_image_tokens(tok):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy
-from nanovlm.models.vision_language_model import IGNORE_INDEX
 
 
 def _plain_and_fused(h, w, t, precision, chunk_size):
@@ -65,8 +65,9 @@ def test_no_grad_and_frozen_head():
 
 
 def test_vlm_training_loss_without_logits_matches_the_plain_one():
-    """`return_logits=False` (what training uses) with the tied head: same loss and the same
-    gradient for every parameter, the token embedding included (it gets both uses' share)."""
+    """`return_logits=False` (what training uses) with the tied head: the loss and the gradient
+    of every parameter, the token embedding included (it gets both uses' share), of the plain
+    cross-entropy of the full logits; `return_logits=True` gives those logits too."""
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
     n_img = model.cfg.mp_image_token_length
@@ -76,14 +77,22 @@ def test_vlm_training_loss_without_logits_matches_the_plain_one():
     labels[:, n_img + 3:-1] = ids[:, n_img + 4:]
     images = torch.rand(2, 3, model.cfg.vit_img_size, model.cfg.vit_img_size)
     results = []
-    for return_logits in (True, False):
+    for return_logits in (None, False, True):  # None: the plain reference
         model.zero_grad(set_to_none=True)
-        logits, loss = model(ids, images, torch.ones_like(ids), labels, return_logits=return_logits)
+        if return_logits is None:
+            logits, _ = model(ids, images, torch.ones_like(ids))  # (B, T, vocab)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            logits = logits[labels != IGNORE_INDEX]
+        else:
+            logits, loss = model(ids, images, torch.ones_like(ids), labels, return_logits=return_logits)
         loss.backward()
         results.append((logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (logits, l1, g1), (none, l2, g2) = results
+    (plain, l1, g1), (none, l2, g2), (logits, l3, g3) = results
     assert logits.shape == (int((labels != IGNORE_INDEX).sum()), model.cfg.lm_vocab_size) and none is None
+    torch.testing.assert_close(logits.detach(), plain.detach())
     torch.testing.assert_close(l2, l1)
-    assert g1.keys() == g2.keys()
+    torch.testing.assert_close(l3, l1)
+    assert g1.keys() == g2.keys() == g3.keys()
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g3[name], g1[name], msg=lambda m: f"{name}: {m}")

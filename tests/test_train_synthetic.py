@@ -15,12 +15,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.config import IGNORE_INDEX, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator
 from nanovlm.train import distributed as dist
 from nanovlm.train.loop import make_data, train
 
-IGNORE = -100
 EOS = 2
 ANSWERS = (300, 301, 302, 303)
 
@@ -58,7 +57,7 @@ class SyntheticVQA(Dataset):
         answer = [ANSWERS[c]] + ([400] if c >= 2 else []) + [EOS]
         ids = [self.image_token] * self.cfg.mp_image_token_length + question + answer
         input_ids = torch.tensor(ids)
-        labels = torch.full_like(input_ids, IGNORE)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[-len(answer) - 1:-1] = torch.tensor(answer)  # labels[t] is the token after t
         return {"input_ids": input_ids, "labels": labels, "images": self._image(i, c), "id": f"synthetic[{i}]"}
 

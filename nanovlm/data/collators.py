@@ -8,10 +8,12 @@ share a counter with the trainer. A batch may end up empty (B = 0) when every sa
 skipped; trainers step over it.
 
 Batch keys: `input_ids` (B, T), `attention_mask` (B, T) long (1 = token, 0 = padding),
-`labels` (B, T) with -100 on padding, `images` (a list with one (n_i, 3, S, S) tensor per
-row), `skips`, `ids` (sample ids, for error messages), and `position_ids` (B, T) when a
-sample brings its own (a shared prompt with independent branches: see
-`nanovlm.models.language_model.build_attention_bias`).
+`labels` (B, T) with IGNORE_INDEX on padding, `supervised_index` (the flat indices of the
+labels that are not IGNORE_INDEX, found here on the CPU so that the training forward on an
+accelerator does not have to), `images` (a list with one (n_i, 3, S, S) tensor per row),
+`skips`, `ids` (sample ids, for error messages), and `position_ids` (B, T) when a sample
+brings its own (a shared prompt with independent branches: see
+`nanovlm.models.language_model.build_attention_mask`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any, Sequence
 
 import torch
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.packing import PackingCollator, filter_samples, sample_positions, wants_positions
-from nanovlm.data.processors import IGNORE_INDEX
+from nanovlm.models.linear_cross_entropy import supervised_index
 
 
 class VLMCollator:
@@ -48,7 +51,8 @@ class VLMCollator:
             if positions is not None:
                 positions[b, T - n:] = sample_positions(s)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "images": [s["images"] for s in kept], "skips": dict(skips), "ids": [s.get("id") for s in kept]}
+                 "supervised_index": supervised_index(labels), "images": [s["images"] for s in kept],
+                 "skips": dict(skips), "ids": [s.get("id") for s in kept]}
         if positions is not None:
             batch["position_ids"] = positions
         return batch

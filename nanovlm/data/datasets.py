@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from nanovlm.data.processors import IGNORE_INDEX, IMAGE_PLACEHOLDER, ChatRenderer, RenderError
 

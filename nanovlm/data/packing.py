@@ -23,8 +23,9 @@ from typing import Any, Sequence
 
 import torch
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.datasets import SampleError, is_skip
-from nanovlm.data.processors import IGNORE_INDEX
+from nanovlm.models.linear_cross_entropy import supervised_index
 
 
 # What every collator asks of its samples (`collators.py` imports these: packing never imports it).
@@ -100,7 +101,7 @@ def pack_samples(samples: Sequence[dict[str, Any]], pack_length: int, pad_token_
             n = len(s["input_ids"])
             input_ids[r, at:at + n] = s["input_ids"]
             segments[r, at:at + n] = seg
-            labels[r, at:at + n] = s["labels"]  # already shifted within the sample; its last label is -100
+            labels[r, at:at + n] = s["labels"]  # already shifted within the sample; its last label is IGNORE_INDEX
             if positions is not None:
                 positions[r, at:at + n] = sample_positions(s)
             at += n
@@ -108,7 +109,8 @@ def pack_samples(samples: Sequence[dict[str, Any]], pack_length: int, pad_token_
         row_images = [samples[i]["images"] for i in row]
         images.append(torch.cat(row_images) if row_images else samples[0]["images"][:0])
         ids.append([samples[i].get("id") for i in row])
-    batch = {"input_ids": input_ids, "attention_mask": segments, "labels": labels, "images": images, "ids": ids}
+    batch = {"input_ids": input_ids, "attention_mask": segments, "labels": labels,
+             "supervised_index": supervised_index(labels), "images": images, "ids": ids}
     if positions is not None:
         batch["position_ids"] = positions
     return batch
@@ -131,8 +133,8 @@ class PackingCollator:
         kept, skips = filter_samples(samples, self.pack_length, self.strict)
         if not kept:
             empty = torch.zeros((0, self.pack_length), dtype=torch.long)
-            return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone(), "images": [],
-                    "skips": dict(skips), "ids": []}
+            return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone(),
+                    "supervised_index": supervised_index(empty), "images": [], "skips": dict(skips), "ids": []}
         batch = pack_samples(kept, self.pack_length, self.pad_token_id, self.max_images_per_pack)
         batch["skips"] = dict(skips)
         return batch

@@ -29,28 +29,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nanovlm.config import CHATML_TEMPLATE
+from nanovlm.config import CHATML_TEMPLATE, IGNORE_INDEX
 from nanovlm.data.images import load_image, to_rgb
 from nanovlm.data.tokenizer import get_tokenizer  # noqa: F401  (re-exported: the public import path)
 
-IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a message's text (LLaVA data)
 MAX_GRID = 8  # the default extra tokens name tiles <row_1_col_1> .. <row_8_col_8>
 
 
 class ImageProcessor:
-    """`proc(pil_image) -> (tiles, (n_rows, n_cols))`, tiles float (n_tiles, 3, S, S).
+    """`proc(pil_image) -> (tiles, (n_rows, n_cols))`, tiles float (n_tiles, 3, S, S) in [0, 1]
+    (the model normalises them: `VisionLanguageModel.encode_images`).
 
     A class rather than a closure so that DataLoader worker processes can pickle it.
     """
 
     def __init__(self, max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, max_grid: int = MAX_GRID):
+                 max_grid: int = MAX_GRID):
         if splitted_image_size <= 0 or max_img_size <= 0:
             raise ValueError(f"image sizes must be positive, got max_img_size={max_img_size}, "
                              f"splitted_image_size={splitted_image_size}.")
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither.")
         self.tile = int(splitted_image_size)
         self.max_grid = int(max_grid)
         # The grid may not outgrow the row/col tokens: cap the long side at max_grid tiles.
@@ -58,8 +56,6 @@ class ImageProcessor:
         if self.max_side < self.tile:
             self.max_side = self.tile  # a max_img_size below one tile still gives one tile
         self.resize_to_max_side_len = bool(resize_to_max_side_len)
-        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """(new_width, new_height), both multiples of the tile size."""
@@ -95,11 +91,8 @@ class ImageProcessor:
         return tiles, (n_rows, n_cols)
 
     def normalize(self, tiles_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 tiles -> float in [0, 1], or (x - mean) / std when those were given."""
-        x = tiles_uint8.float().div_(255.0)
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return x
+        """uint8 tiles -> float in [0, 1]."""
+        return tiles_uint8.float().div_(255.0)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         tiles, grid = self.tiles_uint8(image)
@@ -107,7 +100,7 @@ class ImageProcessor:
 
     def __repr__(self) -> str:
         return (f"ImageProcessor(tile={self.tile}, max_side={self.max_side}, "
-                f"resize_to_max_side_len={self.resize_to_max_side_len}, normalized={self.mean is not None})")
+                f"resize_to_max_side_len={self.resize_to_max_side_len})")
 
 
 def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
@@ -121,10 +114,9 @@ def n_tiles(grid: tuple[int, int]) -> int:
 
 
 def get_image_processor(max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
-                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                         max_grid: int = MAX_GRID) -> ImageProcessor:
     """The image processor of the original nanoVLM; see `ImageProcessor`."""
-    return ImageProcessor(max_img_size, splitted_image_size, resize_to_max_side_len, mean, std, max_grid)
+    return ImageProcessor(max_img_size, splitted_image_size, resize_to_max_side_len, max_grid)
 
 
 def image_processor_for(cfg) -> ImageProcessor:
@@ -299,7 +291,7 @@ def share_prefix(encodings: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tu
     """Several (input_ids, labels) with a common prompt -> one sample (input_ids, labels,
     position_ids): the longest common unsupervised prefix once, then the rest of each encoding,
     its positions going back to where the prefix ends. The language model lets each branch see
-    the prefix and itself only (`build_attention_bias`), so every branch is trained as if alone,
+    the prefix and itself only (`build_attention_mask`), so every branch is trained as if alone,
     and the prompt (the image, above all) is computed once."""
     first_ids = encodings[0][0]
     shared = min(len(ids) for ids, _ in encodings)

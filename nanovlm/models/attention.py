@@ -1,13 +1,29 @@
-"""Scaled dot-product attention, with a plain path for CPU training.
+"""Attention: the one entry point of the vision encoder and the language model.
 
-On the CPU, PyTorch's fused attention kernel is made for long sequences: on the 64-token rows
-of a small ViT forward and backward take ~5x longer than two matmuls and a softmax, and on the
-256-token packed rows of the easyvqa language model ~2x longer (measured in
-docs/benchmarks.md). So while autograd records on the CPU, for rows of up to
-`PLAIN_MAX_TOKENS` keys, the scores are computed explicitly, in the dtype of q (bf16 under
-autocast: casting the (B, heads, T, T) scores to fp32 and back cost as much as the two matmuls;
-the softmax still sums in fp32). Inference, longer rows and every other device call
-`F.scaled_dot_product_attention`.
+`attention(q, k, v, mask, is_causal, dropout_p)` is softmax(q k^T / sqrt(head_dim)) v for
+every caller: the ViT (no mask), the language model's training and prefill (causal, or a
+boolean mask built from segment ids) and its KV-cache decode (a few new queries against the
+cache). Grouped-query heads (Llama's GQA: fewer key/value heads than query heads, kv head j
+serving query heads j * groups .. (j + 1) * groups - 1) are never repeated in memory.
+
+Which kernel, by one rule (`uses_plain_path`):
+- The plain path, two matmuls and a softmax in the dtype of q (bf16 under autocast; the
+  softmax still sums in fp32), while autograd records on the CPU and a row has at most
+  `PLAIN_MAX_TOKENS` keys. PyTorch's fused CPU kernel is made for long sequences: with its
+  backward, 64-token ViT rows took ~5x and 256-token language-model rows ~2x longer than this
+  (docs/benchmarks.md, seventh round; `benchmarks/cpu_kernels.py`). Casting the
+  (B, heads, T, T) scores to fp32 and back cost as much as the two matmuls, so they stay in
+  q's dtype.
+- `F.scaled_dot_product_attention` (SDPA) everywhere else: inference, longer rows, every
+  other device.
+
+Grouped heads, by one rule too: without a mask SDPA takes them itself (`enable_gqa=True`,
+which every fused kernel accepts). With a mask, and on the plain path, the query heads that
+share a kv head are folded onto the query axis, (B, n_kv_heads, groups * T_q, head_dim), so one
+matmul serves them all. (In torch 2.13's dispatch order, flash > memory-efficient > math >
+cuDNN, flash takes no mask and the memory-efficient kernel no grouped heads: a masked
+`enable_gqa` call on CUDA would run the math kernel. Read from torch's sdp_utils.cpp, not
+measured here.)
 """
 
 from __future__ import annotations
@@ -15,23 +31,53 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PLAIN_MAX_TOKENS = 256  # longer rows keep the fused kernel (memory grows with tokens squared)
+PLAIN_MAX_TOKENS = 256  # longer rows keep the fused kernel (the plain path's memory grows with T^2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-              attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v for (B, heads, T_q, head_dim) queries and
-    (B, heads, T_kv, head_dim) keys and values, as `F.scaled_dot_product_attention`: `attn_mask`
-    is boolean (True: may attend), broadcast to (B, heads, T_q, T_kv); `is_causal` masks the
-    upper triangle. Every query must be allowed at least one key."""
-    training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
-    if not training_on_cpu or k.shape[-2] > PLAIN_MAX_TOKENS:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, heads, T_q, T_kv), in q's dtype
+def uses_plain_path(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `attention` takes the plain path for these queries and keys (module docstring)."""
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+            and k.shape[-2] <= PLAIN_MAX_TOKENS)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v -> (B, n_heads, T_q, head_dim).
+
+    q: (B, n_heads, T_q, head_dim); k, v: (B, n_kv_heads, T_kv, head_dim), n_heads a multiple
+    of n_kv_heads. `mask`: boolean, True where a query may attend, shaped (B or 1, 1, T_q or 1,
+    T_kv) (one mask for all heads); every query must be allowed at least one key. `is_causal`
+    (instead of a mask): query i sees keys 0..i, counted from the first key, as in SDPA.
+    """
+    if mask is not None and is_causal:
+        raise ValueError("attention takes a mask or is_causal, not both; fold the causal part into the mask.")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key/value heads evenly.")
+    if uses_plain_path(q, k):
+        return _plain(q, k, v, mask, is_causal, dropout_p)
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1 or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, enable_gqa=groups > 1)
+    B, n_heads, T_q, head_dim = q.shape
+    folded_q = q.reshape(B, k.shape[1], groups * T_q, head_dim)  # (B, n_kv_heads, groups * T_q, head_dim)
+    folded_mask = mask.expand(-1, -1, T_q, -1).repeat(1, 1, groups, 1)  # (B, 1, groups * T_q, T_kv)
+    y = F.scaled_dot_product_attention(folded_q, k, v, attn_mask=folded_mask, dropout_p=dropout_p)
+    return y.view(B, n_heads, T_q, head_dim)
+
+
+def _plain(q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:
+    """Two matmuls and a softmax, the query groups folded onto the query axis."""
+    B, n_heads, T_q, head_dim = q.shape
+    n_kv_heads, T_kv = k.shape[1], k.shape[2]
+    groups = n_heads // n_kv_heads
+    q = (q * head_dim**-0.5).reshape(B, n_kv_heads, groups * T_q, head_dim)  # (B, n_kv_heads, groups * T_q, head_dim)
+    scores = q @ k.transpose(-1, -2)  # (B, n_kv_heads, groups * T_q, T_kv), in q's dtype
     if is_causal:
-        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        mask = torch.ones(T_q, T_kv, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.view(B, n_kv_heads, groups, T_q, T_kv).masked_fill(~mask.unsqueeze(-3), float("-inf"))
+        scores = scores.view(B, n_kv_heads, groups * T_q, T_kv)
     probs = scores.softmax(dim=-1)  # accumulated in fp32 for bf16 scores, rounded to bf16
-    return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v
+    y = (F.dropout(probs, dropout_p) if dropout_p else probs) @ v  # (B, n_kv_heads, groups * T_q, head_dim)
+    return y.view(B, n_heads, T_q, head_dim)

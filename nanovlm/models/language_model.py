@@ -5,14 +5,17 @@ layout, grouped-query attention, SwiGLU MLP, tied or untied head) with the origi
 module names (`token_embedding`, `blocks.i.attn.q_proj`, `norm1`, ...).
 
 Design choices:
-- `attention_mask` carries segment ids: 0 is padding, and tokens attend only to earlier tokens
-  with the same non-zero id. A plain 0/1 padding mask is the one-segment case; packed
-  sequences number their documents 1, 2, 3, ... Positions are derived from the mask and restart
-  at 0 where the id changes, so a left-padded row or a packed document computes exactly what it
-  would alone.
+- The `attention_mask` argument holds segment ids (`segment_ids` inside): 0 is padding, and
+  tokens attend only to earlier tokens with the same non-zero id. A plain 0/1 padding mask is
+  the one-segment case; packed sequences number their documents 1, 2, 3, ... Positions are
+  derived from the segment ids and restart at 0 where the id changes, so a left-padded row or
+  a packed document computes exactly what it would alone.
 - Explicit `position_ids` that go back within a segment mark a shared prefix with branches
   (several independent answers to one image prompt, trained in one pass): each branch sees the
-  prefix and itself, not its siblings (`build_attention_bias`).
+  prefix and itself, not its siblings (`build_attention_mask`).
+- Which mask to build is decided from shapes and arguments, never from tensor values: a given
+  `attention_mask` is always applied (pass None when every token is real), so a training step
+  on an accelerator never waits for the device (`may_read_back`).
 - The KV cache is static: preallocated once for `max_len` tokens, filled in place. No
   `torch.cat` per decoded token.
 - The rotary tables are computed once for `lm_max_position_embeddings` positions.
@@ -42,6 +45,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def may_read_back(t: torch.Tensor) -> bool:
+    """Whether a value check may read `t` back to the host: on the CPU (free), and elsewhere
+    outside autograd (inference: one sync per call, small next to decoding). Never in a training
+    step on an accelerator, where `int(t)` waits for every queued kernel (a host sync), nor
+    inside torch.compile, where it splits the graph. Checks skipped there are the data
+    pipeline's guarantees (the collators cap row lengths and match images to image tokens)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or not torch.is_grad_enabled()
+
+
 class RotaryEmbedding(nn.Module):
     """cos / sin tables for every position, computed once (fp32, rotate-half layout)."""
 
@@ -56,9 +70,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * cfg.lm_attn_scaling, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if position_ids.numel() and int(position_ids.max()) >= self.max_positions:
-            raise ValueError(f"position {int(position_ids.max())} is beyond lm_max_position_embeddings "
-                             f"({self.max_positions}); shorten the input.")
+        if position_ids.numel() and may_read_back(position_ids):
+            top = int(position_ids.max())
+            if top >= self.max_positions:
+                raise ValueError(f"position {top} is beyond lm_max_position_embeddings "
+                                 f"({self.max_positions}); shorten the input.")
         return self.cos[position_ids], self.sin[position_ids]  # each (B, T, head_dim)
 
 
@@ -95,48 +111,42 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 wherever the segment id changes; 0 on padding.
 
-    mask: (B, T) segment ids, 0 = padding. Returns (B, T) int64.
+    segment_ids: (B, T), 0 = padding. Returns (B, T) int64.
     """
-    B, T = mask.shape
-    idx = torch.arange(T, device=mask.device).expand(B, T)
-    change = torch.ones_like(mask, dtype=torch.bool)
-    change[:, 1:] = mask[:, 1:] != mask[:, :-1]
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     start = torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
-    return torch.where(mask > 0, idx - start, torch.zeros_like(idx))
+    return torch.where(segment_ids > 0, idx - start, torch.zeros_like(idx))
 
 
-def _goes_back(mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T - 1): token t + 1 is in the same segment as token t but not at a later position
-    (a branch going back to the end of a shared prefix)."""
-    return (mask[:, 1:] == mask[:, :-1]) & (position_ids[:, 1:] <= position_ids[:, :-1])
-
-
-def _branch_starts(mask: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _branch_starts(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(run index, position where the run starts), both (B, T), for explicit positions.
 
     A run is a stretch of one segment whose positions keep increasing; a new run starts where
-    the segment id changes or a branch goes back (`_goes_back`)."""
-    B, T = mask.shape
-    idx = torch.arange(T, device=mask.device).expand(B, T)
-    new_run = torch.ones_like(mask, dtype=torch.bool)
-    new_run[:, 1:] = (mask[:, 1:] != mask[:, :-1]) | _goes_back(mask, position_ids)
+    the segment id changes or a branch goes back (token t + 1 in the segment of token t, but not
+    at a later position: a branch returning to the end of a shared prefix)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    same_segment = segment_ids[:, 1:] == segment_ids[:, :-1]  # (B, T - 1)
+    goes_back = same_segment & (position_ids[:, 1:] <= position_ids[:, :-1])
+    new_run = torch.ones_like(segment_ids, dtype=torch.bool)
+    new_run[:, 1:] = ~same_segment | goes_back
     first = torch.where(new_run, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T) the run's first index
     return new_run.long().cumsum(dim=1), position_ids.gather(1, first)
 
 
-def has_branches(mask: torch.Tensor, position_ids: torch.Tensor) -> bool:
-    """Whether some segment's positions go back (a shared prefix with several branches)."""
-    return bool((_goes_back(mask, position_ids) & (mask[:, 1:] > 0)).any())
+def build_attention_mask(segment_ids: torch.Tensor, q_len: int, position_ids: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """Boolean (B, 1, q_len, T_kv), True where a query may attend: causal, same segment, never
+    padding.
 
-
-def build_attention_bias(mask: torch.Tensor, q_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean (B, 1, q_len, T_kv) mask: causal, same segment, never padding.
-
-    The last `q_len` columns of `mask` are the queries. A padding query may attend to itself
-    only, so that no softmax row is empty (its output is never used).
+    The last `q_len` columns of `segment_ids` (B, T_kv) are the queries. A padding query may
+    attend to itself only, so that no softmax row is empty (its output is never used).
 
     With `position_ids` (B, T_kv) (training, no cache): a segment may hold a shared prefix and
     several branches, laid out one after the other, each branch's positions restarting where the
@@ -145,15 +155,15 @@ def build_attention_bias(mask: torch.Tensor, q_len: int, position_ids: torch.Ten
     the other branches. Each branch computes exactly what it would after the prefix alone.
     Positions that only increase within a segment give the plain mask.
     """
-    B, T_kv = mask.shape
-    q_seg = mask[:, -q_len:]  # (B, q_len)
-    q_idx = torch.arange(T_kv - q_len, T_kv, device=mask.device)
-    k_idx = torch.arange(T_kv, device=mask.device)
+    B, T_kv = segment_ids.shape
+    q_seg = segment_ids[:, -q_len:]  # (B, q_len)
+    q_idx = torch.arange(T_kv - q_len, T_kv, device=segment_ids.device)
+    k_idx = torch.arange(T_kv, device=segment_ids.device)
     causal = k_idx[None, :] <= q_idx[:, None]  # (q_len, T_kv)
-    same = (q_seg[:, :, None] == mask[:, None, :]) & (mask[:, None, :] > 0)  # (B, q_len, T_kv)
+    same = (q_seg[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)  # (B, q_len, T_kv)
     allowed = causal[None] & same
     if position_ids is not None:
-        run, run_start = _branch_starts(mask, position_ids)  # (B, T_kv) each
+        run, run_start = _branch_starts(segment_ids, position_ids)  # (B, T_kv) each
         visible = (run[:, -q_len:, None] == run[:, None, :]) | (position_ids[:, None, :] < run_start[:, -q_len:, None])
         allowed = allowed & visible
     allowed = allowed | (k_idx[None, :] == q_idx[:, None])[None]
@@ -182,20 +192,9 @@ class LanguageModelGroupedQueryAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, T_kv, head_dim)
-        groups = self.n_heads // self.n_kv_heads
+        is_causal = attn_mask is None and T > 1 and k.shape[2] == T
         dropout = self.dropout if self.training else 0.0
-        if T == 1 and groups > 1:
-            # One new token: the query heads that share a kv head are stacked on the length axis
-            # and attend to the cache without repeating it (the decode hot path).
-            q = q.view(B, self.n_kv_heads, groups, self.head_dim)  # (B, n_kv_heads, groups, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-            y = y.reshape(B, self.n_heads, 1, self.head_dim)  # (B, n_heads, 1, head_dim)
-        else:
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, T_kv, head_dim)
-                v = v.repeat_interleave(groups, dim=1)
-            is_causal = attn_mask is None and T > 1 and k.shape[2] == T
-            y = attention(q, k, v, dropout, attn_mask=attn_mask, is_causal=is_causal)
+        y = attention(q, k, v, attn_mask, is_causal, dropout)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
@@ -259,7 +258,10 @@ class LanguageModel(nn.Module):
                 kv_cache: KVCache | None = None, position_ids: torch.Tensor | None = None):
         """Run the decoder on token ids (lm_use_tokens) or embeddings (B, T, C).
 
-        attention_mask: (B, T_past + T) segment ids (0 = padding), or None for all-valid.
+        attention_mask: (B, T_past + T) long, a 0/1 padding mask or, in general, segment ids
+        (0 = padding; packed rows number their documents 1, 2, ...); None when every token is
+        real. position_ids: (B, T); by default derived from the segment ids (restarting at 0 in
+        each one), or T_past, T_past + 1, ... without them.
         Returns (logits or hidden states, kv_cache): logits (B, T, vocab) with lm_use_tokens,
         else final-normed hidden states (B, T, C) for the caller's head.
         """
@@ -267,26 +269,24 @@ class LanguageModel(nn.Module):
             x = self.token_embedding(x)
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+        segment_ids = attention_mask
+        if segment_ids is not None and segment_ids.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(segment_ids.shape)}; expected "
                              f"(batch, past + new tokens) = ({B}, {past + T}).")
         explicit_positions = position_ids is not None
         if position_ids is None:
-            if attention_mask is None:
+            if segment_ids is None:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
             else:
-                position_ids = positions_from_mask(attention_mask)[:, -T:]
+                position_ids = positions_from_segments(segment_ids)[:, -T:]
         cos, sin = self.rotary_embd(position_ids)
 
-        attn_mask = None
-        branched = (past == 0 and attention_mask is not None and explicit_positions
-                    and has_branches(attention_mask, position_ids))
-        if branched:
-            attn_mask = build_attention_bias(attention_mask, T, position_ids)
-        elif attention_mask is not None and not bool((attention_mask == 1).all()):
-            attn_mask = build_attention_bias(attention_mask, T)
-        elif past > 0 and T > 1:
-            attn_mask = build_attention_bias(torch.ones(B, past + T, dtype=torch.long, device=x.device), T)
+        attn_mask = None  # None: causal over the new tokens (or, for one new token, everything)
+        if segment_ids is not None:
+            branches = position_ids if explicit_positions and past == 0 else None
+            attn_mask = build_attention_mask(segment_ids, T, branches)
+        elif past > 0 and T > 1:  # new tokens after cached ones: causal, shifted by `past`
+            attn_mask = build_attention_mask(torch.ones(B, past + T, dtype=torch.long, device=x.device), T)
 
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attn_mask, kv_cache, i)

@@ -9,19 +9,28 @@ gradient. Same matmuls as the plain path, no full logits tensor, no separate log
 backward (measured in docs/benchmarks.md).
 
 The loss is the *sum* over positions, in fp32. Under autocast the matmuls run in the autocast
-dtype, as `nn.Linear` would.
+dtype, as `nn.Linear` would. `supervised_index` picks the positions that have a target.
 """
 
 from __future__ import annotations
 
 import torch
 
+from nanovlm.config import IGNORE_INDEX
+
 W_ROWS = 1024  # positions per product for the head's gradient (see `_chunked`)
+
+
+def supervised_index(targets: torch.Tensor) -> torch.Tensor:
+    """(n_supervised,) int64: the flat indices b * T + t of the entries of `targets` (B, T) that
+    are not IGNORE_INDEX, ascending. The collators compute it on the CPU: found on an
+    accelerator, its data-dependent length makes the host wait for the device (a sync)."""
+    return (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     device = h.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return h.dtype
 

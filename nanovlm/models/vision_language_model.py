@@ -2,8 +2,12 @@
 
 Images are encoded, projected to `mp_image_token_length` embeddings each, and written over the
 `<|image|>` placeholder tokens of the prompt (as in the current nanoVLM and Idefics3), so
-prompts decide where images go and a sample may hold several images or none. Training computes
-the vocabulary projection only at supervised positions.
+prompts decide where images go and a sample may hold several images or none. Pixels arrive in
+[0, 1] and are normalised in one place, `encode_images`. There is one loss path: the
+vocabulary projection and the cross-entropy at the supervised positions only, fused and chunked
+(`linear_cross_entropy`); the logits of those positions are computed besides when asked for.
+The training forward reads no tensor value back to the host (no `.item()`, no boolean
+indexing), so on an accelerator it never waits for the device and `torch.compile` sees one graph.
 
 State-dict names are the original nanoVLM's (`vision_encoder.*`, `MP.*`, `decoder.*`), so its
 checkpoint directories load unchanged. `from_pretrained`, `save_pretrained`, `push_to_hub`,
@@ -19,15 +23,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nanovlm.config import VLMConfig
-from nanovlm.models.language_model import LanguageModel
-from nanovlm.models.linear_cross_entropy import linear_cross_entropy
+from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
+from nanovlm.models.language_model import LanguageModel, may_read_back
+from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
-
-IGNORE_INDEX = -100
 
 
 class VisionLanguageModel(nn.Module):
@@ -80,57 +81,77 @@ class VisionLanguageModel(nn.Module):
             return None
         return torch.cat(parts, dim=0).to(device=self.device, dtype=self.dtype)  # (n_images, 3, H, W)
 
-    def embed(self, input_ids: torch.Tensor, images=None) -> torch.Tensor:
-        """Token embeddings with image features written over the image-token positions."""
-        x = self.decoder.token_embedding(input_ids)  # (B, T, C)
-        pixels = self._flatten_images(images)
-        is_image = input_ids == self.image_token_id
-        n_slots = int(is_image.sum())
-        n_images = 0 if pixels is None else pixels.shape[0]
-        if n_slots != n_images * self.cfg.mp_image_token_length:
-            raise ValueError(
-                f"the prompts hold {n_slots} image tokens but {n_images} image(s) x "
-                f"{self.cfg.mp_image_token_length} tokens = {n_images * self.cfg.mp_image_token_length} "
-                "were expected; build prompts with the image processor's image string.")
-        if n_images == 0:
-            return x
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The one place pixels are normalised: (x - vit_pixel_mean) / vit_pixel_std when the
+        config sets them (the image processor always gives [0, 1])."""
         if self.cfg.vit_pixel_mean is not None:
             pixels = (pixels - self.cfg.vit_pixel_mean) / self.cfg.vit_pixel_std
-        image_embd = self.MP(self.vision_encoder(pixels))  # (n_images, mp_image_token_length, C)
-        x = x.clone()
-        x[is_image] = image_embd.reshape(-1, image_embd.shape[-1]).to(x.dtype)
-        return x
+        return pixels
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, H, W) pixels in [0, 1] -> (n_images, mp_image_token_length, C)."""
+        return self.MP(self.vision_encoder(self.normalize_pixels(pixels)))
+
+    def embed(self, input_ids: torch.Tensor, images=None) -> torch.Tensor:
+        """Token embeddings (B, T, C) with the image features written over the image tokens:
+        image i fills the i-th run of `mp_image_token_length` image tokens, row by row."""
+        x = self.decoder.token_embedding(input_ids)  # (B, T, C)
+        pixels = self._flatten_images(images)
+        n_images = 0 if pixels is None else pixels.shape[0]
+        n_slots = n_images * self.cfg.mp_image_token_length  # from shapes alone
+        is_image = input_ids == self.image_token_id  # (B, T)
+        found = int(is_image.sum()) if may_read_back(input_ids) else n_slots  # unchecked: no host sync
+        if found != n_slots:
+            raise ValueError(
+                f"the prompts hold {found} image tokens but {n_images} image(s) x "
+                f"{self.cfg.mp_image_token_length} tokens = {n_slots} were expected; build prompts "
+                "with the image processor's image string.")
+        if n_images == 0:
+            return x
+        features = self.encode_images(pixels)  # (n_images, mp_image_token_length, C)
+        # The slots' flat indices with their count known in advance (`nonzero_static`), so no
+        # host sync. Unchecked (a training step on an accelerator), too few image tokens give an
+        # out-of-range index error; extra ones keep their token embedding.
+        slots = torch.nonzero_static(is_image.flatten(), size=n_slots).squeeze(1)  # (n_slots,)
+        x = x.flatten(0, 1).index_copy(0, slots, features.reshape(n_slots, -1).to(x.dtype))  # (B * T, C)
+        return x.view(*input_ids.shape, -1)  # (B, T, C)
 
     def forward(self, input_ids: torch.Tensor, images=None, attention_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, loss_reduction: str = "mean",
-                position_ids: torch.Tensor | None = None, return_logits: bool = True):
+                position_ids: torch.Tensor | None = None, return_logits: bool = True,
+                supervised_index: torch.Tensor | None = None):
         """Returns (logits, loss).
 
         Without targets: logits (B, T, vocab) and loss None.
         With targets (B, T), aligned with the logits (targets[t] is the token after position t;
-        IGNORE_INDEX = -100 where unsupervised): logits only for the supervised positions,
-        (n_supervised, vocab), and the cross-entropy, averaged over them (`loss_reduction="mean"`)
-        or summed (`"sum"`, for exact averaging across micro-batches and ranks).
-        `attention_mask` holds segment ids: 0 padding, 1 for one sample per row, 1..k for packed rows.
-        `return_logits=False` (training) returns (None, loss) and never builds the
-        (n_supervised, vocab) logits: see `linear_cross_entropy`.
+        IGNORE_INDEX where unsupervised): the cross-entropy over the supervised positions,
+        averaged (`loss_reduction="mean"`) or summed (`"sum"`, for exact averaging across
+        micro-batches and ranks), computed without the (n_supervised, vocab) logits
+        (`linear_cross_entropy`); logits are those (n_supervised, vocab) logits with
+        `return_logits=True`, else None (training: the head's output is never built).
+
+        attention_mask: (B, T), a 0/1 padding mask, or segment ids (0 padding, 1..k for the
+        documents of a packed row; see `LanguageModel.forward`); None when every token is real.
+        position_ids: (B, T) explicit positions (a shared prefix with branches; `LanguageModel`).
+        supervised_index: `supervised_index(targets)`, computed by the collators on the CPU; without
+        it the forward finds the supervised positions itself, a host sync on an accelerator.
         """
-        x = self.embed(input_ids, images)
-        hidden, _ = self.decoder(x, attention_mask=attention_mask, position_ids=position_ids)
         if self.decoder.lm_use_tokens:
             raise ValueError("VisionLanguageModel needs lm_use_tokens=False (the decoder takes embeddings).")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+        x = self.embed(input_ids, images)
+        hidden, _ = self.decoder(x, attention_mask=attention_mask, position_ids=position_ids)
         if targets is None:
             return self.decoder.head(hidden), None
-        supervised = targets != IGNORE_INDEX  # (B, T)
-        if return_logits:
-            logits = self.decoder.head(hidden[supervised])  # (n_supervised, vocab)
-            loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-        else:
-            logits = None
-            loss = linear_cross_entropy(hidden[supervised], self.decoder.head.weight, targets[supervised])
+        if supervised_index is None:
+            supervised_index = find_supervised(targets)
+        hidden = hidden.flatten(0, 1).index_select(0, supervised_index)  # (n_supervised, C)
+        labels = targets.flatten().index_select(0, supervised_index)  # (n_supervised,)
+        loss = linear_cross_entropy(hidden, self.decoder.head.weight, labels)
         if loss_reduction == "mean":
-            loss = loss / supervised.sum().clamp(min=1)
-        return logits, loss
+            loss = loss / max(supervised_index.shape[0], 1)
+        return (self.decoder.head(hidden) if return_logits else None), loss
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens: int = 32,

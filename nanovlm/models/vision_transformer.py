@@ -1,10 +1,15 @@
 """The vision transformer: the VLM's eye.
 
-Mirrors the nanoVLM tutorial (chapter 2) and the SigLIP vision tower
-(transformers' `SiglipVisionModel`): a conv patch embedding with learned positions and an
-optional CLS token, pre-LN blocks of fused-qkv multi-head attention (SDPA) and a GELU MLP (the
-tanh approximation as in SigLIP, or the exact one), then a final LayerNorm. Module and
+Mirrors the nanoVLM tutorial (chapter 2) and the SigLIP vision tower (transformers'
+`SiglipVisionModel`): a patch embedding with learned positions and an optional CLS token,
+pre-LN blocks of fused-qkv multi-head attention (`nanovlm.models.attention`) and a GELU MLP
+(the tanh approximation as in SigLIP, or the exact one), then a final LayerNorm. Module and
 parameter names are those of the original nanoVLM so its checkpoints load unchanged.
+
+The patch embedding is a conv with kernel = stride = patch size in its parameters (`conv`,
+(C, 3, patch, patch), so SigLIP and nanoVLM weights load as they are) and one matmul of the
+flattened patches in its forward: the same numbers, ~3x faster to train on CPUs than the conv
+kernel (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class ViTPatchEmbeddings(nn.Module):
         self.num_patches = cfg.vit_grid**2
         self.cls_flag = cfg.vit_cls_flag
         self.embd_dim = cfg.vit_hidden_dim
-        # A conv with kernel = stride = patch size cuts the image into patches and projects each.
+        # Kernel = stride = patch size: each patch projected once. Its parameters, not its forward, are used.
         self.conv = nn.Conv2d(3, self.embd_dim, kernel_size=self.patch_size, stride=self.patch_size,
                               padding="valid")
         if self.cls_flag:
@@ -36,11 +41,11 @@ class ViTPatchEmbeddings(nn.Module):
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"ViT expects images of {self.img_size}x{self.img_size} pixels, "
                              f"got {tuple(x.shape[-2:])}; resize them with the image processor.")
-        # A conv whose kernel and stride are the patch size is one matmul of the flattened
-        # patches with the flattened kernel; written so it trains ~3x faster on CPUs than the
-        # conv kernel (docs/benchmarks.md). The parameters stay those of `self.conv`.
+        # The conv as one matmul: patches flattened in the (channel, row, column) order of the
+        # conv's weight, times that weight flattened (module docstring).
         B, g, p = x.shape[0], self.img_size // self.patch_size, self.patch_size
-        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p)
+        patches = x.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, 3, p, p)
+        patches = patches.reshape(B, g * g, 3 * p * p)  # (B, num_patches, 3 * p * p)
         x = F.linear(patches, self.conv.weight.view(self.embd_dim, -1), self.conv.bias)  # (B, num_patches, C)
         if self.cls_flag:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + num_patches, C)
@@ -62,7 +67,7 @@ class ViTMultiHeadAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, n_heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, n_heads, T, head_dim)
-        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 

@@ -133,7 +133,7 @@ def to_device(batch: dict, device) -> dict:
     if device.type == "cpu":
         return batch
     out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels", "position_ids"):
+    for key in ("input_ids", "attention_mask", "labels", "position_ids", "supervised_index"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     images = batch.get("images")

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from nanovlm.config import IGNORE_INDEX
 import torch.distributed as dist
 
 
@@ -118,7 +120,7 @@ def stand_in_batch(cfg, image_token_id: int) -> dict:
     all-reduce (with zero gradients) and the collective does not hang."""
     n = cfg.mp_image_token_length
     ids = torch.full((1, n + 1), image_token_id, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100),
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
             "images": [torch.zeros(1, 3, cfg.vit_img_size, cfg.vit_img_size)]}
 
 

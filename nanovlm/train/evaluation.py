@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from nanovlm.config import TrainConfig
+from nanovlm.config import IGNORE_INDEX, TrainConfig
 from nanovlm.train import distributed as dist
 
-IGNORE_INDEX = -100
 
 
 def resolve_task(train_cfg: TrainConfig) -> str:
@@ -42,7 +41,8 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
         batch = to_device(batch, info.device)
         with torch.autocast(**amp):
             _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
-                            loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False)
+                            loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False,
+                            supervised_index=batch.get("supervised_index"))
         total[0] += loss.double()
         total[1] += (batch["labels"] != IGNORE_INDEX).sum()
     model.train(was_training)

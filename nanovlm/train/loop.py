@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.config import IGNORE_INDEX, TrainConfig, VLMConfig
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train import evaluation
@@ -38,7 +38,6 @@ from nanovlm.train.vision_warmup import CALIBRATION_STEPS, fit_steps
 
 __all__ = ["Data", "RunState", "build_data", "make_data", "seed_everything", "train"]
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -251,7 +250,8 @@ def train_step(run: Run, micro: list[dict]) -> dict:
             with torch.autocast(**run.amp):
                 _, loss_sum = run.runner(batch["input_ids"], batch["images"], batch["attention_mask"],
                                          batch["labels"], loss_reduction="sum",
-                                         position_ids=batch.get("position_ids"), return_logits=False)
+                                         position_ids=batch.get("position_ids"), return_logits=False,
+                                         supervised_index=batch.get("supervised_index"))
                 loss_sum = loss_sum + dist.vision_zero_loss(model, batch)
             (loss_sum * scale).backward()
         counts["loss"] += loss_sum.detach().double()

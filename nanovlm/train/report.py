@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from nanovlm.config import VLMConfig
+from nanovlm.config import IGNORE_INDEX, VLMConfig
 
 
 class MetricsLog:
@@ -228,7 +228,7 @@ def batch_stats(batch: dict) -> tuple[int, int, float, int]:
             sum_sq += float(((mask == seg).sum(dim=1).double() ** 2).sum())
     else:
         sum_sq = float(((mask > 0).sum(dim=1).double() ** 2).sum())
-    return n_images, int((mask > 0).sum()), sum_sq, int((batch["labels"] != -100).sum())
+    return n_images, int((mask > 0).sum()), sum_sq, int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:

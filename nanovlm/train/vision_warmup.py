@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.train.optim import WarmupCosine, clip_grad_norm
 
-IGNORE_INDEX = -100
 WEIGHT_DECAY = 0.1
 MAX_QUESTION_TOKENS = 32  # the last tokens before an answer: the question (and the template's few)
 MAX_PAIRS_PER_IMAGE = 8
@@ -307,12 +307,9 @@ def readout_right(logits: torch.Tensor, targets: torch.Tensor, mode: str) -> int
 
 def _encode(model: nn.Module, data: ReadoutData, image_idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(patch tokens (b, tiles x patches, C), mask (b, tiles x patches)) of the chosen images."""
-    cfg = model.cfg
     tiles = data.images[image_idx]  # (b, T, 3, S, S) uint8
     b, T = tiles.shape[:2]
-    pixels = tiles.flatten(0, 1).to(device).float().div_(255.0)
-    if cfg.vit_pixel_mean is not None:
-        pixels = (pixels - cfg.vit_pixel_mean) / cfg.vit_pixel_std
+    pixels = model.normalize_pixels(tiles.flatten(0, 1).to(device).float().div_(255.0))  # as the VLM feeds it
     out = model.vision_encoder(pixels)  # (b * T, patches, C)
     n = out.shape[1]
     mask = (torch.arange(T).view(1, T) < data.n_tiles[image_idx].view(b, 1)).repeat_interleave(n, dim=1)
