@@ -280,7 +280,10 @@ class ReadoutHead(nn.Module):
         B, N, C = patches.shape
         P, L = questions.shape[1:]
         H, D = self.n_heads, C // self.n_heads
-        q = self.question_vector(questions.reshape(B * P, L)).view(B, P, C)
+        # Each distinct question once: data repeats its questions (templates, the same question
+        # about many images), and the question block is most of the head's cost.
+        unique, inverse = torch.unique(questions.reshape(B * P, L), dim=0, return_inverse=True)
+        q = self.question_vector(unique)[inverse].view(B, P, C)
         k = self.key(patches).view(B, N, H, D)
         v = self.value(patches).view(B, N, H, D)
         scores = torch.einsum("bphd,bnhd->bhpn", self.query(q).view(B, P, H, D), k) / math.sqrt(D)  # (B, H, P, N)
