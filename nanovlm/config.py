@@ -552,10 +552,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default: sized for a 2-core CPU and any data of a few thousand images. 64 px images,
     # 8 px patches -> 8x8 grid, shuffle 2 -> 16 tokens; both towers from scratch (7.2M parameters,
     # 6.3M of them the SmolLM2-vocabulary embedding), the real SmolLM2 tokenizer. The vision
-    # warm-up first teaches the encoder the data's answers (25 passes over the images); then the
-    # VLM trains for at most 1,500 steps of 64 samples packed into 256-token rows (fewer: 40
+    # warm-up first teaches the encoder the data's answers (40 passes over the images); then the
+    # VLM trains for at most 1,200 steps of 64 samples packed into 256-token rows (fewer: 40
     # passes over the data), and warm-up + training stop within 15 minutes whatever the data's
-    # size (measurements in docs/benchmarks.md).
+    # size (measurements in docs/benchmarks.md, "Learning from any data").
     "small": {
         "model": dict(
             vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
@@ -567,9 +567,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         # The ViT at 3e-4 in the VLM stage (1e-3 undid the warm-up's work on easy-VQA).
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=1e-3, batch_size=64,
-                      max_training_steps=1500, max_epochs=40, max_train_time=900, eval_interval=500,
+                      max_training_steps=1200, max_epochs=40, max_train_time=900, eval_interval=400,
                       eval_interval_limit=200, weight_decay=0.01, packing=True, pack_length=256, warmup_ratio=0.03,
-                      multi_turn=True, max_turns=3, vision_warmup="auto", vision_warmup_epochs=25,
+                      multi_turn=True, max_turns=3, vision_warmup="auto", vision_warmup_epochs=40,
                       vision_warmup_lr=1e-3),
     },
     # The default on the packaged easy-VQA data: an image's questions as conversations of up to 3
