@@ -143,3 +143,18 @@ def test_weights_and_generation_never_import_models():
         if name.startswith("nanovlm.weights") or name == "nanovlm.generation":
             up = [m for m in GRAPH[name] if m.startswith("nanovlm.models")]
             assert not up, f"{MODULES[name]} imports {', '.join(up)}"
+
+
+def test_no_function_is_longer_than_80_lines():
+    """The house rule (issue 15): a function a reader holds in one screen or two."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "nanovlm"
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

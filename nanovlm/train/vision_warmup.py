@@ -372,6 +372,37 @@ def readout_accuracy(model, head: ReadoutHead, data: ReadoutData, amp: dict, bat
     return right / max(1, len(data.pair_image))
 
 
+def _optimizer(params: list, lr: float, fused: bool) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only."""
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY, "lr": lr, "base_lr": lr},
+                              {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr}],
+                             betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+class _ImageOrder:
+    """`batch_size` images a step, in a fresh seeded order each pass over them."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.images, self.batch_size, self.generator = images, batch_size, generator
+        self.order, self.pos = torch.randperm(len(images), generator=generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.order):
+            self.order, self.pos = torch.randperm(len(self.images), generator=self.generator), 0
+        self.pos += self.batch_size
+        return self.images[self.order[self.pos - self.batch_size:self.pos]]
+
+
+def _targets_text(data: ReadoutData) -> str:
+    if data.mode == "answers":
+        return f"{data.n_classes} answer classes covering {data.coverage:.0%} of {data.n_questions} questions"
+    return f"a bag of {data.n_classes} answer words"
+
+
 def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, batch_size: int, *, seed: int,
                   amp: dict, fused: bool, say: Callable[[str], None], progress: bool = True,
                   held_out: ReadoutData | None = None, log: Callable[[dict], None] | None = None,
@@ -387,22 +418,14 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
         torch.manual_seed(seed)
         head = ReadoutHead(model.cfg.vit_hidden_dim, len(data.question_vocab), data.n_classes).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY, "lr": lr, "base_lr": lr},
-                                   {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr}],
-                                  betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    optimizer = _optimizer(params, lr, fused)
     schedule = WarmupCosine(optimizer, steps, warmup_ratio=0.02)
     generator = torch.Generator().manual_seed(seed)
     pairs_by_image = _by_image(data)
     with_pairs = torch.tensor([k for k, p in enumerate(pairs_by_image) if len(p)], dtype=torch.long)
+    batches = _ImageOrder(with_pairs, batch_size, generator)
     autocast = torch.autocast(**amp) if amp.get("enabled") else contextlib.nullcontext()
-
-    kind = (f"{data.n_classes} answer classes covering {data.coverage:.0%} of {data.n_questions} questions"
-            if data.mode == "answers" else f"a bag of {data.n_classes} answer words")
-    say(f"vision warm-up: {steps} steps of the vision encoder with a question-keyed readout of {kind}, "
+    say(f"vision warm-up: {steps} steps of the vision encoder with a question-keyed readout of {_targets_text(data)}, "
         f"{len(with_pairs)} images, {batch_size} per step, lr {lr:g}")
     bar = None
     if progress:
@@ -414,7 +437,6 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
     right = seen = 0
     encoder.train()
     loss = torch.zeros(())
-    perm, pos = torch.randperm(len(with_pairs), generator=generator), 0
     try:
         step = 0
         while step < steps:
@@ -424,13 +446,8 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
                     say(f"vision warm-up: {fitted} of {steps} steps fit the time budget ({time_budget_s:.0f} s)")
                     steps = schedule.total_steps = fitted
                     tail = max(1, steps // 10)
-                    if bar is not None:
-                        bar.total = steps
             schedule.apply(step)
-            if pos + batch_size > len(perm):
-                perm, pos = torch.randperm(len(with_pairs), generator=generator), 0
-            image_idx = with_pairs[perm[pos:pos + batch_size]]
-            pos += batch_size
+            image_idx = batches.next()
             pair_idx, valid = _pairs_for(image_idx, pairs_by_image, MAX_PAIRS_PER_IMAGE, generator)
             targets = data.targets[pair_idx[valid]].to(device)
             with autocast:
@@ -450,6 +467,7 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
                 if log is not None:
                     log({"warmup_step": step + 1, "warmup_loss": value})
             if bar is not None:
+                bar.total = steps
                 bar.update(1)
             step += 1
     finally:
@@ -459,14 +477,19 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
         p.grad = None
     encoder.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    train_acc = right / max(1, seen)
     held = readout_accuracy(model, head, held_out, amp) if held_out is not None else None
-    say(f"vision warm-up done in {seconds:.0f} s: loss {loss.item():.4f}, readout accuracy {train_acc:.1%} on "
-        "training batches" + (f", {held:.1%} on {len(held_out.pair_image)} held-out questions" if held is not None
-                              else ""))
-    return {"steps": steps, "time_s": round(seconds, 1), "loss": round(loss.item(), 4), "mode": data.mode,
-            "classes": data.n_classes, "coverage": round(data.coverage, 4), "questions": data.n_questions,
-            "images": len(with_pairs), "train_accuracy": train_acc, "held_out_accuracy": held, "head": head}
+    result = {"steps": steps, "time_s": round(seconds, 1), "loss": round(loss.item(), 4), "mode": data.mode,
+              "classes": data.n_classes, "coverage": round(data.coverage, 4), "questions": data.n_questions,
+              "images": len(with_pairs), "train_accuracy": right / max(1, seen), "held_out_accuracy": held}
+    say(_done_text(result, held_out))
+    return {**result, "head": head}
+
+
+def _done_text(result: dict, held_out: ReadoutData | None) -> str:
+    held = result["held_out_accuracy"]
+    return (f"vision warm-up done in {result['time_s']:.0f} s: loss {result['loss']:.4f}, readout accuracy "
+            f"{result['train_accuracy']:.1%} on training batches"
+            + (f", {held:.1%} on {len(held_out.pair_image)} held-out questions" if held is not None else ""))
 
 
 def fit_steps(total: int, done: int, elapsed_s: float, budget_s: float) -> int:
