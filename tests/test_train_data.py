@@ -89,6 +89,12 @@ def test_a_run_on_a_llava_file_reports_accuracy_on_its_held_out_images(tmp_path)
     report = json.loads((out / "eval_val.json").read_text())
     assert len(report["items"]) == 12 and {"question", "prediction", "reference"} <= set(report["items"][0])
     assert "easyvqa_test_accuracy" not in summary
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("final")]
+    assert len(final) == 1 and final[0]["val_what"] == "held-out validation questions"
+    assert final[0]["val_questions"] == 12
+    warm = [r for r in records if r.get("stage") == "vision_warmup"]
+    assert [r["warmup_step"] for r in warm if "warmup_step" in r] == [1, 3]  # the curve: every 50th and the last
 
 
 def test_a_captions_dataset_trains_with_the_defaults_and_says_what_the_warmup_did(tmp_path, capsys):

@@ -61,12 +61,13 @@ def accuracy(model, task: str, data, train_cfg: TrainConfig, limit: int, info: d
                        autocast_dtype=amp["dtype"] if amp["enabled"] else None, progress=progress)
 
 
-def accuracy_fields(report: dict | None) -> dict[str, float | int]:
-    """A report as metric fields named for what they measured."""
+def accuracy_fields(report: dict | None) -> dict[str, Any]:
+    """A report as metric fields named for what they measured (`<name>_what`: in words)."""
     if report is None:
         return {}
     name = report["name"]
-    out: dict[str, float | int] = {f"{name}_accuracy": report["accuracy"], f"{name}_questions": report["n"]}
+    out: dict[str, Any] = {f"{name}_accuracy": report["accuracy"], f"{name}_questions": report["n"],
+                           f"{name}_what": report["what"]}
     for kind, entry in (report.get("per_type") or {}).items():  # the task's question kinds
         if entry.get("n"):
             out[f"{name}_accuracy_{kind.replace('/', '_')}"] = entry["accuracy"]

@@ -327,7 +327,8 @@ def evaluate(run: Run, limit: int, final: bool) -> dict:
         run.log.log(record)
         if not final:
             run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                     for k, v in record.items() if k != "step"))
+                                                     for k, v in record.items()
+                                                     if k != "step" and not k.endswith("_what")))
     # The best checkpoint: by held-out accuracy where the run measures it, else by validation
     # loss (never by a test split: a test split only reports).
     metric, value, higher = ("val_accuracy", record.get("val_accuracy"), True) if "val_accuracy" in record \
