@@ -130,11 +130,9 @@ def evaluate(model, split: str = "test", limit: int = 0, batch_size: int = 64, *
     finally:
         if bar is not None:
             bar.close()
-    if world_size > 1:
-        shards = gather(preds) if gather is not None else [preds]
-        preds = [None] * len(items)
-        for r, shard in enumerate(shards):
-            preds[r::world_size] = shard
+    from nanovlm.eval.vqa import merge_shards
+
+    preds = merge_shards(preds, len(items), world_size, gather)
     report = score(items, preds)
     wall = time.perf_counter() - t0
     report.update({"task": "easyvqa", "split": split, "wall_time_s": round(wall, 3),

@@ -321,6 +321,17 @@ def score(items: Sequence[dict[str, Any]], predictions: Sequence[str | dict[str,
             "skipped": dict(sorted(skipped.items())), "skip_examples": skip_examples, "items": rows}
 
 
+def merge_shards(preds: list, n: int, world_size: int, gather: Callable[[Any], list] | None) -> list:
+    """Each rank answered items rank::world_size; all of them back in item order, on every rank."""
+    if world_size <= 1:
+        return preds
+    shards = gather(preds) if gather is not None else [preds]
+    merged = [None] * n
+    for r, shard in enumerate(shards):
+        merged[r::world_size] = shard
+    return merged
+
+
 def evaluate(model, items: Sequence[dict[str, Any]], batch_size: int = 64, max_new_tokens: int | None = None,
              progress: bool = False, *, rank: int = 0, world_size: int = 1,
              gather: Callable[[Any], list] | None = None, autocast_dtype=None) -> dict[str, Any]:
@@ -355,11 +366,7 @@ def evaluate(model, items: Sequence[dict[str, Any]], batch_size: int = 64, max_n
     finally:
         if bar is not None:
             bar.close()
-    if world_size > 1:
-        shards = gather(preds) if gather is not None else [preds]
-        preds = [None] * len(items)
-        for r, shard in enumerate(shards):
-            preds[r::world_size] = shard
+    preds = merge_shards(preds, len(items), world_size, gather)
     report = score(items, preds)
     wall = time.perf_counter() - t0
     report.update({"max_new_tokens": max_new_tokens, "images_decoded": images.decoded,

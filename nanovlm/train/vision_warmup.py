@@ -160,6 +160,29 @@ def _question_tensor(questions: list[list[int]], vocab: dict[int, int]) -> torch
     return out
 
 
+def _encode_targets(pairs: _Pairs, mode: str, index: dict) -> tuple[list[int], torch.Tensor]:
+    """(kept pairs, targets): a class index per pair (answers), or 0/1 per known word (words);
+    pairs without a known answer / word are left out."""
+    if mode == "answers":
+        keep = [p for p, a in enumerate(pairs.answers) if a in index]
+        return keep, torch.tensor([index[pairs.answers[p]] for p in keep], dtype=torch.long)
+    keep = [p for p, a in enumerate(pairs.answers) if any(t in index for t in a)]
+    targets = torch.zeros((len(keep), len(index)))
+    for row, p in enumerate(keep):
+        for t in pairs.answers[p]:
+            if t in index:
+                targets[row, index[t]] = 1.0
+    return keep, targets
+
+
+def _readout_data(pairs: _Pairs, keep: list[int], targets: torch.Tensor, **fields) -> ReadoutData:
+    images, n_tiles = _stack_images(pairs.images)
+    return ReadoutData(images=images, n_tiles=n_tiles,
+                       pair_image=torch.tensor([pairs.pair_image[p] for p in keep], dtype=torch.long),
+                       questions=_question_tensor([pairs.questions[p] for p in keep], fields["question_vocab"]),
+                       targets=targets, n_questions=len(pairs.answers), **fields)
+
+
 def build_targets(pairs: _Pairs, mode: str = "auto") -> ReadoutData | str:
     """The warm-up's data, or a sentence saying why there is nothing to learn."""
     if not pairs.answers:
@@ -177,54 +200,28 @@ def build_targets(pairs: _Pairs, mode: str = "auto") -> ReadoutData | str:
     if mode == "answers":
         if len(classes) < 2:
             return f"the answers hold {len(classes)} repeated answer(s), too few to classify"
-        index = {a: c for c, a in enumerate(classes)}
-        keep = [p for p, a in enumerate(pairs.answers) if a in index]
-        targets = torch.tensor([index[pairs.answers[p]] for p in keep], dtype=torch.long)
+        keep, targets = _encode_targets(pairs, mode, {a: c for c, a in enumerate(classes)})
     else:
         words = Counter(t for a in pairs.answers for t in set(a))
         common = [w for w, c in words.most_common(MAX_CLASSES) if c >= 2]
         if len(common) < 2:
             return "the answers repeat fewer than two words"
-        index = {w: c for c, w in enumerate(common)}
-        keep = [p for p, a in enumerate(pairs.answers) if any(t in index for t in a)]
-        targets = torch.zeros((len(keep), len(common)))
-        for row, p in enumerate(keep):
-            for t in pairs.answers[p]:
-                if t in index:
-                    targets[row, index[t]] = 1.0
+        keep, targets = _encode_targets(pairs, mode, {w: c for c, w in enumerate(common)})
         classes = [(w,) for w in common]
-    images, n_tiles = _stack_images(pairs.images)
-    return ReadoutData(images=images, n_tiles=n_tiles,
-                       pair_image=torch.tensor([pairs.pair_image[p] for p in keep], dtype=torch.long),
-                       questions=_question_tensor([pairs.questions[p] for p in keep], vocab), targets=targets,
-                       mode=mode, classes=classes, question_vocab=vocab, coverage=coverage,
-                       n_questions=len(pairs.answers))
+    return _readout_data(pairs, keep, targets, mode=mode, classes=classes, question_vocab=vocab, coverage=coverage)
 
 
 def held_out_targets(pairs: _Pairs, train: ReadoutData) -> ReadoutData | None:
     """Held-out pairs in the training targets' terms (classes and question vocabulary)."""
     if not pairs.answers:
         return None
-    if train.mode == "answers":
-        index = {a: c for c, a in enumerate(train.classes)}
-        keep = [p for p, a in enumerate(pairs.answers) if a in index]
-        targets = torch.tensor([index[pairs.answers[p]] for p in keep], dtype=torch.long)
-    else:
-        index = {w[0]: c for c, w in enumerate(train.classes)}
-        keep = [p for p, a in enumerate(pairs.answers) if any(t in index for t in a)]
-        targets = torch.zeros((len(keep), len(index)))
-        for row, p in enumerate(keep):
-            for t in pairs.answers[p]:
-                if t in index:
-                    targets[row, index[t]] = 1.0
+    index = {a: c for c, a in enumerate(train.classes)} if train.mode == "answers" \
+        else {w[0]: c for c, w in enumerate(train.classes)}
+    keep, targets = _encode_targets(pairs, train.mode, index)
     if not keep:
         return None
-    images, n_tiles = _stack_images(pairs.images)
-    return ReadoutData(images=images, n_tiles=n_tiles,
-                       pair_image=torch.tensor([pairs.pair_image[p] for p in keep], dtype=torch.long),
-                       questions=_question_tensor([pairs.questions[p] for p in keep], train.question_vocab),
-                       targets=targets, mode=train.mode, classes=train.classes, question_vocab=train.question_vocab,
-                       coverage=len(keep) / len(pairs.answers), n_questions=len(pairs.answers))
+    return _readout_data(pairs, keep, targets, mode=train.mode, classes=train.classes,
+                         question_vocab=train.question_vocab, coverage=len(keep) / len(pairs.answers))
 
 
 class QuestionBlock(nn.Module):
