@@ -552,8 +552,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default: sized for a 2-core CPU and any data of a few thousand images. 64 px images,
     # 8 px patches -> 8x8 grid, shuffle 2 -> 16 tokens; both towers from scratch (7.2M parameters,
     # 6.3M of them the SmolLM2-vocabulary embedding), the real SmolLM2 tokenizer. The vision
-    # warm-up first teaches the encoder the data's answers (40 passes over the images); then the
-    # VLM trains for at most 1,200 steps of 64 samples packed into 256-token rows (fewer: 40
+    # warm-up first teaches the encoder the data's answers (36 passes over the images); then the
+    # VLM trains for at most 1,000 steps of 64 samples packed into 256-token rows (fewer: 40
     # passes over the data), and warm-up + training stop within 15 minutes whatever the data's
     # size (measurements in docs/benchmarks.md, "Learning from any data").
     "small": {
@@ -570,10 +570,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # trained on conversations of questions in a fixed order answered a question asked alone
         # at 19% (docs/benchmarks.md, "Learning from any data").
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=1e-3, batch_size=64,
-                      max_training_steps=1200, max_epochs=40, max_train_time=900, eval_interval=400,
+                      max_training_steps=1000, max_epochs=40, max_train_time=900, eval_interval=400,
                       eval_interval_limit=200, weight_decay=0.01, packing=True, pack_length=256, warmup_ratio=0.03,
                       multi_turn=True, max_turns=3, independent_turns=True, vision_warmup="auto",
-                      vision_warmup_epochs=40,
+                      vision_warmup_epochs=36,
                       vision_warmup_lr=1e-3),
     },
     # The default on the packaged easy-VQA data: an image's questions as conversations of up to 3
