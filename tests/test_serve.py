@@ -29,17 +29,23 @@ LIMITS = Limits(max_body_bytes=256 * 1024, max_images=2, max_image_pixels=128 * 
 NAME = "tiny-test"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def varied_checkpoint(tmp_path_factory, name: str) -> str:
+    """A tiny random checkpoint with larger weights than the init: varied, prompt-dependent
+    greedy tokens (the serve tests share it)."""
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
-    with torch.no_grad():  # larger weights than the init: varied, prompt-dependent greedy tokens
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
-    path = tmp_path_factory.mktemp("serve") / "tiny"
+    path = tmp_path_factory.mktemp(name) / "tiny"
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return varied_checkpoint(tmp_path_factory, "serve")
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai")
 from nanovlm import VLMConfig, VisionLanguageModel  # noqa: E402
 from nanovlm.serve.protocol import Limits  # noqa: E402
 from nanovlm.serve.server import start_server  # noqa: E402
+from test_serve import varied_checkpoint  # noqa: E402
 
 NAME = "tiny-http"
 KEY = "sk-test-0123"
@@ -35,15 +36,7 @@ HANG_GUARD_S = 120.0  # a subprocess importing torch on a loaded 2-core machine
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
-    with torch.no_grad():  # larger weights than the init: varied greedy tokens
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    path = tmp_path_factory.mktemp("serve-http") / "tiny"
-    model.save_pretrained(path)
-    return str(path)
+    return varied_checkpoint(tmp_path_factory, "serve-http")
 
 
 @pytest.fixture(scope="module")
