@@ -415,7 +415,7 @@ class TrainConfig:
     packing: bool = False
     pack_length: int = 0  # 0: lm_max_length
     max_images_per_pack: int = 8
-    multi_turn: bool = True  # easyvqa: the questions of an image as one conversation ...
+    multi_turn: bool = True  # the questions of an image as one sample (easy-VQA; file records sharing an image) ...
     max_turns: int = 0  # ... of at most this many questions (0: all of them)
     independent_turns: bool = False  # questions of one sample each see its image and themselves only
     # A from-scratch vision encoder first learns the data's answers through a readout of its own
@@ -498,8 +498,9 @@ TRAIN_HELP: dict[str, str] = {
     "packing": "pack several samples into each row (attention stays within each sample)",
     "pack_length": "tokens per packed row (0: lm_max_length)",
     "max_images_per_pack": "most image tiles in one packed row (0: no cap)",
-    "multi_turn": "the easy-VQA loader: the questions of an image as conversations (file records already are)",
-    "max_turns": "most questions per conversation (0: all of an image's questions)",
+    "multi_turn": "the questions of one image as one sample: easy-VQA's, and file records that share an image "
+                  "(merged while they fit in a row)",
+    "max_turns": "most questions per merged sample (0: all of an image's questions; a record is never split)",
     "independent_turns": "each question of a sample sees its image and itself only, not earlier turns",
     "vision_warmup": "first teach a from-scratch vision encoder the data's answers: auto | answers | words | off",
     "vision_warmup_steps": "steps of the vision warm-up (0: vision_warmup_epochs passes over the images)",

@@ -75,7 +75,7 @@ def test_llava_json_with_skips(tmp_path, tok):
     good = ds[0]
     assert good["images"].shape == (1, 3, 32, 32) and "good" in good["id"]
     text = tok.decode(good["input_ids"], skip_special_tokens=False)
-    assert "<|global_image|>" + "<|image|>" * 4 + "\nWhat color?" in text
+    assert "<|global_image|>" + "<|image|>" * 4 + "What color?" in text  # "<image>\n": the newline is layout
     supervised = good["labels"][good["labels"] != IGNORE_INDEX]
     assert tok.decode(supervised, skip_special_tokens=False) == "Red.<|im_end|>Yes.<|im_end|>"
     assert ds[1]["images"].shape == (0, 3, 32, 32)
@@ -332,7 +332,7 @@ def test_independent_turns_on_conversation_data(tmp_path, tok):
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
-    ind, conv = make(tok, path, independent_turns=True), make(tok, path)
+    ind, conv = make(tok, path, independent_turns=True, multi_turn=False), make(tok, path, multi_turn=False)
     s = ind[0]
     assert (s["input_ids"] == tok.image_token_id).sum() == CFG.mp_image_token_length  # the image once
     restarts = ((s["position_ids"][1:] <= s["position_ids"][:-1]).nonzero().flatten() + 1).tolist()
@@ -371,3 +371,68 @@ def test_easyvqa_independent_turns(tok):
     assert "position_ids" not in one[0]
 
 
+
+
+# ---------------------------------------------------------------------------- merging records that share an image
+def one_question_records(tmp_path):
+    """LLaVA records of one question each: three about a.png, two about b.png, one about c.png
+    (a faulty one about a.png, and a long answer about b.png)."""
+    for name, color in (("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200))):
+        (tmp_path / f"{name}.png").write_bytes(png(color))
+
+    def rec(image, q, a):
+        return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                                   {"from": "gpt", "value": a}]}
+    return [rec("a.png", "What color?", "red"), rec("b.png", "What color?", "green"),
+            rec("a.png", "How many?", "1"), rec("c.png", "What color?", "blue"),
+            {"image": "a.png", "conversations": [{"from": "human", "value": "no placeholder"},
+                                                 {"from": "gpt", "value": "x"}]},
+            rec("a.png", "Is it big?", "yes"), rec("b.png", "Describe it.", "a green square " * 40)]
+
+
+def test_records_that_share_an_image_become_one_sample(tmp_path, tok):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in one_question_records(tmp_path)))
+    ds = make(tok, path, independent_turns=True, max_turns=2, packing=True, pack_length=128)
+    # a.png: records 0, 2 (two questions, the cap), then 5; the faulty record 4 and the long
+    # answer 6 (it would not fit a 128-token row beside record 1) stay alone.
+    assert [ds.records_of(i) for i in range(len(ds))] == [[0, 2], [1], [3], [4], [5], [6]]
+    merged = ds[0]
+    assert (merged["input_ids"] == tok.image_token_id).sum() == CFG.mp_image_token_length  # one image
+    text = tok.decode(merged["input_ids"], skip_special_tokens=False)
+    assert "What color?" in text and "How many?" in text and "<image>" not in text
+    supervised = tok.decode(merged["labels"][merged["labels"] != IGNORE_INDEX], skip_special_tokens=False)
+    assert supervised == "red<|im_end|>1<|im_end|>"
+    assert "[0+2]" in merged["id"] and ds[3]["skip"] == "image_placeholder_mismatch"
+    assert ds.group_keys()[0] == ds.group_keys()[4]  # one image, one group: never split by validation
+    # each merged question is the one asked alone: the same tokens as record 2 on its own
+    alone = make(tok, path, independent_turns=True, multi_turn=False)
+    start = int(merged["position_ids"][1:].lt(merged["position_ids"][:-1]).nonzero()[0]) + 1
+    assert merged["input_ids"][start:].tolist() == alone[2]["input_ids"][merged["position_ids"][start]:].tolist()
+
+    unlimited = make(tok, path, max_turns=0)
+    assert unlimited.records_of(0) == [0, 2, 5]
+    assert len(make(tok, path, multi_turn=False)) == 7
+
+
+def test_the_held_out_part_names_every_record_of_a_merged_sample(tmp_path, tok):
+    from nanovlm.train import distributed as dist
+    from nanovlm.train.data import make_data
+
+    records = []
+    for k in range(12):
+        (tmp_path / f"{k}.png").write_bytes(png((20 * k, 0, 0)))
+        records += [{"image": f"{k}.png", "conversations": [{"from": "human", "value": f"<image>{q}"},
+                                                            {"from": "gpt", "value": a}]}
+                    for q, a in (("What color?", "red"), ("How many?", "1"))]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    cfg = TrainConfig(data=str(path), val_fraction=0.25, batch_size=2)
+    ds = build_dataset(cfg, CFG, tok)
+    assert len(ds) == 12
+    data = make_data(ds, lambda s: s, cfg, dist.DistInfo(rank=0, world_size=1, local_rank=0,
+                                                         device=torch.device("cpu")))
+    held = [ds.records_of(i) for i in range(len(ds)) if ds.records_of(i)[0] in data.val_records]
+    assert len(held) == 3 and sorted(r for h in held for r in h) == list(data.val_records)
+    trained = {r for i in data.train_indices for r in ds.records_of(i)}
+    assert not trained & set(data.val_records) and len(trained) + len(data.val_records) == 24

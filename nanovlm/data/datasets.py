@@ -191,6 +191,96 @@ def image_key(record: Any) -> str | None:
     return "|".join(parts) or None
 
 
+def _strip_placeholders(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages without their `<image>` placeholders (and the newline that follows one)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = content.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").lstrip()
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def merge_chats(chats: Sequence[tuple[list[Any], list[dict[str, Any]], bool]]
+                ) -> tuple[list[Any], list[dict[str, Any]], bool]:
+    """Chats about one and the same image -> one chat: the first chat's image and placeholder,
+    then every later chat's turns without theirs."""
+    images, messages, required = chats[0]
+    messages = list(messages)
+    for _, more, _ in chats[1:]:
+        messages += _strip_placeholders(more)
+    return images, messages, required
+
+
+def _image_first(chat: tuple[list[Any], list[dict[str, Any]], bool]) -> bool:
+    """Whether the chat's image comes with its first question (merging keeps it there)."""
+    _, messages, required = chat
+    return not required or (IMAGE_PLACEHOLDER in messages[0]["content"]
+                            and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages[1:]))
+
+
+class MergePlan:
+    """Which records become one sample (`multi_turn` on file data): records with one image that
+    others share (the same `image_key`) are merged, in file order, into samples of at most
+    `max_turns` questions (0: no limit), never splitting a record, and only while an upper bound
+    of the merged sample's length stays within `max_length` tokens: the records' texts without
+    their image, plus the image string of the largest grid the processor makes. Every other
+    record is a sample of its own. `samples[i]` lists the records of sample i.
+    """
+
+    def __init__(self, records: Any, processor: "SampleProcessor", max_turns: int, max_length: int):
+        renderer = processor.renderer
+        keys: list[str | None] = []
+        chats: dict[int, tuple] = {}
+        for i in range(len(records)):
+            try:
+                record = records[i]
+                chat = record_to_chat(record)
+                processor.check_messages(chat[1])
+                renderer.check_images(chat[1], len(chat[0]), chat[2])
+                key = image_key(record) if len(chat[0]) == 1 and _image_first(chat) else None
+            except Exception:  # noqa: BLE001 - a faulty record stays a sample of its own; processing reports it
+                key = None
+            keys.append(None if key is None else f"{int(chat[2])}{key}")
+            if key is not None:
+                chats[i] = chat
+        shared = {k for k, n in Counter(k for k in keys if k is not None).items() if n > 1}
+        image_len = self._largest_image(renderer)
+        self.samples: list[list[int]] = []
+        open_samples: dict[str, list] = {}  # key -> [record indices, questions, length bound]
+        for i, key in enumerate(keys):
+            if key not in shared:
+                self.samples.append([i])
+                continue
+            messages = chats[i][1]
+            questions = sum(m["role"] == "user" for m in messages)
+            length = self._text_length(renderer, messages)
+            current = open_samples.get(key)
+            if current is not None and (not max_turns or current[1] + questions <= max_turns) \
+                    and current[2] + length <= max_length:
+                current[0].append(i)
+                current[1] += questions
+                current[2] += length
+            else:
+                open_samples[key] = [[i], questions, image_len + length]
+                self.samples.append(open_samples[key][0])
+
+    @staticmethod
+    def _largest_image(renderer: ChatRenderer) -> int:
+        proc = renderer.image_processor
+        side = proc.max_side // proc.tile
+        return len(renderer.tokenizer.encode(renderer.image_strings([(side, side)])[0], add_special_tokens=False))
+
+    @staticmethod
+    def _text_length(renderer: ChatRenderer, messages: list[dict[str, Any]]) -> int:
+        try:
+            texts = [{"role": m["role"], "content": str(m["content"])} for m in _strip_placeholders(messages)]
+            return len(renderer.encoder.encode_lists(texts)[0])
+        except Exception:  # noqa: BLE001 - a text the template refuses: never merge it
+            return 1 << 30
+
+
 class SampleProcessor:
     """Image sources + messages -> a processed sample (or a SampleError with a reason)."""
 
@@ -502,25 +592,42 @@ class ConversationDataset(Dataset):
     """Map-style dataset over Cauldron / LLaVA / question-answer records."""
 
     def __init__(self, records: Any, vlm_cfg, tokenizer, *, base_dir: str | None = None, strict: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, independent_turns: bool = False):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None, independent_turns: bool = False,
+                 merge_turns: int | None = None, max_length: int | None = None):
+        """`merge_turns` (not None): records that share an image become samples of at most that
+        many questions (0: no limit) and at most `max_length` tokens (see `MergePlan`)."""
         self.records = records
         self.name = name or getattr(records, "name", "data")
         self.strict = strict
         self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=base_dir, max_image_pixels=max_image_pixels,
                                          independent_turns=independent_turns)
+        self.plan = None
+        if merge_turns is not None:
+            plan = MergePlan(records, self.processor, merge_turns, max_length or vlm_cfg.lm_max_length)
+            self.plan = plan.samples if len(plan.samples) < len(records) else None
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.plan) if self.plan is not None else len(self.records)
+
+    def records_of(self, i: int) -> list[int]:
+        """The records sample i is made of."""
+        return list(self.plan[i]) if self.plan is not None else [i]
 
     def sample_id(self, i: int, record: Any = None) -> str:
         rid = record.get("id") if isinstance(record, dict) else None
-        return f"{self.name}[{i}]" + (f" (id {rid})" if rid is not None else "")
+        where = "+".join(str(r) for r in self.records_of(i))
+        return f"{self.name}[{where}]" + (f" (id {rid})" if rid is not None else "")
+
+    def _chat(self, i: int) -> tuple[Any, tuple[list[Any], list[dict[str, Any]], bool]]:
+        """(the first record, the sample's chat)."""
+        records = [self.records[r] for r in self.records_of(i)]
+        chats = [record_to_chat(r) for r in records]
+        return records[0], (chats[0] if len(chats) == 1 else merge_chats(chats))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record = None
         try:
-            record = self.records[i]
-            images, messages, required = record_to_chat(record)
+            record, (images, messages, required) = self._chat(i)
             return self.processor.process(images, messages, required, self.sample_id(i, record))
         except SampleError as e:
             sid = self.sample_id(i, record)
@@ -538,7 +645,7 @@ class ConversationDataset(Dataset):
         keys = []
         for i in range(len(self)):
             try:
-                key = image_key(self.records[i])
+                key = image_key(self.records[self.records_of(i)[0]])
             except Exception:  # noqa: BLE001 - an unreadable record is its own group
                 key = None
             keys.append(key or f"#{i}")
@@ -547,8 +654,7 @@ class ConversationDataset(Dataset):
     def describe(self, i: int) -> dict[str, Any]:
         """The raw sample for people: decoded images (or the error), messages without image tokens."""
         try:
-            record = self.records[i]
-            images, messages, _ = record_to_chat(record)
+            record, (images, messages, _) = self._chat(i)
         except SampleError:
             return {"id": self.sample_id(i), "images": [], "messages": [], "image_errors": []}
         pil, errors = [], []
@@ -657,10 +763,9 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
 
         multi_turn = bool(getattr(train_cfg, "multi_turn", False)) and split == "train"
         # Conversations too long for a packed row are split, not dropped.
-        max_length = (getattr(train_cfg, "pack_length", 0) or None) if getattr(train_cfg, "packing", False) else None
         return EasyVQADataset(vlm_cfg, tokenizer, split=split, multi_turn=multi_turn,
                               max_turns=int(getattr(train_cfg, "max_turns", 0)), independent_turns=independent,
-                              max_length=max_length)
+                              max_length=_max_length(train_cfg, vlm_cfg))
     path = os.path.expanduser(data)
     if os.path.exists(path):
         base_dir = train_cfg.image_folder or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
@@ -676,7 +781,7 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
                                                 world_size=world_size, seed=getattr(train_cfg, "seed", 0), **common)
         records = open_records(path, split)
         _check_layout(records, name)
-        return ConversationDataset(records, vlm_cfg, tokenizer, **common)
+        return ConversationDataset(records, vlm_cfg, tokenizer, **common, **_merging(train_cfg, vlm_cfg, split))
     if data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow")):
         raise DataError(f"data file {data} does not exist.")
     return _hub_dataset(data, train_cfg, vlm_cfg, tokenizer, split, strict, max_pixels, streaming, rank, world_size)
@@ -705,7 +810,22 @@ def _hub_dataset(name: str, train_cfg, vlm_cfg, tokenizer, split, strict, max_pi
         return StreamingConversationDataset(open_stream, vlm_cfg, tokenizer, rank=rank, world_size=world_size,
                                             seed=getattr(train_cfg, "seed", 0), **common)
     ds = datasets.load_dataset(repo, subset or None, split=split)
-    return ConversationDataset(ArrowRecords(ds.with_format("arrow")[:], name), vlm_cfg, tokenizer, **common)
+    return ConversationDataset(ArrowRecords(ds.with_format("arrow")[:], name), vlm_cfg, tokenizer, **common,
+                               **_merging(train_cfg, vlm_cfg, split))
+
+
+def _merging(train_cfg, vlm_cfg, split: str) -> dict[str, Any]:
+    """`multi_turn` for file data: merge the training records that share an image (`MergePlan`)."""
+    if not (bool(getattr(train_cfg, "multi_turn", False)) and split == "train"):
+        return {}
+    return {"merge_turns": int(getattr(train_cfg, "max_turns", 0)), "max_length": _max_length(train_cfg, vlm_cfg)}
+
+
+def _max_length(train_cfg, vlm_cfg) -> int:
+    """The longest sample a batch takes: a packed row, or the language model's context."""
+    if getattr(train_cfg, "packing", False) and getattr(train_cfg, "pack_length", 0):
+        return min(int(train_cfg.pack_length), vlm_cfg.lm_max_length)
+    return vlm_cfg.lm_max_length
 
 
 # ---------------------------------------------------------------------------- sampling and loading

@@ -334,6 +334,13 @@ class RenderedChat:
     position_ids: list[int] | None = None
 
 
+def _after_image(text: str) -> str:
+    """The text after a placeholder, less the one line break that sets the placeholder apart."""
+    if text.startswith("\r\n"):
+        return text[2:]
+    return text[1:] if text.startswith("\n") else text
+
+
 def _image_parts(parts: Sequence[Any]) -> int:
     """The images in a content part list (every part that is not text)."""
     return sum(not isinstance(part, str) for part in parts)
@@ -421,7 +428,9 @@ class ChatRenderer:
                 content = m["content"]
                 if isinstance(content, str):
                     pieces = content.split(IMAGE_PLACEHOLDER)
-                    text = pieces[0] + "".join(next(pending) + p for p in pieces[1:])
+                    # LLaVA's "<image>\nQ": the newline only lays out the placeholder; without it
+                    # the question follows its image as it does where no placeholder marks one.
+                    text = pieces[0] + "".join(next(pending) + _after_image(p) for p in pieces[1:])
                 else:
                     text = "".join(p if isinstance(p, str) else next(pending) for p in content)
                 out.append({"role": m["role"], "content": text})

@@ -84,12 +84,12 @@ def make_data(dataset, collate: Callable[[list], dict], train_cfg: TrainConfig, 
 
     if val_set is not None:
         train_idx, val_idx = list(range(len(dataset))), []
-        val_records, val_source = list(range(len(val_set))), train_cfg.val_data
+        val_records, val_source = _records(val_set, range(len(val_set))), train_cfg.val_data
     else:
         keys = dataset.group_keys() if hasattr(dataset, "group_keys") else [f"#{i}" for i in range(len(dataset))]
         train_idx, val_idx = validation_split(keys, train_cfg.val_fraction, train_cfg.val_size, train_cfg.seed)
         val_set = Subset(dataset, val_idx) if val_idx else None
-        val_records, val_source = val_idx, train_cfg.data
+        val_records, val_source = _records(dataset, val_idx), train_cfg.data
     train_set = Subset(dataset, train_idx)
     global_micro = train_cfg.batch_size * info.world_size
     if len(train_set) < global_micro:
@@ -104,6 +104,13 @@ def make_data(dataset, collate: Callable[[list], dict], train_cfg: TrainConfig, 
     return Data(train=loader, val=val_set, collate=collate, skips=SkipCounter(strict=train_cfg.strict),
                 batches_per_epoch=len(sampler), source=dataset, train_indices=train_idx,
                 val_records=val_records or None, val_source=val_source)
+
+
+def _records(dataset, samples: Sequence[int]) -> list[int]:
+    """The data file's records that these samples are made of (several where `multi_turn` merged some)."""
+    if not hasattr(dataset, "records_of"):
+        return list(samples)
+    return sorted(r for i in samples for r in dataset.records_of(i))
 
 
 def total_steps_for(train_cfg: TrainConfig, data: Data) -> int:
