@@ -25,10 +25,15 @@ def test_preview_of_a_llava_file_with_a_broken_sample(tmp_path, capsys):
                        out=str(out), n=6)
     assert code == 0
     grid = Image.open(out)
-    assert grid.size[0] == 4 * 320 and grid.size[1] > 0
+    assert grid.size[0] == 2 * 320 and grid.size[1] > 0
     printed = capsys.readouterr().out
-    assert "samples: 6\n" in printed and "skipped 1 sample(s): corrupt_image 1" in printed
-    assert "tokens per sample: mean " in printed
+    # the five questions about ok.png are one sample (multi_turn), as training sees them
+    assert "samples: 2\n  made of 6 records: those that share an image are one sample" in printed
+    assert "skipped 1 sample(s): corrupt_image 1" in printed and "tokens per sample: mean " in printed
+    code = run_preview(preset="tiny", overrides=[f"data={tmp_path / 'd.jsonl'}", "max_img_size=64", "strict=false",
+                                                 "multi_turn=false"], out=str(out), n=6)
+    assert code == 0 and Image.open(out).size[0] == 4 * 320
+    assert "samples: 6\n" in capsys.readouterr().out
 
 
 def test_preview_option_errors():
@@ -53,8 +58,9 @@ def test_preview_of_easyvqa(tmp_path):
 def test_preview_says_how_many_samples_it_measured(tmp_path, capsys):
     """Counted on a random part of the data: the total stays the total, and the lines that
     come from the part say so (issue: `samples: 14178 (counted 2000)`)."""
-    Image.new("RGB", (40, 40), (0, 0, 200)).save(tmp_path / "blue.png")
-    records = [{"image": "blue.png", "conversations": [{"from": "human", "value": f"<image>\nQuestion {k}?"},
+    for k in range(6):  # one image each: records sharing an image would be merged into one sample
+        Image.new("RGB", (40, 40), (0, 0, 200 - k)).save(tmp_path / f"blue{k}.png")
+    records = [{"image": f"blue{k}.png", "conversations": [{"from": "human", "value": f"<image>\nQuestion {k}?"},
                                                        {"from": "gpt", "value": "blue"}]} for k in range(6)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     assert run_preview(preset="tiny", overrides=[f"data={tmp_path / 'd.jsonl'}", "max_count=4"],

@@ -43,8 +43,9 @@ def test_a_run_refused_once_its_data_is_built_leaves_no_folder(tmp_path, capsys,
     out = tmp_path / "run"
     err = _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), f"data={small_jsonl}", "batch_size=8",
                             "val_size=0"])
-    assert err == ("nanovlm: error: the training data has 3 samples, fewer than one global batch "
-                   "(batch_size 8 x 1 process(es)); lower batch_size or bring more data.")
+    assert err == ("nanovlm: error: the training data has 1 sample (made of 3 records: those that share an image "
+                   "are one sample), fewer than one global batch (batch_size 8 x 1 process(es)); lower batch_size "
+                   "or bring more data.")
     assert not out.exists()
 
 
@@ -54,7 +55,7 @@ def test_a_refused_run_in_an_existing_folder_leaves_the_folder_and_what_it_held(
     (out / "notes.txt").write_text("mine\n")
     err = _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), f"data={small_jsonl}",
                             "batch_size=8", "val_size=0"])
-    assert err.startswith("nanovlm: error: the training data has 3 samples, fewer than one global batch")
+    assert err.startswith("nanovlm: error: the training data has 1 sample (made of 3 records")
     assert (out / "notes.txt").read_text() == "mine\n"
 
 

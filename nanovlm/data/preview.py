@@ -67,6 +67,12 @@ def _describe(ds, i: int) -> dict[str, Any]:
     return info
 
 
+def _say_merged(ds) -> None:
+    if getattr(ds, "plan", None) is not None:
+        print(f"  made of {len(ds.records)} records: those that share an image are one sample "
+              "(multi_turn=false keeps them apart)")
+
+
 def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tokenizer=None, split: str = "train",
             seed: int = 0, max_count: int = 2000, verbose: bool = True) -> dict[str, Any]:
     """Draw `n` random samples of `data` (a data spec such as "easyvqa" or a path, or a built
@@ -140,6 +146,7 @@ def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tok
             over = f" (in the first {n_counted})"
         else:
             print(f"samples: {n_counted}")
+        _say_merged(ds)
         print(f"tokens per sample{over}: mean {stats['tokens_mean']:.1f}, max {stats['tokens_max']}")
         print(f"skips{over}: {skips.summary()}")
         for reason, example in skips.examples.items():

@@ -93,7 +93,10 @@ def make_data(dataset, collate: Callable[[list], dict], train_cfg: TrainConfig, 
     train_set = Subset(dataset, train_idx)
     global_micro = train_cfg.batch_size * info.world_size
     if len(train_set) < global_micro:
-        raise ValueError(f"the training data has {len(train_set)} samples, fewer than one global batch "
+        merged = (f" (made of {len(_records(dataset, train_idx))} records: those that share an image are one "
+                  "sample)") if getattr(dataset, "plan", None) is not None else ""
+        raise ValueError(f"the training data has {len(train_set)} sample{'s' if len(train_set) != 1 else ''}"
+                         f"{merged}, fewer than one global batch "
                          f"(batch_size {train_cfg.batch_size} x {info.world_size} process(es)); "
                          "lower batch_size or bring more data.")
     # Every rank gets a full micro-batch at every step: the short last batch of an epoch is dropped.
