@@ -412,6 +412,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0
     num_workers: int = 0
+    threads: int = 0  # CPU threads; 0: the cores other programs leave free (runtime.Threads)
     packing: bool = False
     pack_length: int = 0  # 0: lm_max_length
     max_images_per_pack: int = 8
@@ -448,6 +449,8 @@ class TrainConfig:
             _check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
         _check(_is_int(self.max_turns) and self.max_turns >= 0,
                f"max_turns must be an integer >= 0 (0: all questions of an image), got {self.max_turns!r}.")
+        _check(_is_int(self.threads) and self.threads >= 0,
+               f"threads must be an integer >= 0 (0: the cores other programs leave free), got {self.threads!r}.")
         _check(_is_int(self.vision_warmup_steps) and self.vision_warmup_steps >= 0,
                f"vision_warmup_steps must be an integer >= 0 (0: from vision_warmup_epochs), "
                f"got {self.vision_warmup_steps!r}.")
@@ -495,6 +498,8 @@ TRAIN_HELP: dict[str, str] = {
     "warmup_ratio": "fraction of the steps with a linear learning-rate warm-up, in [0, 1)",
     "min_lr_ratio": "the cosine schedule ends at this fraction of each peak learning rate",
     "num_workers": "DataLoader worker processes (0: load in the training process)",
+    "threads": "CPU threads of the training process (0: OMP_NUM_THREADS if set, else the cores that other "
+               "programs leave free, followed during the run; set N for bit-exact repeats)",
     "packing": "pack several samples into each row (attention stays within each sample)",
     "pack_length": "tokens per packed row (0: lm_max_length)",
     "max_images_per_pack": "most image tiles in one packed row (0: no cap)",

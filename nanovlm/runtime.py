@@ -1,11 +1,14 @@
-"""Where and in what precision to run: device choice, bf16 detection, the CPU allocator."""
+"""Where and in what precision to run: device choice, bf16 detection, the CPU allocator, CPU threads."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
+import time
+from typing import Callable
 
 import torch
 
@@ -69,3 +72,118 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+# --------------------------------------------------------------------------- CPU threads
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _machine_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user time
+    return total - idle, total
+
+
+def _process_jiffies(pid: int | str = "self") -> int:
+    """User + system ticks of a process and of its live descendants (DataLoader workers)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        children = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += f.read().split()
+    except (OSError, ValueError, IndexError):
+        return 0
+    return ticks + sum(_process_jiffies(c) for c in children)
+
+
+class CpuShare:
+    """How many cores other programs have used since the last look (None where unknown)."""
+
+    def __init__(self):
+        self._last = self._read()
+
+    @staticmethod
+    def _read():
+        machine = _machine_jiffies()
+        return None if machine is None else (*machine, _process_jiffies())
+
+    def others(self) -> float | None:
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[1] <= last[1]:
+            return None
+        busy, total, own = (a - b for a, b in zip(now, last))
+        return max(0.0, (busy - own) / total * (os.cpu_count() or 1))
+
+
+class Threads:
+    """The intra-op thread count of a CPU process that shares its machine fairly.
+
+    OpenMP threads spin while they wait for each other, so two programs that each run one
+    thread per core on the same cores do not halve each other's speed: each step waits for its
+    slowest thread, whose core the other program holds, and both runs slow down ~10x
+    (docs/benchmarks.md, "A shared CPU"). `requested` > 0 fixes the count. 0 (auto) takes
+    `OMP_NUM_THREADS` when set (torchrun sets it), else the cores that others leave free,
+    measured now and again at every `adjust()`; a changed count is said in one line. The count
+    changes rounding, so a run that must repeat bit for bit sets it.
+    """
+
+    def __init__(self, requested: int = 0, say: Callable[[str], None] = print, share: CpuShare | None = None,
+                 sample_s: float = 0.3):
+        self.cores = cpu_cores()
+        self.say = say
+        self.auto = requested == 0 and not os.environ.get("OMP_NUM_THREADS")
+        self._pending: int | None = None
+        if requested > 0:
+            self.count = requested
+            if requested > self.cores:
+                say(f"threads={requested} is more than the {self.cores} core(s) this process may use; "
+                    "its threads will wait on each other.")
+        elif not self.auto:
+            self.count = max(1, int(os.environ["OMP_NUM_THREADS"]))
+        else:
+            self.share = share or CpuShare()
+            time.sleep(sample_s)
+            self.count = self._free(self.share.others())
+            if self.count < self.cores:
+                say(self._notice())
+        torch.set_num_threads(self.count)
+
+    def _free(self, others: float | None) -> int:
+        if others is None:
+            return self.cores
+        return max(1, min(self.cores, self.cores - round(others)))
+
+    def _notice(self) -> str:
+        return (f"other programs are using the CPU: running on {self.count} of {self.cores} thread(s) so that "
+                "neither waits on the other (threads=N fixes the count).")
+
+    def adjust(self) -> None:
+        """Follow the others' use: a new count once two looks in a row agree on it."""
+        if not self.auto:
+            return
+        want = self._free(self.share.others())
+        if want == self.count:
+            self._pending = None
+            return
+        if self._pending != want:
+            self._pending = want
+            return
+        self.count, self._pending = want, None
+        torch.set_num_threads(want)
+        self.say(self._notice() if want < self.cores else f"the CPU is free again: back to {want} threads.")

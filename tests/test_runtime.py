@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+
+from nanovlm.runtime import CpuShare as REAL_CPU_SHARE  # conftest stands in a quiet machine for it
 
 # A training step's large temporaries: allocated, freed, allocated again, step after step. Prints
 # the page faults of rounds 10-19 (64 MB each, above glibc's largest default mmap threshold:
@@ -34,3 +37,90 @@ def _faults(mode: str) -> int:
 def test_freed_large_blocks_are_reused_without_page_faults():
     assert _faults("default") > 9 * 16_000  # every round maps and faults its block in afresh
     assert _faults("keep") < 16_000  # the freed block is reused
+
+
+# ---------------------------------------------------------------------------- CPU threads
+class FakeShare:
+    """Others' use in cores, one reading per look."""
+
+    def __init__(self, *readings):
+        self.readings = list(readings)
+
+    def others(self):
+        return self.readings.pop(0)
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    import torch
+
+    from nanovlm import runtime
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield runtime
+    torch.set_num_threads(before)
+
+
+def test_auto_threads_take_the_cores_others_leave_and_follow_them(two_cores):
+    import torch
+
+    said = []
+    threads = two_cores.Threads(0, said.append, share=FakeShare(1.1, 1.0, 0.2, 0.1, 0.0, 0.9), sample_s=0)
+    assert threads.count == 1 and torch.get_num_threads() == 1
+    assert said == ["other programs are using the CPU: running on 1 of 2 thread(s) so that neither waits on the "
+                    "other (threads=N fixes the count)."]
+    threads.adjust()  # 1.0: still one core taken
+    threads.adjust()  # 0.2: free once ...
+    assert threads.count == 1 and len(said) == 1
+    threads.adjust()  # ... and free again: both cores
+    assert threads.count == 2 and torch.get_num_threads() == 2 and said[-1] == "the CPU is free again: back to 2 threads."
+    threads.adjust()  # 0.0
+    threads.adjust()  # 0.9: one look is not enough to give a core away
+    assert threads.count == 2 and len(said) == 2
+
+
+def test_auto_threads_on_a_free_machine_say_nothing(two_cores):
+    said = []
+    assert two_cores.Threads(0, said.append, share=FakeShare(0.3), sample_s=0).count == 2 and said == []
+    # unreadable /proc: all cores
+    assert two_cores.Threads(0, said.append, share=FakeShare(None), sample_s=0).count == 2 and said == []
+
+
+def test_fixed_threads_and_omp_num_threads_are_kept(two_cores, monkeypatch):
+    import torch
+
+    said = []
+    fixed = two_cores.Threads(3, said.append, share=FakeShare())
+    assert fixed.count == 3 and torch.get_num_threads() == 3 and not fixed.auto
+    assert said == ["threads=3 is more than the 2 core(s) this process may use; its threads will wait on each other."]
+    fixed.adjust()  # never measures (FakeShare() has no readings to give)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for several processes
+    assert two_cores.Threads(0, said.append, share=FakeShare()).count == 1 and len(said) == 1
+
+
+def test_others_use_is_the_machine_less_this_process_and_its_children(monkeypatch):
+    from nanovlm import runtime
+
+    machine = iter([(100, 1000), (100 + 150 + 40, 1100)])  # 190 busy ticks of 100 x n_cpus
+    own = iter([500, 540])  # 40 of them ours (workers included)
+    monkeypatch.setattr(runtime, "_machine_jiffies", lambda: next(machine))
+    monkeypatch.setattr(runtime, "_process_jiffies", lambda pid="self": next(own))
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert REAL_CPU_SHARE().others() == pytest.approx(150 / 100 * 2)
+
+
+def test_process_ticks_count_live_children():
+    from nanovlm import runtime
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\nprint('done', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "done\n"  # the child has used 0.3 s of CPU and now sleeps
+        assert runtime._process_jiffies(child.pid) >= 0.2 * os.sysconf("SC_CLK_TCK")  # 0.3 s, less rounding
+        assert runtime._process_jiffies() >= runtime._process_jiffies(child.pid)
+    finally:
+        child.kill()
+        child.wait()

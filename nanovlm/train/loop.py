@@ -77,6 +77,7 @@ class Run:
     bar: Any = None
     peak: float = 0.0
     flop_counter: Any = None
+    threads: Any = None  # runtime.Threads on a CPU: follows what other programs leave free
 
 
 def seed_everything(seed: int) -> None:
@@ -130,11 +131,13 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
           tokenizer, progress: bool) -> Run:
     """The model, data, optimizer and schedule of a new or resumed run."""
     from nanovlm.models.vision_language_model import VisionLanguageModel
-    from nanovlm.runtime import keep_freed_memory, pick_dtype
+    from nanovlm.runtime import Threads, keep_freed_memory, pick_dtype
 
+    say = _Printer(info)
+    threads = None
     if info.device.type == "cpu":
         keep_freed_memory()
-    say = _Printer(info)
+        threads = Threads(cfg.threads, say)
     task = evaluation.resolve_task(cfg)
     resume_from = None
     if resume:
@@ -157,7 +160,8 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
     if resume_from is None and cfg.vision_warmup != "off":  # a checkpoint holds the warmed-up encoder
         from nanovlm.train.vision_warmup import run_warmup
 
-        state.warmup = run_warmup(model, data, cfg, amp, fused, info, say, progress, tokenizer=tokenizer)
+        state.warmup = run_warmup(model, data, cfg, amp, fused, info, say, progress, tokenizer=tokenizer,
+                                  threads=threads)
     optimizer = build_optimizer(model, cfg, info.device, fused=fused)
     schedule = WarmupCosine(optimizer, state.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
     if resume_from is not None:
@@ -166,7 +170,7 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
     if cfg.compile:
         runner = torch.compile(runner)
     run = Run(vlm_cfg, cfg, run_dir, info, model, runner, tokenizer, data, optimizer, schedule, amp, fused, task,
-              state, say, flop_counter=FlopCounter(model, vlm_cfg))
+              state, say, flop_counter=FlopCounter(model, vlm_cfg), threads=threads)
     run.peak = measure_matmul_peak(info.device, dtype, seconds=0.3) if info.is_main else 0.0
     if info.is_main:
         run.log = MetricsLog(run_dir, state.metrics, wandb_config=_run_config(vlm_cfg, cfg) if cfg.wandb else None)
@@ -310,6 +314,8 @@ class Window:
             run.bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
         self._reset()
+        if run.threads is not None:
+            run.threads.adjust()
 
 
 # -------------------------------------------------------------------------------- evaluation

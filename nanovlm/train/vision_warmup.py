@@ -499,7 +499,7 @@ def fit_steps(total: int, done: int, elapsed_s: float, budget_s: float) -> int:
 
 
 def run_warmup(model, data, cfg, amp: dict, fused: bool, info, say: Callable[[str], None], progress: bool,
-               tokenizer=None) -> dict:
+               tokenizer=None, threads=None) -> dict:
     """The warm-up stage of a new run as `cfg` asks (`vision_warmup`: auto | answers | words);
     returns its summary, or {"skipped": why} after a one-line notice."""
     def skip(why: str) -> dict:
@@ -525,9 +525,15 @@ def run_warmup(model, data, cfg, amp: dict, fused: bool, info, say: Callable[[st
     steps = cfg.vision_warmup_steps or max(1, math.ceil(cfg.vision_warmup_epochs * n_images
                                                          / cfg.vision_warmup_batch_size))
     curve: list[tuple[int, float]] = []
+
+    def log(record: dict) -> None:  # every 50 steps
+        curve.append((record["warmup_step"], record["warmup_loss"]))
+        if threads is not None:
+            threads.adjust()
+
     result = vision_warmup(model, targets, steps, cfg.vision_warmup_lr, cfg.vision_warmup_batch_size, seed=cfg.seed,
                            amp=amp, fused=fused, say=say, progress=progress and info.is_main, held_out=held,
-                           log=lambda r: curve.append((r["warmup_step"], r["warmup_loss"])),
+                           log=log,
                            time_budget_s=cfg.max_train_time * WARMUP_SHARE_OF_TIME if cfg.max_train_time else 0.0)
     result.pop("head")
     result["prepare_s"] = round(time.perf_counter() - t0 - result["time_s"], 1)
