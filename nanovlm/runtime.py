@@ -84,15 +84,16 @@ def cpu_cores() -> int:
 
 
 def _machine_jiffies() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (Linux)."""
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (Linux). Time of
+    niced programs is not busy: they yield the CPU to a process of normal priority."""
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already inside user time
-    return total - idle, total
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    total = user + nice + system + idle + iowait + irq + softirq + steal  # guest time is inside user time
+    return user + system + irq + softirq + steal, total
 
 
 def _process_jiffies(pid: int | str = "self") -> int:
