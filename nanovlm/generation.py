@@ -166,32 +166,48 @@ def build_prompts(model, images: Sequence, questions: Sequence[str]):
     its `<image>` placeholders when it has one per image (as LLaVA data marks them).
 
     Returns (input_ids (B, T), attention_mask (B, T), images: list of (n_i, 3, S, S))."""
-    from nanovlm.data.processors import RenderError
-
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} image entries for {len(questions)} questions; give one entry "
                          "(an image, a list of images, or None) per question.")
-    cfg, tok = model.cfg, model.tokenizer
-    renderer = prompt_renderer(model)
-    rows, tiles = [], []
+    chats = []
     for i, (entry, question) in enumerate(zip(images, questions)):
         if not isinstance(question, str):
             raise TypeError(f"question {i} must be a string, got {type(question).__name__}.")
+        chats.append(([{"role": "user", "content": question}], _load_images(entry, i)))
+    return render_prompts(model, chats)
+
+
+def render_prompts(model, chats: Sequence[tuple[list[dict], list]]):
+    """`build_prompts` for whole chats: (messages, PIL images) pairs, each rendered by the
+    model's `ChatRenderer` with the assistant prompt, then left-padded (the lmms-eval plugin's
+    chat requests come this way). Returns what `build_prompts` returns."""
+    from nanovlm.data.processors import RenderError
+
+    renderer = prompt_renderer(model)
+    rows, tiles = [], []
+    for i, (messages, pil_images) in enumerate(chats):
         try:
-            chat = renderer.render([{"role": "user", "content": question}], _load_images(entry, i),
-                                   add_generation_prompt=True)
+            chat = renderer.render(messages, pil_images, add_generation_prompt=True)
         except RenderError as e:
             raise ValueError(f"question {i}: {e}") from e
         rows.append(chat.input_ids)
         tiles.append(chat.tiles)
+    input_ids, attention_mask = left_pad(rows, model)
+    return input_ids, attention_mask, tiles
+
+
+def left_pad(rows: Sequence[Sequence[int]], model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids (B, T), attention_mask (B, T)), left-padded with the tokenizer's
+    pad token (else EOS); the mask is 1 on real tokens."""
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else model.cfg.lm_eos_token_id
     longest = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else cfg.lm_eos_token_id
     input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
     for i, r in enumerate(rows):
-        input_ids[i, longest - len(r):] = torch.tensor(r)
+        input_ids[i, longest - len(r):] = torch.tensor(r, dtype=torch.long)
         attention_mask[i, longest - len(r):] = 1
-    return input_ids, attention_mask, tiles
+    return input_ids, attention_mask
 
 
 def answer(model, images, questions, max_new_tokens: int = 32, greedy: bool = True, batch_size: int = 32,
