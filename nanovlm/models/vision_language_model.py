@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
 from nanovlm.models.language_model import LanguageModel, may_read_back
+from nanovlm.models.lora import adapter_state, is_adapter_parameter
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
@@ -175,10 +176,11 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ saving / loading
     def state_dict_for_saving(self) -> dict[str, torch.Tensor]:
+        """The model's weights by nanoVLM name, without LoRA adapters (saved apart, in PEFT's layout)."""
         sd = self.state_dict()
         if self.cfg.lm_tie_weights:
             sd.pop("decoder.head.weight", None)  # the same tensor as the token embedding
-        return {k: v.detach().contiguous() for k, v in sd.items()}
+        return {k: v.detach().contiguous() for k, v in sd.items() if not is_adapter_parameter(k)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
         """Write config.json, model.safetensors and the tokenizer files, atomically (see
@@ -193,7 +195,10 @@ class VisionLanguageModel(nn.Module):
                 tok = self.tokenizer = tokenizer_for(self.cfg)
             except (ValueError, OSError):  # e.g. offline with a hub tokenizer: the files are optional
                 tok = None
-        write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok)
+        adapter = None
+        if getattr(self, "lora_settings", None):  # the adapters, and the projector they were trained with
+            adapter = (self.lora_settings, adapter_state(self), {"MP.proj.weight": self.MP.proj.weight})
+        write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok, adapter=adapter)
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -210,6 +215,7 @@ class VisionLanguageModel(nn.Module):
         cfg, state = read_checkpoint(directory)
         model = cls(cfg, load_backbone=False)
         load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
+        model._load_adapter(directory)
         try:
             model.tokenizer = tokenizer_for(cfg, directory)
         except (ValueError, OSError):
@@ -218,6 +224,21 @@ class VisionLanguageModel(nn.Module):
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
+
+    def _load_adapter(self, directory: str) -> None:
+        """LoRA adapters saved beside the weights (PEFT's layout), attached unmerged."""
+        from nanovlm.models.lora import add_lora, target_of
+        from nanovlm.weights.common import check_state_dict
+        from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter
+
+        if not has_adapter(directory):
+            return
+        settings, tensors = read_adapter(directory)
+        add_lora(self, settings["rank"], settings["alpha"], settings["dropout"],
+                 sorted({target_of(m) for m in settings["modules"]}))
+        check_state_dict(tensors, {k: tuple(v.shape) for k, v in adapter_state(self).items()},
+                         os.path.join(directory, ADAPTER_WEIGHTS))
+        self.load_state_dict(tensors, strict=False)
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanovlm model"):
         """Upload this model as a checkpoint directory (needs `huggingface_hub` and a login)."""
