@@ -136,7 +136,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     if not chosen:
         raise ValueError(f"no LoRA target given; choose from {', '.join(TARGET_MODULES)}.")
     for name, (_, slices) in chosen.items():
-        model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, slices))
+        base = model.get_submodule(name)
+        layer = LoRALinear(base, rank, alpha, dropout, slices).train(base.training)  # an eval model stays one
+        model.set_submodule(name, layer)
     model.lora_settings = {"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout),
                            "targets": [t for t in TARGET_MODULES if t in targets]}
     return model
@@ -163,6 +165,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight = layer.weight
         plain.register_parameter("bias", layer.bias)
+        plain.train(layer.training)
         for p in (plain.weight, plain.bias):
             if p is not None:
                 p.requires_grad_(True)

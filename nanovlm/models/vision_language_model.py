@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
 from nanovlm.models.language_model import LanguageModel, may_read_back
-from nanovlm.models.lora import adapter_state, is_adapter_parameter
+from nanovlm.models.lora import adapter_state, add_lora, is_adapter_parameter, target_of
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
@@ -207,15 +207,25 @@ class VisionLanguageModel(nn.Module):
         """Load a checkpoint directory (ours or the original nanoVLM's) or a hub repo, and attach
         its tokenizer: the one saved beside the weights, else the one the config names. When
         that one cannot be built (offline, a hub tokenizer) the model loads without it
-        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error."""
+        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error.
+        LoRA adapters saved beside the weights (PEFT's adapter files, `nanovlm.weights.peft`) are
+        attached unmerged; `nanovlm.models.lora.merge_lora` folds them into the weights."""
         from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
+        from nanovlm.weights.common import check_state_dict
         from nanovlm.weights.nanovlm import WEIGHTS_FILE, checkpoint_directory, load_state, read_checkpoint
+        from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter
 
         directory = checkpoint_directory(repo_id_or_path, revision)
         cfg, state = read_checkpoint(directory)
         model = cls(cfg, load_backbone=False)
         load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
-        model._load_adapter(directory)
+        if has_adapter(directory):  # LoRA adapters beside the weights (PEFT's layout): attached unmerged
+            settings, tensors = read_adapter(directory)
+            add_lora(model, settings["rank"], settings["alpha"], settings["dropout"],
+                     [target_of(m) for m in settings["modules"]])
+            check_state_dict(tensors, {k: tuple(v.shape) for k, v in adapter_state(model).items()},
+                             os.path.join(directory, ADAPTER_WEIGHTS))
+            model.load_state_dict(tensors, strict=False)
         try:
             model.tokenizer = tokenizer_for(cfg, directory)
         except (ValueError, OSError):
@@ -224,21 +234,6 @@ class VisionLanguageModel(nn.Module):
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
-
-    def _load_adapter(self, directory: str) -> None:
-        """LoRA adapters saved beside the weights (PEFT's layout), attached unmerged."""
-        from nanovlm.models.lora import add_lora, target_of
-        from nanovlm.weights.common import check_state_dict
-        from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter
-
-        if not has_adapter(directory):
-            return
-        settings, tensors = read_adapter(directory)
-        add_lora(self, settings["rank"], settings["alpha"], settings["dropout"],
-                 sorted({target_of(m) for m in settings["modules"]}))
-        check_state_dict(tensors, {k: tuple(v.shape) for k, v in adapter_state(self).items()},
-                         os.path.join(directory, ADAPTER_WEIGHTS))
-        self.load_state_dict(tensors, strict=False)
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanovlm model"):
         """Upload this model as a checkpoint directory (needs `huggingface_hub` and a login)."""

@@ -105,7 +105,6 @@ def adapter_config(settings: dict, adapter_modules: list[str], whole_modules: li
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None,
-        "nanovlm_lora_targets": settings.get("targets"),  # ours, for reading (PEFT ignores unknown keys)
     }
 
 
