@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -82,7 +83,8 @@ def test_only_adapters_and_the_projector_train():
     trains = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     expected = sorted([f"decoder.blocks.{i}.{m}.{ab}" for i in range(2) for m in ("attn.q_proj", "mlp.down_proj")
                        for ab in ("lora_A", "lora_B")]
-                      + [f"vision_encoder.blocks.{i}.attn.qkv_proj.{ab}" for i in range(2) for ab in ("lora_A", "lora_B")]
+                      + [f"vision_encoder.blocks.{i}.attn.qkv_proj.{ab}" for i in range(2)
+                         for ab in ("lora_A", "lora_B")]
                       + ["MP.proj.weight"])
     assert trains == expected
 
@@ -103,7 +105,8 @@ def test_a_fused_qkv_adapter_is_three_adapters_over_its_output_slices():
     x = torch.randn(5, 8)
     parts = [x @ layer.lora_A[s].T @ layer.lora_B[s].T * (3.0 / 2) for s in range(3)]  # PEFT's q, k, v adapters
     torch.testing.assert_close(layer(x), base(x) + torch.cat(parts, dim=-1))
-    torch.testing.assert_close(layer.delta_weight(), torch.cat([layer.lora_B[s] @ layer.lora_A[s] for s in range(3)]) * 1.5)
+    stacked = torch.cat([layer.lora_B[s] @ layer.lora_A[s] for s in range(3)])
+    torch.testing.assert_close(layer.delta_weight(), stacked * 1.5)
 
 
 def test_merged_equals_unmerged():
@@ -180,7 +183,8 @@ def idefics3_state(ours: dict[str, torch.Tensor], cfg: VLMConfig) -> dict[str, t
            v + "embeddings.patch_embedding.bias": ours["vision_encoder.patch_embedding.conv.bias"],
            v + "embeddings.position_embedding.weight": ours["vision_encoder.patch_embedding.position_embedding"][0],
            "model.connector.modality_projection.proj.weight": ours["MP.proj.weight"],
-           t + "embed_tokens.weight": ours["decoder.token_embedding.weight"], t + "norm.weight": ours["decoder.norm.weight"],
+           t + "embed_tokens.weight": ours["decoder.token_embedding.weight"],
+           t + "norm.weight": ours["decoder.norm.weight"],
            "lm_head.weight": ours["decoder.head.weight"]}
     for p in ("weight", "bias"):
         out[f"{v}post_layernorm.{p}"] = ours[f"vision_encoder.layer_norm.{p}"]
@@ -227,7 +231,10 @@ def test_peft_loads_our_adapters_onto_idefics3_and_gives_our_logits(tmp_path, ta
     base = model.state_dict_for_saving()
     base["MP.proj.weight"] = base["MP.proj.weight"] / 1.5
     hf.load_state_dict(idefics3_state(base, model.cfg), strict=True)
-    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    assert not [str(w.message) for w in caught if "keys" in str(w.message).lower()]  # PEFT's missing/unexpected
     ids, images = inputs(model)
     with torch.no_grad():
         theirs = peft_model(input_ids=ids, pixel_values=images[:, None], attention_mask=torch.ones_like(ids)).logits
@@ -280,6 +287,12 @@ def test_a_lora_run_checkpoints_only_what_trains_and_resumes_exactly(tmp_path):
     with pytest.raises(ValueError, match=r"^--resume: .*step_000004 was written with LoRA adapters but this run "
                                          r"has lora_rank=0; resume with the run's own lora settings\.$"):
         run_synthetic(tmp_path / "broken", resume=True, **{**LORA_RUN, "lora_rank": 0})
+
+    # A damaged LoRA checkpoint is named like any other (its weights file is trainable.safetensors).
+    step4 = ckpt.step_dir(str(tmp_path / "broken"), 4)
+    with open(os.path.join(step4, ckpt.TRAINABLE_FILE), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) - 5)
+    assert ckpt.checkpoint_problem(step4).startswith("trainable.safetensors is truncated")
 
 
 # -------------------------------------------------------------------------------- bad settings
