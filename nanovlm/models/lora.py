@@ -157,6 +157,14 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if is_adapter_parameter(k)}
 
 
+def adapter_files_payload(model: nn.Module) -> tuple | None:
+    """What `nanovlm.weights.peft.write_adapter` writes for this model: (settings, adapter tensors,
+    the tensors of modules trained whole: the projector), or None without adapters."""
+    if not getattr(model, "lora_settings", None):
+        return None
+    return model.lora_settings, adapter_state(model), {"MP.proj.weight": model.MP.proj.weight}
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight and put plain nn.Linear layers back (in place; returns
     the model): it then computes what it did with adapters and saves as a model without them."""

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
 from nanovlm.models.language_model import LanguageModel, may_read_back
-from nanovlm.models.lora import adapter_state, add_lora, is_adapter_parameter, target_of
+from nanovlm.models.lora import adapter_files_payload, adapter_state, add_lora, is_adapter_parameter, target_of
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
@@ -195,10 +195,8 @@ class VisionLanguageModel(nn.Module):
                 tok = self.tokenizer = tokenizer_for(self.cfg)
             except (ValueError, OSError):  # e.g. offline with a hub tokenizer: the files are optional
                 tok = None
-        adapter = None
-        if getattr(self, "lora_settings", None):  # the adapters, and the projector they were trained with
-            adapter = (self.lora_settings, adapter_state(self), {"MP.proj.weight": self.MP.proj.weight})
-        write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok, adapter=adapter)
+        write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok,
+                         adapter=adapter_files_payload(self))  # LoRA adapters (+ projector), PEFT's layout
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
