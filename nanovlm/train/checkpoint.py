@@ -10,7 +10,8 @@ see `nanovlm.train.lora`) and config.json instead of the model directory; its tr
 names the base weights (`lora_base`).
 It is assembled in a hidden temporary directory beside its final place, flushed to disk, and
 renamed into place: a directory named step_XXXXXX is always complete. `best/` (lowest validation
-loss) holds the model and trainer_state.json only; `final/` is a plain model directory.
+loss) holds the model and trainer_state.json only; `final/` is a plain model directory (a LoRA
+run's `best/` and `final/` also hold its adapters in PEFT's layout, `nanovlm.weights.peft`).
 
 What happens to a checkpoint after it is written (a full disk that another program filled, a
 copy cut short, a file removed by hand) is outside our control, so a resume checks the files
