@@ -47,6 +47,19 @@ def default_extra_tokens() -> dict[str, str]:
 # vit_hidden_act -> the `approximate` argument of torch's GELU (the names are transformers').
 VIT_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
+# The linear layers LoRA can adapt (`lora_targets`): the language model's attention (q, k, v, o)
+# and MLP (gate, up, down) projections and the vision encoder's fused q/k/v, output and MLP
+# layers, plus group names for several at once. `nanovlm.models.lora` maps each to its modules.
+LORA_TARGETS = ("lm_q", "lm_k", "lm_v", "lm_o", "lm_gate", "lm_up", "lm_down",
+                "vit_qkv", "vit_out", "vit_fc1", "vit_fc2")
+LORA_TARGET_GROUPS = {
+    "lm_attn": ("lm_q", "lm_k", "lm_v", "lm_o"),
+    "lm_mlp": ("lm_gate", "lm_up", "lm_down"),
+    "lm": LORA_TARGETS[:7],
+    "vit": LORA_TARGETS[7:],
+    "all": LORA_TARGETS,
+}
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
@@ -151,6 +164,21 @@ def _check_types(cfg: Any) -> None:
     """Every field of a config dataclass against its annotation, converted as check_value stores it."""
     for name, tp in field_types(type(cfg)).items():
         object.__setattr__(cfg, name, check_value(name, getattr(cfg, name), tp))
+
+
+def lora_target_names(text: str) -> tuple[str, ...]:
+    """`lora_targets` text (comma-separated names of LORA_TARGETS and LORA_TARGET_GROUPS) -> the
+    target names it covers, in LORA_TARGETS order; ConfigError naming an unknown one."""
+    chosen: set[str] = set()
+    for name in (part.strip() for part in text.split(",")):
+        if name in LORA_TARGET_GROUPS:
+            chosen.update(LORA_TARGET_GROUPS[name])
+        elif name in LORA_TARGETS:
+            chosen.add(name)
+        else:
+            raise ConfigError(f"lora_targets: unknown target {name!r}; choose from "
+                              f"{', '.join(LORA_TARGETS)} or the groups {', '.join(LORA_TARGET_GROUPS)}.")
+    return tuple(t for t in LORA_TARGETS if t in chosen)
 
 
 def get_preset(name: str) -> dict[str, dict[str, Any]]:
@@ -440,6 +468,13 @@ class TrainConfig:
     max_train_time: float = 0.0  # seconds for the warm-up and training together (0: no limit)
     streaming: bool = False  # read data files / hub data incrementally (an IterableDataset) instead of random access
     max_image_pixels: int = 64 * 1024 * 1024  # images with more pixels are skipped (decompression-bomb guard)
+    # LoRA (nanovlm.models.lora): rank 0 trains the parts as their rates say; rank > 0 freezes the
+    # vision encoder and the language model, trains low-rank adapters on `lora_targets` (at the rate
+    # of the part they sit in) and the projector fully.
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # the adapters' output is scaled by alpha / rank; none: 2 * lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "lm"  # comma-separated LORA_TARGETS / LORA_TARGET_GROUPS names
 
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "fp32", "bf16"),
@@ -467,6 +502,26 @@ class TrainConfig:
                                          f"got {self.max_train_time}.")
         _check(self.vision_warmup_lr > 0, f"vision_warmup_lr must be > 0, got {self.vision_warmup_lr}.")
         _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        _check(self.lora_rank >= 0, f"lora_rank must be an integer >= 0 (0: no LoRA), got {self.lora_rank}.")
+        _check(self.lora_alpha is None or self.lora_alpha > 0,
+               f"lora_alpha must be > 0 (or none: 2 * lora_rank), got {self.lora_alpha}.")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        targets = lora_target_names(self.lora_targets)
+        if self.lora_rank == 0:
+            return
+        for prefix, rate in (("lm_", "lr_language_backbone"), ("vit_", "lr_vision_backbone")):
+            named = [t for t in targets if t.startswith(prefix)]
+            _check(not named or getattr(self, rate) > 0,
+                   f"lora_targets adapts {', '.join(named)} but {rate} (the adapters' learning rate) is 0; "
+                   f"set {rate} > 0 or leave those targets out.")
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """lora_alpha, or its default 2 * lora_rank."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -525,6 +580,11 @@ TRAIN_HELP: dict[str, str] = {
     "max_train_time": "seconds for the vision warm-up and training together; the step count is cut to fit (0: no limit)",
     "streaming": "read data files / hub data incrementally instead of with random access",
     "max_image_pixels": "images with more pixels are skipped (a decompression-bomb guard)",
+    "lora_rank": "rank of LoRA adapters: > 0 trains only adapters (+ the projector) on frozen towers (0: off)",
+    "lora_alpha": "LoRA adapters' outputs are scaled by lora_alpha / lora_rank (none: 2 * lora_rank, a scale of 2)",
+    "lora_dropout": "dropout on the LoRA adapters' input, in [0, 1)",
+    "lora_targets": "layers LoRA adapts, comma-separated: lm_q,lm_k,lm_v,lm_o,lm_gate,lm_up,lm_down,vit_qkv,"
+                    "vit_out,vit_fc1,vit_fc2 or groups lm_attn, lm_mlp, lm, vit, all",
 }
 
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
 from nanovlm.models.language_model import LanguageModel, may_read_back
+from nanovlm.models.lora import adapter_files_payload, adapter_state, add_lora, is_adapter_parameter, target_of
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.vision_transformer import ViT
@@ -175,10 +176,11 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ saving / loading
     def state_dict_for_saving(self) -> dict[str, torch.Tensor]:
+        """The model's weights by nanoVLM name, without LoRA adapters (saved apart, in PEFT's layout)."""
         sd = self.state_dict()
         if self.cfg.lm_tie_weights:
             sd.pop("decoder.head.weight", None)  # the same tensor as the token embedding
-        return {k: v.detach().contiguous() for k, v in sd.items()}
+        return {k: v.detach().contiguous() for k, v in sd.items() if not is_adapter_parameter(k)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
         """Write config.json, model.safetensors and the tokenizer files, atomically (see
@@ -193,7 +195,8 @@ class VisionLanguageModel(nn.Module):
                 tok = self.tokenizer = tokenizer_for(self.cfg)
             except (ValueError, OSError):  # e.g. offline with a hub tokenizer: the files are optional
                 tok = None
-        write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok)
+        write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok,
+                         adapter=adapter_files_payload(self))  # LoRA adapters (+ projector), PEFT's layout
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -202,14 +205,25 @@ class VisionLanguageModel(nn.Module):
         """Load a checkpoint directory (ours or the original nanoVLM's) or a hub repo, and attach
         its tokenizer: the one saved beside the weights, else the one the config names. When
         that one cannot be built (offline, a hub tokenizer) the model loads without it
-        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error."""
+        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error.
+        LoRA adapters saved beside the weights (PEFT's adapter files, `nanovlm.weights.peft`) are
+        attached unmerged; `nanovlm.models.lora.merge_lora` folds them into the weights."""
         from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
+        from nanovlm.weights.common import check_state_dict
         from nanovlm.weights.nanovlm import WEIGHTS_FILE, checkpoint_directory, load_state, read_checkpoint
+        from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter
 
         directory = checkpoint_directory(repo_id_or_path, revision)
         cfg, state = read_checkpoint(directory)
         model = cls(cfg, load_backbone=False)
         load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
+        if has_adapter(directory):  # LoRA adapters beside the weights (PEFT's layout): attached unmerged
+            settings, tensors = read_adapter(directory)
+            add_lora(model, settings["rank"], settings["alpha"], settings["dropout"],
+                     [target_of(m) for m in settings["modules"]])
+            check_state_dict(tensors, {k: tuple(v.shape) for k, v in adapter_state(model).items()},
+                             os.path.join(directory, ADAPTER_WEIGHTS))
+            model.load_state_dict(tensors, strict=False)
         try:
             model.tokenizer = tokenizer_for(cfg, directory)
         except (ValueError, OSError):

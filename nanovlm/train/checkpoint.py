@@ -5,9 +5,13 @@ A checkpoint is a directory `checkpoints/step_XXXXXX/`:
   trainer_state.json   step, data position, python/numpy RNG, metrics so far, validation loss
   trainer_state.pt     optimizer + schedule state and torch RNG states (tensors; loaded with
                        torch.load(weights_only=True), never unpickling code)
+A LoRA run's step checkpoint holds `trainable.safetensors` (adapters + projector: what trains,
+see `nanovlm.train.lora`) and config.json instead of the model directory; its trainer_state.json
+names the base weights (`lora_base`).
 It is assembled in a hidden temporary directory beside its final place, flushed to disk, and
 renamed into place: a directory named step_XXXXXX is always complete. `best/` (lowest validation
-loss) holds the model and trainer_state.json only; `final/` is a plain model directory.
+loss) holds the model and trainer_state.json only; `final/` is a plain model directory (a LoRA
+run's `best/` and `final/` also hold its adapters in PEFT's layout, `nanovlm.weights.peft`).
 
 What happens to a checkpoint after it is written (a full disk that another program filled, a
 copy cut short, a file removed by hand) is outside our control, so a resume checks the files
@@ -34,6 +38,8 @@ STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
 # The files a step checkpoint must hold: the model directory's two and the trainer state's two.
 REQUIRED_FILES = ("config.json", "model.safetensors", STATE_JSON, STATE_PT)
+# A LoRA run's step checkpoints hold this instead of model.safetensors: the tensors that train.
+TRAINABLE_FILE = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -82,12 +88,25 @@ def _fsync_tree(directory: str) -> None:
         os.close(fd)
 
 
-def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict | None) -> None:
+def trainable_tensors(model) -> dict[str, torch.Tensor]:
+    """The tensors the optimizer updates, by state-dict name."""
+    return {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict | None,
+               trainable_only: bool = False) -> None:
     """Assemble a checkpoint in a temporary directory beside `final`, then rename it into place."""
+    from safetensors.torch import save_file
+
     tmp = make_temp_dir_beside(final)
     try:
-        os.rmdir(tmp)  # save_pretrained creates it (itself atomically)
-        model.save_pretrained(tmp, tokenizer)
+        if trainable_only:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(model.cfg.to_dict(), f, indent=2)
+            save_file(trainable_tensors(model), os.path.join(tmp, TRAINABLE_FILE))
+        else:
+            os.rmdir(tmp)  # save_pretrained creates it (itself atomically)
+            model.save_pretrained(tmp, tokenizer)
         if tensors is not None:
             torch.save(tensors, os.path.join(tmp, STATE_PT))
         if state is not None:
@@ -107,7 +126,8 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, schedu
     `state` is JSON-able (data position, metrics, ...); `rng_states` holds one entry per rank."""
     path = step_dir(run_dir, step)
     tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}
-    _write_dir(path, model, tokenizer, {**state, "step": step}, tensors)
+    lora = bool(getattr(model, "lora_settings", None))
+    _write_dir(path, model, tokenizer, {**state, "step": step}, tensors, trainable_only=lora)
     if keep_last > 0:
         # Only checkpoints up to this step count: a newer one is a damaged checkpoint that this
         # run's resume passed over (left for inspection; a save at its step replaces it).
@@ -187,7 +207,9 @@ def checkpoint_problem(path: str) -> str | None:
     Checks what can be checked without reading the tensors: every required file is there, the
     JSON files parse, model.safetensors' header parses and the file is as long as the header says,
     and trainer_state.pt (a torch.save zip archive) still has its index, which sits at its end."""
+    weights = TRAINABLE_FILE if os.path.isfile(os.path.join(path, TRAINABLE_FILE)) else "model.safetensors"
     for name in REQUIRED_FILES:
+        name = weights if name == "model.safetensors" else name
         if not os.path.isfile(os.path.join(path, name)):
             return f"{name} is missing"
     try:
@@ -195,9 +217,9 @@ def checkpoint_problem(path: str) -> str | None:
             problem = _json_problem(os.path.join(path, name))
             if problem:
                 return f"{name} {problem}"
-        problem = _safetensors_problem(os.path.join(path, "model.safetensors"))
+        problem = _safetensors_problem(os.path.join(path, weights))
         if problem:
-            return f"model.safetensors {problem}"
+            return f"{weights} {problem}"
         problem = _torch_archive_problem(os.path.join(path, STATE_PT))
         if problem:
             return f"{STATE_PT} {problem}"
@@ -280,16 +302,28 @@ def clear(run_dir: str) -> None:
             _remove(os.path.join(run_dir, name))
 
 
-def load_checkpoint(path: str, model, optimizer=None, scheduler=None, rank: int = 0) -> dict:
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None, rank: int = 0,
+                    check: Callable[[dict], None] | None = None) -> dict:
     """Restore the model (and optimizer, schedule and this rank's RNG when given) from a step
-    checkpoint; returns its JSON state."""
+    checkpoint; returns its JSON state. `check(state)` runs on that state before anything loads.
+    A LoRA checkpoint's trainable tensors load into the model's trainable parameters (its base
+    was built beforehand and `check` compared it with the checkpoint's reference)."""
     from safetensors.torch import load_file
 
+    from nanovlm.weights.common import check_state_dict
     from nanovlm.weights.nanovlm import load_state
 
     with open(os.path.join(path, STATE_JSON)) as f:
         state = json.load(f)
-    load_state(model, load_file(os.path.join(path, "model.safetensors")), source=path)
+    if check is not None:
+        check(state)
+    trainable = os.path.join(path, TRAINABLE_FILE)
+    if os.path.isfile(trainable):
+        tensors = load_file(trainable)
+        check_state_dict(tensors, {k: tuple(v.shape) for k, v in trainable_tensors(model).items()}, trainable)
+        model.load_state_dict(tensors, strict=False)
+    else:
+        load_state(model, load_file(os.path.join(path, "model.safetensors")), source=path)
     if optimizer is not None or scheduler is not None:
         tensors = torch.load(os.path.join(path, STATE_PT), map_location="cpu", weights_only=True)
         if optimizer is not None:

@@ -30,7 +30,7 @@ import torch
 from nanovlm.config import IGNORE_INDEX, TrainConfig, VLMConfig
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
-from nanovlm.train import evaluation
+from nanovlm.train import evaluation, lora
 from nanovlm.train.data import Data, build_data, epoch_of, make_data, n_samples, to_device, total_steps_for
 from nanovlm.train.optim import WarmupCosine, build_optimizer, clip_grad_norm, fused_adamw_available
 from nanovlm.train.report import FlopCounter, MetricsLog, batch_stats, measure_matmul_peak
@@ -52,6 +52,7 @@ class RunState:
     flops: float = 0.0
     warmup: dict | None = None  # the vision warm-up's summary
     resumed_at_step: int | None = None
+    lora_base: dict | None = None  # a LoRA run: the base weights its adapters train on (train/lora.py)
     metrics: list = field(default_factory=list)
 
 
@@ -145,6 +146,8 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
         if resume_from is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(run_dir, 'checkpoints')}; "
                                     "run without --resume to start a new run.")
+    if cfg.lora_rank:
+        lora.check_run(vlm_cfg, cfg)
     seed_everything(cfg.seed)
     model = VisionLanguageModel(vlm_cfg, load_backbone=vlm_cfg.vlm_load_backbone_weights).to(info.device)
     if tokenizer is None:
@@ -162,10 +165,11 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
 
         state.warmup = run_warmup(model, data, cfg, amp, fused, info, say, progress, tokenizer=tokenizer,
                                   threads=threads)
+    state.lora_base = lora.prepare(model, vlm_cfg, cfg) if cfg.lora_rank else None
     optimizer = build_optimizer(model, cfg, info.device, fused=fused)
     schedule = WarmupCosine(optimizer, state.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
     if resume_from is not None:
-        state = _restore(resume_from, model, optimizer, schedule, data, info, say)
+        state = _restore(resume_from, model, optimizer, schedule, data, info, say, state.lora_base)
     runner = dist.wrap_model(model, info)
     if cfg.compile:
         runner = torch.compile(runner)
@@ -180,6 +184,10 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
             run.log.log({"stage": "vision_warmup", "step": 0, **{
                 f"vision_warmup_{k}": v for k, v in state.warmup.items() if isinstance(v, (int, float, str))}})
         n_params = sum(p.numel() for p in model.parameters())
+        if cfg.lora_rank:
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n_train / 1e6:.2f}M of "
+                f"{n_params / 1e6:.1f}M parameters train (the adapters and the projector)")
         say(f"training {n_params / 1e6:.1f}M parameters for {state.total_steps} steps on {info.world_size} x "
             f"{info.device.type} ({'bf16 autocast' if amp['enabled'] else 'fp32'}, fused AdamW "
             f"{'on' if fused else 'off'}), global batch "
@@ -208,10 +216,13 @@ def fit_time_budget(run: Run, elapsed_s: float, steps_done: int) -> None:
             run.bar.total = total
 
 
-def _restore(path: str, model, optimizer, schedule, data: Data, info: dist.DistInfo, say) -> RunState:
-    """Load a checkpoint into the run's objects; returns its RunState."""
+def _restore(path: str, model, optimizer, schedule, data: Data, info: dist.DistInfo, say,
+             lora_base: dict | None = None) -> RunState:
+    """Load a checkpoint into the run's objects; returns its RunState. `lora_base`: the base this
+    run built for its LoRA adapters, checked against the checkpoint's before anything loads."""
     fresh = [(g["base_lr"], g["weight_decay"]) for g in optimizer.param_groups]
-    saved = ckpt.load_checkpoint(path, model, optimizer, schedule, rank=info.rank)
+    saved = ckpt.load_checkpoint(path, model, optimizer, schedule, rank=info.rank,
+                                 check=lambda s: lora.check_base(s.get("lora_base"), lora_base, path))
     for g, (base_lr, wd) in zip(optimizer.param_groups, fresh):  # a resumed run may change rates
         g["base_lr"], g["weight_decay"] = base_lr, wd
     data.train.load_state_dict(saved["data"])

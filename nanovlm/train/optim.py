@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from nanovlm.config import TrainConfig
+from nanovlm.models.lora import is_adapter_parameter
 
 # Model attribute -> the TrainConfig learning-rate field that drives it.
 PARTS = {"MP": "lr_mp", "vision_encoder": "lr_vision_backbone", "decoder": "lr_language_backbone"}
@@ -25,21 +26,27 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups (`name`, `params`, `lr`, `weight_decay`); freezes parts whose rate is 0.
 
     Every parameter of the model must belong to one of PARTS (a new part would otherwise go
-    silently untrained)."""
+    silently untrained). With `lora_rank` > 0 only the LoRA adapters (`nanovlm.models.lora`, added
+    beforehand) train in the vision encoder and the language model, at their part's rate; the
+    projector trains whole."""
     groups: list[dict] = []
     seen: set[int] = set()
+    lora = cfg.lora_rank > 0
+    if lora and not any(is_adapter_parameter(n) for n, _ in model.named_parameters()):
+        raise ValueError("lora_rank > 0 but the model has no LoRA adapters; add them first "
+                         "(nanovlm.models.lora.add_lora).")
     for part, lr_field in PARTS.items():
         lr = float(getattr(cfg, lr_field))
         module = getattr(model, part)
         decay, no_decay = [], []
-        for p in module.parameters():  # deduplicated: a tied head is the embedding
+        for name, p in module.named_parameters():  # deduplicated: a tied head is the embedding
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            p.requires_grad_(lr > 0)
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        if lr <= 0:
-            continue
+            trains = lr > 0 and (not lora or part == "MP" or is_adapter_parameter(name))
+            p.requires_grad_(trains)
+            if trains:
+                (decay if p.dim() >= 2 else no_decay).append(p)
         if decay:
             groups.append({"name": f"{part}.decay", "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
         if no_decay:

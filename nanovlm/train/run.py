@@ -15,7 +15,7 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
                  resume: bool = False, overrides: list[str] | None = None) -> int:
     from nanovlm.train import checkpoint as ckpt
     from nanovlm.train import distributed as dist
-    from nanovlm.train import evaluation, settings
+    from nanovlm.train import evaluation, lora, settings
     from nanovlm.train.loop import train
 
     base = None
@@ -29,6 +29,8 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
             with open(saved) as f:
                 base = json.load(f)
     vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
+    if train_cfg.lora_rank:
+        lora.check_run(vlm_cfg, train_cfg)
     _check_data(train_cfg.data)
     if train_cfg.val_data:
         _check_data(train_cfg.val_data)

@@ -73,9 +73,11 @@ def load_state(model: Any, state: dict[str, torch.Tensor], source: str = "checkp
 
 
 def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[str, torch.Tensor],
-                     tokenizer=None) -> None:
+                     tokenizer=None, adapter: tuple | None = None) -> None:
     """Write config.json, model.safetensors and the tokenizer files (when given) atomically: a
-    temporary directory renamed into place, so a crash never leaves a half-written checkpoint."""
+    temporary directory renamed into place, so a crash never leaves a half-written checkpoint.
+    `adapter` (LoRA settings, adapter tensors, tensors of modules trained whole) adds PEFT's
+    adapter_config.json + adapter_model.safetensors (`nanovlm.weights.peft`)."""
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
@@ -86,6 +88,10 @@ def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[s
         save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "library": "nanovlm"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            from nanovlm.weights.peft import write_adapter
+
+            write_adapter(tmp, *adapter)
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,82 @@
+"""LoRA training runs (`lora_rank` > 0): adapters on frozen towers, the projector trained whole.
+
+What a run saves:
+- step checkpoints hold only what trains (adapters + projector, `trainable.safetensors`, and
+  their optimizer state) plus a reference to the base weights: the settings that build them
+  (`vit_model_type`, `lm_model_type`, `vlm_load_backbone_weights`, `seed`) and a SHA-256 of
+  every frozen tensor. `--resume` rebuilds the base from the settings, checks the digest (a base
+  file changed since is one clear error) and loads the trainable tensors: a resumed run repeats
+  the uninterrupted one exactly.
+- `best/` and `final/` are complete model directories: `model.safetensors` holds the base with
+  the trained projector, and PEFT's `adapter_config.json` + `adapter_model.safetensors` beside it
+  hold the adapters (unmerged; `nanovlm.weights.peft`). `VisionLanguageModel.from_pretrained`
+  attaches them; `nanovlm.models.lora.merge_lora` folds them into the weights.
+
+The base must be the model as built, so a run whose vision warm-up would first train the encoder
+from scratch is refused (the warm-up belongs to full training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from nanovlm.config import TrainConfig, VLMConfig, lora_target_names
+
+
+def check_run(vlm_cfg: VLMConfig, cfg: TrainConfig) -> None:
+    """A LoRA run's settings that TrainConfig alone cannot check; ValueError in one sentence."""
+    pretrained_vit = vlm_cfg.vlm_load_backbone_weights and bool(vlm_cfg.vit_model_type)
+    if cfg.vision_warmup != "off" and not (cfg.vision_warmup == "auto" and pretrained_vit):
+        raise ValueError(f"lora_rank={cfg.lora_rank} keeps the vision encoder as built, but vision_warmup="
+                         f"{cfg.vision_warmup} would first train it from scratch; set vision_warmup=off.")
+
+
+def prepare(model, vlm_cfg: VLMConfig, cfg: TrainConfig) -> dict:
+    """Add the adapters `cfg` asks for (in place) and return the base reference they train on."""
+    from nanovlm.models.lora import add_lora
+
+    add_lora(model, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, lora_target_names(cfg.lora_targets))
+    return base_reference(model, vlm_cfg, cfg)
+
+
+def frozen_tensors(model) -> dict[str, torch.Tensor]:
+    """Every tensor of the model that does not train once the adapters are added: the base. The
+    projector (trained whole) and the adapters are left out."""
+    from nanovlm.models.lora import is_adapter_parameter
+
+    state = model.state_dict_for_saving()
+    return {k: v for k, v in state.items() if not k.startswith("MP.") and not is_adapter_parameter(k)}
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
+
+
+def base_reference(model, vlm_cfg: VLMConfig, cfg: TrainConfig) -> dict:
+    return {"vit_model_type": vlm_cfg.vit_model_type, "lm_model_type": vlm_cfg.lm_model_type,
+            "vlm_load_backbone_weights": vlm_cfg.vlm_load_backbone_weights, "seed": cfg.seed,
+            "sha256": digest(frozen_tensors(model))}
+
+
+def check_base(saved: dict | None, fresh: dict | None, path: str) -> None:
+    """The checkpoint at `path` was trained on the base this run built (or neither is LoRA)."""
+    if saved is None and fresh is None:
+        return
+    if saved is None or fresh is None:
+        raise ValueError(f"--resume: {path} was written {'without' if saved is None else 'with'} LoRA "
+                         f"adapters but this run has lora_rank={'> 0' if saved is None else '0'}; "
+                         "resume with the run's own lora settings.")
+    if saved.get("sha256") != fresh["sha256"]:
+        changed = [k for k in fresh if k != "sha256" and saved.get(k) != fresh[k]]
+        why = f"the settings {', '.join(changed)} differ" if changed else "the base weight files changed since"
+        raise ValueError(f"--resume: the base weights differ from those the LoRA adapters in {path} were trained "
+                         f"on ({why}); resume with the same base.")

@@ -1,0 +1,152 @@
+"""LoRA adapters in PEFT's layout for transformers' `Idefics3ForConditionalGeneration`.
+
+A directory that `peft.PeftModel.from_pretrained(idefics3_model, directory)` loads:
+- `adapter_config.json`: PEFT's `LoraConfig` fields (`r`, `lora_alpha`, `lora_dropout`,
+  `target_modules` as the full module names, `modules_to_save`);
+- `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` (rank, in) and
+  `....lora_B.weight` (out, rank) per adapted module, and `base_model.model.<module>.weight` of
+  each module PEFT saves whole (the projector, trained fully under LoRA).
+
+The module names are transformers' (`model.text_model.layers.{i}.self_attn.q_proj`,
+`model.vision_model.encoder.layers.{i}.mlp.fc1`, ...; checked against the saved keys of
+`peft.get_peft_model(...).save_pretrained` in tests/test_lora.py). Our fused vision `qkv_proj`
+adapter holds one (A, B) pair per output slice (`nanovlm.models.lora`), written as the adapters
+of `q_proj`, `k_proj` and `v_proj`. `IDEFICS3_NAMES` is the one table, ours -> theirs.
+
+Works on state dicts and names only (`weights/` never imports `models/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+# Our module name -> transformers Idefics3 module names, one per output slice ({i}: the block).
+IDEFICS3_NAMES: dict[str, tuple[str, ...]] = {
+    "decoder.blocks.{i}.attn.q_proj": ("model.text_model.layers.{i}.self_attn.q_proj",),
+    "decoder.blocks.{i}.attn.k_proj": ("model.text_model.layers.{i}.self_attn.k_proj",),
+    "decoder.blocks.{i}.attn.v_proj": ("model.text_model.layers.{i}.self_attn.v_proj",),
+    "decoder.blocks.{i}.attn.out_proj": ("model.text_model.layers.{i}.self_attn.o_proj",),
+    "decoder.blocks.{i}.mlp.gate_proj": ("model.text_model.layers.{i}.mlp.gate_proj",),
+    "decoder.blocks.{i}.mlp.up_proj": ("model.text_model.layers.{i}.mlp.up_proj",),
+    "decoder.blocks.{i}.mlp.down_proj": ("model.text_model.layers.{i}.mlp.down_proj",),
+    "vision_encoder.blocks.{i}.attn.qkv_proj": tuple(f"model.vision_model.encoder.layers.{{i}}.self_attn.{x}_proj"
+                                                     for x in "qkv"),
+    "vision_encoder.blocks.{i}.attn.out_proj": ("model.vision_model.encoder.layers.{i}.self_attn.out_proj",),
+    "vision_encoder.blocks.{i}.mlp.fc1": ("model.vision_model.encoder.layers.{i}.mlp.fc1",),
+    "vision_encoder.blocks.{i}.mlp.fc2": ("model.vision_model.encoder.layers.{i}.mlp.fc2",),
+    "MP.proj": ("model.connector.modality_projection.proj",),
+}
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
+
+
+_OURS = [(_pattern(ours), theirs) for ours, theirs in IDEFICS3_NAMES.items()]
+_THEIRS = [(_pattern(t), ours, s) for ours, theirs in IDEFICS3_NAMES.items() for s, t in enumerate(theirs)]
+
+
+def idefics3_names(module: str) -> tuple[str, ...]:
+    """transformers Idefics3 module name(s) of one of our linear modules (three for a fused qkv)."""
+    for pattern, theirs in _OURS:
+        m = pattern.fullmatch(module)
+        if m:
+            return tuple(t.replace("{i}", m.group(1)) if m.groups() else t for t in theirs)
+    raise ValueError(f"{module} has no Idefics3 counterpart; PEFT adapters exist for the linear layers of "
+                     f"{', '.join(IDEFICS3_NAMES)}.")
+
+
+def from_idefics3_name(module: str) -> tuple[str, int]:
+    """(our module name, output slice) of a transformers Idefics3 module name."""
+    for pattern, ours, s in _THEIRS:
+        m = pattern.fullmatch(module)
+        if m:
+            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), s
+    raise ValueError(f"{module} is not a module of ours in the Idefics3 layout (see nanovlm.weights.peft).")
+
+
+# ------------------------------------------------------------------------------------ writing
+def peft_tensors(adapters: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's state dict from our adapter tensors (`<module>.lora_A` (slices, rank, in), `.lora_B`
+    (slices, out / slices, rank)) and the weights of modules saved whole (`MP.proj.weight`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in adapters.items():
+        module, _, kind = key.rpartition(".")
+        names = idefics3_names(module)
+        if value.shape[0] != len(names):
+            raise ValueError(f"{key} has {value.shape[0]} slices; its Idefics3 module(s) {', '.join(names)} need "
+                             f"{len(names)}.")
+        for s, name in enumerate(names):
+            out[f"{_PREFIX}{name}.{kind}.weight"] = value[s].detach().contiguous()
+    for key, value in whole.items():
+        module, _, param = key.rpartition(".")
+        (name,) = idefics3_names(module)
+        out[f"{_PREFIX}{name}.{param}"] = value.detach().contiguous()
+    return out
+
+
+def adapter_config(settings: dict, adapter_modules: list[str], whole_modules: list[str]) -> dict:
+    """PEFT's adapter_config.json for `settings` (rank, alpha, dropout) on our module names."""
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "auto_mapping": {"base_model_class": "Idefics3ForConditionalGeneration",
+                         "parent_library": "transformers.models.idefics3.modeling_idefics3"},
+        "r": settings["rank"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
+        "target_modules": sorted(n for m in adapter_modules for n in idefics3_names(m)),
+        "modules_to_save": sorted(n for m in whole_modules for n in idefics3_names(m)) or None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def write_adapter(directory: str, settings: dict, adapters: dict[str, torch.Tensor],
+                  whole: dict[str, torch.Tensor]) -> None:
+    """adapter_config.json + adapter_model.safetensors into `directory` (an existing folder)."""
+    from safetensors.torch import save_file
+
+    adapter_modules = sorted({k.rpartition(".")[0] for k in adapters})
+    whole_modules = sorted({k.rpartition(".")[0] for k in whole})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(adapter_config(settings, adapter_modules, whole_modules), f, indent=2)
+    save_file(peft_tensors(adapters, whole), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------ reading
+def has_adapter(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG))
+
+
+def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(settings: rank, alpha, dropout, modules (ours)), our adapter tensors) of a PEFT directory
+    this module wrote (or any LoRA adapter of plain rank and scaling on these modules)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    with open(path) as f:
+        config = json.load(f)
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
+                   if config.get(k)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise ValueError(f"{path}: only plain LoRA adapters load here (peft_type LORA without "
+                         f"{', '.join(unsupported) or 'other adapter types'}).")
+    slices: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for key, value in load_file(os.path.join(directory, ADAPTER_WEIGHTS)).items():
+        inner = key.removeprefix(_PREFIX)
+        for kind in ("lora_A", "lora_B"):
+            if inner.endswith(f".{kind}.weight"):
+                module, s = from_idefics3_name(inner[: -len(f".{kind}.weight")])
+                slices.setdefault(module, {}).setdefault(kind, {})[s] = value
+    tensors = {f"{module}.{kind}": torch.stack([parts[s] for s in sorted(parts)])
+               for module, kinds in slices.items() for kind, parts in kinds.items()}
+    settings = {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
+                "dropout": float(config.get("lora_dropout") or 0.0), "modules": sorted(slices)}
+    return settings, tensors
