@@ -236,3 +236,24 @@ def test_wrong_image_seq_len(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(WeightLoadError, match="image_seq_len is 9 but the model gives 4 tokens per tile"):
         VisionLanguageModel.from_pretrained(str(tmp_path))
+
+
+def test_sharded_directory_and_the_commands(tmp_path, capsys):
+    """A sharded SmolVLM loads (same logits), and `nanovlm eval --model` runs on it through answer()."""
+    import shapes_data
+
+    from nanovlm.cli import main
+
+    hf = make_idefics3(tmp_path)
+    hf.save_pretrained(tmp_path, max_shard_size="1MB")
+    os.remove(tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = VisionLanguageModel.from_pretrained(str(tmp_path))
+    image = picture(80, 50)
+    ids, tiles = our_inputs(ours, image)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, [tiles])[0], hf(**hf_inputs(str(tmp_path), image)).logits)
+    shapes_data.write_llava(str(tmp_path / "data.jsonl"), 2, ["count"], seed=0)
+    report = tmp_path / "report.json"
+    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "data.jsonl"), "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["n"] == 2  # both questions answered (a random model: any accuracy)
