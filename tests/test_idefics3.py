@@ -257,3 +257,15 @@ def test_sharded_directory_and_the_commands(tmp_path, capsys):
     report = tmp_path / "report.json"
     assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "data.jsonl"), "--out", str(report)]) == 0
     assert json.loads(report.read_text())["n"] == 2  # both questions answered (a random model: any accuracy)
+
+
+def test_saved_in_our_format_it_answers_the_same(smolvlm, tmp_path):
+    """A SmolVLM saved as our checkpoint (what `nanovlm train` writes) keeps its layout, tokenizer and answers."""
+    path, _ = smolvlm
+    model = VisionLanguageModel.from_pretrained(path)
+    model.save_pretrained(tmp_path / "ours")
+    again = VisionLanguageModel.from_pretrained(str(tmp_path / "ours"))
+    assert again.cfg == model.cfg and again.tokenizer.eos_token == "<end_of_utterance>"
+    image = picture(80, 50)
+    assert our_inputs(again, image)[0].tolist() == our_inputs(model, image)[0].tolist()
+    assert again.answer([image], [QUESTION], max_new_tokens=6) == model.answer([image], [QUESTION], max_new_tokens=6)
