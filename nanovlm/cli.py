@@ -340,6 +340,25 @@ def _cmd_serve(args) -> int:
                  drain_timeout=args.drain_timeout)
 
 
+# --------------------------------------------------------------------------------------- export
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", formatter_class=_Formatter, help="write a checkpoint in another format",
+                       description="Write a checkpoint as a transformers Idefics3 directory (config, safetensors, "
+                                   "processor and tokenizer files, chat template) that "
+                                   "AutoModelForImageTextToText and AutoProcessor load offline and vLLM serves.")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (ours, nanoVLM's or Idefics3)")
+    p.add_argument("--format", default="transformers", metavar="NAME",
+                   help="transformers: an Idefics3ForConditionalGeneration directory")
+    p.add_argument("--out", required=True, metavar="OUT", help="directory to write (replaced if it exists)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from nanovlm.export import run_export
+
+    return run_export(model_dir=args.model, fmt=args.format, out=args.out)
+
+
 # ----------------------------------------------------------------------------------------- data
 def _add_data_parser(sub) -> None:
     from nanovlm.config import DEFAULT_PRESET
@@ -369,9 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanovlm", formatter_class=_Formatter,
                                      description="nanovlm: train, ask, measure and serve small vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="{train,generate,eval,serve,data}",
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{train,generate,eval,serve,export,data}",
                                 help="what to do (nanovlm COMMAND --help shows its options)")
-    for add in (_add_train_parser, _add_generate_parser, _add_eval_parser, _add_serve_parser, _add_data_parser):
+    for add in (_add_train_parser, _add_generate_parser, _add_eval_parser, _add_serve_parser, _add_export_parser,
+                _add_data_parser):
         add(sub)
     return parser
 

@@ -44,6 +44,10 @@ def default_extra_tokens() -> dict[str, str]:
     return tokens
 
 
+# vlm_image_layout values (nanovlm.data.processors lays each out) and vlm_image_resample's PIL filters.
+IMAGE_LAYOUTS = ("nanovlm", "idefics3")
+IMAGE_RESAMPLING = ("bicubic", "lanczos")
+
 # vit_hidden_act -> the `approximate` argument of torch's GELU (the names are transformers').
 VIT_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
@@ -246,6 +250,16 @@ class VLMConfig:
 
     # --- vision-language model ---
     vlm_extra_tokens: dict[str, str] = field(default_factory=default_extra_tokens)
+    # How an image's tiles and tokens are laid out: "nanovlm" (global view first, bicubic
+    # resizing) or "idefics3" (SmolVLM's processor: tiles between <fake_token_around_image>, a
+    # newline per row, the global view last, Lanczos resizing; `nanovlm.weights.idefics3`).
+    vlm_image_layout: str = "nanovlm"
+    # Idefics3 / SmolVLM tokenizers already hold their image tokens: no rows are appended, and
+    # the image token's id is the tokenizer's (vlm_image_token_id) instead of base + position.
+    vlm_extra_tokens_in_vocab: bool = False
+    vlm_image_token_id: int | None = None  # derived: lm_base_vocab_size + position of image_token
+    vlm_image_splitting: bool = True  # false: every image becomes one tile (Idefics3's do_image_splitting)
+    vlm_image_resample: str = "bicubic"  # PIL filter of the image processor: bicubic | lanczos
     vlm_load_backbone_weights: bool = True
     vlm_checkpoint_path: str = "checkpoints"
     hf_repo_name: str = "nanoVLM"
@@ -300,7 +314,8 @@ class VLMConfig:
             self.extra_token_amount = n_extra
         _check(self.extra_token_amount == n_extra,
                f"extra_token_amount is {self.extra_token_amount} but vlm_extra_tokens has {n_extra} entries.")
-        needed = self.lm_base_vocab_size + n_extra
+        self._check_image_layout()
+        needed = self.lm_base_vocab_size + (0 if self.vlm_extra_tokens_in_vocab else n_extra)
         if self.lm_vocab_size is None:
             self.lm_vocab_size = needed
         _check(self.lm_vocab_size >= needed,
@@ -309,6 +324,19 @@ class VLMConfig:
         _check(self.lm_max_length <= self.lm_max_position_embeddings,
                f"lm_max_length ({self.lm_max_length}) exceeds lm_max_position_embeddings "
                f"({self.lm_max_position_embeddings}).")
+        _check(self.vlm_image_token_id < self.lm_vocab_size,
+               f"vlm_image_token_id ({self.vlm_image_token_id}) is outside the vocabulary of {self.lm_vocab_size} tokens.")
+
+    def _check_image_layout(self) -> None:
+        _check(self.vlm_image_layout in IMAGE_LAYOUTS,
+               f"vlm_image_layout must be one of {', '.join(IMAGE_LAYOUTS)}, got {self.vlm_image_layout!r}.")
+        _check(self.vlm_image_resample in IMAGE_RESAMPLING,
+               f"vlm_image_resample must be one of {', '.join(IMAGE_RESAMPLING)}, got {self.vlm_image_resample!r}.")
+        if self.vlm_image_token_id is None:
+            _check(not self.vlm_extra_tokens_in_vocab,
+                   "vlm_extra_tokens_in_vocab needs vlm_image_token_id: the id of the image token in the tokenizer.")
+            self.vlm_image_token_id = self.lm_base_vocab_size + list(self.vlm_extra_tokens).index("image_token")
+        _check(self.vlm_image_token_id >= 0, f"vlm_image_token_id must be >= 0, got {self.vlm_image_token_id}.")
 
     # --- derived, read-only ---
     @property
@@ -343,7 +371,8 @@ class VLMConfig:
     def replace(self, **changes: Any) -> "VLMConfig":
         """A new config with `changes` applied and derived fields recomputed."""
         data = self.to_dict()
-        for derived in ("vit_inter_dim", "extra_token_amount", "lm_vocab_size", "mp_image_token_length"):
+        for derived in ("vit_inter_dim", "extra_token_amount", "lm_vocab_size", "mp_image_token_length",
+                        "vlm_image_token_id"):
             if derived not in changes and _derived_default(self, derived):
                 data[derived] = None
         data.update(changes)
@@ -391,6 +420,11 @@ VLM_HELP: dict[str, str] = {
     "max_img_size": "longest image side after resizing; larger images become several tiles plus a global view",
     "resize_to_max_side_len": "always resize the long side to max_img_size (false: only to the next tile multiple)",
     "vlm_extra_tokens": "tokens added to the tokenizer, name -> text (image, global image, 8x8 tile tags)",
+    "vlm_image_layout": "prompt and tile layout of an image: nanovlm (global view first) | idefics3 (SmolVLM's)",
+    "vlm_extra_tokens_in_vocab": "the tokenizer's vocabulary already holds the extra tokens (Idefics3 / SmolVLM); none are appended",
+    "vlm_image_token_id": "id of the image token (none: lm_base_vocab_size + its position in vlm_extra_tokens)",
+    "vlm_image_splitting": "cut images larger than a tile into tiles plus a global view (false: one tile per image)",
+    "vlm_image_resample": "PIL filter the image processor resizes with: bicubic | lanczos (Idefics3's)",
     "vlm_load_backbone_weights": "load the vit_model_type / lm_model_type weights when building the model",
     "vlm_checkpoint_path": "kept from nanoVLM's config (nanovlm train writes to --out)",
     "hf_repo_name": "kept from nanoVLM's config (push_to_hub takes the repository id)",
@@ -402,8 +436,10 @@ def _derived_default(cfg: VLMConfig, name: str) -> bool:
     fresh = {
         "vit_inter_dim": 4 * cfg.vit_hidden_dim,
         "extra_token_amount": len(cfg.vlm_extra_tokens),
-        "lm_vocab_size": cfg.lm_base_vocab_size + len(cfg.vlm_extra_tokens),
+        "lm_vocab_size": cfg.lm_base_vocab_size + (0 if cfg.vlm_extra_tokens_in_vocab else len(cfg.vlm_extra_tokens)),
         "mp_image_token_length": (cfg.vit_grid // cfg.mp_pixel_shuffle_factor) ** 2,
+        "vlm_image_token_id": None if cfg.vlm_extra_tokens_in_vocab else
+        cfg.lm_base_vocab_size + list(cfg.vlm_extra_tokens).index("image_token"),
     }
     return getattr(cfg, name) == fresh[name]
 

@@ -132,7 +132,7 @@ EVAL_OPTIONS = "valid options: --model, --task, --data, --image-folder, --split,
      "nanovlm generate: error: --top-p expects a number, got 'most'."),
     (["serve", "--model", "m", "--port", "http"], "nanovlm serve: error: --port expects an integer, got 'http'."),
     (["trian"], "nanovlm: error: unknown command 'trian' (did you mean train?); "
-                "choose one of: train, generate, eval, serve, data."),
+                "choose one of: train, generate, eval, serve, export, data."),
     (["data"], "nanovlm data: error: missing a command; choose one of: preview (see nanovlm data --help)."),
     (["data", "preview", "--bogus"], "nanovlm data preview: error: unknown option --bogus; valid options: --out, "
                                      "--num, --preset, key=value settings, --help."),
@@ -162,7 +162,7 @@ def test_settings_after_an_option_are_settings_too():
 
 def test_a_bare_nanovlm_shows_the_verbs(capsys):
     assert main([]) == 1
-    assert "{train,generate,eval,serve,data}" in capsys.readouterr().out
+    assert "{train,generate,eval,serve,export,data}" in capsys.readouterr().out
 
 
 # -------------------------------------------------------------------------------- --help

@@ -12,6 +12,11 @@ The prompt layout per image is the original's too: `<image: k>` (only when a sam
 several images), `<|global_image|>` + image tokens, then `<row_i_col_j>` + image tokens per
 tile when the grid is larger than 1x1.
 
+With `vlm_image_layout = "idefics3"` both follow Idefics3 / SmolVLM's processor instead
+(`Idefics3ImageProcessor`, `idefics3_image_tokens`): resizing, tiling and the prompt text are
+the ones transformers' `Idefics3Processor` produces for the same checkpoint files, so a SmolVLM
+reads the same ids and pixels here as there.
+
 `ChatRenderer` turns messages and their images into (input ids, shifted labels, tiles):
 training data, `generate` / `answer`, evaluation and the server all render through it, so a
 question reads the same to the model wherever it is asked. Images go where the text has
@@ -22,6 +27,7 @@ in front of the first question (Cauldron, easy-VQA, `answer`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -35,6 +41,7 @@ from nanovlm.data.tokenizer import get_tokenizer  # noqa: F401  (re-exported: th
 
 IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a message's text (LLaVA data)
 MAX_GRID = 8  # the default extra tokens name tiles <row_1_col_1> .. <row_8_col_8>
+PIL_FILTERS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}  # vlm_image_resample -> PIL filter
 
 
 class ImageProcessor:
@@ -45,7 +52,8 @@ class ImageProcessor:
     """
 
     def __init__(self, max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
-                 max_grid: int = MAX_GRID):
+                 max_grid: int = MAX_GRID, resample: str = "bicubic"):
+        self.resample = PIL_FILTERS[resample]
         if splitted_image_size <= 0 or max_img_size <= 0:
             raise ValueError(f"image sizes must be positive, got max_img_size={max_img_size}, "
                              f"splitted_image_size={splitted_image_size}.")
@@ -79,14 +87,14 @@ class ImageProcessor:
         image = to_rgb(image)
         t = self.tile
         w, h = self.target_size(*image.size)
-        resized = image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)
+        resized = image if (w, h) == image.size else image.resize((w, h), self.resample)
         x = _to_uint8_chw(resized)  # (3, H, W)
         n_rows, n_cols = h // t, w // t
         tiles = (x.view(3, n_rows, t, n_cols, t)
                   .permute(1, 3, 0, 2, 4)  # (n_rows, n_cols, 3, t, t), row-major
                   .reshape(n_rows * n_cols, 3, t, t))
         if n_rows * n_cols > 1:
-            whole = image if image.size == (t, t) else image.resize((t, t), Image.BICUBIC)
+            whole = image if image.size == (t, t) else image.resize((t, t), self.resample)
             tiles = torch.cat([_to_uint8_chw(whole).unsqueeze(0), tiles], dim=0)  # global view first
         return tiles, (n_rows, n_cols)
 
@@ -107,6 +115,100 @@ def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
 
 
+# transformers' Idefics3 processors shrink any image whose longest side exceeds this (4k).
+IDEFICS3_MAX_SIDE = 4096
+
+
+class Idefics3ImageProcessor:
+    """Idefics3 / SmolVLM's image rules (transformers' `Idefics3ImageProcessor`), in PIL + torch.
+
+    1. The longest edge goes to `longest_edge` (up or down); the other side keeps the aspect
+       ratio, truncated, then rounded up to even; neither side above 4096.
+    2. With splitting, both sides go up to whole tiles (the short one from the new long one and
+       the aspect ratio); a picture larger than one tile is cut row-major into tiles, followed by
+       the global view, that picture resized to one tile. Without splitting, step 1's picture is
+       resized to one tile.
+    Each resize works on 8-bit pixels with the checkpoint's filter (Lanczos for SmolVLM), and
+    [0, 1] pixels are computed as x * (1/255) in float64, as transformers rescales. The call
+    returns `ImageProcessor`'s (tiles, (n_rows, n_cols)); a single tile is the grid (1, 1).
+    """
+
+    def __init__(self, longest_edge: int, tile: int, splitting: bool = True, resample: str = "lanczos"):
+        if longest_edge <= 0 or tile <= 0:
+            raise ValueError(f"image sizes must be positive, got longest_edge={longest_edge}, tile={tile}.")
+        self.longest_edge, self.tile, self.splitting = int(longest_edge), int(tile), bool(splitting)
+        self.resample_name = resample
+        self.resample = PIL_FILTERS[resample]
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """Step 1: (width, height) with the longest edge at `longest_edge`."""
+        aspect = width / height
+        if width >= height:
+            width, height = self.longest_edge, int(self.longest_edge / aspect)
+            height += height % 2
+        else:
+            width, height = int(self.longest_edge * aspect), self.longest_edge
+            width += width % 2
+        width, height = max(width, 1), max(height, 1)
+        aspect = width / height
+        if width >= height and width > IDEFICS3_MAX_SIDE:
+            width, height = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE / aspect)
+        elif height > width and height > IDEFICS3_MAX_SIDE:
+            width, height = int(IDEFICS3_MAX_SIDE * aspect), IDEFICS3_MAX_SIDE
+        return max(width, 1), max(height, 1)
+
+    def tiled_size(self, width: int, height: int) -> tuple[int, int]:
+        """Step 2: (width, height) of step 1's picture grown to whole tiles."""
+        t, aspect = self.tile, width / height
+        if width >= height:
+            width = math.ceil(width / t) * t
+            height = math.ceil(int(width / aspect) / t) * t
+        else:
+            height = math.ceil(height / t) * t
+            width = math.ceil(int(height * aspect) / t) * t
+        return width, height
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(n_rows, n_cols) for an image of this size, without touching pixels."""
+        if not self.splitting:
+            return 1, 1
+        w, h = self.tiled_size(*self.resized_size(width, height))
+        return h // self.tile, w // self.tile
+
+    def _resize(self, image: Image.Image, width: int, height: int) -> Image.Image:
+        return image if image.size == (width, height) else image.resize((width, height), self.resample)
+
+    def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tiles as uint8 (n_tiles, 3, S, S), the global view last."""
+        t, image = self.tile, to_rgb(image)
+        image = self._resize(image, *self.resized_size(*image.size))
+        if not self.splitting:
+            return _to_uint8_chw(self._resize(image, t, t)).unsqueeze(0), (1, 1)
+        w, h = self.tiled_size(*image.size)
+        image = self._resize(image, w, h)
+        x = _to_uint8_chw(image)  # (3, H, W)
+        n_rows, n_cols = h // t, w // t
+        if n_rows * n_cols == 1:
+            return x.unsqueeze(0), (1, 1)
+        tiles = (x.view(3, n_rows, t, n_cols, t)
+                  .permute(1, 3, 0, 2, 4)  # (n_rows, n_cols, 3, t, t), row-major
+                  .reshape(n_rows * n_cols, 3, t, t))
+        whole = _to_uint8_chw(self._resize(image, t, t)).unsqueeze(0)  # (1, 3, t, t)
+        return torch.cat([tiles, whole], dim=0), (n_rows, n_cols)
+
+    def normalize(self, tiles_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles -> float32 in [0, 1], rounded as transformers' rescale rounds them."""
+        return (tiles_uint8.double() * (1 / 255)).float()
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        tiles, grid = self.tiles_uint8(image)
+        return self.normalize(tiles), grid
+
+    def __repr__(self) -> str:
+        return (f"Idefics3ImageProcessor(longest_edge={self.longest_edge}, tile={self.tile}, "
+                f"splitting={self.splitting}, resample={self.resample_name!r})")
+
+
 def n_tiles(grid: tuple[int, int]) -> int:
     """Tiles an image of this grid becomes: the grid, plus the global view when larger than 1x1."""
     rows, cols = grid
@@ -114,15 +216,20 @@ def n_tiles(grid: tuple[int, int]) -> int:
 
 
 def get_image_processor(max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
-                        max_grid: int = MAX_GRID) -> ImageProcessor:
+                        max_grid: int = MAX_GRID, resample: str = "bicubic") -> ImageProcessor:
     """The image processor of the original nanoVLM; see `ImageProcessor`."""
-    return ImageProcessor(max_img_size, splitted_image_size, resize_to_max_side_len, max_grid)
+    return ImageProcessor(max_img_size, splitted_image_size, resize_to_max_side_len, max_grid, resample)
 
 
-def image_processor_for(cfg) -> ImageProcessor:
-    """The processor a VLMConfig implies, with the grid capped by its row/col tokens."""
-    return get_image_processor(cfg.max_img_size, cfg.vit_img_size, cfg.resize_to_max_side_len,
-                               max_grid=grid_limit(cfg.vlm_extra_tokens))
+def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
+    """The processor a VLMConfig implies: its layout's, with the nanoVLM grid capped by its
+    row/col tokens; without `vlm_image_splitting`, one tile per image."""
+    if cfg.vlm_image_layout == "idefics3":
+        return Idefics3ImageProcessor(cfg.max_img_size, cfg.vit_img_size, cfg.vlm_image_splitting,
+                                      cfg.vlm_image_resample)
+    max_img_size = cfg.max_img_size if cfg.vlm_image_splitting else cfg.vit_img_size
+    return get_image_processor(max_img_size, cfg.vit_img_size, cfg.resize_to_max_side_len,
+                               max_grid=grid_limit(cfg.vlm_extra_tokens), resample=cfg.vlm_image_resample)
 
 
 def grid_limit(extra_tokens: dict[str, str]) -> int:
@@ -162,6 +269,36 @@ def _image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: 
     return "".join(parts)
 
 
+def idefics3_image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: int) -> str:
+    """One image's text as Idefics3Processor writes it: per tile `<fake_token_around_image>`,
+    its `<row_r_col_c>` tag and the image tokens, a newline after each row; then a newline and
+    the global view between fake tokens, tagged `<global-img>`. A single tile is the global view."""
+    try:
+        fake, glob = tokenizer.fake_image_token, tokenizer.global_image_token
+    except AttributeError:
+        raise ValueError("the idefics3 image layout needs the extra tokens fake_image_token and global_image_token "
+                         "(<fake_token_around_image>, <global-img>); add them to vlm_extra_tokens.") from None
+    run = tokenizer.image_token * mp_image_token_length
+    whole = f"{fake}{glob}{run}{fake}"
+    rows, cols = grid
+    if rows * cols == 1:
+        return whole
+    # Tags past the tokenizer's own are written out as text, as Idefics3Processor does.
+    rows_text = ["".join(f"{fake}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n" for r in range(rows)]
+    return "".join(rows_text) + "\n" + whole
+
+
+def image_string_pattern(layout: str, tokenizer: Any) -> re.Pattern:
+    """A regex that matches one whole image string of `layout` in rendered text (a chat template
+    that takes typed content parts gets each as an image part: `ChatEncoder`)."""
+    image, row_col = f"(?:{re.escape(tokenizer.image_token)})+", r"<row_\d+_col_\d+>"
+    glob = re.escape(getattr(tokenizer, "global_image_token", ""))
+    if layout == "idefics3":
+        fake = re.escape(tokenizer.fake_image_token)
+        return re.compile(f"(?:(?:(?:{fake}{row_col}{image})+\n)+\n)?{fake}{glob}{image}{fake}")
+    return re.compile(f"(?:<image: \\d+>)?{glob}{image}(?:{row_col}{image})*")
+
+
 # ---------------------------------------------------------------------------- chat -> ids, labels
 class ChatEncoder:
     """Messages -> (input_ids, labels), labels already shifted (labels[t] is the target at t).
@@ -173,10 +310,17 @@ class ChatEncoder:
     it after the `<|im_start|>assistant\\n` prompt). Piece encodings are cached, which makes
     encoding templated data such as easy-VQA nearly free; inference prompts (`add_generation_prompt`,
     each one new) are encoded without the cache, so a long-running server does not fill it.
+
+    A template that reads typed content parts (`[{"type": "image"}, {"type": "text", ...}]`, as
+    SmolVLM's does) gets them: each message's text is cut at the image strings `image_pattern`
+    matches, each becomes an image part, and the marker the template writes for it (the image
+    token, which Idefics3Processor expands) is replaced by that image string again.
     """
 
-    def __init__(self, tokenizer: Any, cache_size: int = 200_000):
+    def __init__(self, tokenizer: Any, cache_size: int = 200_000, image_pattern: re.Pattern | None = None):
         self.tokenizer = tokenizer
+        self._image_pattern = image_pattern
+        self._parts = False
         self.eos_token_id = tokenizer.eos_token_id
         self._cache: dict[str, tuple[int, ...]] = {}
         self._cache_size = cache_size
@@ -190,8 +334,10 @@ class ChatEncoder:
 
             env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # as VLMTokenizer renders it
             self._template = env.from_string(template)
+            self._parts = self._wants_parts()
             probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-            if self._render(probe) != tokenizer.apply_chat_template(probe, add_generation_prompt=False, tokenize=False):
+            if not self._parts and self._render(probe) != tokenizer.apply_chat_template(
+                    probe, add_generation_prompt=False, tokenize=False):
                 self._template = None  # rendered differently: let the tokenizer do it every time
 
     def __getstate__(self) -> dict:
@@ -202,7 +348,45 @@ class ChatEncoder:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.__init__(self.tokenizer, self._cache_size)
+        self.__init__(self.tokenizer, self._cache_size, self._image_pattern)
+
+    def _wants_parts(self) -> bool:
+        """Whether the template drops plain-text content but shows typed text parts."""
+        def shows(content) -> bool:
+            return "q7x" in self._template.render(messages=[{"role": "user", "content": content}],
+                                                  add_generation_prompt=False, bos_token="", eos_token="")
+        try:
+            return not shows("q7x") and shows([{"type": "text", "text": "q7x"}])
+        except Exception:  # a template that fails on one of the probes is not a parts template
+            return False
+
+    def _as_parts(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Messages with text content -> typed parts, and the image strings cut out, in order."""
+        out, images = [], []
+        for m in messages:
+            content, parts, at = m["content"], [], 0
+            for match in self._image_pattern.finditer(content) if self._image_pattern is not None else ():
+                if match.start() > at:
+                    parts.append({"type": "text", "text": content[at:match.start()]})
+                parts.append({"type": "image"})
+                images.append(match.group())
+                at = match.end()
+            if at < len(content) or not parts:
+                parts.append({"type": "text", "text": content[at:]})
+            out.append({"role": m["role"], "content": parts})
+        return out, images
+
+    def _render_parts(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        tok = self.tokenizer
+        parts, images = self._as_parts(messages)
+        text = self._template.render(messages=parts, add_generation_prompt=add_generation_prompt,
+                                     bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        marker = getattr(tok, "image_token", None)
+        pieces = text.split(marker) if images and marker else [text]
+        if len(pieces) != len(images) + 1:
+            raise ValueError(f"the chat template shows {len(pieces) - 1} image part(s) as {marker!r} "
+                             f"for {len(images)} image(s).")
+        return pieces[0] + "".join(image + piece for image, piece in zip(images, pieces[1:]))
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         if self._chatml:
@@ -211,6 +395,8 @@ class ChatEncoder:
         if self._template is None:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                       tokenize=False)
+        if self._parts:
+            return self._render_parts(messages, add_generation_prompt)
         tok = self.tokenizer
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
@@ -365,8 +551,9 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.mp = cfg.mp_image_token_length
         self.tile = cfg.vit_img_size
+        self.layout = getattr(cfg, "vlm_image_layout", "nanovlm")
         self.image_processor = image_processor if image_processor is not None else image_processor_for(cfg)
-        self.encoder = ChatEncoder(tokenizer)
+        self.encoder = ChatEncoder(tokenizer, image_pattern=image_string_pattern(self.layout, tokenizer))
         self.image_token_id = tokenizer.image_token_id
         self._image_strings: dict[tuple, list[str]] = {}
 
@@ -411,7 +598,11 @@ class ChatRenderer:
         key = tuple(map(tuple, grids))
         strings = self._image_strings.get(key)
         if strings is None:
-            strings = [image_tag(k, len(key)) + _image_tokens(self.tokenizer, g, self.mp) for k, g in enumerate(key)]
+            if self.layout == "idefics3":  # Idefics3Processor tags no image
+                strings = [idefics3_image_tokens(self.tokenizer, g, self.mp) for g in key]
+            else:
+                strings = [image_tag(k, len(key)) + _image_tokens(self.tokenizer, g, self.mp)
+                           for k, g in enumerate(key)]
             if len(self._image_strings) < 1024:  # a few grids recur (one per image shape); don't hoard the rest
                 self._image_strings[key] = strings
         return strings
@@ -476,7 +667,10 @@ class ChatRenderer:
         end = first.rfind(image_token)
         if end < 0 or any(image_token in m["content"] for m in messages[1:]):
             return None
-        images = first[:end + len(image_token)]  # the images and whatever text introduces them
+        end += len(image_token)
+        if self.layout == "idefics3":  # the last image string ends with its fake token
+            end += len(self.tokenizer.fake_image_token)
+        images = first[:end]  # the images and whatever text introduces them
         questions = [first] + [images + m["content"] for m in messages[2::2]]
         return [[{"role": "user", "content": q}, a] for q, a in zip(questions, messages[1::2])]
 

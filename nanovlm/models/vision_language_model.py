@@ -52,8 +52,8 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def image_token_id(self) -> int:
-        """The extra tokens follow the base vocabulary in `vlm_extra_tokens` order."""
-        return self.cfg.lm_base_vocab_size + list(self.cfg.vlm_extra_tokens).index("image_token")
+        """The config's (derived: the extra tokens follow the base vocabulary in `vlm_extra_tokens` order)."""
+        return self.cfg.vlm_image_token_id
 
     @property
     def device(self) -> torch.device:
@@ -202,18 +202,25 @@ class VisionLanguageModel(nn.Module):
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         require_tokenizer: bool = False) -> "VisionLanguageModel":
-        """Load a checkpoint directory (ours or the original nanoVLM's) or a hub repo, and attach
-        its tokenizer: the one saved beside the weights, else the one the config names. When
-        that one cannot be built (offline, a hub tokenizer) the model loads without it
-        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error.
-        LoRA adapters saved beside the weights (PEFT's adapter files, `nanovlm.weights.peft`) are
-        attached unmerged; `nanovlm.models.lora.merge_lora` folds them into the weights."""
+        """Load a checkpoint directory (ours, the original nanoVLM's, or a transformers Idefics3 /
+        SmolVLM one: `nanovlm.weights.idefics3`) or a hub repo, and attach its tokenizer: the one
+        saved beside the weights, else the one the config names. When that one cannot be built
+        (offline, a hub tokenizer) the model loads without it (`answer` then says why) unless
+        `require_tokenizer` (the commands) makes it an error. LoRA adapters saved beside the
+        weights (PEFT's adapter files, `nanovlm.weights.peft`) are attached unmerged;
+        `nanovlm.models.lora.merge_lora` folds them into the weights."""
         from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
+        from nanovlm.sources import resolve
         from nanovlm.weights.common import check_state_dict
+        from nanovlm.weights.idefics3 import is_idefics3, load_idefics3
         from nanovlm.weights.nanovlm import WEIGHTS_FILE, checkpoint_directory, load_state, read_checkpoint
         from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter
 
-        directory = checkpoint_directory(repo_id_or_path, revision)
+        path = resolve(repo_id_or_path, revision=revision)
+        if is_idefics3(path):
+            model = load_idefics3(cls, path)
+            return model.to(device=device, dtype=dtype).eval() if dtype is not None or device is not None else model.eval()
+        directory = checkpoint_directory(path, revision)
         cfg, state = read_checkpoint(directory)
         model = cls(cfg, load_backbone=False)
         load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))

@@ -53,7 +53,12 @@ def _read_config(directory: str) -> dict[str, Any]:
 
 def hf_llama_config(directory: str) -> dict[str, Any]:
     """The `lm_*` fields of a transformers Llama directory."""
-    c = _read_config(directory)
+    return llama_fields(_read_config(directory), directory)
+
+
+def llama_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The `lm_*` fields of a LlamaConfig dict (a Llama directory's, or an Idefics3 text_config)."""
+    c = {**_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     unsupported = []
     if c["hidden_act"] != "silu":
         unsupported.append(f"hidden_act={c['hidden_act']!r} (needs 'silu')")
@@ -70,7 +75,7 @@ def hf_llama_config(directory: str) -> dict[str, Any]:
     if head_dim * heads != c["hidden_size"]:
         unsupported.append(f"head_dim={head_dim} (needs hidden_size / num_attention_heads)")
     if unsupported:
-        raise WeightLoadError(f"{directory} uses Llama options this model does not implement: "
+        raise WeightLoadError(f"{source} uses Llama options this model does not implement: "
                               f"{', '.join(unsupported)}.")
     return {
         "lm_hidden_dim": c["hidden_size"],

@@ -37,11 +37,16 @@ _NON_LEARNED_KEYS = ("decoder.rotary_embd.inv_freq",)
 
 def checkpoint_directory(repo_id_or_path: str | os.PathLike, revision: str | None = None) -> str:
     """The local checkpoint directory a `--model` / `from_pretrained` value names (a hub repo is
-    downloaded when online); every file it must hold is checked."""
+    downloaded when online); every file it must hold is checked (an Idefics3 directory's by
+    `weights.idefics3`)."""
     directory = resolve(repo_id_or_path, revision=revision)
     if not os.path.isdir(directory):
         raise ValueError(f"{directory} is a file; --model / from_pretrained expects a checkpoint directory "
                          f"with {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    from nanovlm.weights.idefics3 import is_idefics3
+
+    if is_idefics3(directory):  # its own reader checks its files (its weights may be sharded)
+        return directory
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         path = os.path.join(directory, name)
         if not os.path.isfile(path):

@@ -1,0 +1,112 @@
+"""`nanovlm export --format transformers`: a model of ours, in either image layout, written as an
+Idefics3 directory that transformers loads offline (AutoModelForImageTextToText +
+AutoProcessor) and that gives our logits and greedy tokens; a SmolVLM loaded here and exported
+again round-trips bit for bit."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanovlm.cli import main
+from nanovlm.config import VLMConfig
+from nanovlm.data.tokenizer import tokenizer_for
+from nanovlm.export import save_transformers
+from nanovlm.generation import prompt_renderer
+from nanovlm.models.vision_language_model import VisionLanguageModel
+from nanovlm.weights.idefics3 import IDEFICS3_TOKENS
+
+transformers = pytest.importorskip("transformers")
+from test_idefics3 import QUESTION, hf_inputs, make_idefics3, picture  # noqa: E402
+
+LAYOUTS = {
+    # The tiny preset reads raw [0, 1] pixels: its normalisation is folded into the patch embedding.
+    "nanovlm-raw": {},
+    "nanovlm-centred": {"vit_pixel_mean": 0.5, "vit_pixel_std": 0.5, "lm_tie_weights": False},
+    # A model of ours trained in SmolVLM's layout: transformers' processor gives our very ids.
+    "idefics3": {"vlm_image_layout": "idefics3", "vlm_extra_tokens": dict(IDEFICS3_TOKENS), "vlm_image_resample": "lanczos",
+                 "vit_pixel_mean": 0.5, "vit_pixel_std": 0.5, "max_img_size": 64},
+}
+
+
+def our_model(tmp_path, **overrides):
+    cfg = VLMConfig.from_preset("tiny", **overrides)
+    model = VisionLanguageModel(cfg, load_backbone=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.tokenizer = tokenizer_for(cfg)
+    model.save_pretrained(tmp_path / "ours")
+    return model
+
+
+def exported(tmp_path, model):
+    out = tmp_path / "hf"
+    assert main(["export", "--model", str(tmp_path / "ours"), "--format", "transformers", "--out", str(out)]) == 0
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(hf).__name__ == "Idefics3ForConditionalGeneration"
+    return str(out), hf
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_export_gives_our_logits_and_tokens(tmp_path, layout):
+    model = our_model(tmp_path, **LAYOUTS[layout])
+    out, hf = exported(tmp_path, model)
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Idefics3Processor"
+    image = picture(80, 50)
+    chat = prompt_renderer(model).render([{"role": "user", "content": QUESTION}], [image], add_generation_prompt=True)
+    ids = torch.tensor([chat.input_ids])
+    pixels = ((chat.tiles - 0.5) / 0.5).unsqueeze(0)  # (1, n_tiles, 3, S, S), as the exported processor normalises
+    with torch.no_grad():
+        ours, _ = model(ids, [chat.tiles])
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+    vocab = model.cfg.lm_vocab_size  # the export may add Idefics3's own tokens after ours
+    torch.testing.assert_close(theirs[..., :vocab], ours)
+    mine = model.generate(ids, [chat.tiles], greedy=True, max_new_tokens=10)[0].tolist()
+    hf.generation_config.eos_token_id = model.cfg.lm_eos_token_id
+    got = hf.generate(input_ids=ids, pixel_values=pixels, do_sample=False, max_new_tokens=10)[0, ids.shape[1]:].tolist()
+    assert mine[:len(got)] == got
+    if layout == "idefics3":  # the same layout on both sides: transformers' own processor gives our ids and pixels
+        text = processor.apply_chat_template([{"role": "user", "content": "<image>" + QUESTION}],
+                                             add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=text, images=[image], return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == chat.input_ids
+        assert torch.equal(inputs["pixel_values"], pixels)
+
+
+def test_export_of_raw_pixels_folds_the_normalisation(tmp_path):
+    model = our_model(tmp_path)
+    out, _ = exported(tmp_path, model)
+    config = json.loads(open(os.path.join(out, "preprocessor_config.json")).read())
+    assert config["image_mean"] == config["image_std"] == [0.5] * 3 and config["do_normalize"]
+    weight = load_file(os.path.join(out, "model.safetensors"))["model.vision_model.embeddings.patch_embedding.weight"]
+    torch.testing.assert_close(weight, model.vision_encoder.patch_embedding.conv.weight.detach() / 2)
+
+
+def test_smolvlm_round_trips_bit_exactly(tmp_path):
+    source = tmp_path / "smolvlm"
+    make_idefics3(source)
+    model = VisionLanguageModel.from_pretrained(str(source))
+    out = tmp_path / "again"
+    save_transformers(model, out)
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = VisionLanguageModel.from_pretrained(str(out))
+    assert again.cfg == model.cfg.replace(lm_tokenizer=str(out))
+    image = picture(80, 50)
+    assert hf_inputs(str(out), image)["input_ids"].tolist() == hf_inputs(str(source), image)["input_ids"].tolist()
+
+
+def test_export_errors(tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    our_model(tmp_path)
+    assert main(["export", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "busy")]) == 1
+    assert "exists and is not a model directory" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "ours"), "--format", "gguf", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown export format 'gguf'; the one format is transformers." in capsys.readouterr().err
+    assert (tmp_path / "busy" / "notes.txt").exists() and not (tmp_path / "x").exists()
