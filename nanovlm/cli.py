@@ -350,13 +350,16 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--format", default="transformers", metavar="NAME",
                    help="transformers: an Idefics3ForConditionalGeneration directory")
     p.add_argument("--out", required=True, metavar="OUT", help="directory to write (replaced if it exists)")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=False,
+                   help="fold a LoRA model's adapters into the weights (else they are written beside them "
+                        "in PEFT's layout)")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
     from nanovlm.export import run_export
 
-    return run_export(model_dir=args.model, fmt=args.format, out=args.out)
+    return run_export(model_dir=args.model, fmt=args.format, out=args.out, merge_lora=args.merge_lora)
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -40,8 +40,12 @@ RENAMES = {"image_token": "<image>", "global_image_token": "<global-img>"}
 REQUIRED = ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
 
 
-def run_export(model_dir: str, fmt: str, out: str) -> int:
-    """`nanovlm export`: load `model_dir`, write `out` in format `fmt`; prints where it went."""
+def run_export(model_dir: str, fmt: str, out: str, merge_lora: bool = False) -> int:
+    """`nanovlm export`: load `model_dir`, write `out` in format `fmt`; prints where it went.
+    A model with LoRA adapters is written as its base weights plus the adapters in PEFT's
+    layout beside them (`peft.PeftModel.from_pretrained(model, OUT)` attaches them), or, with
+    `merge_lora`, with the adapters folded into the weights."""
+    from nanovlm.models import lora
     from nanovlm.models.vision_language_model import VisionLanguageModel
 
     if fmt not in FORMATS:
@@ -51,8 +55,15 @@ def run_export(model_dir: str, fmt: str, out: str) -> int:
         raise ValueError(f"{out} exists and is not a model directory; give --out a new or empty directory "
                          "(a model directory there is replaced).")
     model = VisionLanguageModel.from_pretrained(model_dir, require_tokenizer=True)
-    save_transformers(model, out)
-    print(f"wrote {out}: a transformers Idefics3 directory (AutoModelForImageTextToText, AutoProcessor).")
+    adapters = lora.adapter_files_payload(model)
+    if merge_lora and adapters is None:
+        raise ValueError(f"--merge-lora: {model_dir} holds no LoRA adapters to merge; export without it.")
+    if merge_lora:
+        lora.merge_lora(model)
+        adapters = None
+    save_transformers(model, out, adapters=adapters)
+    what = " with PEFT adapter files beside the weights (peft.PeftModel.from_pretrained)" if adapters else ""
+    print(f"wrote {out}: a transformers Idefics3 directory (AutoModelForImageTextToText, AutoProcessor){what}.")
     return 0
 
 
@@ -66,9 +77,10 @@ def check_exportable(cfg: Any) -> None:
         raise ValueError(f"this model cannot be written as Idefics3: {'; '.join(wrong)}.")
 
 
-def save_transformers(model: Any, out: str | os.PathLike) -> None:
+def save_transformers(model: Any, out: str | os.PathLike, adapters: tuple | None = None) -> None:
     """Write `model` (a VisionLanguageModel with its tokenizer) to `out` as a transformers
-    Idefics3 directory (the module docstring says what changes for our own image layout)."""
+    Idefics3 directory (the module docstring says what changes for our own image layout);
+    `adapters` (`nanovlm.models.lora.adapter_files_payload`) adds PEFT's adapter files."""
     from safetensors.torch import save_file
 
     cfg, tok = model.cfg, model.tokenizer
@@ -94,6 +106,10 @@ def save_transformers(model: Any, out: str | os.PathLike) -> None:
             "tokenizer_class": "PreTrainedTokenizerFast", "processor_class": "Idefics3Processor",
             "bos_token": tok.bos_token, "eos_token": _eos_text(cfg, tokenizer, tok), "pad_token": tok.pad_token,
             "model_max_length": cfg.lm_max_position_embeddings, "chat_template": cfg.lm_chat_template})
+        if adapters is not None:
+            from nanovlm.weights.peft import write_adapter
+
+            write_adapter(tmp, *adapters)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -110,3 +110,50 @@ def test_export_errors(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "ours"), "--format", "gguf", "--out", str(tmp_path / "x")]) == 1
     assert "unknown export format 'gguf'; the one format is transformers." in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_lora_model_exports_with_peft_adapters_or_merged(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from nanovlm.models.lora import add_lora
+
+    cfg = VLMConfig.from_preset("tiny", vit_pixel_mean=0.5, vit_pixel_std=0.5, lm_tie_weights=False)
+    model = VisionLanguageModel(cfg, load_backbone=False).eval()
+    add_lora(model, 4, 8.0, 0.0, ["lm_q", "lm_v", "lm_down", "vit_qkv", "vit_fc1"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.2 if "lora_" in name else 0.05))
+    model.tokenizer = tokenizer_for(cfg)
+    model.save_pretrained(tmp_path / "ours")
+    chat = prompt_renderer(model).render([{"role": "user", "content": QUESTION}], [picture(80, 50)],
+                                         add_generation_prompt=True)
+    ids, pixels = torch.tensor([chat.input_ids]), ((chat.tiles - 0.5) / 0.5).unsqueeze(0)
+    with torch.no_grad():
+        ours = model(ids, [chat.tiles])[0]
+    vocab = cfg.lm_vocab_size
+    for merge in (False, True):
+        out = tmp_path / f"hf-{merge}"
+        args = ["export", "--model", str(tmp_path / "ours"), "--out", str(out)] + (["--merge-lora"] if merge else [])
+        assert main(args) == 0
+        assert ("PEFT adapter files" in capsys.readouterr().out) is not merge
+        # transformers attaches adapter files it finds beside the weights (its PEFT integration)
+        models = [transformers.AutoModelForImageTextToText.from_pretrained(out).eval()]
+        if not merge:  # and peft itself attaches them to the base weights alone
+            base_dir = tmp_path / "base"
+            base_dir.mkdir()
+            for name in os.listdir(out):
+                if not name.startswith("adapter_"):
+                    os.link(out / name, base_dir / name)
+            base = transformers.AutoModelForImageTextToText.from_pretrained(base_dir).eval()
+            with torch.no_grad():
+                assert (base(input_ids=ids, pixel_values=pixels).logits[..., :vocab] - ours).abs().max() > 1e-2
+            models.append(peft.PeftModel.from_pretrained(base, str(out)).eval())
+        else:
+            assert not (out / "adapter_config.json").exists()
+        for hf in models:
+            with torch.no_grad():
+                theirs = hf(input_ids=ids, pixel_values=pixels).logits[..., :vocab]
+            torch.testing.assert_close(theirs, ours)
+    plain = tmp_path / "plain"
+    our_model(plain)
+    assert main(["export", "--model", str(plain / "ours"), "--out", str(tmp_path / "y"), "--merge-lora"]) == 1
+    assert "holds no LoRA adapters to merge; export without it." in capsys.readouterr().err

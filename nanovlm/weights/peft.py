@@ -11,7 +11,8 @@ The module names are transformers' (`model.text_model.layers.{i}.self_attn.q_pro
 `model.vision_model.encoder.layers.{i}.mlp.fc1`, ...; checked against the saved keys of
 `peft.get_peft_model(...).save_pretrained` in tests/test_lora.py). Our fused vision `qkv_proj`
 adapter holds one (A, B) pair per output slice (`nanovlm.models.lora`), written as the adapters
-of `q_proj`, `k_proj` and `v_proj`. `IDEFICS3_NAMES` is the one table, ours -> theirs.
+of `q_proj`, `k_proj` and `v_proj`. `IDEFICS3_NAMES` (ours -> theirs) is read from the one
+Idefics3 key table (`nanovlm.weights.idefics3`).
 
 Works on state dicts and names only (`weights/` never imports `models/`).
 """
@@ -24,26 +25,22 @@ import re
 
 import torch
 
+from nanovlm.weights.idefics3 import module_names
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
-# Our module name -> transformers Idefics3 module names, one per output slice ({i}: the block).
+# The linear modules of ours that take adapters ({i}: the block); their transformers names come
+# from the Idefics3 key table (`nanovlm.weights.idefics3.module_names`), one per output slice.
+TARGETABLE = ("decoder.blocks.{i}.attn.q_proj", "decoder.blocks.{i}.attn.k_proj", "decoder.blocks.{i}.attn.v_proj",
+              "decoder.blocks.{i}.attn.out_proj", "decoder.blocks.{i}.mlp.gate_proj", "decoder.blocks.{i}.mlp.up_proj",
+              "decoder.blocks.{i}.mlp.down_proj", "vision_encoder.blocks.{i}.attn.qkv_proj",
+              "vision_encoder.blocks.{i}.attn.out_proj", "vision_encoder.blocks.{i}.mlp.fc1",
+              "vision_encoder.blocks.{i}.mlp.fc2", "MP.proj")
 IDEFICS3_NAMES: dict[str, tuple[str, ...]] = {
-    "decoder.blocks.{i}.attn.q_proj": ("model.text_model.layers.{i}.self_attn.q_proj",),
-    "decoder.blocks.{i}.attn.k_proj": ("model.text_model.layers.{i}.self_attn.k_proj",),
-    "decoder.blocks.{i}.attn.v_proj": ("model.text_model.layers.{i}.self_attn.v_proj",),
-    "decoder.blocks.{i}.attn.out_proj": ("model.text_model.layers.{i}.self_attn.o_proj",),
-    "decoder.blocks.{i}.mlp.gate_proj": ("model.text_model.layers.{i}.mlp.gate_proj",),
-    "decoder.blocks.{i}.mlp.up_proj": ("model.text_model.layers.{i}.mlp.up_proj",),
-    "decoder.blocks.{i}.mlp.down_proj": ("model.text_model.layers.{i}.mlp.down_proj",),
-    "vision_encoder.blocks.{i}.attn.qkv_proj": tuple(f"model.vision_model.encoder.layers.{{i}}.self_attn.{x}_proj"
-                                                     for x in "qkv"),
-    "vision_encoder.blocks.{i}.attn.out_proj": ("model.vision_model.encoder.layers.{i}.self_attn.out_proj",),
-    "vision_encoder.blocks.{i}.mlp.fc1": ("model.vision_model.encoder.layers.{i}.mlp.fc1",),
-    "vision_encoder.blocks.{i}.mlp.fc2": ("model.vision_model.encoder.layers.{i}.mlp.fc2",),
-    "MP.proj": ("model.connector.modality_projection.proj",),
-}
+    ours: tuple(n.replace(".0.", ".{i}.", 1) if "{i}" in ours else n for n in module_names(ours.replace("{i}", "0")))
+    for ours in TARGETABLE}
 
 
 def _pattern(template: str) -> re.Pattern:
