@@ -157,3 +157,57 @@ def test_a_lora_model_exports_with_peft_adapters_or_merged(tmp_path, capsys):
     our_model(plain)
     assert main(["export", "--model", str(plain / "ours"), "--out", str(tmp_path / "y"), "--merge-lora"]) == 1
     assert "holds no LoRA adapters to merge; export without it." in capsys.readouterr().err
+
+
+def _colour_data(root, n: int = 8):
+    """LLaVA records, one image each (no merging), colour questions."""
+    from PIL import Image
+
+    records = []
+    for k in range(n):
+        colour, rgb = (("red", (220, 20, 20)), ("blue", (20, 20, 220)))[k % 2]
+        Image.new("RGB", (40, 40), rgb).save(root / f"{k}.png")
+        records.append({"image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>What colour?"},
+                                                               {"from": "gpt", "value": colour}]})
+    (root / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    return root / "d.jsonl"
+
+
+def test_train_starts_from_a_smolvlm_and_its_result_exports(tmp_path, capsys):
+    from test_idefics3 import make_idefics3
+
+    source = tmp_path / "smolvlm"
+    make_idefics3(source)
+    data = _colour_data(tmp_path)
+    common = ["train", "--preset", "tiny", f"init_from={source}", f"data={data}", "batch_size=2", "val_size=0",
+              "eval_task=none", "max_training_steps=2", "save_interval=0", "packing=false", "vision_warmup=auto"]
+    # at rates of 1e-12 the run ends where it started (Adam moves a weight by about lr a step): the
+    # SmolVLM's own weights, in its own layout
+    assert main(common + ["--out", str(tmp_path / "still"), "lr_mp=1e-12", "lr_vision_backbone=1e-12",
+                          "lr_language_backbone=1e-12"]) == 0
+    printed = capsys.readouterr().out
+    assert f"vision warm-up: skipped (the model starts from {source})." in printed
+    start, still = VisionLanguageModel.from_pretrained(str(source)), VisionLanguageModel.from_pretrained(
+        str(tmp_path / "still" / "final"))
+    assert still.cfg.vlm_image_layout == "idefics3" and still.cfg.vit_hidden_dim == start.cfg.vit_hidden_dim
+    a, b = start.state_dict_for_saving(), still.state_dict_for_saving()
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10)  # 2 steps x ~1e-12
+    # trained, it changes, and goes back to transformers
+    assert main(common + ["--out", str(tmp_path / "tuned")]) == 0
+    tuned = VisionLanguageModel.from_pretrained(str(tmp_path / "tuned" / "final"))
+    assert not torch.equal(tuned.MP.proj.weight, start.MP.proj.weight)
+    out = tmp_path / "hf"
+    assert main(["export", "--model", str(tmp_path / "tuned" / "final"), "--out", str(out)]) == 0
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
+    torch.testing.assert_close(hf.model.connector.modality_projection.proj.weight, tuned.MP.proj.weight)
+
+
+def test_init_from_a_missing_checkpoint_is_one_sentence(tmp_path, capsys):
+    data = _colour_data(tmp_path)
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), f"init_from={tmp_path / 'nope'}",
+                 f"data={data}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanovlm: error: ") and "nope" in err and "\n" not in err, err
+    assert not (tmp_path / "r").exists()

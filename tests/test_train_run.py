@@ -65,3 +65,15 @@ def test_out_that_is_a_file_is_refused_before_anything(tmp_path, capsys):
     assert _refused(capsys, ["train", "--preset", "tiny", "--out", str(target)]) == (
         f"nanovlm: error: --out {target} is a file, not a folder; give a folder for the run.")
     assert target.read_text() == "x"
+
+
+def test_a_run_whose_every_sample_is_skipped_stops_with_the_reasons(tmp_path, capsys):
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "red.png")
+    records = [{"image": "red.png", "conversations": [{"from": "human", "value": f"question {k}?"},  # no <image>
+                                                      {"from": "gpt", "value": "red"}]} for k in range(8)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), f"data={tmp_path / 'd.jsonl'}",
+                 "batch_size=2", "val_size=0", "multi_turn=false", "log_interval=2", "eval_task=none"]) == 1
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "nanovlm: error" in line]
+    assert err[0][err[0].index("nanovlm: error"):] == ("nanovlm: error: no training sample of the first 2 step(s) could be used (skipped 4 sample(s): "
+                   "image_placeholder_mismatch 4); `nanovlm data preview data=...` shows why.")

@@ -246,7 +246,7 @@ class MergePlan:
             if key is not None:
                 chats[i] = chat
         shared = {k for k, n in Counter(k for k in keys if k is not None).items() if n > 1}
-        image_len = self._largest_image(renderer)
+        image_len = self._largest_image(renderer) if shared else 0
         self.samples: list[list[int]] = []
         open_samples: dict[str, list] = {}  # key -> [record indices, questions, length bound]
         for i, key in enumerate(keys):
@@ -268,9 +268,8 @@ class MergePlan:
 
     @staticmethod
     def _largest_image(renderer: ChatRenderer) -> int:
-        proc = renderer.image_processor
-        side = proc.max_side // proc.tile
-        return len(renderer.tokenizer.encode(renderer.image_strings([(side, side)])[0], add_special_tokens=False))
+        grid = renderer.image_processor.largest_grid()
+        return len(renderer.tokenizer.encode(renderer.image_strings([grid])[0], add_special_tokens=False))
 
     @staticmethod
     def _text_length(renderer: ChatRenderer, messages: list[dict[str, Any]]) -> int:
@@ -295,7 +294,8 @@ class SampleProcessor:
         # Text must not smuggle in tokens that only the image string may place.
         reserved = list(getattr(tokenizer, "extra_tokens", {}).values())
         reserved += [t for t in (tokenizer.eos_token, getattr(tokenizer, "bos_token", None)) if t]
-        self._reserved = sorted(set(reserved), key=len, reverse=True)
+        # Idefics3's image token is spelt like the placeholder, which marks where images go.
+        self._reserved = sorted(set(reserved) - {IMAGE_PLACEHOLDER}, key=len, reverse=True)
 
     def _clean(self, text: str) -> str:
         for token in self._reserved:

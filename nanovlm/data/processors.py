@@ -82,6 +82,10 @@ class ImageProcessor:
         w, h = self.target_size(width, height)
         return h // self.tile, w // self.tile
 
+    def largest_grid(self) -> tuple[int, int]:
+        """The grid of the most tiles any image becomes."""
+        return self.max_side // self.tile, self.max_side // self.tile
+
     def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """Tiles as uint8 (n_tiles, 3, S, S): what the easy-VQA cache stores."""
         image = to_rgb(image)
@@ -174,6 +178,10 @@ class Idefics3ImageProcessor:
             return 1, 1
         w, h = self.tiled_size(*self.resized_size(width, height))
         return h // self.tile, w // self.tile
+
+    def largest_grid(self) -> tuple[int, int]:
+        """The grid of the most tiles any image becomes (a square one's)."""
+        return self.grid(self.longest_edge, self.longest_edge)
 
     def _resize(self, image: Image.Image, width: int, height: int) -> Image.Image:
         return image if image.size == (width, height) else image.resize((width, height), self.resample)

@@ -149,7 +149,11 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
     if cfg.lora_rank:
         lora.check_run(vlm_cfg, cfg)
     seed_everything(cfg.seed)
-    model = VisionLanguageModel(vlm_cfg, load_backbone=vlm_cfg.vlm_load_backbone_weights).to(info.device)
+    if cfg.init_from:
+        model = _initial_model(vlm_cfg, cfg.init_from).to(info.device)
+        tokenizer = tokenizer or model.tokenizer
+    else:
+        model = VisionLanguageModel(vlm_cfg, load_backbone=vlm_cfg.vlm_load_backbone_weights).to(info.device)
     if tokenizer is None:
         from nanovlm.data.tokenizer import tokenizer_for
 
@@ -198,6 +202,21 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
             run.bar = say.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                                      desc="train")
     return run
+
+
+def _initial_model(vlm_cfg: VLMConfig, source: str):
+    """`init_from`: the checkpoint's model, rebuilt for `vlm_cfg` where settings on top changed it
+    (every tensor must still fit: a missing or mis-shaped one is an error naming it)."""
+    from nanovlm.models.vision_language_model import VisionLanguageModel
+    from nanovlm.weights.nanovlm import load_state
+
+    model = VisionLanguageModel.from_pretrained(source, require_tokenizer=True).float()
+    if model.cfg == vlm_cfg:
+        return model
+    rebuilt = VisionLanguageModel(vlm_cfg, load_backbone=False)
+    load_state(rebuilt, model.state_dict_for_saving(), source=f"init_from={source}")
+    rebuilt.tokenizer = model.tokenizer
+    return rebuilt
 
 
 def fit_time_budget(run: Run, elapsed_s: float, steps_done: int) -> None:
@@ -316,6 +335,10 @@ class Window:
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
         state.samples += int(samples)
+        if state.samples == 0 and state.step > (state.resumed_at_step or 0):
+            skips = run.data.skips.summary() if run.data.skips is not None else "none counted"
+            raise ValueError(f"no training sample of the first {state.step} step(s) could be used ({skips}); "
+                             "`nanovlm data preview data=...` shows why.")
         state.tokens += int(real)
         state.flops += flops
         self.last = record

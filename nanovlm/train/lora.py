@@ -27,7 +27,7 @@ from nanovlm.config import TrainConfig, VLMConfig, lora_target_names
 
 def check_run(vlm_cfg: VLMConfig, cfg: TrainConfig) -> None:
     """A LoRA run's settings that TrainConfig alone cannot check; ValueError in one sentence."""
-    pretrained_vit = vlm_cfg.vlm_load_backbone_weights and bool(vlm_cfg.vit_model_type)
+    pretrained_vit = bool(cfg.init_from) or (vlm_cfg.vlm_load_backbone_weights and bool(vlm_cfg.vit_model_type))
     if cfg.vision_warmup != "off" and not (cfg.vision_warmup == "auto" and pretrained_vit):
         raise ValueError(f"lora_rank={cfg.lora_rank} keeps the vision encoder as built, but vision_warmup="
                          f"{cfg.vision_warmup} would first train it from scratch; set vision_warmup=off.")

@@ -92,7 +92,10 @@ def resolve(preset: str | None, config_file: str | None = None, overrides: list[
     layers.append(("the command line", parse_overrides(overrides)))
 
     merged: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    for source, layer in layers:
+    explicit: set[str] = set()  # model settings from a config file or the command line
+    for k, (source, layer) in enumerate(layers):
+        if k > 0:
+            explicit |= set(layer.get("model", {}))
         for section, values in layer.items():
             hints = field_types(_SECTIONS[section])
             for key, value in values.items():
@@ -105,7 +108,12 @@ def resolve(preset: str | None, config_file: str | None = None, overrides: list[
         saved = VLMConfig.from_dict(base.get("model", {}))
         return saved.replace(**{k: v for k, v in model.items() if base["model"].get(k) != v}), \
             TrainConfig(**merged["train"])
-    return VLMConfig(**model), TrainConfig(**merged["train"])
+    train = TrainConfig(**merged["train"])
+    if train.init_from:  # the checkpoint's model, with what the user set on top of it
+        from nanovlm.weights.nanovlm import checkpoint_config
+
+        return checkpoint_config(train.init_from).replace(**{k: model[k] for k in explicit}), train
+    return VLMConfig(**model), train
 
 
 def to_dict(vlm_cfg: VLMConfig, train_cfg: TrainConfig) -> dict[str, dict[str, Any]]:

@@ -507,6 +507,8 @@ def run_warmup(model, data, cfg, amp: dict, fused: bool, info, say: Callable[[st
         return {"skipped": why}
 
     vcfg = model.cfg
+    if cfg.vision_warmup == "auto" and cfg.init_from:
+        return skip(f"the model starts from {cfg.init_from}")
     if cfg.vision_warmup == "auto" and vcfg.vlm_load_backbone_weights and vcfg.vit_model_type:
         return skip(f"the vision encoder starts from pretrained weights ({vcfg.vit_model_type})")
     if data.source is None or not hasattr(data.source, "__getitem__"):

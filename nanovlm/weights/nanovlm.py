@@ -55,6 +55,20 @@ def checkpoint_directory(repo_id_or_path: str | os.PathLike, revision: str | Non
     return directory
 
 
+def checkpoint_config(repo_id_or_path: str | os.PathLike) -> VLMConfig:
+    """The VLMConfig of a checkpoint (ours, the original's, or a transformers Idefics3 one),
+    without reading its weights."""
+    from nanovlm.sources import resolve
+    from nanovlm.weights.idefics3 import is_idefics3, idefics3_config
+
+    path = resolve(repo_id_or_path)
+    if is_idefics3(path):
+        from nanovlm.data.tokenizer import get_tokenizer
+
+        return idefics3_config(path, get_tokenizer(path).token_to_id)
+    return VLMConfig.from_json(os.path.join(checkpoint_directory(path), CONFIG_FILE))
+
+
 def read_checkpoint(directory: str) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a checkpoint directory, ours or the original's."""
     from safetensors.torch import load_file
