@@ -23,13 +23,15 @@ Design choices:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
 from nanovlm.models.attention import attention
-from nanovlm.models.quantization import Int8Linear, check_quantize, int8_matmul, quantize_rows
+from nanovlm.models.quantization import Int8Linear, check_quantize, int8_matmul, int8_supported, quantize_rows
 
 
 class RMSNorm(nn.Module):
@@ -371,6 +373,10 @@ class LanguageModel(nn.Module):
         layers' parameters become views of the fused matrices, so optimizers made before this
         call no longer hold them). State-dict names and values do not change."""
         quantize = check_quantize(quantize)
+        reason = int8_supported(self.token_embedding.weight.device) if quantize == "int8" else None
+        if reason is not None:
+            warnings.warn(reason)
+            quantize = "none"
         if getattr(self, "_inference_mode", None) == quantize:
             return self
         if getattr(self, "_inference_mode", "none") != "none":

@@ -28,6 +28,7 @@ from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX:
 from nanovlm.models.language_model import LanguageModel, may_read_back
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
+from nanovlm.models.quantization import check_quantize
 from nanovlm.models.vision_transformer import ViT
 
 
@@ -173,12 +174,24 @@ class VisionLanguageModel(nn.Module):
             self.tokenizer = tokenizer_for(self.cfg)
         return answer(self, images, questions, max_new_tokens=max_new_tokens, greedy=greedy, **kwargs)
 
+    def quantize(self, mode: str | None = "int8") -> "VisionLanguageModel":
+        """Prepare the language model for inference, in place: q/k/v and gate/up fused, and with
+        `mode="int8"` its linear layers and head on int8 weights with per-channel scales
+        (`nanovlm.models.quantization`; where this torch cannot run the int8 kernel, a warning
+        says so and the weights stay as they are). "none": fusion only. The vision encoder and
+        projector keep their weights (they run once per image). State dict and saving unchanged."""
+        self.decoder.prepare_for_inference(mode)
+        return self
+
     # ------------------------------------------------------------------ saving / loading
     def state_dict_for_saving(self) -> dict[str, torch.Tensor]:
         sd = self.state_dict()
         if self.cfg.lm_tie_weights:
             sd.pop("decoder.head.weight", None)  # the same tensor as the token embedding
-        return {k: v.detach().contiguous() for k, v in sd.items()}
+        # A weight that is a view into a larger matrix (fused by `quantize`) gets its own storage:
+        # safetensors refuses tensors that share memory.
+        return {k: v.detach().clone() if v.untyped_storage().nbytes() > v.nbytes else v.detach().contiguous()
+                for k, v in sd.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
         """Write config.json, model.safetensors and the tokenizer files, atomically (see
@@ -198,14 +211,16 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        require_tokenizer: bool = False) -> "VisionLanguageModel":
+                        require_tokenizer: bool = False, quantize: str | None = None) -> "VisionLanguageModel":
         """Load a checkpoint directory (ours or the original nanoVLM's) or a hub repo, and attach
         its tokenizer: the one saved beside the weights, else the one the config names. When
         that one cannot be built (offline, a hub tokenizer) the model loads without it
-        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error."""
+        (`answer` then says why) unless `require_tokenizer` (the commands) makes it an error.
+        `quantize="int8"`: run the language model on int8 weights (`quantize`)."""
         from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
         from nanovlm.weights.nanovlm import WEIGHTS_FILE, checkpoint_directory, load_state, read_checkpoint
 
+        check_quantize(quantize)  # a bad value fails before the weights load
         directory = checkpoint_directory(repo_id_or_path, revision)
         cfg, state = read_checkpoint(directory)
         model = cls(cfg, load_backbone=False)
@@ -217,6 +232,8 @@ class VisionLanguageModel(nn.Module):
                 raise
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
+        if check_quantize(quantize) != "none":
+            model.quantize(quantize)
         return model.eval()
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanovlm model"):
