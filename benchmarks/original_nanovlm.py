@@ -51,7 +51,8 @@ class OriginalDecoder:
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         groups = self.n_heads // self.n_kv_heads
-        k_exp, v_exp = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, n_heads, T_kv, head_dim)
+        k_exp = k.repeat_interleave(groups, dim=1)  # (B, n_heads, T_kv, head_dim)
+        v_exp = v.repeat_interleave(groups, dim=1)
         additive = None
         if mask is not None:
             additive = (1.0 - mask[:, None, None, : k.shape[2]].float()) * torch.finfo(q.dtype).min

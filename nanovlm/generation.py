@@ -4,6 +4,9 @@ One decode loop serves everything (`generate`, `stream`, the server, evaluation)
 prompt into a static KV cache, then feed one token per step. Batches are left-padded; positions
 come from the attention mask, so a padded row decodes exactly as it would alone. Each row stops
 at EOS (later tokens are EOS padding) and the loop ends early once every row has stopped.
+Eager steps attend to the filled part of the cache; with `compile=True` the step is one
+fixed-shape function over the whole (bucketed) cache, positions and slots as tensors
+(`LanguageModel.decode_step`, as in gpt-fast), compiled once per decoder and cache shape.
 """
 
 from __future__ import annotations
@@ -87,7 +90,9 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
     # One host sync per call (the mask is read back) buys SDPA's causal kernel for unpadded batches.
     padded = not bool((attention_mask == 1).all())
     static = (compile if static_decode is None else static_decode) and use_kv_cache
-    cache_len = _cache_length(T + max_new_tokens, model.cfg.lm_max_position_embeddings) if static else T + max_new_tokens
+    cache_len = T + max_new_tokens
+    if static:  # one cache shape for prompts of similar length: one compiled step
+        cache_len = _cache_length(cache_len, model.cfg.lm_max_position_embeddings)
 
     cache = decoder.new_kv_cache(B, cache_len) if use_kv_cache else None
     hidden, _ = decoder(embeds, attention_mask=attention_mask if padded else None, kv_cache=cache)
@@ -167,7 +172,9 @@ def _static_step(model, compile: bool):
     return step
 
 
-COMPILE_MODE = None  # inductor's default; "max-autotune-no-cudagraphs" measured no faster here (docs/benchmarks.md)
+# Inductor's default mode: "max-autotune-no-cudagraphs" compiled far longer and was no faster in a
+# helper's (loaded) microbenchmark.
+COMPILE_MODE = None
 
 
 def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> torch.Tensor:

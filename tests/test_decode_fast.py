@@ -121,7 +121,8 @@ def test_int8_model_gives_the_eager_tokens_and_close_logits():
     _on_int8_grid(quant)
     quant.quantize("int8")
     assert quant.decoder.quantization == "int8"
-    assert isinstance(quant.decoder.head, Int8Linear) and quant.decoder.head.weight is quant.decoder.token_embedding.weight
+    head = quant.decoder.head
+    assert isinstance(head, Int8Linear) and head.weight is quant.decoder.token_embedding.weight
     with torch.inference_mode():
         logits = quant(ids, images, mask)[0]
     sequential = 4 * quant.cfg.lm_n_blocks + 1  # qkv, out, gate/up, down per block; the head

@@ -19,6 +19,8 @@ Design choices:
 - The KV cache is static: preallocated once for `max_len` tokens, filled in place. No
   `torch.cat` per decoded token.
 - The rotary tables are computed once for `lm_max_position_embeddings` positions.
+- For inference, `prepare_for_inference` fuses q/k/v and gate/up into one matmul each and can
+  put the linears on int8 weights (`quantization`); the state dict stays the checkpoint's.
 """
 
 from __future__ import annotations
