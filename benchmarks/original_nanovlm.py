@@ -75,7 +75,7 @@ class OriginalDecoder:
 
 
 @torch.inference_mode()
-def original_generate(model, input_ids, images, max_new_tokens: int) -> torch.Tensor:
+def original_generate(model, input_ids, images, max_new_tokens: int, on_token=None) -> torch.Tensor:
     """Greedy decode the way the original's `VisionLanguageModel.generate` does (no EOS stop)."""
     dec = OriginalDecoder(model.decoder)
     x = model.embed(input_ids, images)  # (B, T, C): the image features over the image tokens
@@ -87,6 +87,8 @@ def original_generate(model, input_ids, images, max_new_tokens: int) -> torch.Te
     for _ in range(max_new_tokens):
         token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         out.append(token)
+        if on_token is not None:
+            on_token()
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
         hidden, caches = dec.forward(model.decoder.token_embedding(token), mask, caches, T)
         T += 1
