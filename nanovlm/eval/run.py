@@ -10,16 +10,18 @@ TASK_SPLITS = {"easyvqa": ("train", "test")}
 
 def run_eval(model_dir: str, task: str | None = None, split: str | None = None, limit: int = 0, batch_size: int = 64,
              out: str | None = None, precision: str = "auto", *, data: str | None = None,
-             image_folder: str | None = None) -> int:
+             image_folder: str | None = None, quantize: str = "none") -> int:
     """`--task NAME` (a benchmark) or `--data FILE` (any supported data layout, `run_data_eval`)."""
     import torch
 
     from nanovlm.eval import easyvqa
     from nanovlm.fileio import atomic_write_json
+    from nanovlm.models.quantization import check_quantize
     from nanovlm.models.vision_language_model import VisionLanguageModel
     from nanovlm.runtime import default_device, pick_dtype
     from nanovlm.weights.nanovlm import checkpoint_directory
 
+    check_quantize(quantize)
     if task is not None and data is not None:
         raise ValueError("give --task or --data, not both: --task scores a benchmark, --data your own questions.")
     if task is None and data is None:
@@ -36,18 +38,19 @@ def run_eval(model_dir: str, task: str | None = None, split: str | None = None, 
     model_dir = checkpoint_directory(model_dir)  # the message every --model gives for a bad value
     if data is not None:
         return run_data_eval(model_dir, data, image_folder=image_folder, split=split or "train", limit=limit,
-                             batch_size=batch_size, out=out, precision=precision)
+                             batch_size=batch_size, out=out, precision=precision, quantize=quantize)
     if image_folder is not None:
         raise ValueError("--image-folder goes with --data (where a LLaVA file's image paths start), not --task.")
     split = split or "test"
     device = default_device()
     # Weights stay fp32; bf16 autocast where the hardware has fast bf16 matmuls.
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device, require_tokenizer=True)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device, require_tokenizer=True, quantize=quantize)
     dtype = pick_dtype(precision, device)
     report = easyvqa.evaluate(model, split=split, limit=limit, batch_size=batch_size,
                               autocast_dtype=dtype if dtype != torch.float32 else None, progress=True)
     report["model"] = os.path.abspath(model_dir)
     report["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    report["quantize"] = model.decoder.quantization
     out = out or default_report_path(model_dir, task, split, limit)
     atomic_write_json(out, report)
     print(easyvqa.format_report(report))
@@ -58,7 +61,8 @@ def run_eval(model_dir: str, task: str | None = None, split: str | None = None, 
 
 
 def run_data_eval(model_dir: str, data: str, *, image_folder: str | None = None, split: str = "train",
-                  limit: int = 0, batch_size: int = 64, out: str | None = None, precision: str = "auto") -> int:
+                  limit: int = 0, batch_size: int = 64, out: str | None = None, precision: str = "auto",
+                  quantize: str = "none") -> int:
     """`nanovlm eval --data FILE`: every (question, answer) turn of FILE, exact match after VQA
     normalisation (`nanovlm.eval.vqa`); the report goes to `out`, by default
     `default_data_report_path` in the current directory (never into the model's folder)."""
@@ -82,7 +86,7 @@ def run_data_eval(model_dir: str, data: str, *, image_folder: str | None = None,
         raise DataError(f"none of the {len(paths)} image files that {data} names exists (the first: "
                         f"{min(paths)}); check the image paths, or give --image-folder.")
     device = default_device()
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device, require_tokenizer=True)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device, require_tokenizer=True, quantize=quantize)
     dtype = pick_dtype(precision, device)
     report = vqa.evaluate(model, items, batch_size=batch_size, progress=True,
                           autocast_dtype=dtype if dtype != torch.float32 else None)
@@ -91,7 +95,7 @@ def run_data_eval(model_dir: str, data: str, *, image_folder: str | None = None,
         raise DataError(f"none of the {len(items)} questions' images could be read (first: {first.rstrip('.')}); "
                         "check the image paths, or give --image-folder.")
     report = {"data": data, "split": split, "limit": limit, "model": os.path.abspath(model_dir),
-              "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+              "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "quantize": model.decoder.quantization,
               "records_skipped": skips.as_dict(), **report}
     out = out or default_data_report_path(data, limit)
     atomic_write_json(out, report)

@@ -19,9 +19,13 @@ Design choices:
 - The KV cache is static: preallocated once for `max_len` tokens, filled in place. No
   `torch.cat` per decoded token.
 - The rotary tables are computed once for `lm_max_position_embeddings` positions.
+- For inference, `prepare_for_inference` fuses q/k/v and gate/up into one matmul each and can
+  put the linears on int8 weights (`quantization`); the state dict stays the checkpoint's.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
 from nanovlm.models.attention import attention
+from nanovlm.models.quantization import Int8Linear, check_quantize, int8_matmul, int8_supported, quantize_rows
 
 
 class RMSNorm(nn.Module):
@@ -110,6 +115,15 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values (B, n_kv_heads, T_new, head_dim) at the slots `input_pos` (T_new,)
+        (a tensor: no host read, one shape for every step); return the whole buffers
+        (B, n_kv_heads, max_len, head_dim), for a mask to select from. `length` is not moved."""
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
 
 def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 wherever the segment id changes; 0 on padding.
@@ -170,6 +184,23 @@ def build_attention_mask(segment_ids: torch.Tensor, q_len: int, position_ids: to
     return allowed.unsqueeze(1)  # (B, 1, q_len, T_kv)
 
 
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T for a fused projection: float weights, or int8 ones with their scales."""
+    return F.linear(x, weight) if scales is None else int8_matmul(x, weight, scales)
+
+
+def fuse_rows(linears: list[nn.Linear], quantize: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights of `linears` stacked on the output axis, as one float matrix whose row blocks
+    become the layers' weights (views: no second copy), or as int8 with per-row scales."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum N, K)
+    if quantize == "int8":
+        q, scales = quantize_rows(weight)
+        return q.to(weight.device), scales.to(device=weight.device, dtype=torch.bfloat16)
+    for lin, part in zip(linears, weight.split([lin.out_features for lin in linears])):
+        lin.weight = nn.Parameter(part, requires_grad=lin.weight.requires_grad)
+    return weight, None
+
+
 class LanguageModelGroupedQueryAttention(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -183,14 +214,28 @@ class LanguageModelGroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
         self.resid_dropout = nn.Dropout(self.dropout)
+        # Inference only (`LanguageModel.prepare_for_inference`): q/k/v as one (float or int8) matrix.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_scales", None, persistent=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0):
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_weight is None or torch.is_grad_enabled():
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qkv = fused_linear(x, self.qkv_weight, self.qkv_scales)  # (B, T, (n_heads + 2 n_kv_heads) head_dim)
+        kv = self.n_kv_heads * self.head_dim
+        return qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        q, k, v = self._qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
+        if kv_cache is not None and input_pos is not None:
+            k, v = kv_cache.write(layer, k, v, input_pos)  # (B, n_kv_heads, max_len, head_dim)
+        elif kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, T_kv, head_dim)
         is_causal = attn_mask is None and T > 1 and k.shape[2] == T
         dropout = self.dropout if self.training else 0.0
@@ -207,9 +252,15 @@ class LanguageModelMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
         self.up_proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_inter_dim, bias=False)
         self.down_proj = nn.Linear(cfg.lm_inter_dim, cfg.lm_hidden_dim, bias=False)
+        # Inference only (`LanguageModel.prepare_for_inference`): gate/up as one matrix.
+        self.register_buffer("gate_up_weight", None, persistent=False)
+        self.register_buffer("gate_up_scales", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None or torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(x, self.gate_up_weight, self.gate_up_scales).chunk(2, dim=-1)  # (B, T, inter) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LanguageModelBlock(nn.Module):
@@ -220,8 +271,8 @@ class LanguageModelBlock(nn.Module):
         self.norm1 = RMSNorm(cfg)
         self.norm2 = RMSNorm(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache, layer)
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0, input_pos=None):
+        x = x + self.attn(self.norm1(x), cos, sin, attn_mask, kv_cache, layer, input_pos)
         return x + self.mlp(self.norm2(x))
 
 
@@ -296,6 +347,59 @@ class LanguageModel(nn.Module):
         if self.lm_use_tokens:
             x = self.head(x)
         return x, kv_cache
+
+    def decode_step(self, x: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor,
+                    key_mask: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """New tokens against the whole static cache, with fixed shapes and no host reads: the
+        step `torch.compile` captures once (as gpt-fast's `decode_one_token`).
+
+        x: (B, T_new, C) embeddings; position_ids: (B, T_new) their rotary positions (a padded
+        row counts only its real tokens); input_pos: (T_new,) long, the cache slots they fill;
+        key_mask: (B, max_len) bool, the slots that hold real tokens (False on left padding).
+        Returns final-normed hidden states (B, T_new, C). `kv_cache.length` is not moved.
+        """
+        cos, sin = self.rotary_embd(position_ids)
+        slots = torch.arange(kv_cache.max_len, device=x.device)
+        causal = slots[None, :] <= input_pos[:, None]  # (T_new, max_len)
+        attn_mask = key_mask[:, None, None, :] & causal[None, None]  # (B, 1, T_new, max_len)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask, kv_cache, i, input_pos)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def prepare_for_inference(self, quantize: str | None = None) -> "LanguageModel":
+        """Fuse q/k/v and gate/up into one matmul each (half the calls of a decode step), and with
+        `quantize="int8"` run every block linear and the head on int8 weights (`quantization`).
+
+        In place and idempotent; for inference only (the fused path runs without autograd; the
+        layers' parameters become views of the fused matrices, so optimizers made before this
+        call no longer hold them). State-dict names and values do not change."""
+        quantize = check_quantize(quantize)
+        reason = int8_supported(self.token_embedding.weight.device) if quantize == "int8" else None
+        if reason is not None:
+            warnings.warn(reason)
+            quantize = "none"
+        if getattr(self, "_inference_mode", None) == quantize:
+            return self
+        if getattr(self, "_inference_mode", "none") != "none":
+            raise ValueError(f"this language model already runs {self._inference_mode} weights; load it "
+                             f"again to run it as {quantize}.")
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            attn.qkv_weight, attn.qkv_scales = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], quantize)
+            mlp.gate_up_weight, mlp.gate_up_scales = fuse_rows([mlp.gate_proj, mlp.up_proj], quantize)
+            if quantize == "int8":
+                attn.out_proj = Int8Linear.from_linear(attn.out_proj)
+                mlp.down_proj = Int8Linear.from_linear(mlp.down_proj)
+        if quantize == "int8":
+            self.head = Int8Linear.from_linear(self.head)  # shares the (maybe tied) float weight
+        self._inference_mode = quantize
+        return self
+
+    @property
+    def quantization(self) -> str:
+        """"none" or "int8": how `prepare_for_inference` set the weights up."""
+        return getattr(self, "_inference_mode", "none")
 
     @classmethod
     def from_pretrained(cls, cfg: VLMConfig) -> "LanguageModel":

@@ -29,6 +29,7 @@ from nanovlm.models.language_model import LanguageModel, may_read_back
 from nanovlm.models.lora import adapter_files_payload, adapter_state, add_lora, is_adapter_parameter, target_of
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
+from nanovlm.models.quantization import check_quantize
 from nanovlm.models.vision_transformer import ViT
 
 
@@ -174,13 +175,25 @@ class VisionLanguageModel(nn.Module):
             self.tokenizer = tokenizer_for(self.cfg)
         return answer(self, images, questions, max_new_tokens=max_new_tokens, greedy=greedy, **kwargs)
 
+    def quantize(self, mode: str | None = "int8") -> "VisionLanguageModel":
+        """Prepare the language model for inference, in place: q/k/v and gate/up fused, and with
+        `mode="int8"` its linear layers and head on int8 weights with per-channel scales
+        (`nanovlm.models.quantization`; where this torch cannot run the int8 kernel, a warning
+        says so and the weights stay as they are). "none": fusion only. The vision encoder and
+        projector keep their weights (they run once per image). State dict and saving unchanged."""
+        self.decoder.prepare_for_inference(mode)
+        return self
+
     # ------------------------------------------------------------------ saving / loading
     def state_dict_for_saving(self) -> dict[str, torch.Tensor]:
         """The model's weights by nanoVLM name, without LoRA adapters (saved apart, in PEFT's layout)."""
         sd = self.state_dict()
         if self.cfg.lm_tie_weights:
             sd.pop("decoder.head.weight", None)  # the same tensor as the token embedding
-        return {k: v.detach().contiguous() for k, v in sd.items() if not is_adapter_parameter(k)}
+        # A weight that is a view into a larger matrix (fused by `quantize`) gets its own storage:
+        # safetensors refuses tensors that share memory.
+        return {k: v.detach().clone() if v.untyped_storage().nbytes() > v.nbytes else v.detach().contiguous()
+                for k, v in sd.items() if not is_adapter_parameter(k)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
         """Write config.json, model.safetensors and the tokenizer files, atomically (see
@@ -201,26 +214,37 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        require_tokenizer: bool = False) -> "VisionLanguageModel":
+                        require_tokenizer: bool = False, quantize: str | None = None) -> "VisionLanguageModel":
         """Load a checkpoint directory (ours, the original nanoVLM's, or a transformers Idefics3 /
         SmolVLM one: `nanovlm.weights.idefics3`) or a hub repo, and attach its tokenizer: the one
         saved beside the weights, else the one the config names. When that one cannot be built
         (offline, a hub tokenizer) the model loads without it (`answer` then says why) unless
         `require_tokenizer` (the commands) makes it an error. LoRA adapters saved beside the
         weights (PEFT's adapter files, `nanovlm.weights.peft`) are attached unmerged;
-        `nanovlm.models.lora.merge_lora` folds them into the weights."""
-        from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
+        `nanovlm.models.lora.merge_lora` folds them into the weights. `quantize="int8"`: run the
+        language model on int8 weights (`quantize`)."""
         from nanovlm.sources import resolve
-        from nanovlm.weights.common import check_state_dict
         from nanovlm.weights.idefics3 import is_idefics3, load_idefics3
-        from nanovlm.weights.nanovlm import WEIGHTS_FILE, checkpoint_directory, load_state, read_checkpoint
+        from nanovlm.weights.nanovlm import checkpoint_directory
+
+        check_quantize(quantize)  # a bad value fails before the weights load
+        path = resolve(repo_id_or_path, revision=revision)
+        model = load_idefics3(cls, path) if is_idefics3(path) else cls._from_directory(
+            checkpoint_directory(path, revision), require_tokenizer)
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        if check_quantize(quantize) != "none":
+            model.quantize(quantize)
+        return model.eval()
+
+    @classmethod
+    def _from_directory(cls, directory: str, require_tokenizer: bool) -> "VisionLanguageModel":
+        """A checkpoint directory of ours (or the original's), with its adapters and tokenizer."""
+        from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
+        from nanovlm.weights.common import check_state_dict
+        from nanovlm.weights.nanovlm import WEIGHTS_FILE, load_state, read_checkpoint
         from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter
 
-        path = resolve(repo_id_or_path, revision=revision)
-        if is_idefics3(path):
-            model = load_idefics3(cls, path)
-            return model.to(device=device, dtype=dtype).eval() if dtype is not None or device is not None else model.eval()
-        directory = checkpoint_directory(path, revision)
         cfg, state = read_checkpoint(directory)
         model = cls(cfg, load_backbone=False)
         load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
@@ -236,9 +260,7 @@ class VisionLanguageModel(nn.Module):
         except (ValueError, OSError):
             if require_tokenizer or has_tokenizer(directory):  # a checkpoint's own broken tokenizer: an error
                 raise
-        if dtype is not None or device is not None:
-            model.to(device=device, dtype=dtype)
-        return model.eval()
+        return model
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanovlm model"):
         """Upload this model as a checkpoint directory (needs `huggingface_hub` and a login)."""

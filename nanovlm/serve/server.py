@@ -564,7 +564,7 @@ def start_server(model, host: str = "127.0.0.1", port: int = 0, *, max_batch_siz
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
           allow_remote_images: bool = False, *, dtype: str = "auto", limits: Limits | None = None,
-          api_key: str | None = None, drain_timeout: float = 30.0) -> int:
+          api_key: str | None = None, drain_timeout: float = 30.0, quantize: str = "none") -> int:
     """`nanovlm serve`: load a checkpoint and serve it until Ctrl-C or SIGTERM, then drain. Returns the exit code."""
     import torch
 
@@ -579,7 +579,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch_s
     directory = checkpoint_directory(model_dir)  # the message every --model gives for a bad value
     device = default_device()
     model = VisionLanguageModel.from_pretrained(directory, dtype=pick_dtype(dtype, device), device=device,
-                                                require_tokenizer=True)
+                                                require_tokenizer=True, quantize=quantize)
     torch.set_grad_enabled(False)
     name = model_name_for(model_dir)
     try:

@@ -1,0 +1,170 @@
+"""The fast decode paths give what the plain eager fp32 loop gives (never timed).
+
+Paths: the fixed-shape static-cache step (`static_decode`), the same step `torch.compile`d,
+fused q/k/v and gate/up (`prepare_for_inference`), and int8 weight-only linears. Each gives the
+eager fp32 path's greedy tokens on the tiny model, left-padded batches included.
+
+Tolerances, where they come from:
+- One int8 linear: each weight is off by at most half its row's scale s_n, so an output is off by
+  at most s_n / 2 * sum_k |x_k|; the kernel also rounds its input and output to bf16 (2^-8
+  relative each): `quantization.int8_error_bound`, asserted element by element.
+- The whole int8 model: with weights already on the int8 grid (quantize, dequantize) only the
+  bf16 roundings remain, two per matmul (input and output, 2^-8 relative each), over the
+  matmuls one token's logits pass through in sequence (4 per block, and the head): the logits
+  stay within that many times 2 * 2^-8 of their largest magnitude.
+"""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm.generation import generate
+from nanovlm.models import quantization
+from nanovlm.models.quantization import Int8Linear, check_quantize, int8_error_bound, quantize_rows
+
+NEW = 12
+
+
+def _model() -> VisionLanguageModel:
+    torch.manual_seed(0)
+    return VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False).eval()
+
+
+def _batch(model):
+    """Two prompts with one image each, the first left-padded by 3."""
+    cfg = model.cfg
+    ids = torch.randint(0, 1000, (2, 10 + cfg.mp_image_token_length))
+    ids[:, 3:3 + cfg.mp_image_token_length] = model.image_token_id
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    images = torch.rand(2, 3, cfg.vit_img_size, cfg.vit_img_size)
+    return ids, images, mask
+
+
+def _greedy(model, ids, images, mask, **kwargs):
+    return generate(model, ids, images, mask, max_new_tokens=NEW, greedy=True, eos_token_id=-1, **kwargs)
+
+
+def _on_int8_grid(model) -> None:
+    """Round every decoder linear weight to what int8 with bf16 scales stores (in place)."""
+    with torch.no_grad():
+        for module in model.decoder.modules():
+            if isinstance(module, torch.nn.Linear):  # the head too (tied: the embedding with it)
+                q, s = quantize_rows(module.weight)
+                module.weight.copy_(q.float() * s.to(torch.bfloat16).float()[:, None])
+
+
+def test_static_step_and_fusion_give_the_eager_tokens_with_left_padding():
+    model = _model()
+    ids, images, mask = _batch(model)
+    ref = _greedy(model, ids, images, mask)
+    assert torch.equal(_greedy(model, ids, images, mask, static_decode=True), ref)
+    alone = _greedy(model, ids[1:], images[1:], mask[1:], static_decode=True)  # no padding at all
+    assert torch.equal(alone, ref[1:])
+    model.decoder.prepare_for_inference()
+    assert torch.equal(_greedy(model, ids, images, mask), ref)
+    assert torch.equal(_greedy(model, ids, images, mask, static_decode=True), ref)
+
+
+def test_compiled_step_gives_the_eager_tokens():
+    model = _model()
+    ids, images, mask = _batch(model)
+    ref = _greedy(model, ids, images, mask)
+    model.decoder.prepare_for_inference()
+    assert torch.equal(_greedy(model, ids, images, mask, compile=True), ref)
+    # A shorter prompt in the same cache bucket reuses the compiled step (and is still right).
+    short = _greedy(model, ids[:, 1:], images, mask[:, 1:], compile=True)
+    assert torch.equal(short, _greedy(model, ids[:, 1:], images, mask[:, 1:]))
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_a_warning(monkeypatch):
+    from nanovlm import generation
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = _model()
+    ids, images, mask = _batch(model)
+    ref = _greedy(model, ids, images, mask)
+    generation._STEPS.pop(model.decoder, None)
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        assert torch.equal(_greedy(model, ids, images, mask, compile=True), ref)
+
+
+def test_one_int8_linear_is_within_its_quantization_bound():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    x = torch.randn(5, 96)
+    ref = x @ linear.weight.T.detach()
+    q = Int8Linear.from_linear(linear)
+    bound = int8_error_bound(x, q.scales, ref)
+    err = (q(x) - ref).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3g} over max bound {bound.max():.3g}"
+    assert q.weight is linear.weight and q.weight_int8.dtype == torch.int8
+
+
+def test_int8_model_gives_the_eager_tokens_and_close_logits():
+    model = _model()
+    _on_int8_grid(model)
+    ids, images, mask = _batch(model)
+    ref = _greedy(model, ids, images, mask)
+    with torch.inference_mode():
+        ref_logits = model(ids, images, mask)[0]
+    quant = _model()
+    _on_int8_grid(quant)
+    quant.quantize("int8")
+    assert quant.decoder.quantization == "int8"
+    head = quant.decoder.head
+    assert isinstance(head, Int8Linear) and head.weight is quant.decoder.token_embedding.weight
+    with torch.inference_mode():
+        logits = quant(ids, images, mask)[0]
+    sequential = 4 * quant.cfg.lm_n_blocks + 1  # qkv, out, gate/up, down per block; the head
+    tol = sequential * 2 * 2.0**-8 * float(ref_logits.abs().max())
+    err = float((logits - ref_logits)[mask.bool()].abs().max())
+    assert err <= tol, f"max |logit error| {err:.3g} > {tol:.3g}"
+    assert torch.equal(_greedy(quant, ids, images, mask), ref)
+    assert torch.equal(_greedy(quant, ids, images, mask, static_decode=True), ref)
+
+
+def test_quantized_model_saves_its_float_weights(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.quantize("int8")
+    assert model.state_dict().keys() == before.keys()
+    model.save_pretrained(tmp_path / "m")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "m")
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    int8 = VisionLanguageModel.from_pretrained(tmp_path / "m", quantize="int8")
+    assert int8.decoder.quantization == "int8"
+
+
+def test_unsupported_int8_warns_and_keeps_the_weights(monkeypatch):
+    monkeypatch.setattr("nanovlm.models.language_model.int8_supported",
+                        lambda device: "int8 weight-only quantization needs torch's _weight_int8pack_mm on cpu.")
+    model = _model()
+    with pytest.warns(UserWarning, match="_weight_int8pack_mm"):
+        model.quantize("int8")
+    assert model.decoder.quantization == "none"
+
+
+def test_bad_quantize_values_are_one_sentence():
+    with pytest.raises(ValueError) as e:
+        check_quantize("int4")
+    assert str(e.value) == "unknown quantization 'int4'; use one of none, int8."
+    with pytest.raises(ValueError, match="unknown quantization 'fp8'"):
+        VisionLanguageModel.from_pretrained("does-not-matter", quantize="fp8")
+    assert quantization.int8_supported("cpu") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _model().quantize("none")  # fusion only: no warning
+    r = subprocess.run([sys.executable, "-m", "nanovlm", "generate", "--lm", "packaged:smollm2-135m",
+                        "--prompt", "hi", "--quantize", "int4"], capture_output=True, text=True, timeout=240)
+    assert (r.returncode, r.stderr) == (1, "nanovlm: error: unknown quantization 'int4'; use one of none, int8.\n")
