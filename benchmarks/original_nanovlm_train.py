@@ -186,7 +186,9 @@ class OriginalVLM(nn.Module):
         self.image_token_id = image_token_id
 
     def forward(self, input_ids, images: list, attention_mask, targets):
-        pixels = torch.cat([img for sample in images for img in sample], dim=0)  # (n_images, 3, H, W)
+        if images and isinstance(images[0], list):  # one list of image tensors per sample
+            images = [img for sample in images for img in sample]
+        pixels = torch.cat(images, dim=0)  # (n_images, 3, H, W)
         embeddings = self.decoder.token_embedding(input_ids)  # (B, T, C)
         features = self.MP(self.vision_encoder(pixels))  # (n_images, tokens per image, C)
         embeddings = embeddings.clone()

@@ -100,11 +100,11 @@ def measure(args) -> tuple[list[Side], float, tuple[float, float]]:
     ours = VisionLanguageModel(cfg, load_backbone=False).train()
     batch = make_batch(cfg, ours.image_token_id, args.batch, args.text_tokens, args.supervised)
     flops = work(ours, cfg, batch)
-    sides = []
-    for name in args.sides:
-        # ours-fp32 and ours-bf16 would share one model: give each its own (the optimizer holds state)
-        model = ours if name.startswith("ours") and not any(s.name.startswith("ours") for s in sides) else (
-            VisionLanguageModel(cfg, load_backbone=False).train() if name.startswith("ours") else None)
+    sides, spare = [], [ours]
+    for name in args.sides:  # each of our rows its own model (its optimizer holds state for it)
+        model = None
+        if name.startswith("ours"):
+            model = spare.pop() if spare else VisionLanguageModel(cfg, load_backbone=False).train()
         sides.append(Side(name, cfg, args, model))
     peaks = []
     for r in range(args.rounds + 1):  # round 0 warms up (and compiles)

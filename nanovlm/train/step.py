@@ -99,8 +99,9 @@ class Trainer:
         try:
             return run()
         except _compile_errors() as e:
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            self.say(f"torch.compile failed ({type(e).__name__}: {first}); training continues without it "
+            cause = getattr(e, "inner_exception", None) or e  # BackendCompilerFailed wraps the real error
+            first = (str(cause).strip().splitlines() or [""])[0][:160]
+            self.say(f"torch.compile failed ({type(cause).__name__}: {first}); training continues without it "
                      "(set compile=off to skip the attempt).")
             self.compiled, self.runner = False, self.eager_runner
             self.optimizer.zero_grad(set_to_none=True)
