@@ -51,7 +51,8 @@ class _BrokenCompile(torch.nn.Module):
     def forward(self, *args, **kwargs):
         from torch._dynamo.exc import BackendCompilerFailed
 
-        raise BackendCompilerFailed(lambda: None, RuntimeError("InvalidCxxCompiler: no working C++ compiler found"), None)
+        cause = RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        raise BackendCompilerFailed(lambda: None, cause, None)
 
 
 def test_a_failing_compile_falls_back_with_one_notice(tmp_path, monkeypatch, capsys):
