@@ -452,6 +452,22 @@ def _known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+
+def _compile_setting(value: Any) -> str:
+    """TrainConfig.compile: auto | on | off; the original nanoVLM's booleans (and their words) as on / off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in COMPILE_SETTINGS:
+            return word
+        if word in BOOL_WORDS:
+            return "on" if BOOL_WORDS[word] else "off"
+    raise ConfigError(f"compile must be one of auto, on, off (or true/false), got {value!r}.")
+
+
 @dataclass
 class TrainConfig:
     # --- names kept from nanoVLM ---
@@ -463,7 +479,10 @@ class TrainConfig:
     max_training_steps: int = 1000
     eval_interval: int = 200
     max_grad_norm: float = 1.0
-    compile: bool = False
+    # torch.compile of the training forward and backward: auto (on CUDA; off on CPU, where the
+    # compile takes minutes and did not make the step faster: docs/benchmarks.md) | on | off.
+    # The original's booleans are read as on / off.
+    compile: str = "auto"
     # --- added ---
     data: str = "easyvqa"  # easyvqa | parquet/arrow/save_to_disk dir/hub name | LLaVA .json/.jsonl
     image_folder: str | None = None  # LLaVA image paths are relative to this (default: data file's folder)
@@ -514,6 +533,7 @@ class TrainConfig:
     lora_targets: str = "lm"  # comma-separated LORA_TARGETS / LORA_TARGET_GROUPS names
 
     def __post_init__(self) -> None:
+        self.compile = _compile_setting(self.compile)
         _check(self.precision in ("auto", "fp32", "bf16"),
                f"precision must be one of auto, fp32, bf16, got {self.precision!r}.")
         for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps", "vision_warmup_batch_size"):
@@ -578,7 +598,7 @@ TRAIN_HELP: dict[str, str] = {
     "max_training_steps": "optimizer steps of the run",
     "eval_interval": "steps between validation-loss and accuracy checks (0: none during training)",
     "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the training forward and backward: auto (on CUDA, off on CPU), on or off",
     "data": "training data: easyvqa, a Cauldron parquet/arrow/save_to_disk dir/hub name, or LLaVA .json/.jsonl",
     "image_folder": "folder LLaVA image paths are relative to (none: the data file's folder)",
     "seed": "seed of the initialisation, the data order and the validation split",

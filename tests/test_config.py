@@ -98,6 +98,8 @@ def _wrong_types():
         for f in dataclasses.fields(cls):
             base = f.type.removesuffix(" | None")
             for bad in _BAD[base]:
+                if f.name == "compile" and isinstance(bad, bool):
+                    continue  # compile also takes the original nanoVLM's booleans (test_compile_setting)
                 yield pytest.param(cls, f.name, base, bad, id=f"{f.name}={bad!r}")
 
 
@@ -121,8 +123,17 @@ def test_the_issue_examples():
         VLMConfig(lm_eos_token_id=True)  # a bool where an int is meant
     assert str(e.value) == "lm_eos_token_id must be an integer, got True."
     with pytest.raises(ConfigError) as e:
-        TrainConfig(compile=1)  # an int where a bool is meant
-    assert str(e.value) == "compile must be true or false, got 1."
+        TrainConfig(compile=1)  # an int where a setting is meant
+    assert str(e.value) == "compile must be one of auto, on, off (or true/false), got 1."
+
+
+def test_compile_setting():
+    assert TrainConfig().compile == "auto"
+    assert [TrainConfig(compile=v).compile for v in (True, False, "ON", "off", "yes", "0")] == \
+        ["on", "off", "on", "off", "on", "off"]
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(compile="sometimes")
+    assert str(e.value) == "compile must be one of auto, on, off (or true/false), got 'sometimes'."
 
 
 def test_ints_are_stored_as_floats_in_float_fields_and_numpy_ints_as_ints():

@@ -23,7 +23,7 @@ def test_precedence_preset_then_file_then_command_line(tmp_path):
     assert vlm.lm_n_blocks == 3
     assert train.max_training_steps == PRESETS["tiny"]["train"]["max_training_steps"]  # from the preset
     assert vlm.vit_hidden_dim == PRESETS["tiny"]["model"]["vit_hidden_dim"]
-    assert train.compile is False and train.precision == "fp32"
+    assert train.compile == "off" and train.precision == "fp32"
 
 
 def test_json_file_and_optional_values(tmp_path):
@@ -54,7 +54,7 @@ def test_saved_config_replaces_the_preset_and_rederives_fields():
                        "Did you mean 'batch_size'?"),
     (["batch_size=four"], "batch_size must be an integer, got 'four' on the command line."),
     (["lr_mp=fast"], "lr_mp must be a number, got 'fast' on the command line."),
-    (["compile=maybe"], "compile must be true or false (or yes/no, on/off, 1/0), got 'maybe' on the command line."),
+    (["compile=maybe"], "compile must be one of auto, on, off (or true/false), got 'maybe'."),
     (["batch_size"], "override 'batch_size' must look like key=value (e.g. batch_size=16)."),
     (["precision=fp16"], "precision must be one of auto, fp32, bf16, got 'fp16'."),
     (["batch_size=0"], "batch_size must be a positive integer, got 0."),

@@ -32,7 +32,8 @@ from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train import evaluation, lora
 from nanovlm.train.data import Data, build_data, epoch_of, make_data, n_samples, to_device, total_steps_for
-from nanovlm.train.optim import WarmupCosine, build_optimizer, clip_grad_norm, fused_adamw_available
+from nanovlm.train.optim import WarmupCosine, build_optimizer, fused_adamw_available
+from nanovlm.train.step import Trainer
 from nanovlm.train.report import FlopCounter, MetricsLog, batch_stats, measure_matmul_peak
 from nanovlm.train.vision_warmup import CALIBRATION_STEPS, fit_steps
 
@@ -64,7 +65,7 @@ class Run:
     run_dir: str
     info: dist.DistInfo
     model: Any
-    runner: Any  # the model as the step calls it (DDP-wrapped / compiled)
+    trainer: Trainer  # the step's work: the model as it calls it (DDP-wrapped / compiled), the update
     tokenizer: Any
     data: Data
     optimizer: Any
@@ -174,10 +175,8 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
     schedule = WarmupCosine(optimizer, state.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
     if resume_from is not None:
         state = _restore(resume_from, model, optimizer, schedule, data, info, say, state.lora_base)
-    runner = dist.wrap_model(model, info)
-    if cfg.compile:
-        runner = torch.compile(runner)
-    run = Run(vlm_cfg, cfg, run_dir, info, model, runner, tokenizer, data, optimizer, schedule, amp, fused, task,
+    trainer = Trainer.build(model, cfg, info.device, say, runner=dist.wrap_model(model, info), optimizer=optimizer)
+    run = Run(vlm_cfg, cfg, run_dir, info, model, trainer, tokenizer, data, optimizer, schedule, amp, fused, task,
               state, say, flop_counter=FlopCounter(model, vlm_cfg), threads=threads)
     run.peak = measure_matmul_peak(info.device, dtype, seconds=0.3) if info.is_main else 0.0
     if info.is_main:
@@ -194,7 +193,7 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
                 f"{n_params / 1e6:.1f}M parameters train (the adapters and the projector)")
         say(f"training {n_params / 1e6:.1f}M parameters for {state.total_steps} steps on {info.world_size} x "
             f"{info.device.type} ({'bf16 autocast' if amp['enabled'] else 'fp32'}, fused AdamW "
-            f"{'on' if fused else 'off'}), global batch "
+            f"{'on' if fused else 'off'}, compile {'on' if trainer.compiled else 'off'}), global batch "
             f"{cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size}")
         if progress:
             from tqdm import tqdm
@@ -258,7 +257,7 @@ def _restore(path: str, model, optimizer, schedule, data: Data, info: dist.DistI
 # -------------------------------------------------------------------------------------- step
 def train_step(run: Run, micro: list[dict]) -> dict:
     """Accumulate the gradients of one global batch and update; returns the step's counts."""
-    info, model, A = run.info, run.model, len(micro)
+    info, model = run.info, run.model
     n_sup = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
     if info.enabled:
         n_global = dist.all_reduce_sum(torch.tensor([float(n_sup)], device=info.device), info)
@@ -267,7 +266,8 @@ def train_step(run: Run, micro: list[dict]) -> dict:
         scale = 1.0 / max(n_sup, 1)
     counts = {"loss": torch.zeros((), dtype=torch.float64, device=info.device), "tokens": n_sup, "samples": 0,
               "real_tokens": 0, "flops": 0.0}
-    for i, batch in enumerate(micro):
+    batches = []
+    for batch in micro:
         if run.data.skips is not None and batch.get("skips"):
             run.data.skips.update(batch["skips"])
         empty = batch["input_ids"].shape[0] == 0
@@ -277,21 +277,11 @@ def train_step(run: Run, micro: list[dict]) -> dict:
         counts["samples"] += 0 if empty else n_samples(batch)
         counts["real_tokens"] += stats[1]
         counts["flops"] += run.flop_counter.train_step(*stats)
-        batch = to_device(dist.stand_in_batch(run.vlm_cfg, model.image_token_id) if empty else batch, info.device)
-        sync = run.runner.no_sync() if info.enabled and i < A - 1 and hasattr(run.runner, "no_sync") \
-            else contextlib.nullcontext()
-        with sync:
-            with torch.autocast(**run.amp):
-                _, loss_sum = run.runner(batch["input_ids"], batch["images"], batch["attention_mask"],
-                                         batch["labels"], loss_reduction="sum",
-                                         position_ids=batch.get("position_ids"), return_logits=False,
-                                         supervised_index=batch.get("supervised_index"))
-                loss_sum = loss_sum + dist.vision_zero_loss(model, batch)
-            (loss_sum * scale).backward()
-        counts["loss"] += loss_sum.detach().double()
-    counts["grad_norm"] = clip_grad_norm([p for p in model.parameters() if p.requires_grad], run.cfg.max_grad_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+        batches.append(to_device(dist.stand_in_batch(run.vlm_cfg, model.image_token_id) if empty else batch,
+                                 info.device))
+    for loss_sum in run.trainer.accumulate(batches, scale, extra_loss=dist.vision_zero_loss):
+        counts["loss"] += loss_sum.double()
+    counts["grad_norm"] = run.trainer.update()
     return counts
 
 

@@ -231,9 +231,10 @@ def batch_stats(batch: dict) -> tuple[int, int, float, int]:
     return n_images, int((mask > 0).sum()), sum_sq, int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """FLOP/s of a square matmul on this device and dtype, measured now (best of a few runs)."""
-    n = 4096 if device.type == "cuda" else 1024
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5, n: int | None = None) -> float:
+    """FLOP/s of an n x n matmul (default 4,096 on CUDA, 1,024 elsewhere) on this device and
+    dtype, measured now (best of a few runs)."""
+    n = n or (4096 if device.type == "cuda" else 1024)
     g = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (and resume) untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)

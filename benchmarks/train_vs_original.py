@@ -1,0 +1,158 @@
+"""nanovlm's training step against the original nanoVLM's, side by side in one run (issue 17).
+
+    python benchmarks/train_vs_original.py [--preset nanovlm-222m] [--batch 2] [--text-tokens 64]
+        [--supervised 63] [--rounds 3] [--steps 3] [--threads 2] [--compile auto|on|off]
+        [--sides original-fp32,original-bf16,ours-fp32,ours-bf16]
+
+Both sides build the preset's shape with random weights (no download) and train on the same
+batch: `--batch` samples of one image (mp_image_token_length image tokens) and `--text-tokens`
+text tokens, of which the last `--supervised` positions have a target, as a collator gives it
+(a 0/1 attention mask, one image tensor per sample). The original is
+`benchmarks/original_nanovlm_train.py` (its model math and train.py's step, rewritten from its
+code); ours is what `nanovlm train` runs (`nanovlm.train.step`: AdamW groups, fused where torch
+has it, gradient clipping, the fused loss, compiled as `--compile` says). A step is forward,
+backward, clipping and the AdamW update.
+
+The sides alternate: each round runs every side for `--steps` timed steps (after one untimed
+step per round and a warm-up round), then measures the bf16 matmul peak (the best of 1,024- and
+2,048-square products over half a second), so load from other processes falls on all of them
+alike. A row's time is the median of its timed steps over all rounds.
+
+Columns: the step time; the speed-up over the original's best row; the work of a step in TFLOP:
+the original's (the head over every position), which MFU divides by on both sides so that the
+percentages compare like with like, and what the side computes (ours: the head at supervised
+positions only); MFU = work / step time / the best bf16 peak measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from original_nanovlm_train import OriginalVLM, original_optimizer, original_train_step  # noqa: E402
+
+from nanovlm import TrainConfig, VLMConfig, VisionLanguageModel  # noqa: E402
+from nanovlm.config import IGNORE_INDEX  # noqa: E402
+from nanovlm.models.linear_cross_entropy import supervised_index  # noqa: E402
+from nanovlm.runtime import keep_freed_memory  # noqa: E402
+from nanovlm.train import step as train_step  # noqa: E402
+from nanovlm.train.report import FlopCounter, measure_matmul_peak  # noqa: E402
+
+SIDES = ("original-fp32", "original-bf16", "ours-fp32", "ours-bf16")
+
+
+def make_batch(cfg: VLMConfig, image_token_id: int, batch: int, text: int, supervised: int) -> dict:
+    """One image then `text` tokens per sample; targets at the last `supervised` positions."""
+    g = torch.Generator().manual_seed(0)
+    n_img = cfg.mp_image_token_length
+    ids = torch.randint(0, 1000, (batch, n_img + text), generator=g)
+    ids[:, :n_img] = image_token_id
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -supervised - 1:-1] = ids[:, -supervised:]  # position t predicts token t + 1
+    images = [torch.rand(1, 3, cfg.vit_img_size, cfg.vit_img_size, generator=g) for _ in range(batch)]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "images": images,
+            "supervised_index": supervised_index(labels)}
+
+
+def work(model: VisionLanguageModel, cfg: VLMConfig, batch: dict) -> tuple[float, float]:
+    """(FLOPs of the original's step: the head at every position, FLOPs ours computes)."""
+    B, T = batch["input_ids"].shape
+    counter = FlopCounter(model, cfg)
+    stats = (len(batch["images"]), B * T, float(B * T * T))
+    return counter.train_step(*stats, B * T), counter.train_step(*stats, int(batch["supervised_index"].numel()))
+
+
+class Side:
+    """One row of the table: a model, its optimizer and a step function, built once."""
+
+    def __init__(self, name: str, cfg: VLMConfig, args, ours_model=None):
+        self.name, self.times = name, []
+        bf16 = name.endswith("bf16")
+        if name.startswith("original"):
+            torch.manual_seed(0)
+            self.model = OriginalVLM(cfg, image_token_id=cfg.lm_base_vocab_size).train()
+            optimizer = original_optimizer(self.model)
+            self.step = lambda batch: original_train_step(self.model, optimizer, batch, bf16)
+            return
+        self.model = ours_model
+        train_cfg = TrainConfig(precision="bf16" if bf16 else "fp32", compile=args.compile)
+        self.trainer = train_step.Trainer.build(self.model, train_cfg, torch.device("cpu"), say=print)
+        self.step = lambda batch: self.trainer.step([batch])
+
+    def run(self, batch: dict, steps: int, timed: bool) -> None:
+        self.step(batch)  # untimed: the first step of a round pays for the switch between sides
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.step(batch)
+            if timed:
+                self.times.append(time.perf_counter() - t0)
+
+
+def measure(args) -> tuple[list[Side], float, tuple[float, float]]:
+    cfg = VLMConfig.from_preset(args.preset)
+    torch.manual_seed(0)
+    ours = VisionLanguageModel(cfg, load_backbone=False).train()
+    batch = make_batch(cfg, ours.image_token_id, args.batch, args.text_tokens, args.supervised)
+    flops = work(ours, cfg, batch)
+    sides, spare = [], [ours]
+    for name in args.sides:  # each of our rows its own model (its optimizer holds state for it)
+        model = None
+        if name.startswith("ours"):
+            model = spare.pop() if spare else VisionLanguageModel(cfg, load_backbone=False).train()
+        sides.append(Side(name, cfg, args, model))
+    peaks = []
+    for r in range(args.rounds + 1):  # round 0 warms up (and compiles)
+        for side in sides:
+            side.run(batch, args.steps, timed=r > 0)
+            print(f"round {r}, {side.name}: {', '.join(f'{t:.2f}' for t in side.times[-args.steps:]) if r else 'warm'}",
+                  file=sys.stderr, flush=True)
+        peaks.append(max(measure_matmul_peak(torch.device("cpu"), torch.bfloat16, seconds=0.25, n=n)
+                         for n in (1024, 2048)))
+    return sides, max(peaks), flops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="nanovlm-222m")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--supervised", type=int, default=63)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated rows, of " + ", ".join(SIDES))
+    args = p.parse_args()
+    args.sides = [s for s in args.sides.split(",") if s]
+    unknown = [s for s in args.sides if s not in SIDES]
+    if unknown or not 0 < args.supervised < args.text_tokens:
+        p.error(f"unknown sides {unknown}" if unknown else "--supervised must be between 1 and --text-tokens - 1")
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `nanovlm train` does on CPU (the original does not; it shares the process)
+    sides, peak, (flops_original, flops_ours) = measure(args)
+    best_original = min((statistics.median(s.times) for s in sides if s.name.startswith("original")), default=None)
+    print(f"\n{args.preset}, batch {args.batch} x ({cfg_tokens(args)} tokens), {args.supervised} supervised per "
+          f"sample, {args.threads} threads, compile={args.compile}; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; "
+          f"median of {args.rounds} x {args.steps} steps\n")
+    print("| side | step | vs original's best | TFLOP / step (original's work / computed) | MFU |")
+    print("|---|---|---|---|---|")
+    for s in sides:
+        t = statistics.median(s.times)
+        computed = flops_original if s.name.startswith("original") else flops_ours
+        ratio = f"{best_original / t:.2f}x" if best_original else "-"
+        print(f"| {s.name} | {t:.3f} s | {ratio} | {flops_original / 1e12:.3f} / {computed / 1e12:.3f} | "
+              f"{100 * flops_original / t / peak:.0f}% |")
+
+
+def cfg_tokens(args) -> str:
+    return f"{VLMConfig.from_preset(args.preset).mp_image_token_length} image + {args.text_tokens} text"
+
+
+if __name__ == "__main__":
+    main()
