@@ -610,11 +610,11 @@ TRAIN_HELP: dict[str, str] = {
     "warmup_ratio": "fraction of the steps with a linear learning-rate warm-up, in [0, 1)",
     "min_lr_ratio": "the cosine schedule ends at this fraction of each peak learning rate",
     "num_workers": "DataLoader worker processes (0: load in the training process)",
+    "threads": "CPU threads of the training process (0: OMP_NUM_THREADS if set, else the cores that other "
+               "programs leave free, followed during the run; set N for bit-exact repeats)",
     "init_from": "start from this checkpoint's model and weights: a directory of ours, of the original nanoVLM, "
                  "or a transformers Idefics3 / SmolVLM one (or a hub id when online); the preset's model settings "
                  "are then unused, the config file's and command line's still apply",
-    "threads": "CPU threads of the training process (0: OMP_NUM_THREADS if set, else the cores that other "
-               "programs leave free, followed during the run; set N for bit-exact repeats)",
     "packing": "pack several samples into each row (attention stays within each sample)",
     "pack_length": "tokens per packed row (0: lm_max_length)",
     "max_images_per_pack": "most image tiles in one packed row (0: no cap)",

@@ -101,7 +101,7 @@ def test_debug_shows_traceback(tiny_ckpt):
 # ------------------------------------------------------------------ mistyped command lines
 TRAIN_OPTIONS = ("valid options: --preset, --config, --out, --resume/--no-resume, --list-settings, key=value settings, "
                  "--help.")
-EVAL_OPTIONS = "valid options: --model, --task, --data, --image-folder, --split, --limit, --batch-size, --out, --help."
+EVAL_OPTIONS = "valid options: --model, --task, --data, --image-folder, --split, --limit, --batch-size, --quantize, --out, --help."
 
 
 @pytest.mark.parametrize("argv, sentence", [
@@ -112,7 +112,7 @@ EVAL_OPTIONS = "valid options: --model, --task, --data, --image-folder, --split,
     (["generate", "--model", "m", "--prompt", "x", "--temprature", "1"],
      "nanovlm generate: error: unknown option --temprature (did you mean --temperature?); valid options: --model, "
      "--lm, --image, --prompt, --max-new-tokens, --greedy/--no-greedy, --temperature, --top-k, --top-p, --seed, "
-     "--stream/--no-stream, --dtype, --help."),
+     "--stream/--no-stream, --dtype, --quantize, --compile/--no-compile, --help."),
     (["eval", "--model", "m", "--task", "nope"],
      "nanovlm: error: unknown task 'nope'; choose one of: easyvqa, or give --data FILE."),
     (["eval", "--model", "m", "--task", "easyvqa", "--split", "dev"],

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "nanovlm"
-ENTRY_POINTS = {"from_pretrained", "save_pretrained", "push_to_hub", "generate", "answer"}
+ENTRY_POINTS = {"from_pretrained", "_from_directory", "save_pretrained", "push_to_hub", "generate", "answer"}
 MODELS_MAY_IMPORT = ("torch", "nanovlm.config", "nanovlm.models")
 
 
