@@ -83,53 +83,80 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _machine_jiffies() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (Linux). Time of
-    niced programs is not busy: they yield the CPU to a process of normal priority."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    total = user + nice + system + idle + iowait + irq + softirq + steal  # guest time is inside user time
-    return user + system + irq + softirq + steal, total
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _children(pid: int | str) -> list[str]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += f.read().split()
+    return children
 
 
 def _process_jiffies(pid: int | str = "self") -> int:
     """User + system ticks of a process and of its live descendants (DataLoader workers)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = _stat_fields(pid)
         ticks = int(fields[11]) + int(fields[12])  # utime, stime
-        children = []
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                children += f.read().split()
+        children = _children(pid)
     except (OSError, ValueError, IndexError):
         return 0
     return ticks + sum(_process_jiffies(c) for c in children)
 
 
+def _own_tree(pid: int) -> set[int]:
+    """This process and its live descendants."""
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        try:
+            todo += [int(c) for c in _children(p)]
+        except (OSError, ValueError):
+            pass
+    return tree
+
+
+def _competing_ticks() -> dict[int, int] | None:
+    """User + system ticks of every other process that runs at this one's priority or above
+    (`nice` no higher; niced programs yield the CPU, so they do not count), by pid; None
+    without /proc."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    own, mine = _own_tree(os.getpid()), os.nice(0)
+    ticks = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in own:
+            continue
+        try:
+            fields = _stat_fields(name)
+            if int(fields[16]) <= mine:
+                ticks[int(name)] = int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile
+    return ticks
+
+
 class CpuShare:
-    """How many cores other programs have used since the last look (None where unknown)."""
+    """How many cores other programs of this one's priority or above have used since the last
+    look (None where unknown): their CPU ticks over the wall time between two looks."""
 
     def __init__(self):
-        self._last = self._read()
-
-    @staticmethod
-    def _read():
-        machine = _machine_jiffies()
-        return None if machine is None else (*machine, _process_jiffies())
+        self._last = (_competing_ticks(), time.monotonic())
 
     def others(self) -> float | None:
-        now, last = self._read(), self._last
+        now, last = (_competing_ticks(), time.monotonic()), self._last
         self._last = now
-        if now is None or last is None or now[1] <= last[1]:
+        seconds = now[1] - last[1]
+        if now[0] is None or last[0] is None or seconds <= 0:
             return None
-        busy, total, own = (a - b for a, b in zip(now, last))
-        return max(0.0, (busy - own) / total * (os.cpu_count() or 1))
+        used = sum(t - last[0].get(pid, 0) for pid, t in now[0].items())  # a new process: all its ticks
+        return max(0.0, used / os.sysconf("SC_CLK_TCK") / seconds)
 
 
 class Threads:

@@ -100,15 +100,32 @@ def test_fixed_threads_and_omp_num_threads_are_kept(two_cores, monkeypatch):
     assert two_cores.Threads(0, said.append, share=FakeShare()).count == 1 and len(said) == 1
 
 
-def test_others_use_is_the_machine_less_this_process_and_its_children(monkeypatch):
+def test_others_use_is_their_ticks_over_the_time_between_looks(monkeypatch):
     from nanovlm import runtime
 
-    machine = iter([(100, 1000), (100 + 150 + 40, 1100)])  # 190 busy ticks of 100 x n_cpus
-    own = iter([500, 540])  # 40 of them ours (workers included)
-    monkeypatch.setattr(runtime, "_machine_jiffies", lambda: next(machine))
-    monkeypatch.setattr(runtime, "_process_jiffies", lambda pid="self": next(own))
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
-    assert REAL_CPU_SHARE().others() == pytest.approx(150 / 100 * 2)
+    looks = iter([({10: 500, 11: 40}, 100.0), ({10: 650, 12: 30}, 102.0)])  # 11 ended, 12 is new
+    readings = next(looks)
+    monkeypatch.setattr(runtime, "_competing_ticks", lambda: readings[0])
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: readings[1])
+    share = REAL_CPU_SHARE()
+    readings = next(looks)
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert share.others() == pytest.approx((150 + 30) / ticks / 2.0)
+
+
+def test_competing_ticks_leave_out_this_process_its_children_and_niced_programs():
+    from nanovlm import runtime
+
+    niced = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ticks = runtime._competing_ticks()
+        assert os.getpid() not in ticks and child.pid not in ticks and niced.pid not in ticks
+        assert 1 in ticks  # init runs at priority 0 or above
+    finally:
+        for p in (niced, child):
+            p.kill()
+            p.wait()
 
 
 def test_process_ticks_count_live_children():
