@@ -12,8 +12,8 @@ import torch
 
 from nanovlm.config import TrainConfig
 from nanovlm.train import step as train_step
-from tests.test_train_synthetic import final_weights, losses, run_synthetic, tiny_configs
-from tests.tolerances import assert_same_adam_training
+from test_train_synthetic import final_weights, losses, run_synthetic, tiny_configs
+from tolerances import assert_same_adam_training
 
 
 def test_auto_compiles_on_cuda_only():
