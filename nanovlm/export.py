@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import torch
 
-from nanovlm.fileio import make_temp_dir_beside, replace_dir
+from nanovlm.fileio import written_dir
 from nanovlm.weights.common import grow_rows
 from nanovlm.weights.idefics3 import IDEFICS3_TOKENS, RESAMPLE_CODES, to_transformers
 
@@ -93,9 +92,7 @@ def save_transformers(model: Any, out: str | os.PathLike, adapters: tuple | None
     tensors = to_transformers(cfg, state)
     ids = {name: tokenizer.token_to_id(text) for name, text in (("bos", tok.bos_token), ("eos", tok.eos_token),
                                                                  ("pad", tok.pad_token)) if text}
-    out = os.fspath(out)
-    tmp = make_temp_dir_beside(out)
-    try:
+    with written_dir(os.fspath(out)) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp, "config.json", idefics3_config_dict(cfg, vocab, ids))
         _write_json(tmp, "generation_config.json", {"bos_token_id": ids.get("bos"), "eos_token_id": cfg.lm_eos_token_id,
@@ -110,10 +107,6 @@ def save_transformers(model: Any, out: str | os.PathLike, adapters: tuple | None
             from nanovlm.weights.peft import write_adapter
 
             write_adapter(tmp, *adapters)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _eos_text(cfg: Any, tokenizer: Any, tok: Any) -> str | None:

@@ -8,11 +8,12 @@ resume from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 
 def current_umask() -> int:
@@ -89,6 +90,19 @@ def make_temp_dir_beside(path: str | os.PathLike) -> str:
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700
     return tmp
+
+
+@contextlib.contextmanager
+def written_dir(path: str | os.PathLike) -> Iterator[str]:
+    """`with written_dir(OUT) as tmp:` write into `tmp`; on leaving, it replaces OUT whole
+    (`replace_dir`), or, on an error, is removed: OUT is never half written."""
+    tmp = make_temp_dir_beside(path)
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(src: str, dst: str | os.PathLike) -> None:

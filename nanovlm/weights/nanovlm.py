@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from typing import Any, Callable
 
 import torch
 
 from nanovlm.config import VLMConfig
-from nanovlm.fileio import make_temp_dir_beside, replace_dir
+from nanovlm.fileio import written_dir
 from nanovlm.sources import resolve
 from nanovlm.weights.common import check_state_dict
 
@@ -99,9 +98,7 @@ def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[s
     adapter_config.json + adapter_model.safetensors (`nanovlm.weights.peft`)."""
     from safetensors.torch import save_file
 
-    directory = os.fspath(directory)
-    tmp = make_temp_dir_beside(directory)
-    try:
+    with written_dir(os.fspath(directory)) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
         save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "library": "nanovlm"})
@@ -111,10 +108,6 @@ def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[s
             from nanovlm.weights.peft import write_adapter
 
             write_adapter(tmp, *adapter)
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def push_checkpoint(repo_id: str, save: Callable[[str], None], private: bool = False,
