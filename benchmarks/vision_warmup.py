@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--preset", default="easyvqa")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--shift", type=float, default=0.05, help="image_shift (0: off)")
+    ap.add_argument("--extend", action="store_true", help="lengthen while the readout still learns (no time budget)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
     amp = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": True}
@@ -57,7 +59,7 @@ def main() -> None:
             test_set = build_dataset(train_cfg, vlm_cfg, tok, split="test")
         test = held_out_targets(collect_pairs(test_set, range(len(test_set)), drop), data)
         result = vision_warmup(model, data, args.steps, args.lr, args.batch, seed=seed, amp=amp, fused=True,
-                               say=print, progress=False)
+                               say=print, progress=False, shift=args.shift, extend=args.extend)
         acc = readout_accuracy(model, result["head"], test, amp)
         print(f"| {seed} | {args.steps} | {result['time_s']:.0f} s | {data.mode} | {data.n_classes} | "
               f"{data.coverage:.1%} | {result['train_accuracy']:.1%} | {acc:.1%} |", flush=True)

@@ -11,8 +11,9 @@ from test_train_synthetic import ANSWERS, EOS, SyntheticVQA, final_weights, loss
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train.data import validation_split
-from nanovlm.train.vision_warmup import (build_targets, collect_pairs, fit_steps, held_out_targets,
-                                         readout_accuracy, sample_pairs, vision_warmup)
+from nanovlm.train.optim import WarmupStableDecay
+from nanovlm.train.vision_warmup import (MAX_EXTENSION, _extension, build_targets, collect_pairs, fit_steps,
+                                         held_out_targets, readout_accuracy, sample_pairs, vision_warmup)
 
 FP32 = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
 
@@ -110,6 +111,42 @@ def test_a_time_budget_cuts_the_step_count():
     assert fit_steps(100, 20, 10.0, 1000.0) == 100  # never more than asked
     assert fit_steps(100, 20, 50.0, 10.0) == 20  # over budget already: stop now
     assert fit_steps(100, 0, 0.0, 10.0) == 100
+
+
+def test_the_warmup_schedule_warms_holds_and_decays():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt.param_groups[0]["base_lr"] = 1.0
+    s = WarmupStableDecay(opt, steps=10, warmup_steps=2, decay_steps=4)
+    assert [round(s.factor(t), 4) for t in range(10)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8536, 0.5, 0.1464]
+    again = WarmupStableDecay(opt, steps=10, warmup_steps=2, decay_steps=4, start=10)  # the next cycle
+    assert again.total_steps == 20 and [again.factor(t) for t in (10, 11, 15)] == [0.5, 1.0, 1.0]
+    assert round(again.factor(17), 4) == 0.8536
+
+
+def test_another_cycle_follows_only_while_the_readout_has_not_learned_its_batches():
+    flat = [(80, 100)] * 100  # 80% on the last tenth: go on, even on a plateau
+    assert _extension(flat, 100, 100, 0.0, 0.0) == 100  # another cycle of the planned steps
+    learned = [(80, 100)] * 90 + [(98, 100)] * 10
+    assert _extension(learned, 100, 100, 0.0, 0.0) == 0  # the last tenth above EXTEND_BELOW
+    assert _extension(flat * 3, 100, 350, 0.0, 0.0) == 50  # MAX_EXTENSION x the planned steps in all
+    assert _extension(flat * 3, 100, 390, 0.0, 0.0) == 0  # too short a cycle: not worth its warm-up
+    # 0.5 s a step so far: 40 s left of a 90 s budget hold 80 steps
+    assert _extension(flat, 100, 100, 50.0, 90.0) == 80
+    assert _extension(flat, 100, 100, 50.0, 60.0) == 0
+    assert _extension(flat[:5], 100, 5, 0.0, 0.0) == 0  # too few steps to tell
+    assert MAX_EXTENSION == 4
+
+
+def test_a_readout_that_has_not_learned_runs_another_cycle():
+    model = _tiny_model()
+    _, data = _targets(model.cfg, n=32)
+    said = []
+    result = vision_warmup(model, data, 4, 1e-6, 8, seed=0, amp=FP32, fused=False, say=said.append,
+                           progress=False, extend=True, shift=0.1)
+    # at a rate of 1e-6 nothing is learned: four cycles of 4 steps (the cap), each announced
+    assert result["steps"] == 16 and result["cycles"] == 4 and result["shift_px"] == 3
+    assert sum("another 4 steps, the rate up again" in line for line in said) == 3
+    assert "tiles moved by up to 3 px" in said[0]
 
 
 def test_a_run_with_warmup_resumes_exactly(tmp_path):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from nanovlm.config import IGNORE_INDEX, TrainConfig, VLMConfig
+from nanovlm.data.augment import shift_batch_images
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train import evaluation, lora
@@ -267,7 +268,13 @@ def train_step(run: Run, micro: list[dict]) -> dict:
     counts = {"loss": torch.zeros((), dtype=torch.float64, device=info.device), "tokens": n_sup, "samples": 0,
               "real_tokens": 0, "flops": 0.0}
     batches = []
+    # Shifted images (`image_shift`): offsets drawn from the seed, rank and step, so a resumed run
+    # draws the ones the uninterrupted run drew, and the global generator is not touched.
+    shifts = torch.Generator().manual_seed((run.cfg.seed * 1_000_003 + run.state.step) * 4099 + info.rank) \
+        if run.cfg.image_shift else None
     for batch in micro:
+        if shifts is not None:
+            batch = shift_batch_images(batch, run.cfg.image_shift, shifts)
         if run.data.skips is not None and batch.get("skips"):
             run.data.skips.update(batch["skips"])
         empty = batch["input_ids"].shape[0] == 0

@@ -87,6 +87,37 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
+class WarmupStableDecay:
+    """Linear warm-up over `warmup_steps`, the full rate, then a cosine decay to 0 over the last
+    `decay_steps` of `steps`, all counted from `start` (a later cycle begins where one ended)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int, decay_steps: int,
+                 start: int = 0):
+        self.optimizer, self.start = optimizer, start
+        self.steps, self.warmup_steps = steps, warmup_steps
+        self.decay_steps = max(1, min(decay_steps, steps - warmup_steps))
+
+    @property
+    def total_steps(self) -> int:
+        """The step at which this cycle ends."""
+        return self.start + self.steps
+
+    def factor(self, step: int) -> float:
+        t = step - self.start
+        if t < self.warmup_steps:
+            return (t + 1) / self.warmup_steps
+        decay_from = self.steps - self.decay_steps
+        if t < decay_from:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - decay_from) / self.decay_steps)))
+
+    def apply(self, step: int) -> float:
+        f = self.factor(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return f
+
+
 class WarmupCosine:
     """Linear warm-up over `warmup_steps`, then cosine decay to `min_lr_ratio` x each group's rate.
 
