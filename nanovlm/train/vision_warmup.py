@@ -429,7 +429,7 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
     is cut (after CALIBRATION_STEPS timed steps) to what fits. With `extend`, when the steps end
     while the readout has not learned its training batches (accuracy on the last tenth's below
     EXTEND_BELOW), another cycle of the same schedule follows, up to MAX_EXTENSION x `steps` in
-    all and within the time budget. (Accuracy at the full rate says little: on easy-VQA it was
+    all and within the time budget (answer classes only: a bag of words is rarely all right). (Accuracy at the full rate says little: on easy-VQA it was
     92% before the decay and 99% after it.)"""
     device = next(model.parameters()).device
     encoder = model.vision_encoder
@@ -488,7 +488,7 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
                 if log is not None:
                     log({"warmup_step": step + 1, "warmup_loss": value})
             step += 1
-            if extend and step == schedule.total_steps:
+            if extend and data.mode == "answers" and step == schedule.total_steps:
                 more = _extension(scores, planned, step, time.perf_counter() - t0, time_budget_s)
                 recent = _window_accuracy(scores, max(1, planned // 10))
                 if more:
