@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 import weakref
 from typing import Iterator, Sequence
@@ -154,8 +155,12 @@ def _static_step(model, compile: bool):
         return eager
     step = _STEPS.get(decoder)
     if step is None:
-        compiled = torch.compile(eager, mode=COMPILE_MODE, dynamic=False)
-        state = {"fn": compiled}
+        # torch.compile keeps compiled graphs per code object and, past `recompile_limit` (8)
+        # decoders or cache shapes, silently runs eagerly: each decoder's step gets its own copy
+        # (a compiled partial would share functools' wrapper code with every other decoder).
+        own = types.FunctionType(_eager_step.__code__.replace(), _eager_step.__globals__, "_eager_step")
+        compiled = torch.compile(own, dynamic=False, options=COMPILE_OPTIONS)
+        state = {"fn": functools.partial(compiled, decoder)}
 
         def step(*args):
             try:
@@ -172,9 +177,13 @@ def _static_step(model, compile: bool):
     return step
 
 
-# Inductor's default mode: "max-autotune-no-cudagraphs" compiled far longer and was no faster in a
-# helper's (loaded) microbenchmark.
-COMPILE_MODE = None
+# Inductor's default mode ("max-autotune-no-cudagraphs" compiled far longer and was no faster in a
+# helper's loaded microbenchmark), with one heuristic changed: every elementwise result used more
+# than once (the residual stream) is stored, not recomputed. Batch 1 computes each linear as a
+# multiply-and-sum loop (`quantization.row_matmul`), and inductor would otherwise inline the
+# residual adds, the embedding lookup and the norm into that loop, redoing them for every weight
+# row: int8 decoding of the 222M shape went from 34 to 49 tokens/s (docs/benchmarks.md).
+COMPILE_OPTIONS = {"realize_reads_threshold": 0}
 
 
 def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> torch.Tensor:

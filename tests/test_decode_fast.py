@@ -81,6 +81,41 @@ def test_compiled_step_gives_the_eager_tokens():
     assert torch.equal(short, _greedy(model, ids[:, 1:], images, mask[:, 1:]))
 
 
+def test_compiled_batch_one_uses_the_row_loop_and_gives_the_eager_tokens(monkeypatch):
+    """Batch 1 under compile computes every linear with `row_matmul` (fp32 and int8 weights)."""
+    model = _model()
+    _on_int8_grid(model)  # so that the int8 model's reference is the fp32 one
+    ids, images, mask = _batch(model)
+    ids, images, mask = ids[1:], images[1:], mask[1:]  # one unpadded row
+    ref = _greedy(model, ids, images, mask)
+    calls = []
+    real = quantization.row_matmul
+    monkeypatch.setattr(quantization, "row_matmul", lambda *a: calls.append(a[1].dtype) or real(*a))
+    model.decoder.prepare_for_inference()
+    assert torch.equal(_greedy(model, ids, images, mask, compile=True), ref)
+    assert torch.float32 in calls  # traced once per linear of the step
+    quant = _model()
+    _on_int8_grid(quant)
+    quant.quantize("int8")
+    calls.clear()
+    assert torch.equal(_greedy(quant, ids, images, mask, compile=True), ref)
+    assert torch.int8 in calls
+
+
+def test_row_matmul_matches_the_linear_kernels():
+    """One row: fp32 weights as F.linear (fp32 sums over K = 96: a few ulps of the output's
+    scale); int8 within the quantization bound (no bf16 rounding of the row here)."""
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    x = torch.randn(1, 1, 96)
+    ref = x @ linear.weight.T.detach()
+    torch.testing.assert_close(quantization.row_matmul(x, linear.weight.detach()), ref)
+    q = Int8Linear.from_linear(linear)
+    err = (quantization.row_matmul(x, q.weight_int8, q.scales) - ref).abs()
+    bound = int8_error_bound(x, q.scales, ref)
+    assert (err <= bound).all(), f"max error {err.max():.3g} over max bound {bound.max():.3g}"
+
+
 def test_a_compile_that_fails_falls_back_to_eager_with_a_warning(monkeypatch):
     from nanovlm import generation
 

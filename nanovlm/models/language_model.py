@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
 from nanovlm.models.attention import attention
-from nanovlm.models.quantization import Int8Linear, check_quantize, int8_matmul, int8_supported, quantize_rows
+from nanovlm.models.quantization import InferenceLinear, Int8Linear, check_quantize, int8_supported, linear, quantize_rows
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +186,7 @@ def build_attention_mask(segment_ids: torch.Tensor, q_len: int, position_ids: to
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T for a fused projection: float weights, or int8 ones with their scales."""
-    return F.linear(x, weight) if scales is None else int8_matmul(x, weight, scales)
+    return linear(x, weight, scales)
 
 
 def fuse_rows(linears: list[nn.Linear], quantize: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -384,15 +384,18 @@ class LanguageModel(nn.Module):
         if getattr(self, "_inference_mode", "none") != "none":
             raise ValueError(f"this language model already runs {self._inference_mode} weights; load it "
                              f"again to run it as {quantize}.")
+        # The other linears compute through `quantization.linear` (int8, or the one-row decode loop).
+        def wrap(lin: nn.Linear) -> nn.Linear:
+            if quantize == "int8":
+                return Int8Linear.from_linear(lin)
+            return InferenceLinear.from_linear(lin) if type(lin) is nn.Linear else lin  # adapters stay
+
         for block in self.blocks:
             attn, mlp = block.attn, block.mlp
             attn.qkv_weight, attn.qkv_scales = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], quantize)
             mlp.gate_up_weight, mlp.gate_up_scales = fuse_rows([mlp.gate_proj, mlp.up_proj], quantize)
-            if quantize == "int8":
-                attn.out_proj = Int8Linear.from_linear(attn.out_proj)
-                mlp.down_proj = Int8Linear.from_linear(mlp.down_proj)
-        if quantize == "int8":
-            self.head = Int8Linear.from_linear(self.head)  # shares the (maybe tied) float weight
+            attn.out_proj, mlp.down_proj = wrap(attn.out_proj), wrap(mlp.down_proj)
+        self.head = wrap(self.head)  # shares the (maybe tied) float weight
         self._inference_mode = quantize
         return self
 

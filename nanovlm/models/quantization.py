@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 QUANTIZE_MODES = ("none", "int8")
 
@@ -62,6 +63,50 @@ def int8_supported(device: torch.device | str) -> str | None:
     return None
 
 
+def one_compiled_row(x: torch.Tensor) -> bool:
+    """Whether `x` (..., K) is a single row inside `torch.compile` on the CPU: the batch-1
+    decode step, where `row_matmul` beats ATen's kernels."""
+    return x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+
+
+def row_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """One row x (..., K) times weight (N, K)^T (float, or int8 with per-row scales) -> (..., N)
+    in x's dtype, written as a multiply-and-sum in fp32 so that inductor generates one vectorized
+    loop that converts each weight as it streams past (no fp32 copy of the weight is made). On
+    this CPU that loop reads the weights ~1.5-2x faster than ATen's one-row matmul."""
+    y = (weight.float() * x.float()[..., None, :]).sum(-1)  # (..., N)
+    if scales is not None:
+        y = y * scales.float()
+    return y.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T for inference: float weights, or int8 ones with their per-row scales; a
+    single row under `torch.compile` (the decode step) goes through `row_matmul`."""
+    if one_compiled_row(x):
+        return row_matmul(x, weight, scales)
+    return F.linear(x, weight) if scales is None else int8_matmul(x, weight, scales)
+
+
+class InferenceLinear(nn.Linear):
+    """An `nn.Linear` (no bias) for inference, sharing the original's weight (state dict
+    unchanged), that computes through `linear`. Build with `from_linear`."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "InferenceLinear":
+        if linear.bias is not None:
+            raise ValueError(f"{cls.__name__} takes linear layers without bias.")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight  # the float parameter, shared (tied heads stay tied)
+        new.register_parameter("bias", None)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class Int8Linear(nn.Linear):
     """An `nn.Linear` (no bias) that computes with an int8 copy of its weight; `weight` stays
     the float parameter (state dict unchanged). Build with `Int8Linear.from_linear`."""
@@ -83,7 +128,7 @@ class Int8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight_int8, self.scales)
+        return linear(x, self.weight_int8, self.scales)
 
 
 def int8_error_bound(x: torch.Tensor, scales: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
