@@ -429,8 +429,8 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
     is cut (after CALIBRATION_STEPS timed steps) to what fits. With `extend`, when the steps end
     while the readout has not learned its training batches (accuracy on the last tenth's below
     EXTEND_BELOW), another cycle of the same schedule follows, up to MAX_EXTENSION x `steps` in
-    all and within the time budget (answer classes only: a bag of words is rarely all right). (Accuracy at the full rate says little: on easy-VQA it was
-    92% before the decay and 99% after it.)"""
+    all and within the time budget (answer classes only: a bag of words is rarely all right).
+    (Accuracy at the full rate says little: on easy-VQA it was 92% before the decay, 99% after.)"""
     device = next(model.parameters()).device
     encoder = model.vision_encoder
     with torch.random.fork_rng(devices=[]):  # seeded, and no draw from the global generator
@@ -438,8 +438,7 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
         head = ReadoutHead(model.cfg.vit_hidden_dim, len(data.question_vocab), data.n_classes).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     optimizer = _optimizer(params, lr, fused)
-    planned = steps
-    schedule = _schedule(optimizer, planned)
+    length = _Length(optimizer, steps, time_budget_s, extend and data.mode == "answers", say)
     generator = torch.Generator().manual_seed(seed)
     pairs_by_image = _by_image(data)
     with_pairs = torch.tensor([k for k, p in enumerate(pairs_by_image) if len(p)], dtype=torch.long)
@@ -449,27 +448,15 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
     say(f"vision warm-up: {steps} steps of the vision encoder with a question-keyed readout of {_targets_text(data)}, "
         f"{len(with_pairs)} images, {batch_size} per step, lr {lr:g}"
         + (f", tiles moved by up to {pixels} px" if pixels else ""))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True, desc="vision warm-up")
+    bar = _progress_bar(steps) if progress else None
     t0 = time.perf_counter()
     scores: list[tuple[int, int]] = []  # (right, questions) of each step's training batch
-    cycles = 1
     encoder.train()
     loss = torch.zeros(())
     try:
         step = 0
-        while step < schedule.total_steps:
-            if time_budget_s and step == CALIBRATION_STEPS:
-                fitted = fit_steps(schedule.total_steps, step, time.perf_counter() - t0, time_budget_s)
-                if fitted < schedule.total_steps:
-                    say(f"vision warm-up: {fitted} of {schedule.total_steps} steps fit the time budget "
-                        f"({time_budget_s:.0f} s)")
-                    planned = fitted
-                    schedule = _schedule(optimizer, fitted, warmup_steps=schedule.warmup_steps)
-            schedule.apply(step)
+        while step < length.total_steps:
+            length.before(step, time.perf_counter() - t0)
             image_idx = batches.next()
             pair_idx, valid = _pairs_for(image_idx, pairs_by_image, MAX_PAIRS_PER_IMAGE, generator)
             targets = data.targets[pair_idx[valid]].to(device)
@@ -481,23 +468,16 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
             clip_grad_norm(params, 1.0)
             optimizer.step()
             scores.append((readout_right(logits.detach().float(), targets, data.mode), len(targets)))
-            if step % 50 == 0 or step == schedule.total_steps - 1:
+            if step % 50 == 0 or step == length.total_steps - 1:
                 value = loss.item()
                 if bar is not None:
                     bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 if log is not None:
                     log({"warmup_step": step + 1, "warmup_loss": value})
             step += 1
-            if extend and data.mode == "answers" and step == schedule.total_steps:
-                more = _extension(scores, planned, step, time.perf_counter() - t0, time_budget_s)
-                recent = _window_accuracy(scores, max(1, planned // 10))
-                if more:
-                    schedule = _schedule(optimizer, more, start=step)
-                    cycles += 1
-                    say(f"vision warm-up: the readout answers {recent:.1%} of its training batches' questions: "
-                        f"another {more} steps, the rate up again ({schedule.total_steps} in all)")
+            length.after(step, scores, time.perf_counter() - t0)
             if bar is not None:
-                bar.total = schedule.total_steps
+                bar.total = length.total_steps
                 bar.update(1)
     finally:
         if bar is not None:
@@ -507,18 +487,61 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
     encoder.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
     held = readout_accuracy(model, head, held_out, amp) if held_out is not None else None
-    steps = schedule.total_steps
-    result = {"steps": steps, "planned_steps": planned, "cycles": cycles, "time_s": round(seconds, 1), "loss": round(loss.item(), 4),
-              "mode": data.mode, "classes": data.n_classes, "coverage": round(data.coverage, 4),
+    steps = length.total_steps
+    result = {"steps": steps, "planned_steps": length.planned, "cycles": length.cycles, "time_s": round(seconds, 1),
+              "loss": round(loss.item(), 4), "mode": data.mode, "classes": data.n_classes, "coverage": round(data.coverage, 4),
               "questions": data.n_questions, "images": len(with_pairs), "shift_px": pixels,
               "train_accuracy": _window_accuracy(scores, max(1, steps // 10)), "held_out_accuracy": held}
     say(_done_text(result, held_out))
     return {**result, "head": head}
 
 
+def _progress_bar(steps: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, unit="step", dynamic_ncols=True, desc="vision warm-up")
+
+
 def _schedule(optimizer, steps: int, warmup_steps: int | None = None, start: int = 0) -> WarmupStableDecay:
     warm = int(round(0.02 * steps)) if warmup_steps is None else warmup_steps
     return WarmupStableDecay(optimizer, steps, warm, int(round(DECAY_SHARE * steps)), start=start)
+
+
+class _Length:
+    """The warm-up's schedule and step count: cut to the time budget after CALIBRATION_STEPS
+    steps (`before`), another cycle when one ends unlearned (`after`, with `extend`)."""
+
+    def __init__(self, optimizer, steps: int, budget_s: float, extend: bool, say: Callable[[str], None]):
+        self.optimizer, self.budget_s, self.extend, self.say = optimizer, budget_s, extend, say
+        self.planned, self.cycles = steps, 1
+        self.schedule = _schedule(optimizer, steps)
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    def before(self, step: int, elapsed_s: float) -> None:
+        """Set the rate of `step`, after cutting the steps to the budget at CALIBRATION_STEPS."""
+        if self.budget_s and step == CALIBRATION_STEPS:
+            fitted = fit_steps(self.total_steps, step, elapsed_s, self.budget_s)
+            if fitted < self.total_steps:
+                self.say(f"vision warm-up: {fitted} of {self.total_steps} steps fit the time budget "
+                         f"({self.budget_s:.0f} s)")
+                self.planned = fitted
+                self.schedule = _schedule(self.optimizer, fitted, warmup_steps=self.schedule.warmup_steps)
+        self.schedule.apply(step)
+
+    def after(self, step: int, scores: list[tuple[int, int]], elapsed_s: float) -> None:
+        """At the end of a cycle, another one while the readout has not learned its batches."""
+        if not self.extend or step != self.total_steps:
+            return
+        more = _extension(scores, self.planned, step, elapsed_s, self.budget_s)
+        if more:
+            recent = _window_accuracy(scores, max(1, self.planned // 10))
+            self.schedule = _schedule(self.optimizer, more, start=step)
+            self.cycles += 1
+            self.say(f"vision warm-up: the readout answers {recent:.1%} of its training batches' questions: "
+                     f"another {more} steps, the rate up again ({self.total_steps} in all)")
 
 
 def _window_accuracy(scores: list[tuple[int, int]], window: int, skip: int = 0) -> float:
