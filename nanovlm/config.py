@@ -511,7 +511,7 @@ class TrainConfig:
     vision_warmup_epochs: float = 25.0
     vision_warmup_lr: float = 1e-3
     vision_warmup_batch_size: int = 64  # images per warm-up step (its own: not tied to batch_size)
-    vision_warmup_extend: bool = True  # more cycles (up to 4x the steps) while the readout ends below 97%, within the time budget
+    vision_warmup_extend: bool = True  # more cycles (up to 5x the steps) while the readout ends below 97%, within the time budget
     val_fraction: float = 0.05  # of the training samples held out (grouped by image) for validation
     val_size: int = 500  # at most this many held-out samples
     val_data: str = ""  # a separate validation file instead (nothing is held out then)
@@ -631,7 +631,7 @@ TRAIN_HELP: dict[str, str] = {
     "vision_warmup_epochs": "passes over the training images of the vision warm-up",
     "vision_warmup_lr": "learning rate of the vision warm-up",
     "vision_warmup_batch_size": "images per vision warm-up step",
-    "vision_warmup_extend": "run the warm-up's schedule again (up to 4x its steps in all, within 60% of max_train_time) while its readout's "
+    "vision_warmup_extend": "run the warm-up's schedule again (up to 5x its steps in all, within 60% of max_train_time) while its readout's "
                             "accuracy on its training batches ends below 97%",
     "val_fraction": "share of the training samples held out (grouped by image) for validation",
     "val_size": "at most this many held-out validation samples",
@@ -686,7 +686,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The default: sized for a 2-core CPU and any data of a few thousand images. 64 px images,
     # 8 px patches -> 8x8 grid, shuffle 2 -> 16 tokens; both towers from scratch (7.2M parameters,
     # 6.3M of them the SmolLM2-vocabulary embedding), the real SmolLM2 tokenizer. The vision
-    # warm-up first teaches the encoder the data's answers (36 passes over the images); then the
+    # warm-up first teaches the encoder the data's answers (28 passes over the images, more while it has not learned them); then the
     # VLM trains for at most 1,000 steps of 64 samples packed into 256-token rows (fewer: 40
     # passes over the data), and warm-up + training stop within 15 minutes whatever the data's
     # size (measurements in docs/benchmarks.md, "Learning from any data").
@@ -707,7 +707,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       max_training_steps=1000, max_epochs=40, max_train_time=900, eval_interval=400,
                       eval_interval_limit=200, weight_decay=0.01, packing=True, pack_length=256, warmup_ratio=0.03,
                       multi_turn=True, max_turns=3, independent_turns=True, vision_warmup="auto",
-                      vision_warmup_epochs=36, vision_warmup_lr=1e-3,
+                      vision_warmup_epochs=28, vision_warmup_lr=1e-3,
                       # Drawn scenes: 67% -> 90% held-out counting in the warm-up (docs/benchmarks.md).
                       image_shift=0.05),
     },

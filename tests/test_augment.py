@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_checkpoint import DiesAfter, Killed
-from test_train_synthetic import final_weights, losses, run_synthetic, synthetic_data, tiny_configs
+from test_train_checkpoint import assert_resumes_like
+from test_train_synthetic import losses, run_synthetic
 
 from nanovlm.config import ConfigError, TrainConfig
 from nanovlm.data.augment import shift_batch_images, shift_pixels, shift_tiles
-from nanovlm.train import checkpoint as ckpt
 
 
 def _moved(tile: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -57,15 +56,5 @@ def test_a_run_with_shifted_images_resumes_exactly(tmp_path):
     whole = run_synthetic(tmp_path / "whole", **settings)
     run_synthetic(tmp_path / "plain", max_training_steps=4, save_interval=2)
     assert losses(tmp_path / "whole") != losses(tmp_path / "plain")  # the shift reached the model
-    vlm_cfg, train_cfg = tiny_configs(**settings)
-    data = synthetic_data(vlm_cfg, train_cfg)
-    data.train = DiesAfter(data.train, 3)  # dies inside step 4
-    with pytest.raises(Killed):
-        run_synthetic(tmp_path / "broken", data=data, **settings)
-    assert ckpt.latest_checkpoint(str(tmp_path / "broken")).endswith("step_000002")
-    run_synthetic(tmp_path / "broken", resume=True, **settings)
-    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "broken")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert losses(tmp_path / "broken") == losses(tmp_path / "whole")
     assert whole["steps"] == 4
+    assert_resumes_like(tmp_path / "whole", tmp_path / "broken", settings, dies_after=3, resumed_at="step_000002")

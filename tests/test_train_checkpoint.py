@@ -47,6 +47,23 @@ class DiesAfter:
         self.loader.load_state_dict(state)
 
 
+def assert_resumes_like(whole_dir, run_dir, settings: dict, dies_after: int, resumed_at: str) -> None:
+    """A run of `settings` killed after `dies_after` micro-batches, then resumed from its last
+    checkpoint (named `resumed_at`), ends with the weights and logged losses of `whole_dir`."""
+    vlm_cfg, train_cfg = tiny_configs(**settings)
+    data = synthetic_data(vlm_cfg, train_cfg)
+    data.train = DiesAfter(data.train, dies_after)
+    with pytest.raises(Killed):
+        run_synthetic(run_dir, data=data, **settings)
+    assert ckpt.latest_checkpoint(str(run_dir)).endswith(resumed_at)
+    run_synthetic(run_dir, resume=True, **settings)
+    whole, resumed = final_weights(whole_dir), final_weights(run_dir)
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert losses(run_dir) == losses(whole_dir)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, dropout):
     """With dropout the RNG stream must also continue exactly (restored states, and no hidden

@@ -61,7 +61,7 @@ WARMUP_SHARE_OF_TIME = 0.6  # of max_train_time, at most (the VLM stage needs le
 CALIBRATION_STEPS = 20  # steps timed before a time budget fixes the step count
 DECAY_SHARE = 0.25  # of the steps: the rate's cosine decay at the end
 EXTEND_BELOW = 0.97  # readout accuracy on the last tenth's training batches under which the warm-up goes on
-MAX_EXTENSION = 4  # at most this many times the planned steps in all
+MAX_EXTENSION = 5  # at most this many times the planned steps in all
 
 
 @dataclass
