@@ -94,14 +94,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Static key/value cache: one preallocated (layers, B, n_kv_heads, max_len, head_dim) buffer
-    pair, written in place. `length` counts the positions already filled."""
+    """Static key/value cache: per layer, one preallocated (B, n_kv_heads, max_len, head_dim)
+    key and value buffer, written in place. `length` counts the positions already filled.
+
+    One buffer per layer, not one (layers, ...) tensor: under `torch.compile` an in-place write
+    into a view of a shared buffer is replayed on the whole buffer, so every layer of the
+    compiled decode step rewrote all layers' caches (as many bytes a token as the int8 weights
+    at 128 cache slots, and growing with the cache)."""
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
 
@@ -111,9 +116,9 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were needed. "
                              "Ask for fewer new tokens or a shorter prompt.")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:

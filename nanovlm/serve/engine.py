@@ -117,7 +117,8 @@ class _SlotCache(KVCache):
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int, length: int):  # noqa: super().__init__ allocates
-        self.k, self.v = k[:, :n], v[:, :n]  # (layers, n, n_kv_heads, capacity, head_dim)
+        # per layer: (n, n_kv_heads, capacity, head_dim), views of (layers, B, ...) buffers
+        self.k, self.v = list(k[:, :n].unbind(0)), list(v[:, :n].unbind(0))
         self.max_len = k.shape[3]
         self.length = length
 
@@ -295,10 +296,11 @@ class Engine:
             for row in self._rows:
                 row.start += shift
             L = need
+        scratch_k, scratch_v = torch.stack(scratch.k), torch.stack(scratch.v)  # (layers, B, n_kv_heads, T, head_dim)
         for j, row in keep:
             slot, P = len(self._rows), lengths[j]
-            k[:, slot, :, L - P:L] = scratch.k[:, j, :, T - P:T]
-            v[:, slot, :, L - P:L] = scratch.v[:, j, :, T - P:T]
+            k[:, slot, :, L - P:L] = scratch_k[:, j, :, T - P:T]
+            v[:, slot, :, L - P:L] = scratch_v[:, j, :, T - P:T]
             row.start = L - P
             self._rows.append(row)
         self._length = L
@@ -379,7 +381,7 @@ class Engine:
     def _ensure_buffers(self) -> None:
         if self._k is None:
             cache = self.model.decoder.new_kv_cache(self.max_batch_size, self.capacity)
-            self._k, self._v = cache.k, cache.v
+            self._k, self._v = torch.stack(cache.k), torch.stack(cache.v)  # (layers, B, n_kv_heads, capacity, head_dim)
 
 
 # ---------------------------------------------------------------------------------- prompts
