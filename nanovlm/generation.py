@@ -159,7 +159,7 @@ def _static_step(model, compile: bool):
         # decoders or cache shapes, silently runs eagerly: each decoder's step gets its own copy
         # (a compiled partial would share functools' wrapper code with every other decoder).
         own = types.FunctionType(_eager_step.__code__.replace(), _eager_step.__globals__, "_eager_step")
-        compiled = torch.compile(own, dynamic=False, options=COMPILE_OPTIONS)
+        compiled = torch.compile(own, dynamic=False, options=COMPILE_OPTIONS.get(model.device.type, {}))
         state = {"fn": functools.partial(compiled, decoder)}
 
         def step(*args):
@@ -178,12 +178,16 @@ def _static_step(model, compile: bool):
 
 
 # Inductor's default mode ("max-autotune-no-cudagraphs" compiled far longer and was no faster in a
-# helper's loaded microbenchmark), with one heuristic changed: every elementwise result used more
-# than once (the residual stream) is stored, not recomputed. Batch 1 computes each linear as a
-# multiply-and-sum loop (`quantization.row_matmul`), and inductor would otherwise inline the
-# residual adds, the embedding lookup and the norm into that loop, redoing them for every weight
-# row: int8 decoding of the 222M shape went from 34 to 49 tokens/s (docs/benchmarks.md).
-COMPILE_OPTIONS = {"realize_reads_threshold": 0}
+# helper's loaded microbenchmark), with its inlining turned off: batch 1 computes each linear as a
+# multiply-and-sum loop over the weight rows (`quantization.row_matmul`), and inductor would
+# otherwise inline the ops that make the activation (the residual adds, the embedding lookup, the
+# norm and its bf16 rounding) into that loop, redoing them for every weight row. Every elementwise
+# result is stored instead (`realize_reads_threshold=0` for results used more than once,
+# `realize_opcount_threshold=0` for the rest): the activations are a few KB a token, the loops then
+# read only the weight and a float vector. Int8 decoding of the 222M shape: 34 -> 49 tokens/s with
+# the first, 54 -> 77 with both (docs/benchmarks.md).
+# Other devices keep inductor's defaults (the loops above are the CPU's batch-1 path only).
+COMPILE_OPTIONS = {"cpu": {"realize_reads_threshold": 0, "realize_opcount_threshold": 0}}
 
 
 def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> torch.Tensor:

@@ -102,6 +102,15 @@ def test_compiled_batch_one_uses_the_row_loop_and_gives_the_eager_tokens(monkeyp
     assert torch.int8 in calls
 
 
+def test_the_static_cache_gives_each_layer_its_own_buffers():
+    """A compiled in-place write into a view of one shared buffer is replayed on the whole buffer
+    (every layer would rewrite all layers' caches each token): one allocation per layer."""
+    cache = _model().decoder.new_kv_cache(2, 16)
+    buffers = cache.k + cache.v
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) == len(buffers)
+    assert all(b.shape[0] == 2 and b.shape[2] == 16 for b in buffers)
+
+
 def test_row_matmul_matches_the_linear_kernels():
     """One row: fp32 weights as F.linear (fp32 sums over K = 96: a few ulps of the output's
     scale); int8 within the quantization bound (no bf16 rounding of the row here)."""

@@ -83,6 +83,28 @@ def test_decode_step_equals_the_last_row_of_the_full_causal_pass():
     torch.testing.assert_close(attention(q[:, :, -1:], k, v), full[:, :, -1:])
 
 
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["MHA", "GQA"])
+def test_one_query_under_compile_takes_the_loop_path_and_matches_sdpa(heads, monkeypatch):
+    """The compiled decode step's attention (one query on the CPU) is `_one_query`, not SDPA."""
+    from nanovlm.models import attention as attention_module
+
+    q, k, v = qkv(*heads, 1, 12)
+    mask = random_mask(1, 12)
+    calls = []
+    real = attention_module._one_query
+    monkeypatch.setattr(attention_module, "_one_query", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, m: attention(q, k, v, m), backend="eager", fullgraph=True)
+    for m in (mask, None):
+        torch.testing.assert_close(compiled(q, k, v, m), reference(q, k, v, m))
+        torch.testing.assert_close(compiled(q.bfloat16(), k.bfloat16(), v.bfloat16(), m).float(),
+                                   reference(q, k, v, m), atol=2e-2, rtol=2e-2)
+    traced = len(calls)
+    assert traced  # traced through the loop path
+    attention(q, k, v, mask)
+    assert len(calls) == traced  # eager: SDPA
+
+
 def test_the_rule_picks_the_plain_path_only_for_short_rows_in_cpu_training():
     q, k, _ = qkv(4, 2, 4, PLAIN_MAX_TOKENS)
     assert not uses_plain_path(q, k)  # nothing to train
