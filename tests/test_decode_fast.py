@@ -102,6 +102,29 @@ def test_compiled_batch_one_uses_the_row_loop_and_gives_the_eager_tokens(monkeyp
     assert torch.int8 in calls
 
 
+def test_a_decoder_changed_after_compiling_gets_a_new_compiled_step(monkeypatch):
+    """The compiled step skips Dynamo's module guards; quantizing (or recasting) the decoder
+    afterwards must still compile anew, not run the old graph."""
+    from nanovlm import generation
+
+    model = _model()
+    _on_int8_grid(model)
+    ids, images, mask = (t[1:] for t in _batch(model))
+    ref = _greedy(model, ids, images, mask)
+    assert torch.equal(_greedy(model, ids, images, mask, compile=True), ref)
+    float_step = generation._STEPS[model.decoder][1]
+    calls = []
+    real = quantization.row_matmul
+    monkeypatch.setattr(quantization, "row_matmul", lambda *a: calls.append(a[1].dtype) or real(*a))
+    model.quantize("int8")
+    assert torch.equal(_greedy(model, ids, images, mask, compile=True), ref)
+    assert torch.int8 in calls  # traced again, now with the int8 weights
+    int8_step = generation._STEPS[model.decoder][1]
+    assert int8_step is not float_step
+    _greedy(model, ids, images, mask, compile=True)
+    assert generation._STEPS[model.decoder][1] is int8_step  # unchanged decoder: the same step
+
+
 def test_the_static_cache_gives_each_layer_its_own_buffers():
     """A compiled in-place write into a view of one shared buffer is replayed on the whole buffer
     (every layer would rewrite all layers' caches each token): one allocation per layer."""
