@@ -165,10 +165,11 @@ def test_a_compile_that_fails_falls_back_to_eager_with_a_warning(monkeypatch):
         assert torch.equal(_greedy(model, ids, images, mask, compile=True), ref)
 
 
-def test_one_int8_linear_is_within_its_quantization_bound():
+@pytest.mark.parametrize("rows", [5, quantization.DEQUANTIZE_ROWS + 3], ids=["int8 kernel", "widened to bf16"])
+def test_one_int8_linear_is_within_its_quantization_bound(rows):
     torch.manual_seed(1)
     linear = torch.nn.Linear(96, 40, bias=False)
-    x = torch.randn(5, 96)
+    x = torch.randn(rows, 96)
     ref = x @ linear.weight.T.detach()
     q = Int8Linear.from_linear(linear)
     bound = int8_error_bound(x, q.scales, ref)

@@ -5,7 +5,9 @@ weights: int8 halves bf16's. Each output channel (weight row) n gets one scale,
 s_n = max_k |W[n, k]| / 127, and stores round(W[n, k] / s_n) in [-127, 127]; the matmul is
 ATen's CPU kernel `_weight_int8pack_mm(x_bf16 (M, K), w_int8 (N, K), s_bf16 (N,)) -> (M, N)`
 (as gpt-fast's int8 path and torchao's `int8_weight_only` use it), which converts the int8
-weights on the fly and applies the scales to its output.
+weights on the fly and applies the scales to its output. From `DEQUANTIZE_ROWS` rows on (a
+prefill, a batch) the weight is widened to bf16 for ATen's bf16 matmul instead, which is faster
+there; a batch-1 decode step under `torch.compile` uses `row_matmul`.
 
 Design choices:
 - Quantizing keeps the float weights: it is a way of running a checkpoint, not a checkpoint
@@ -42,12 +44,22 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scales
 
 
+# From this many rows on (a prefill, a batch of prompts), the int8 weight is widened to bf16 and
+# multiplied by ATen's bf16 matmul: 1.4-1.8x faster than `_weight_int8pack_mm` at 81 rows on this
+# CPU, about even at 32, 2-4x slower at 8 and fewer (docs/benchmarks.md, round five).
+DEQUANTIZE_ROWS = 32
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., K) times int8 weight (N, K)^T, scaled per output channel -> (..., N) in x's dtype."""
     shape = x.shape
-    # The kernel wants bf16 activations and scales (`.to(dtype)` of a model may recast the scales).
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), weight,
-                                           scales.to(torch.bfloat16))
+    rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    # bf16 activations and scales: the kernel's fast path (`.to(dtype)` of a model may recast the scales).
+    scales = scales.to(torch.bfloat16)
+    if rows.shape[0] >= DEQUANTIZE_ROWS:
+        y = F.linear(rows, weight.to(torch.bfloat16) * scales[:, None])
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(rows, weight, scales)
     return y.view(*shape[:-1], weight.shape[0]).to(x.dtype)  # (..., N)
 
 
@@ -134,11 +146,11 @@ class Int8Linear(nn.Linear):
 def int8_error_bound(x: torch.Tensor, scales: torch.Tensor, y_ref: torch.Tensor) -> torch.Tensor:
     """Bound on |int8 output - exact output| per element for inputs x (..., K), scales (N,), y_ref
     the exact output (..., N): the weight rounding (s_n / 2 per weight, times sum |x_k|), plus
-    bf16 rounding of the inputs (2^-8 relative each, times sum |x_k| max|W[n]| = 127 s_n sum|x_k|)
-    and of the output (2^-8 relative, again on the bound of |y|)."""
+    bf16 rounding of the inputs and of the widened weights (2^-8 relative each, times sum |x_k|
+    max|W[n]| = 127 s_n sum|x_k|) and of the output (2^-8 relative, again on the bound of |y|)."""
     l1 = x.float().abs().sum(-1, keepdim=True)  # (..., 1)
     s = scales.float()
     weight_part = 0.5 * s * l1
-    input_part = 2.0**-8 * 127.0 * s * l1
+    input_part = 2 * 2.0**-8 * 127.0 * s * l1
     output_part = 2.0**-8 * (y_ref.float().abs() + weight_part + input_part)
     return weight_part + input_part + output_part
