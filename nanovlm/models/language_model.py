@@ -189,11 +189,6 @@ def build_attention_mask(segment_ids: torch.Tensor, q_len: int, position_ids: to
     return allowed.unsqueeze(1)  # (B, 1, q_len, T_kv)
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight^T for a fused projection: float weights, or int8 ones with their scales."""
-    return linear(x, weight, scales)
-
-
 def fuse_rows(linears: list[nn.Linear], quantize: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights of `linears` stacked on the output axis, as one float matrix whose row blocks
     become the layers' weights (views: no second copy), or as int8 with per-row scales."""
@@ -226,7 +221,7 @@ class LanguageModelGroupedQueryAttention(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_weight is None or torch.is_grad_enabled():
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        qkv = fused_linear(x, self.qkv_weight, self.qkv_scales)  # (B, T, (n_heads + 2 n_kv_heads) head_dim)
+        qkv = linear(x, self.qkv_weight, self.qkv_scales)  # (B, T, (n_heads + 2 n_kv_heads) head_dim)
         kv = self.n_kv_heads * self.head_dim
         return qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
@@ -264,7 +259,7 @@ class LanguageModelMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is None or torch.is_grad_enabled():
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = fused_linear(x, self.gate_up_weight, self.gate_up_scales).chunk(2, dim=-1)  # (B, T, inter) each
+        gate, up = linear(x, self.gate_up_weight, self.gate_up_scales).chunk(2, dim=-1)  # (B, T, inter) each
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -307,8 +302,11 @@ class LanguageModel(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.token_embedding.weight
-        return KVCache(self.cfg.lm_n_blocks, batch_size, self.cfg.lm_n_kv_heads, max_len,
-                       self.cfg.lm_head_dim, p.dtype, p.device)
+        return KVCache(*self.kv_cache_shape(batch_size, max_len), p.dtype, p.device)
+
+    def kv_cache_shape(self, batch_size: int, max_len: int) -> tuple[int, int, int, int, int]:
+        """(layers, batch_size, n_kv_heads, max_len, head_dim): the cache's keys (or values)."""
+        return self.cfg.lm_n_blocks, batch_size, self.cfg.lm_n_kv_heads, max_len, self.cfg.lm_head_dim
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, position_ids: torch.Tensor | None = None):

@@ -380,8 +380,10 @@ class Engine:
 
     def _ensure_buffers(self) -> None:
         if self._k is None:
-            cache = self.model.decoder.new_kv_cache(self.max_batch_size, self.capacity)
-            self._k, self._v = torch.stack(cache.k), torch.stack(cache.v)  # (layers, B, n_kv_heads, capacity, head_dim)
+            decoder = self.model.decoder
+            p = decoder.token_embedding.weight
+            shape = decoder.kv_cache_shape(self.max_batch_size, self.capacity)  # (layers, B, n_kv_heads, capacity, head_dim)
+            self._k, self._v = (torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(2))
 
 
 # ---------------------------------------------------------------------------------- prompts

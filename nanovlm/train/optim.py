@@ -87,6 +87,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
+def set_rates(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Each group's rate set to `factor` x its `base_lr`; returns `factor`."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    return factor
+
+
 class WarmupStableDecay:
     """Linear warm-up over `warmup_steps`, the full rate, then a cosine decay to 0 over the last
     `decay_steps` of `steps`, all counted from `start` (a later cycle begins where one ended)."""
@@ -112,10 +119,7 @@ class WarmupStableDecay:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - decay_from) / self.decay_steps)))
 
     def apply(self, step: int) -> float:
-        f = self.factor(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * f
-        return f
+        return set_rates(self.optimizer, self.factor(step))
 
 
 class WarmupCosine:
@@ -144,11 +148,8 @@ class WarmupCosine:
 
     def apply(self, step: int) -> float:
         """Set the rates for the update at `step`; returns the multiplier."""
-        f = self.factor(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * f
         self.step_count = step
-        return f
+        return set_rates(self.optimizer, self.factor(step))
 
     def state_dict(self) -> dict:
         return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,

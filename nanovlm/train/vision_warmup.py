@@ -544,9 +544,9 @@ class _Length:
                      f"another {more} steps, the rate up again ({self.total_steps} in all)")
 
 
-def _window_accuracy(scores: list[tuple[int, int]], window: int, skip: int = 0) -> float:
-    """Accuracy over `window` steps' batches, ending `skip` steps before the last."""
-    chosen = scores[len(scores) - skip - window:len(scores) - skip] if skip else scores[-window:]
+def _window_accuracy(scores: list[tuple[int, int]], window: int) -> float:
+    """Accuracy over the last `window` steps' batches."""
+    chosen = scores[-window:]
     return sum(r for r, _ in chosen) / max(1, sum(n for _, n in chosen))
 
 
