@@ -22,6 +22,12 @@ Columns: the step time; the speed-up over the original's best row; the work of a
 the original's (the head over every position), which MFU divides by on both sides so that the
 percentages compare like with like, and what the side computes (ours: the head at supervised
 positions only); MFU = work / step time / the best bf16 peak measured.
+
+`--floor` adds what ours-bf16's step would cost if every kernel other than its matmuls and its
+update were free: each matmul the step dispatches (recorded by op, shapes, strides and dtypes)
+timed alone at its best and multiplied by its count, plus the clip and fused AdamW update
+alone. The step cannot beat that sum; the original's best row divided by it bounds the ratio
+any change outside the matmul kernels can reach.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from original_nanovlm_train import OriginalVLM, original_optimizer, original_train_step  # noqa: E402
@@ -42,6 +49,7 @@ from nanovlm.config import IGNORE_INDEX  # noqa: E402
 from nanovlm.models.linear_cross_entropy import supervised_index  # noqa: E402
 from nanovlm.runtime import keep_freed_memory  # noqa: E402
 from nanovlm.train import step as train_step  # noqa: E402
+from nanovlm.train.optim import clip_and_step  # noqa: E402
 from nanovlm.train.report import FlopCounter, measure_matmul_peak  # noqa: E402
 
 SIDES = ("original-fp32", "original-bf16", "ours-fp32", "ours-bf16")
@@ -94,6 +102,62 @@ class Side:
                 self.times.append(time.perf_counter() - t0)
 
 
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+class _RecordMatmuls(TorchDispatchMode):
+    """Counts the matmuls a step dispatches by (op, operand shapes, strides, dtypes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[tuple, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            key = (func,) + tuple((tuple(a.shape), a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor))
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _best_time(fn, seconds: float = 0.15) -> float:
+    """Best wall time of one call of fn over a few runs of about `seconds` each."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        calls, t0 = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - t0 < seconds:
+            fn()
+            calls += 1
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def _operand(shape, stride, dtype) -> torch.Tensor:
+    """A random tensor laid out as recorded (a transposed view stays transposed)."""
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    return torch.randn(size, dtype=torch.float32).to(dtype).as_strided(shape, stride)
+
+
+def step_floor(side: "Side", batch: dict) -> tuple[float, float]:
+    """(seconds of the step's matmuls, each timed alone at its best, x its count; seconds of one
+    optimizer update alone): what the step costs with every other kernel free."""
+    trainer, mode = side.trainer, _RecordMatmuls()
+    compiled_runner, trainer.runner = trainer.runner, trainer.eager_runner  # the same matmuls, recorded eagerly
+    with mode:
+        side.step(batch)
+    matmuls = 0.0
+    for (func, *operands), count in mode.calls.items():
+        tensors = [_operand(*o) for o in operands]
+        matmuls += count * _best_time(lambda: func(*tensors))
+    trainer.accumulate([batch], 1.0 / int(batch["supervised_index"].numel()))
+    params = [p for p in trainer.params if p.requires_grad]
+    # The clip and the AdamW update, as Trainer.update makes them; the gradients stay, one step a call.
+    update = _best_time(lambda: clip_and_step(trainer.optimizer, params, trainer.max_grad_norm), seconds=0.5)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.runner = compiled_runner
+    return matmuls, update
+
+
 def measure(args) -> tuple[list[Side], float, tuple[float, float]]:
     cfg = VLMConfig.from_preset(args.preset)
     torch.manual_seed(0)
@@ -114,7 +178,8 @@ def measure(args) -> tuple[list[Side], float, tuple[float, float]]:
                   file=sys.stderr, flush=True)
         peaks.append(max(measure_matmul_peak(torch.device("cpu"), torch.bfloat16, seconds=0.25, n=n)
                          for n in (1024, 2048)))
-    return sides, max(peaks), flops
+    floor = step_floor(next(s for s in sides if s.name == "ours-bf16"), batch) if args.floor else None
+    return sides, max(peaks), flops, floor
 
 
 def main() -> None:
@@ -127,15 +192,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--floor", action="store_true",
+                   help="also time ours-bf16's matmuls and optimizer update alone (the step's floor)")
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated rows, of " + ", ".join(SIDES))
     args = p.parse_args()
     args.sides = [s for s in args.sides.split(",") if s]
     unknown = [s for s in args.sides if s not in SIDES]
+    if args.floor and "ours-bf16" not in args.sides:
+        p.error("--floor needs the ours-bf16 side")
     if unknown or not 0 < args.supervised < args.text_tokens:
         p.error(f"unknown sides {unknown}" if unknown else "--supervised must be between 1 and --text-tokens - 1")
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `nanovlm train` does on CPU (the original does not; it shares the process)
-    sides, peak, (flops_original, flops_ours) = measure(args)
+    sides, peak, (flops_original, flops_ours), floor = measure(args)
     best_original = min((statistics.median(s.times) for s in sides if s.name.startswith("original")), default=None)
     print(f"\n{args.preset}, batch {args.batch} x ({cfg_tokens(args)} tokens), {args.supervised} supervised per "
           f"sample, {args.threads} threads, compile={args.compile}; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; "
@@ -148,6 +217,12 @@ def main() -> None:
         ratio = f"{best_original / t:.2f}x" if best_original else "-"
         print(f"| {s.name} | {t:.3f} s | {ratio} | {flops_original / 1e12:.3f} / {computed / 1e12:.3f} | "
               f"{100 * flops_original / t / peak:.0f}% |")
+    if floor is not None:
+        matmuls, update = floor
+        bound = f", at most {best_original / (matmuls + update):.2f}x the original" if best_original else ""
+        print(f"\nFloor of ours-bf16's step: its matmuls, each shape timed alone at its best, {matmuls:.3f} s "
+              f"({flops_ours / matmuls / 1e9:.0f} GFLOP/s) + the optimizer update alone {update:.3f} s = "
+              f"{matmuls + update:.3f} s{bound}.")
 
 
 def cfg_tokens(args) -> str:

@@ -9,7 +9,7 @@ from test_train_synthetic import final_weights, losses, run_synthetic, synthetic
 
 from nanovlm.config import TrainConfig, VLMConfig
 from nanovlm.models.vision_language_model import VisionLanguageModel
-from nanovlm.train.optim import WarmupCosine, build_optimizer, fused_adamw_available, param_groups
+from nanovlm.train.optim import WarmupCosine, build_optimizer, clip_and_step, fused_adamw_available, param_groups
 
 
 def _optimizer(base_lr: float = 1.0):
@@ -117,3 +117,31 @@ def test_micro_batches_average_over_tokens_like_one_big_batch(tmp_path):
     cfg = tiny_configs()[1]
     lr = max(cfg.lr_mp, cfg.lr_vision_backbone, cfg.lr_language_backbone)
     assert_same_adam_training(final_weights(tmp_path / "micro"), final_weights(tmp_path / "big"), lr, steps=3)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, 0.0])  # clipped, under the limit, no clipping
+def test_clip_and_step_matches_clip_grad_norm_then_step(fused, max_norm):
+    if fused and not fused_adamw_available(torch.device("cpu")):
+        pytest.skip("this torch has no fused AdamW on the CPU")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (5,), (3, 4, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = torch.optim.AdamW(ours, lr=0.1, fused=fused or None)
+    opt_ref = torch.optim.AdamW(ref, lr=0.1, fused=fused or None)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, q, grad in zip(ours, ref, grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        norm = clip_and_step(opt_ours, ours, max_norm)
+        if max_norm > 0:
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+            torch.testing.assert_close(norm, ref_norm)
+        else:
+            assert norm is None
+        opt_ref.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.grad, q.grad)  # the clipped gradients, as clip_grad_norm_ leaves them
+            torch.testing.assert_close(p, q)
+    assert not hasattr(opt_ours, "grad_scale")  # nothing left on the optimizer for a later step

@@ -161,8 +161,26 @@ class WarmupCosine:
         self.step_count = int(state["step_count"])
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor | None:
-    """Clip when max_norm > 0; returns the total norm (a tensor, not synced to the host)."""
+def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
+    """Clip the gradients of `params` to a total norm of `max_norm` (when > 0), then step.
+
+    Returns the total norm before clipping (a tensor, not synced to the host), or None without
+    clipping. A fused AdamW takes the clip as its `grad_scale`: the kernel divides each gradient
+    by it as it reads it (and stores the result, as clip_grad_norm_ would), so the separate
+    multiply over every gradient (a read and a write of all of them, ~0.9 GB a step for the
+    222M shape in fp32) is not made. The same arithmetic as clip_grad_norm_ (coefficient
+    max_norm / (norm + 1e-6), at most 1), applied as a division by its inverse."""
     if max_norm <= 0:
+        optimizer.step()
         return None
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if not optimizer.defaults.get("fused"):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        optimizer.step()
+        return norm
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    optimizer.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0)  # read by fused Adam(W).step
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return norm

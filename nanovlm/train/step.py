@@ -4,8 +4,8 @@
 bookkeeping around it) and `benchmarks/train_vs_original.py` run this same code:
 
 - bf16 autocast where the hardware has fast bf16 matmuls (`TrainConfig.precision`);
-- AdamW fused into one kernel where torch has it (`nanovlm.train.optim`), gradient clipping
-  with the foreach kernels; the loss and the norm stay tensors (no host sync in the step);
+- AdamW fused into one kernel where torch has it (`nanovlm.train.optim`), the gradient clip
+  folded into that kernel (`clip_and_step`); the loss and the norm stay tensors (no host sync in the step);
 - `TrainConfig.compile`: `torch.compile` of the model's forward (and, through AOTAutograd, its
   backward). `auto` compiles on CUDA only: on the 2-core CPU the first step of the
   nanovlm-222m shape took ~6 minutes to compile and the steps after it were not faster within
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from nanovlm.config import IGNORE_INDEX
-from nanovlm.train.optim import build_optimizer, clip_grad_norm, fused_adamw_available
+from nanovlm.train.optim import build_optimizer, clip_and_step, fused_adamw_available
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
@@ -109,8 +109,7 @@ class Trainer:
 
     def update(self) -> torch.Tensor | None:
         """Clip, step, clear the gradients; returns the gradient norm (a tensor, or None)."""
-        norm = clip_grad_norm([p for p in self.params if p.requires_grad], self.max_grad_norm)
-        self.optimizer.step()
+        norm = clip_and_step(self.optimizer, [p for p in self.params if p.requires_grad], self.max_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.augment import shift_pixels, shift_tiles
-from nanovlm.train.optim import WarmupStableDecay, clip_grad_norm
+from nanovlm.train.optim import WarmupStableDecay, clip_and_step
 
 WEIGHT_DECAY = 0.1
 MAX_QUESTION_TOKENS = 32  # the last tokens before an answer: the question (and the template's few)
@@ -465,8 +465,7 @@ def vision_warmup(model: nn.Module, data: ReadoutData, steps: int, lr: float, ba
             loss = readout_loss(logits, targets, data.mode)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip_grad_norm(params, 1.0)
-            optimizer.step()
+            clip_and_step(optimizer, params, 1.0)
             scores.append((readout_right(logits.detach().float(), targets, data.mode), len(targets)))
             if step % 50 == 0 or step == length.total_steps - 1:
                 value = loss.item()
