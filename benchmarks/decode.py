@@ -15,8 +15,9 @@ Columns: decode tokens/s (steady state: one over the median time between two tok
 ratio to the original's best row, and the time to first token (image encoding + prefill + one
 token) for one 224 px image (49 image tokens + --prompt-tokens text tokens) and for a 4x4-tiled
 image (16 tiles + the global view = 17 tiles of the preset's size), and the first call's time
-(4 tokens; for the compiled rows, the compile: warm inductor caches make it shorter). Each time is the best of
---repeats runs. Last, greedy agreement and logit error of int8 against bf16 on the packaged
+(4 tokens; for the compiled rows, the compile: warm inductor caches make it shorter). All rows are
+built first and then take turns, --repeats rounds of one decode each, so that the machine's
+drift falls on every row alike; a first-token time is the best of the rounds. Last, greedy agreement and logit error of int8 against bf16 on the packaged
 SmolLM2-135M (real weights, text prompts: agreement on random weights would mean nothing).
 """
 
@@ -86,27 +87,35 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure(preset: str, row: str, new_tokens: int, text_tokens: int, repeats: int, tiled: bool) -> dict:
-    model, run = build(preset, row)
-    ids, image = prompt(model, 1, text_tokens)
-    t0 = time.perf_counter()
-    run(ids, image, 4)  # warm-up (and, compiled, the compile)
-    first_call = time.perf_counter() - t0
-    one = best_time(lambda: run(ids, image, 1), repeats)
-    stamps: list[float] = []
-    intervals = []
+def measure(preset: str, rows, new_tokens: int, text_tokens: int, repeats: int, tiled: bool) -> dict:
+    """{row: its figures}. Every row is built and warmed up first; then `repeats` rounds, in each
+    of which every row in turn decodes, so that the machine's drift in speed (~30% within an
+    hour here) falls on all rows alike instead of on whichever ran last."""
+    built, results = {}, {}
+    for row in rows:
+        model, run = built[row] = build(preset, row)
+        ids, image = prompt(model, 1, text_tokens)
+        t0 = time.perf_counter()
+        run(ids, image, 4)  # warm-up (and, compiled, the compile)
+        results[row] = {"first_call_s": time.perf_counter() - t0, "ttft_s": float("inf"),
+                        "ttft_tiled_s": float("nan"), "intervals": [], "prompt": (ids, image)}
     for _ in range(repeats):
-        stamps.clear()
-        run(ids, image, new_tokens, lambda: stamps.append(time.perf_counter()))
-        intervals += [b - a for a, b in zip(stamps, stamps[1:])]
-    # The median time between two tokens: robust to a shared machine's stalls.
-    result = {"tok_s": 1.0 / statistics.median(intervals), "ttft_s": one, "ttft_tiled_s": float("nan"),
-              "first_call_s": first_call}
-    if tiled:
-        ids17, tiles = prompt(model, 17, text_tokens)
-        run(ids17, tiles, 2)
-        result["ttft_tiled_s"] = best_time(lambda: run(ids17, tiles, 1), max(1, repeats - 1))
-    return result
+        for row, (model, run) in built.items():
+            r, stamps = results[row], []
+            ids, image = r["prompt"]
+            r["ttft_s"] = min(r["ttft_s"], best_time(lambda: run(ids, image, 1), 1))
+            run(ids, image, new_tokens, lambda: stamps.append(time.perf_counter()))
+            r["intervals"] += [b - a for a, b in zip(stamps, stamps[1:])]
+    for row, (model, run) in built.items():
+        r = results[row]
+        # The median time between two tokens: robust to a shared machine's stalls.
+        r["tok_s"] = 1.0 / statistics.median(r.pop("intervals"))
+        r.pop("prompt")
+        if tiled:
+            ids17, tiles = prompt(model, 17, text_tokens)
+            run(ids17, tiles, 2)
+            r["ttft_tiled_s"] = best_time(lambda: run(ids17, tiles, 1), max(1, repeats - 1))
+    return results
 
 
 @torch.inference_mode()
@@ -164,11 +173,9 @@ def main() -> None:
     print("| row | decode tokens/s | x original's best | first token, 1 image (s) | first token, 4x4 tiles (s) "
           "| first call, compile included (s) |")
     print("|---|---|---|---|---|---|")
-    best_original = None
-    for row in rows:
-        r = measure(args.preset, row, args.new_tokens, args.prompt_tokens, args.repeats, args.tiled)
-        if row.startswith("original"):
-            best_original = max(best_original or 0.0, r["tok_s"])
+    results = measure(args.preset, rows, args.new_tokens, args.prompt_tokens, args.repeats, args.tiled)
+    best_original = max((r["tok_s"] for row, r in results.items() if row.startswith("original")), default=None)
+    for row, r in results.items():
         ratio = f"{r['tok_s'] / best_original:.2f}" if best_original else "-"
         print(f"| {row} | {r['tok_s']:.1f} | {ratio} | {r['ttft_s']:.3f} | {r['ttft_tiled_s']:.2f} | "
               f"{r['first_call_s']:.1f} |", flush=True)
