@@ -480,7 +480,7 @@ class TrainConfig:
     eval_interval: int = 200
     max_grad_norm: float = 1.0
     # torch.compile of the training forward and backward: auto (on CUDA; off on CPU, where the
-    # compile takes minutes and did not make the step faster: docs/benchmarks.md) | on | off.
+    # compile takes minutes for 5-10% off a 222M step: docs/benchmarks.md) | on | off.
     # The original's booleans are read as on / off.
     compile: str = "auto"
     # --- added ---

@@ -8,8 +8,8 @@ bookkeeping around it) and `benchmarks/train_vs_original.py` run this same code:
   folded into that kernel (`clip_and_step`); the loss and the norm stay tensors (no host sync in the step);
 - `TrainConfig.compile`: `torch.compile` of the model's forward (and, through AOTAutograd, its
   backward). `auto` compiles on CUDA only: on the 2-core CPU the first step of the
-  nanovlm-222m shape took ~6 minutes to compile and the steps after it were not faster within
-  the machine's noise (docs/benchmarks.md). A compile that fails (no C++ compiler, an operator
+  nanovlm-222m shape took ~6 minutes to compile cold, and the steps after it were 5-10% faster
+  in alternating runs (docs/benchmarks.md, round six). A compile that fails (no C++ compiler, an operator
   inductor cannot lower) costs one notice and the step is redone eagerly, never the run.
 """
 
