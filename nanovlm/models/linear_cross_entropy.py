@@ -94,12 +94,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     h: (n, C) hidden states, weight: (vocab, C) the head, targets: (n,) token ids (no ignore
     index: pass only the supervised positions). Without autograd (no_grad, or nothing that needs
-    a gradient) only the loss is computed. `chunk_size` (positions per chunk): by default 64 on
-    CPU (measured fastest there, against 16, 32, 128, 256 and 512, for a 49k x 128 head),
-    and 1024 elsewhere (not measured: fewer, larger kernels for a GPU).
+    a gradient) only the loss is computed. `chunk_size` (positions per chunk): by default 128 on
+    CPU, and 1024 elsewhere (not measured: fewer, larger kernels for a GPU). On CPU, 128 was as
+    fast as 64 or faster, in alternating runs with 126 and 512 positions on the 49,152 x 576 head
+    and 480 on the 49,152 x 128 one: 123-124 against 137-159 ms for 126 x 576 (docs/benchmarks.md,
+    round six of the training step; an earlier, noisier measurement had favoured 64).
     """
     if chunk_size is None:
-        chunk_size = 64 if h.device.type == "cpu" else 1024
+        chunk_size = 128 if h.device.type == "cpu" else 1024
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, chunk_size)
     return _chunked(h, weight, targets, chunk_size, False, False)[0]
