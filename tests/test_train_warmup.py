@@ -217,3 +217,34 @@ def test_the_header_comes_before_the_progress_bar_in_one_log(monkeypatch):
     text = log.getvalue()
     assert text.startswith("vision warm-up: 2 steps of the vision encoder with a question-keyed readout"), text[:200]
     assert "%|" in text  # the bar was drawn, after the header
+
+
+def test_the_readout_adds_repeated_questions_gradients_in_order():
+    """The head computes each distinct question once and spreads it to its repeats. The backward of
+    `tensor[inverse]` is an accumulating index_put, which on a multi-threaded CPU adds fp32 rows
+    with parallel atomic adds, in an order that changed from run to run (separate runs of the
+    warm-up drifted apart). The head's backward must not use it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nanovlm.train.vision_warmup import ReadoutHead
+
+    class Accumulating(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
+                        torch.ops.aten._index_put_impl_.default):
+                accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+                self.seen += bool(accumulate)
+            return func(*args, **kwargs)
+
+    torch.manual_seed(0)
+    head = ReadoutHead(16, 20, 5)
+    questions = torch.randint(1, 20, (4, 3, 6))
+    questions[1:] = questions[0]  # the same questions about every image
+    patches = torch.randn(4, 8, 16, requires_grad=True)
+    mode = Accumulating()
+    with mode:
+        head(patches, torch.ones(4, 8, dtype=torch.bool), questions).square().sum().backward()
+    assert head.token.weight.grad is not None and mode.seen == 0

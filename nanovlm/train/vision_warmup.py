@@ -291,8 +291,11 @@ class ReadoutHead(nn.Module):
         H, D = self.n_heads, C // self.n_heads
         # Each distinct question once: data repeats its questions (templates, the same question
         # about many images), and the question block is most of the head's cost.
+        # index_select, not `[inverse]`: the backward of advanced indexing adds the repeated rows'
+        # gradients with parallel atomic adds on a multi-threaded CPU (fp32), in an order that
+        # changes from run to run; index_select's backward (index_add_) adds them in order.
         unique, inverse = torch.unique(questions.reshape(B * P, L), dim=0, return_inverse=True)
-        q = self.question_vector(unique)[inverse].view(B, P, C)
+        q = self.question_vector(unique).index_select(0, inverse).view(B, P, C)
         k = self.key(patches).view(B, N, H, D)
         v = self.value(patches).view(B, N, H, D)
         scores = torch.einsum("bphd,bnhd->bhpn", self.query(q).view(B, P, H, D), k) / math.sqrt(D)  # (B, H, P, N)
