@@ -57,7 +57,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     # bf16 activations and scales: the kernel's fast path (`.to(dtype)` of a model may recast the scales).
     scales = scales.to(torch.bfloat16)
     if rows.shape[0] >= DEQUANTIZE_ROWS:
-        y = F.linear(rows, weight.to(torch.bfloat16) * scales[:, None])
+        y = F.linear(rows, weight * scales[:, None])  # int8 x bf16 -> bf16 in one pass
     else:
         y = torch.ops.aten._weight_int8pack_mm(rows, weight, scales)
     return y.view(*shape[:-1], weight.shape[0]).to(x.dtype)  # (..., N)
