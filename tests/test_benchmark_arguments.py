@@ -10,10 +10,17 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_vs_o
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--floor", "--narrow", "0"], "--narrow must be a positive integer"),
-    (["--floor", "--sides", "original-bf16"], "--floor needs the ours-bf16 side"),
+    (["--original", "/nonexistent", "--sides", "ours-fp32,nope"], "unknown side 'nope'"),
+    (["--original", "/nonexistent", "--sides", "ours-fp32", "--text-tokens", "8"], "--text-tokens must be at least 64"),
 ])
 def test_train_vs_original_names_the_bad_argument(argv, message):
     proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr
+
+
+def test_train_vs_original_names_a_checkout_without_the_models(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--original", str(tmp_path), "--sides", "ours-fp32",
+                           "--preset", "tiny", "--rounds", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "holds no models/vision_language_model.py" in proc.stderr, proc.stderr
