@@ -2,8 +2,10 @@
 
     python benchmarks/own_data.py [--only NAME ...] [--images 3000] [--out runs/own_data]
 
-For each dataset (tests/shapes_data.py: counting, positions, sizes, fill patterns, the colour of
-one of several objects; Cauldron parquet or LLaVA jsonl; never easy-VQA): write it, run
+For each dataset (tests/shapes_data.py and tests/reading_data.py: counting, positions, sizes,
+fill patterns, the colour of one of several objects; bar charts with small letters; numbers
+written in pictures, the test set's numbers never seen in training; a table of numbers; Cauldron
+parquet, LLaVA .jsonl or .json with multi-turn records; never easy-VQA): write it, run
 `nanovlm train --out DIR data=FILE` with nothing else (a subprocess, timed), then load
 `DIR/final` with `VisionLanguageModel.from_pretrained` and answer the held-out test images'
 questions with `model.answer`. Prints a markdown table: exact match per question kind and
@@ -31,6 +33,9 @@ DATASETS = {
     "multi-parquet": ("parquet", ["count", "position", "size", "pattern", "colour"], False),
     "position-colour-llava": ("llava", ["position", "colour"], True),
     "multi-llava": ("llava", ["count", "position", "size", "pattern", "colour"], True),
+    "chart-parquet": ("parquet", ["tallest", "bars", "bar_colour", "compare"], False),
+    "read-llava-json": ("llava-json", ["read", "text_colour"], False),
+    "table-llava": ("llava", ["cell"], True),
 }
 
 
@@ -38,16 +43,18 @@ def write(name: str, root: str, n_images: int, n_test: int) -> tuple[str, list[d
     layout, kinds, one = DATASETS[name]
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    ext = "parquet" if layout == "parquet" else "jsonl"
-    train, test = os.path.join(folder, f"train.{ext}"), os.path.join(folder, f"test.{ext}")
+    ext = {"parquet": "parquet", "llava": "jsonl", "llava-json": "json"}[layout]
+    # The test files sit apart from the training file: data=FILE must not find them.
+    train, test = os.path.join(folder, f"train.{ext}"), os.path.join(folder, "held_out", f"test.{ext}")
+    os.makedirs(os.path.dirname(test), exist_ok=True)
     if layout == "parquet":
         shapes_data.write_parquet(train, n_images, kinds, seed=1)
-        rows = shapes_data.write_parquet(test, n_test, kinds, seed=99_999)
+        rows = shapes_data.write_parquet(test, n_test, kinds, seed=99_999, held_out=True)
     else:
         shapes_data.write_llava(train, n_images, kinds, seed=1, one_per_record=one)
-        rows = shapes_data.write_llava(test, n_test, kinds, seed=99_999, one_per_record=one)
+        rows = shapes_data.write_llava(test, n_test, kinds, seed=99_999, one_per_record=one, held_out=True)
     images = {}
-    for i, img, _ in shapes_data.records(n_test, kinds, seed=99_999):
+    for i, img, _ in shapes_data.records(n_test, kinds, seed=99_999, held_out=True):
         images[i] = img
     for r in rows:
         r["pil"] = images[r["image"]]

@@ -1,10 +1,16 @@
-"""Drawn datasets for tests and benchmarks: scenes of shapes and questions about them.
+"""Drawn datasets for tests and benchmarks: scenes and questions about them.
 
-Not easy-VQA (one shape, its colour): these ask what a readout of mean-pooled features cannot
-see: how many objects, where one is, how big, its fill pattern, the colour of one of several.
-Each scene is drawn with PIL at `size` px, so the training path also resizes it. Written in the
-two layouts users bring: Cauldron parquet (`images` as PNG bytes + `texts`) and LLaVA `.jsonl`
-(an image folder + `conversations`, one question per record when `one_per_record`).
+Not easy-VQA (one shape, its colour). Three families, chosen by the question kinds asked:
+- shapes (`size` px squares): how many objects, where one is, how big, its fill pattern, the
+  colour of one of several;
+- charts (160x100 bar charts, a small letter under each bar; `reading_data.py`): the tallest bar's
+  letter, how many bars, a named bar's colour, whether one bar is taller than another;
+- text (numbers written at random sizes, places and colours beside a distractor shape, 128x96;
+  a 3x2 table of numbers, 180x120): read the number, its colour, one cell of the table. With
+  `held_out=True` every number is one that a `held_out=False` file never shows, so a model must read
+  digits, not recall answers.
+Written in the two layouts users bring: Cauldron parquet (`images` as PNG bytes + `texts`) and
+LLaVA `.jsonl` (an image folder + `conversations`, one question per record when `one_per_record`).
 
 `python tests/shapes_data.py OUT --layout parquet --kinds count,position --images 3000` writes one
 (and a held-out test file beside it, `test.parquet` / `test.jsonl`, from other seeds).
@@ -19,6 +25,8 @@ import os
 import random
 
 from PIL import Image, ImageDraw
+
+import reading_data
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 200, 30),
            "purple": (140, 60, 180)}
@@ -109,20 +117,22 @@ def scene(rng: random.Random, kinds: list[str], size: int) -> tuple[Image.Image,
     return img, qa
 
 
-def records(n_images: int, kinds: list[str], seed: int, size: int = 96):
+def records(n_images: int, kinds: list[str], seed: int, size: int = 96, held_out: bool = False):
     rng = random.Random(seed)
+    draw = reading_data.family(kinds)
     for i in range(n_images):
-        img, qa = scene(rng, kinds, size)
+        img, qa = scene(rng, kinds, size) if draw is None else draw(rng, kinds, held_out)
         yield i, img, qa
 
 
-def write_parquet(path: str, n_images: int, kinds: list[str], seed: int, size: int = 96) -> list[dict]:
+def write_parquet(path: str, n_images: int, kinds: list[str], seed: int, size: int = 96,
+                  held_out: bool = False) -> list[dict]:
     """A Cauldron-layout parquet file; returns the (image index, kind, question, answer) rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     images, texts, rows = [], [], []
-    for i, img, qa in records(n_images, kinds, seed, size):
+    for i, img, qa in records(n_images, kinds, seed, size, held_out):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         images.append([{"bytes": buf.getvalue(), "path": None}])
@@ -133,13 +143,13 @@ def write_parquet(path: str, n_images: int, kinds: list[str], seed: int, size: i
 
 
 def write_llava(path: str, n_images: int, kinds: list[str], seed: int, size: int = 96,
-                one_per_record: bool = True) -> list[dict]:
+                one_per_record: bool = True, held_out: bool = False) -> list[dict]:
     """A LLaVA-layout .jsonl file with its images in `<folder>/images/`."""
     folder = os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.basename(path))[0]
     os.makedirs(os.path.join(folder, f"{stem}_images"), exist_ok=True)
     lines, rows = [], []
-    for i, img, qa in records(n_images, kinds, seed, size):
+    for i, img, qa in records(n_images, kinds, seed, size, held_out):
         rel = f"{stem}_images/{i}.png"
         img.save(os.path.join(folder, rel))
         turns = [[q, a] for _, q, a in qa]
@@ -150,8 +160,8 @@ def write_llava(path: str, n_images: int, kinds: list[str], seed: int, size: int
                 conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
             lines.append(json.dumps({"id": f"{i}-{g}", "image": rel, "conversations": conv}))
         rows += [{"image": i, "kind": k, "question": q, "answer": a} for k, q, a in qa]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with open(path, "w") as f:  # .json: one array of records (multi-turn ones too); .jsonl: a record a line
+        f.write("[" + ",\n".join(lines) + "]\n" if path.endswith(".json") else "\n".join(lines) + "\n")
     return rows
 
 
@@ -166,15 +176,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
-    unknown = set(kinds) - set(KINDS)
+    unknown = set(kinds) - set(KINDS) - set(reading_data.KINDS)
     if unknown:
-        raise SystemExit(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        raise SystemExit(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS + reading_data.KINDS)}")
     os.makedirs(args.out, exist_ok=True)
     for name, n, seed in (("train", args.images, args.seed), ("test", args.test_images, args.seed + 10_000)):
         if args.layout == "parquet":
-            rows = write_parquet(os.path.join(args.out, f"{name}.parquet"), n, kinds, seed, args.size)
+            rows = write_parquet(os.path.join(args.out, f"{name}.parquet"), n, kinds, seed, args.size,
+                                 held_out=name == "test")
         else:
-            rows = write_llava(os.path.join(args.out, f"{name}.jsonl"), n, kinds, seed, args.size)
+            rows = write_llava(os.path.join(args.out, f"{name}.jsonl"), n, kinds, seed, args.size,
+                               held_out=name == "test")
         with open(os.path.join(args.out, f"{name}_rows.json"), "w") as f:
             json.dump(rows, f)
     print(f"wrote {args.layout} data to {args.out}")
