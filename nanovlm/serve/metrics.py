@@ -1,10 +1,7 @@
-"""Prometheus metrics for the server, in the text exposition format (version 0.0.4), by hand.
-
-A few counters and one histogram do not need `prometheus_client`: the server counts requests by
-route and status and observes each request's latency here (from the event loop's thread only, so
-no lock), and `render` adds the engine's token counters and queue gauges at scrape time. Names
-follow Prometheus' conventions (`_total` counters, `_seconds` units, cumulative `le` buckets).
-"""
+"""Prometheus metrics in the text exposition format (0.0.4), by hand: a few counters and one
+histogram need no `prometheus_client`. Requests are counted by route and status, with their
+latency, from the event loop's thread only (no lock); `render` adds the engine's counters and
+queue gauges at scrape time. The labels are a fixed set, so the counters stay bounded."""
 
 from __future__ import annotations
 
