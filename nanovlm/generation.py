@@ -195,7 +195,8 @@ def load_images(entry, index: int) -> list[Image.Image]:
         elif isinstance(item, Image.Image):
             out.append(item.convert("RGB"))
         else:
-            raise TypeError(f"question {index}: an image must be a PIL image or a file path, got {type(item).__name__}.")
+            raise TypeError(f"question {index}: an image must be a PIL image or a file path, got "
+                            f"{type(item).__name__}.")
     return out
 
 

@@ -6,7 +6,6 @@ supervised label sits on the prompt's last token), and its tiles are what the mo
 """
 
 import json
-import types
 
 import pytest
 import torch
@@ -75,7 +74,7 @@ def every_inference_path(model, monkeypatch, tmp_path, image, question):
     out["eval"], = decoded_inputs(monkeypatch, lambda: eval_easyvqa.predict(
         model, [{"question": question, "image": str(path)}], max_new_tokens=1))
     for name, parts in (("serve", [image, question]), ("serve, text first", [question, image])):
-        out[name] = chat_prompt(model, [types.SimpleNamespace(role="user", parts=parts)])  # a parsed message
+        out[name] = chat_prompt(model, [{"role": "user", "content": parts}])  # as the server parses it
     return out
 
 
@@ -202,9 +201,8 @@ def test_layout_errors_say_what_to_fix(renderer, messages, n_images, required, m
 def test_inference_errors_name_the_question_and_the_fix(model):
     with pytest.raises(ValueError, match=r"question 1: 1 image\(s\) but 2 <image> placeholder\(s\)"):
         generation.build_prompts(model, [None, picture(8, 8)], ["fine", "<image> and <image>?"])
-    message = types.SimpleNamespace(role="user", parts=["look <|image|> here"])
     with pytest.raises(APIError, match="reserved image placeholder '<\\|image\\|>'; remove it") as e:
-        chat_prompt(model, [message])
+        chat_prompt(model, [{"role": "user", "content": ["look <|image|> here"]}])
     assert (e.value.status, e.value.param) == (400, "messages")
 
 

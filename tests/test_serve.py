@@ -21,7 +21,6 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 
 from nanovlm import VLMConfig, VisionLanguageModel  # noqa: E402
-from nanovlm.serve.engine import wait_idle  # noqa: E402
 from nanovlm.serve.protocol import Limits  # noqa: E402
 from nanovlm.serve.server import model_name_for, start_server  # noqa: E402
 
@@ -489,7 +488,7 @@ def test_internal_errors_are_500_and_the_server_survives(server, client, monkeyp
     assert server.app.engine.alive
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "ok?"}], max_tokens=3)
     assert r.usage.completion_tokens >= 1
-    assert wait_idle(server.app.engine)
+    _until(lambda: server.app.engine.idle, "the engine to be idle")
 
 
 def test_busy_server_answers_503(server, monkeypatch):

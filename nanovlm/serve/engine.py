@@ -17,7 +17,6 @@ import logging
 import queue
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,16 +51,12 @@ class Handle:
     def __init__(self, request: GenerationRequest, events: Any = None):
         self.request = request
         self.events = queue.SimpleQueue() if events is None else events
-        self._cancelled = threading.Event()
+        self.cancelled = False
         self.pos, self.token, self.generated, self.done = len(request.input_ids), -1, 0, False
         self.generator: torch.Generator | None = None
 
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+    def cancel(self) -> None:  # from any thread: the engine reads the flag between two steps
+        self.cancelled = True
 
     def get(self, timeout: float | None = None):
         """The next event, or None after `timeout` seconds."""
@@ -77,14 +72,10 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}.")
         cfg = model.cfg
-        self.model = model
-        self.max_batch_size = max_batch_size
-        self.max_queued = max_queued
+        self.model, self.max_batch_size, self.max_queued, self.compile = model, max_batch_size, max_queued, compile
         limit = min(cfg.lm_max_length, cfg.lm_max_position_embeddings)
         self.context = limit if context is None else min(int(context), cfg.lm_max_position_embeddings)
-        self.prefill_token_budget = prefill_token_budget
-        self.compile = compile
-        self.eos = cfg.lm_eos_token_id
+        self.prefill_token_budget, self.eos = prefill_token_budget, cfg.lm_eos_token_id
         self._step_fn = step_function(model.decoder.prepare_for_inference(), compile)
         self._cache = None  # max_batch_size x context slots, allocated with the first request
         self._rows: list[Handle] = []
@@ -265,12 +256,3 @@ class Engine:
                         buffer[i, :, :last.pos] = buffer[len(rows), :, :last.pos]
                     rows[i] = last
 
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """True once nothing runs or waits (tests and benchmarks)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine.idle:
-            return True
-        time.sleep(0.01)
-    return False

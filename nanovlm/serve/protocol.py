@@ -62,15 +62,9 @@ class Limits:
 
 
 @dataclass
-class Message:
-    role: str  # system | user | assistant ("developer" is read as system)
-    parts: list  # str (text) or PIL.Image.Image, in order
-
-
-@dataclass
 class ChatRequest:
     model: str
-    messages: list[Message]
+    messages: list[dict]  # {"role": system | user | assistant, "content": [text or PIL image, ...]}
     max_tokens: int | None  # None: as many as the context allows (capped by Limits)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -79,10 +73,6 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-
-    @property
-    def n_images(self) -> int:
-        return sum(isinstance(p, Image.Image) for m in self.messages for p in m.parts)
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -141,7 +131,8 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         raise APIError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                             "send a JSON object such as {\"model\": ..., \"messages\": [...]}.") from None
     except RecursionError:
-        raise APIError(400, "the request body's JSON is nested too deeply; send a flat chat-completions object.") from None
+        raise APIError(400, "the request body's JSON is nested too deeply; send a flat chat-completions "
+                            "object.") from None
     except ValueError as e:  # e.g. an integer with more digits than Python converts
         raise APIError(400, f"the request body is not valid JSON ({e}).") from None
     if not isinstance(data, dict):
@@ -195,7 +186,7 @@ def check_model(model: str | None, model_names: tuple[str, ...]) -> str:
     return model_names[0]
 
 
-def _parse_message(m: Any, i: int, limits: Limits, allow_remote: bool) -> Message:
+def _parse_message(m: Any, i: int, limits: Limits, allow_remote: bool) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise APIError(400, f"{where} must be an object with 'role' and 'content', got {_describe(m)}.", param=where)
@@ -210,12 +201,12 @@ def _parse_message(m: Any, i: int, limits: Limits, allow_remote: bool) -> Messag
         raise APIError(400, f"{where}.content is missing; give a string or a list of content parts.",
                        param=f"{where}.content")
     if isinstance(content, str):
-        return Message(role, [content])
+        return {"role": role, "content": [content]}
     if not isinstance(content, list):
         raise APIError(400, f"{where}.content must be a string or a list of content parts, got {_describe(content)}.",
                        param=f"{where}.content")
-    return Message(role, [_parse_part(part, f"{where}.content[{j}]", role, limits, allow_remote)
-                          for j, part in enumerate(content)])
+    return {"role": role, "content": [_parse_part(p, f"{where}.content[{j}]", role, limits, allow_remote)
+                                      for j, p in enumerate(content)]}
 
 
 def _parse_part(part: Any, where: str, role: str, limits: Limits, allow_remote: bool) -> str | Image.Image:
@@ -229,7 +220,8 @@ def _parse_part(part: Any, where: str, role: str, limits: Limits, allow_remote: 
                            param=f"{where}.text")
         return part["text"]
     if kind not in ("image_url", "input_image"):
-        raise APIError(400, f"{where}.type must be 'text' or 'image_url', got {_describe(kind)}.", param=f"{where}.type")
+        raise APIError(400, f"{where}.type must be 'text' or 'image_url', got {_describe(kind)}.",
+                       param=f"{where}.type")
     if role != "user":
         raise APIError(400, f"{where}: images may only appear in user messages, not in a {role} message.", param=where)
     ref = part.get("image_url")

@@ -130,12 +130,11 @@ async def chat(app: App, request: Request) -> Response:
         handle.cancel()  # a no-op when it finished; frees the row when the client left or we failed
 
 
-def chat_prompt(model, messages: Sequence[protocol.Message]) -> tuple[list[int], torch.Tensor | None]:
-    """Chat messages -> (prompt ids, image tiles or None), laid out as training lays them out
-    (`generation.render_chat`: a message's images before its text unless the model was trained
-    on interleaved text and images). Raises APIError."""
+def chat_prompt(model, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
+    """Parsed chat messages -> (prompt ids, image tiles or None), laid out as training lays them
+    out (`generation.render_chat`). Raises APIError."""
     try:
-        chat = render_chat(model, [{"role": m.role, "content": list(m.parts)} for m in messages])
+        chat = render_chat(model, messages)
     except RenderError as e:
         if e.reason == "image_token_mismatch":
             e = (f"the message text contains the reserved image placeholder {model.tokenizer.image_token!r}; "
@@ -294,8 +293,8 @@ def build_app(app: App):
         path = request.url.path[:200]
         if exc.status_code == 405:
             allowed = sorted((exc.headers or {}).get("Allow", "").replace(" ", "").split(","))
-            return _error(405, f"method not allowed on {path}; use {' or '.join(allowed)}.", {"Allow": ", ".join(allowed)},
-                          code="method_not_allowed")
+            return _error(405, f"method not allowed on {path}; use {' or '.join(allowed)}.",
+                          {"Allow": ", ".join(allowed)}, code="method_not_allowed")
         return _error(404, f"no route {request.method} {path}; this server has POST /v1/chat/completions, GET "
                            "/v1/models, GET /health, GET /metrics and GET /.", code="not_found")
 
