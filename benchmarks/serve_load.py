@@ -1,17 +1,23 @@
-"""Load test for `nanovlm serve`: requests/s and tokens/s at several client concurrencies.
+"""Load test for `nanovlm serve`: requests/s and tokens/s at several client concurrencies, or a
+soak that samples the server's memory over time.
 
 Starts the server itself on loopback (a separate process, so the clients do not share its
 interpreter) from --model DIR, or from a tiny random checkpoint when no model is given; or
 measures a running server with --url. Each client is a thread with one keep-alive connection
-sending easy-VQA questions with an image (greedy, non-streaming). Bounded: every level stops
-after --requests-per-client requests per client or --max-seconds, whichever comes first.
+sending easy-VQA questions with an image (greedy). Bounded: every level stops after
+--requests-per-client requests per client or --max-seconds, whichever comes first.
 
     python benchmarks/serve_load.py                      # tiny random model
     python benchmarks/serve_load.py --preset easyvqa     # random model of the demo's size
     python benchmarks/serve_load.py --model runs/demo/final
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 1,4,16
+    python benchmarks/serve_load.py --model runs/demo/final --soak 1800 --clients 32
 
-Prints a markdown table; no timed assertions.
+--soak SECONDS: --clients clients (every second one streaming) ask without pause for that long,
+while the server's resident memory (RSS, from /proc; with --url, give --pid) is sampled every
+--sample-every seconds into a table: a server that leaks keeps growing, a healthy one levels off.
+
+Prints markdown tables; no timed assertions.
 """
 
 from __future__ import annotations
@@ -56,12 +62,14 @@ def start_server(model_dir: str, max_batch_size: int) -> tuple[subprocess.Popen,
     port = free_port()
     cmd = [sys.executable, "-m", "nanovlm", "serve", "--model", model_dir, "--port", str(port),
            "--max-batch-size", str(max_batch_size)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a long run's log would fill it and stall the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"the server exited: {log.read()[-2000:]}")
         try:
             if get_json(url, "/health")["status"] == "ok":
                 return proc, url
@@ -113,60 +121,116 @@ def _drawn_png(i: int) -> bytes:
     return buf.getvalue()
 
 
-def run_level(url: str, model: str, messages: list[dict], clients: int, per_client: int, max_tokens: int,
-              max_seconds: float) -> dict:
-    parts = urllib.parse.urlsplit(url)
-    latencies: list[float] = []
-    tokens = [0]
-    errors = [0]
-    lock = threading.Lock()
-    deadline = time.monotonic() + max_seconds
+def ask(conn: http.client.HTTPConnection, body: dict, stream: bool) -> int:
+    """One chat completion on `conn`; its completion tokens (streamed: from the usage chunk)."""
+    if stream:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = response.read()
+    if response.status != 200:
+        raise ValueError(f"status {response.status}")
+    if not stream:
+        return json.loads(payload)["usage"]["completion_tokens"]
+    events = [e[len(b"data: "):] for e in payload.split(b"\n\n") if e.startswith(b"data: {")]
+    return json.loads(events[-1])["usage"]["completion_tokens"]
 
-    def client(k: int) -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=max_seconds + 30)
+
+class Clients:
+    """`clients` threads asking without pause (every `stream_every`-th one streaming) until each
+    has sent `per_client` requests or `seconds` have passed; counts what came back."""
+
+    def __init__(self, url: str, model: str, messages: list[dict], max_tokens: int, stream_every: int = 0):
+        self.url, self.model, self.messages, self.max_tokens = urllib.parse.urlsplit(url), model, messages, max_tokens
+        self.stream_every = stream_every
+        self.latencies: list[float] = []
+        self.tokens = self.errors = 0
+        self.lock = threading.Lock()
+
+    def run(self, clients: int, per_client: int, seconds: float) -> float:
+        deadline = time.monotonic() + seconds
+        threads = [threading.Thread(target=self._client, args=(k, per_client, deadline)) for k in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - t0
+
+    def _client(self, k: int, per_client: int, deadline: float) -> None:
+        stream = bool(self.stream_every) and k % self.stream_every == self.stream_every - 1
+        conn = None
         for j in range(per_client):
             if time.monotonic() > deadline:
                 break
-            body = json.dumps({"model": model, "messages": [messages[(k * per_client + j) % len(messages)]],
-                               "max_tokens": max_tokens, "temperature": 0})
+            conn = conn or http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=120)
+            body = {"model": self.model, "messages": [self.messages[(k * 7919 + j) % len(self.messages)]],
+                    "max_tokens": self.max_tokens, "temperature": 0}
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-                response = conn.getresponse()
-                payload = json.loads(response.read())
-                ok = response.status == 200
-            except (OSError, ValueError, http.client.HTTPException):
-                ok, payload = False, {}
+                n = ask(conn, body, stream)
+            except (OSError, ValueError, KeyError, IndexError, http.client.HTTPException):
+                n = None
                 conn.close()
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=max_seconds + 30)
-            dt = time.perf_counter() - t0
-            with lock:
-                if ok:
-                    latencies.append(dt)
-                    tokens[0] += payload["usage"]["completion_tokens"]
+                conn = None
+            with self.lock:
+                if n is None:
+                    self.errors += 1
                 else:
-                    errors[0] += 1
-        conn.close()
+                    self.latencies.append(time.perf_counter() - t0)
+                    self.tokens += n
+        if conn is not None:
+            conn.close()
 
+
+def run_level(url: str, model: str, messages: list[dict], clients: int, per_client: int, max_tokens: int,
+              max_seconds: float) -> dict:
+    load = Clients(url, model, messages, max_tokens)
     before = get_json(url, "/health")
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = load.run(clients, per_client, max_seconds)
     after = get_json(url, "/health")
     steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
     rows = after.get("decode_rows", 0) - before.get("decode_rows", 0)
-    lat = sorted(latencies)
+    lat = sorted(load.latencies)
     return {
-        "clients": clients, "requests": len(lat), "errors": errors[0], "wall_s": wall,
-        "req_s": len(lat) / wall, "tok_s": tokens[0] / wall,
+        "clients": clients, "requests": len(lat), "errors": load.errors, "wall_s": wall,
+        "req_s": len(lat) / wall, "tok_s": load.tokens / wall,
         "p50_s": statistics.median(lat) if lat else float("nan"),
         "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan"),
         "mean_batch": rows / steps if steps else float("nan"),
     }
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def soak(url: str, model: str, messages: list[dict], pid: int, args) -> list[dict]:
+    """RSS and answers every --sample-every seconds while --clients clients ask for --soak seconds."""
+    load = Clients(url, model, messages, args.max_tokens, stream_every=2)
+    worker = threading.Thread(target=load.run, args=(args.clients, 1 << 30, args.soak))
+    samples = [{"t": 0.0, "rss_mb": rss_mb(pid), "answers": 0, "errors": 0}]
+    t0 = time.monotonic()
+    worker.start()
+    while worker.is_alive():
+        worker.join(max(0.0, t0 + len(samples) * args.sample_every - time.monotonic()))
+        samples.append({"t": time.monotonic() - t0, "rss_mb": rss_mb(pid), "answers": len(load.latencies),
+                        "errors": load.errors})
+    return samples
+
+
+def print_soak(samples: list[dict], args, model_desc: str) -> None:
+    print(f"`nanovlm serve` soak: {model_desc}; {args.clients} clients (half streamed), image + question, greedy, "
+          f"max_tokens={args.max_tokens}, {args.soak:g} s; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| time s | server RSS MB | answers | errors |\n|---:|---:|---:|---:|")
+    for s in samples:
+        print(f"| {s['t']:.0f} | {s['rss_mb']:.0f} | {s['answers']} | {s['errors']} |")
+    half = samples[len(samples) // 2:]
+    if len(half) > 1:
+        print(f"\nRSS over the second half: {half[0]['rss_mb']:.0f} -> {half[-1]['rss_mb']:.0f} MB "
+              f"({half[-1]['rss_mb'] - half[0]['rss_mb']:+.0f} MB); peak {max(s['rss_mb'] for s in samples):.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-seconds", type=float, default=60.0, help="time cap per concurrency level")
     ap.add_argument("--max-batch-size", type=int, default=16, help="passed to the server it starts")
+    ap.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="run the soak instead of the levels")
+    ap.add_argument("--clients", type=int, default=32, help="clients of the soak")
+    ap.add_argument("--sample-every", type=float, default=60.0, metavar="SECONDS", help="the soak's RSS samples")
+    ap.add_argument("--pid", type=int, default=None, help="with --url and --soak: the server's process id")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",") if c]
+    if args.soak and args.url and args.pid is None:
+        ap.error("--soak with --url needs --pid, the server's process id (its memory is read from /proc).")
 
     proc, tmp = None, None
     try:
@@ -197,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                 model_desc = model_dir
             proc, url = start_server(model_dir, args.max_batch_size)
         model = get_json(url, "/v1/models")["data"][0]["id"]
-        messages = workload(max(levels) * args.requests_per_client)
+        messages = workload(max(levels + [args.clients]) * args.requests_per_client)
         run_level(url, model, messages, 1, 1, args.max_tokens, args.max_seconds)  # warm-up
-        results = [run_level(url, model, messages, c, args.requests_per_client, args.max_tokens, args.max_seconds)
-                   for c in levels]
+        if args.soak:
+            samples = soak(url, model, messages, args.pid or proc.pid, args)
+        else:
+            results = [run_level(url, model, messages, c, args.requests_per_client, args.max_tokens,
+                                 args.max_seconds) for c in levels]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
@@ -211,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
+    if args.soak:
+        print_soak(samples, args, model_desc)
+        return 0
     print(f"`nanovlm serve` load: {model_desc}; easy-VQA image + question, greedy, max_tokens={args.max_tokens}, "
           f"{args.requests_per_client} requests per client; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs\n")

@@ -281,7 +281,7 @@ def _load_text_model(source: str, dtype):
     tokenizer = get_tokenizer(source)
     cfg = VLMConfig(**config_from_source(source), lm_model_type=source, lm_tokenizer=source,
                     vlm_extra_tokens={"image_token": "<|image|>"}, lm_eos_token_id=tokenizer.eos_token_id)
-    return TextModel(LanguageModel.from_pretrained(cfg).to(dtype), tokenizer).eval()
+    return TextModel(LanguageModel.from_pretrained(cfg).to(dtype).eval(), tokenizer)
 
 
 # ----------------------------------------------------------------------------------------- eval
@@ -319,16 +319,36 @@ def _cmd_eval(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- serve
+SERVE_EXAMPLE = """example requests (an image as a data URL; text and image parts in either order):
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
+    "model": "default", "max_tokens": 16, "messages": [{"role": "user", "content": [
+      {"type": "text", "text": "What color is the shape?"},
+      {"type": "image_url", "image_url": {"url": "data:image/png;base64,'"$(base64 -w0 shape.png)"'"}}]}]}'
+
+  import base64, openai
+  client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+  url = "data:image/png;base64," + base64.b64encode(open("shape.png", "rb").read()).decode()
+  reply = client.chat.completions.create(model="default", max_tokens=16, messages=[{"role": "user", "content": [
+      {"type": "text", "text": "What color is the shape?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+  print(reply.choices[0].message.content)"""
+
+
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", formatter_class=_Formatter, help="OpenAI-compatible HTTP server",
                        description="Serve a checkpoint over an OpenAI-compatible chat-completions API, "
-                                   "with a chat page at /.")
+                                   "with a chat page at /.", epilog=SERVE_EXAMPLE)
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                   help="the name(s) clients send as 'model' (the first is the one reported; 'default' works too; "
+                        "others get 404); default: the checkpoint folder's name")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (loopback: only this machine; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="requests decoded together")
     p.add_argument("--quantize", default="none", metavar="MODE", help=QUANTIZE_HELP)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step (one shape for every batch; the first request waits "
+                        "for the compile)")
     p.add_argument("--allow-remote-images", action=argparse.BooleanOptionalAction, default=False,
                    help="fetch http(s) image URLs on the server")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -341,17 +361,11 @@ def _add_serve_parser(sub) -> None:
 
 
 def _cmd_serve(args) -> int:
-    for module in ("starlette", "uvicorn", "pydantic"):
-        try:
-            __import__(module)
-        except ImportError:
-            raise RuntimeError(f"nanovlm serve needs the [serve] extra ({module} is not installed): "
-                               "pip install 'nanovlm[serve]'.") from None
     from nanovlm.serve.server import serve
 
-    return serve(model_dir=args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                 allow_remote_images=args.allow_remote_images, api_key=args.api_key,
-                 drain_timeout=args.drain_timeout, quantize=args.quantize)
+    return serve(args.model, args.host, args.port, served_model_name=args.served_model_name, quantize=args.quantize,
+                 api_key=args.api_key, drain_timeout=args.drain_timeout, max_batch_size=args.max_batch_size,
+                 allow_remote_images=args.allow_remote_images, compile=args.compile)
 
 
 # --------------------------------------------------------------------------------------- export

@@ -1,12 +1,12 @@
-"""Generation: sampling, the KV-cache decode loop, streaming, and `answer`.
+"""Generation: sampling, the one decode loop, streaming, and `answer`.
 
-One decode loop serves everything (`generate`, `stream`, the server, evaluation): prefill the
-prompt into a static KV cache, then feed one token per step. Batches are left-padded; positions
-come from the attention mask, so a padded row decodes exactly as it would alone. Each row stops
-at EOS (later tokens are EOS padding) and the loop ends early once every row has stopped.
-Eager steps attend to the filled part of the cache; with `compile=True` the step is one
-fixed-shape function over the whole (bucketed) cache, positions and slots as tensors
-(`LanguageModel.decode_step`, as in gpt-fast), compiled once per decoder and cache shape.
+One path, as in gpt-fast: the prompt is prefilled into a static KV cache, then every token is
+one `LanguageModel.decode_step` over it, positions and cache slots as tensors. A row's tokens
+start at slot 0 (a left-padded batch is laid out with its padding last), so it decodes exactly
+as it would alone; it stops at EOS (later tokens are EOS padding), the loop once every row has.
+`compile=True` runs the one-token step `torch.compile`d over the whole (bucketed) cache: one
+shape, compiled once per decoder and cache shape. The server's batching runs the same step.
+The calls prepare the model themselves (fused q/k/v and gate/up): the fast path is the default.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from nanovlm.data.images import open_image
+from nanovlm.data.processors import ChatRenderer, RenderedChat, RenderError
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -58,129 +62,62 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
 
 
-@torch.inference_mode()
-def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Tensor | None = None, *,
-           max_new_tokens: int = 32, top_k: int = 50, top_p: float = 0.9, temperature: float = 0.5,
-           greedy: bool = False, eos_token_id: int | None = None, use_kv_cache: bool = True,
-           generator: torch.Generator | None = None, compile: bool = False,
-           static_decode: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens (B,), finished (B,) bool) once per decoded step.
-
-    A finished row keeps yielding EOS. Stops after `max_new_tokens` steps or when all rows ended.
-    `compile`: decode with `torch.compile` of the one-token step over a static cache (the first
-    call per shape compiles; falls back to eager with a warning where compiling fails).
-    `static_decode` (default: `compile`): that fixed-shape step, compiled or not; else each step
-    attends to the filled part of the cache only (fewer keys: what batched eager decoding wants).
-    """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    eos = model.cfg.lm_eos_token_id if eos_token_id is None else eos_token_id
-    device = model.device
-    input_ids = input_ids.to(device)
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    if max_new_tokens == 0:
-        return
-    if T + max_new_tokens > model.cfg.lm_max_position_embeddings:
-        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {model.cfg.lm_max_position_embeddings} positions.")
-    decoder = model.decoder
-    embeds = model.embed(input_ids, images)  # (B, T, C)
-    full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
-    full_mask[:, :T] = attention_mask
-    # One host sync per call (the mask is read back) buys SDPA's causal kernel for unpadded batches.
-    padded = not bool((attention_mask == 1).all())
-    static = (compile if static_decode is None else static_decode) and use_kv_cache
-    cache_len = T + max_new_tokens
-    if static:  # one cache shape for prompts of similar length: one compiled step
-        cache_len = _cache_length(cache_len, model.cfg.lm_max_position_embeddings)
-
-    cache = decoder.new_kv_cache(B, cache_len) if use_kv_cache else None
-    hidden, _ = decoder(embeds, attention_mask=attention_mask if padded else None, kv_cache=cache)
-    if static:
-        step_fn = _static_step(model, compile)
-        key_mask = torch.ones(B, cache_len, dtype=torch.bool, device=device)
-        key_mask[:, :T] = attention_mask.bool()
-        input_pos = torch.tensor([T], device=device)
-    # Each row's next position: its count of real tokens (left padding does not count).
-    next_pos = attention_mask.sum(dim=1, keepdim=True)  # (B, 1)
-    logits = decoder.head(hidden[:, -1])  # (B, vocab)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        tokens = sample_next(logits, greedy, temperature, top_k, top_p, generator)
-        tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
-        finished = finished | (tokens == eos)
-        yield tokens, finished
-        # One host sync per decoded token, the price of stopping once every row has ended: the
-        # host waits for this step's kernels before it queues the next step's, so an accelerator
-        # idles for one launch latency. (The position check in the next forward reads back right
-        # after it, with the queue empty: no further wait.)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            return
-        if static:
-            logits = step_fn(tokens[:, None], next_pos + step, input_pos + step, key_mask, cache)
-            continue
-        x = decoder.token_embedding(tokens[:, None])  # (B, 1, C)
-        if cache is not None:
-            mask = full_mask[:, : T + step + 1] if padded else None
-            hidden, _ = decoder(x, attention_mask=mask, kv_cache=cache, position_ids=next_pos + step)
-        else:
-            embeds = torch.cat([embeds, x], dim=1)  # no cache: recompute everything (tests, reference)
-            hidden, _ = decoder(embeds, attention_mask=full_mask[:, : T + step + 1] if padded else None)
-        logits = decoder.head(hidden[:, -1])
+# ---------------------------------------------------------------------- the decode step
+def prefill(decoder, embeds: torch.Tensor, lengths: torch.Tensor, cache) -> torch.Tensor:
+    """Prompts into cache slots 0..T-1: embeddings (B, T, C), each row's `lengths` (B,) real
+    tokens first. Returns the logits (B, vocab) after each row's last real token."""
+    B, T, _ = embeds.shape
+    hidden = decoder.decode_step(embeds, torch.arange(T, device=embeds.device).expand(B, T), cache, T)
+    return decoder.head(hidden[torch.arange(B, device=embeds.device), lengths - 1])
 
 
-CACHE_BUCKET = 128  # static caches round up to this many positions, so prompts of similar length share a compiled step
-
-
-def _cache_length(needed: int, limit: int) -> int:
-    return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, max(limit, needed))
+def decode_one_token(decoder, tokens: torch.Tensor, input_pos: torch.Tensor, cache,
+                     kv_len: int | None = None) -> torch.Tensor:
+    """tokens (B,) at each row's slot input_pos (B,) -> next-token logits (B, vocab)."""
+    x = decoder.token_embedding(tokens[:, None])  # (B, 1, C)
+    return decoder.head(decoder.decode_step(x, input_pos[:, None], cache, kv_len)[:, -1])
 
 
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-
-def _eager_step(decoder, tokens, position_ids, input_pos, key_mask, cache) -> torch.Tensor:
-    """One decode step over the static cache: tokens (B, 1) -> next-token logits (B, vocab)."""
-    x = decoder.token_embedding(tokens)  # (B, 1, C)
-    hidden = decoder.decode_step(x, position_ids, input_pos, key_mask, cache)  # (B, 1, C)
-    return decoder.head(hidden[:, -1])
+# Inductor's default mode, with its inlining turned off on the CPU: batch 1 computes each linear
+# as a multiply-and-sum loop over the weight rows (`quantization.row_matmul`), and inlined
+# producers (residual adds, the embedding, the norm) would be redone for every weight row.
+COMPILE_OPTIONS = {"cpu": {"realize_reads_threshold": 0, "realize_opcount_threshold": 0}}
 
 
-def _static_step(model, compile: bool):
-    """The model's static decode step, compiled once per decoder when asked (and reused)."""
-    decoder = model.decoder
-    eager = functools.partial(_eager_step, decoder)
+def step_function(decoder, compile: bool):
+    """`decode_one_token` for `decoder` as `step(tokens, input_pos, cache, kv_len)`: eager, or
+    compiled once per decoder layout (the compiled step ignores kv_len: one shape)."""
+    eager = functools.partial(decode_one_token, decoder)
     if not compile:
         return eager
     layout = _layout(decoder)
     known = _STEPS.get(decoder)
-    step = known[1] if known is not None and known[0] == layout else None
-    if step is None:
-        # torch.compile keeps compiled graphs per code object and, past `recompile_limit` (8)
-        # decoders or cache shapes, silently runs eagerly: each decoder's step gets its own copy
-        # (a compiled partial would share functools' wrapper code with every other decoder).
-        own = types.FunctionType(_eager_step.__code__.replace(), _eager_step.__globals__, "_eager_step")
-        options = dict(COMPILE_OPTIONS.get(model.device.type, {}))
-        # Dynamo's guards on the decoder's modules cost ~1 ms a token (~9% of int8 decoding);
-        # they are skipped, and `_layout` (checked once per `stream`) stands in for them.
-        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-        compiled = torch.compile(own, dynamic=False, options=options)
-        state = {"fn": functools.partial(compiled, decoder)}
+    if known is not None and known[0] == layout:
+        return known[1]
+    # torch.compile keeps graphs per code object and runs eagerly past `recompile_limit` (8)
+    # of them: each decoder's step gets its own copy of the function.
+    own = types.FunctionType(decode_one_token.__code__.replace(), decode_one_token.__globals__, "decode_one_token",
+                             decode_one_token.__defaults__)
+    options = dict(COMPILE_OPTIONS.get(decoder.token_embedding.weight.device.type, {}))
+    # Dynamo's guards on the modules cost about a millisecond a token; `_layout` stands in for them.
+    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    compiled = torch.compile(own, dynamic=False, options=options)
+    state = {"fn": lambda tokens, input_pos, cache, kv_len=None: compiled(decoder, tokens, input_pos, cache)}
 
-        def step(*args):
-            try:
-                return state["fn"](*args)
-            except Exception as e:  # a backend that cannot build here (no C++ compiler, ...): run eagerly
-                if state["fn"] is eager:
-                    raise
-                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {first}); "
-                              "decoding eagerly instead.")
-                state["fn"] = eager
-                return eager(*args)
-        _STEPS[decoder] = (layout, step)
+    def step(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as e:  # a backend that cannot build here (no C++ compiler, ...): run eagerly
+            if state["fn"] is eager:
+                raise
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {first}); "
+                          "decoding eagerly instead.")
+            state["fn"] = eager
+            return eager(*args)
+    _STEPS[decoder] = (layout, step)
     return step
 
 
@@ -193,21 +130,54 @@ def _layout(decoder) -> tuple:
             tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.device) for name, t in tensors))
 
 
-# Inductor's default mode ("max-autotune-no-cudagraphs" compiled far longer and was no faster in a
-# helper's loaded microbenchmark), with its inlining turned off: batch 1 computes each linear as a
-# multiply-and-sum loop over the weight rows (`quantization.row_matmul`), and inductor would
-# otherwise inline the ops that make the activation (the residual adds, the embedding lookup, the
-# norm and its bf16 rounding) into that loop, redoing them for every weight row. Every elementwise
-# result is stored instead (`realize_reads_threshold=0` for results used more than once,
-# `realize_opcount_threshold=0` for the rest): the activations are a few KB a token, the loops then
-# read only the weight and a float vector. Int8 decoding of the 222M shape: 34 -> 49 tokens/s with
-# the first, 54 -> 77 with both (docs/benchmarks.md).
-# Other devices keep inductor's defaults (the loops above are the CPU's batch-1 path only).
-COMPILE_OPTIONS = {"cpu": {"realize_reads_threshold": 0, "realize_opcount_threshold": 0}}
+# ---------------------------------------------------------------------- the loop
+CACHE_BUCKET = 128  # cache lengths round up to this, so prompts of similar length share a compiled step
+
+
+@torch.inference_mode()
+def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Tensor | None = None, *,
+           max_new_tokens: int = 32, top_k: int = 50, top_p: float = 0.9, temperature: float = 0.5,
+           greedy: bool = False, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+           compile: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), finished (B,) bool) once per decoded step.
+
+    input_ids (B, T) left-padded where `attention_mask` (B, T) is 0. A finished row keeps
+    yielding EOS; stops after `max_new_tokens` steps or when every row has ended. `compile`:
+    the one-token step `torch.compile`d (the first call per shape compiles; where compiling
+    fails, a warning and eager steps)."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    eos = model.cfg.lm_eos_token_id if eos_token_id is None else eos_token_id
+    device, limit = model.device, model.cfg.lm_max_position_embeddings
+    input_ids = input_ids.to(device)
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device, torch.long)
+    if max_new_tokens == 0:
+        return
+    if T + max_new_tokens > limit:
+        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {limit} positions.")
+    decoder = model.decoder.prepare_for_inference()
+    step = step_function(decoder, compile)
+    embeds = model.embed(input_ids, images)  # (B, T, C)
+    order = (mask == 0).long().argsort(dim=1, stable=True)  # (B, T): real tokens first, in order
+    lengths = mask.sum(dim=1)  # (B,): a row's prompt fills slots 0..length-1, its new tokens the next ones
+    cache = decoder.new_kv_cache(B, min(-(-(T + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET, limit))
+    logits = prefill(decoder, embeds.gather(1, order[..., None].expand_as(embeds)), lengths, cache)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        tokens = sample_next(logits, greedy, temperature, top_k, top_p, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
+        finished = finished | (tokens == eos)
+        yield tokens, finished
+        # One host sync per token, the price of stopping once every row has ended.
+        if bool(finished.all()) or i == max_new_tokens - 1:
+            return
+        logits = step(tokens, lengths + i, cache, T + i + 1)
 
 
 def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> torch.Tensor:
-    """New tokens only: LongTensor (B, n) with n <= max_new_tokens; ended rows padded with EOS."""
+    """New tokens only: LongTensor (B, n) with n <= max_new_tokens; ended rows padded with EOS.
+    The options are `stream`'s."""
     steps = [tokens for tokens, _ in stream(model, input_ids, images, attention_mask, **kwargs)]
     if not steps:
         return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=model.device)
@@ -215,54 +185,42 @@ def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> to
 
 
 # ---------------------------------------------------------------------- answer(): the one-call path
-def _load_images(entry, index: int):
+def load_images(entry, index: int) -> list[Image.Image]:
     """One question's images: None, a PIL image, a path, or a list of those -> list of PIL."""
-    from PIL import Image
-
-    if entry is None:
-        return []
-    items = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+    items = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
     out = []
     for item in items:
         if isinstance(item, (str, os.PathLike)):
-            from nanovlm.data.images import open_image
-
             out.append(open_image(item))
         elif isinstance(item, Image.Image):
             out.append(item.convert("RGB"))
         else:
-            raise TypeError(f"question {index}: an image must be a PIL image or a file path, got {type(item).__name__}.")
+            raise TypeError(f"question {index}: an image must be a PIL image or a file path, got "
+                            f"{type(item).__name__}.")
     return out
 
 
 _RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def prompt_renderer(model, image_processor=None):
+def prompt_renderer(model) -> ChatRenderer:
     """The model's `ChatRenderer` (the one prompt layout of training and inference), built once
-    per model and tokenizer: `answer` calls it for every batch."""
-    from nanovlm.data.processors import ChatRenderer
-
-    tok = model.tokenizer
-    try:
-        renderer = _RENDERERS.get(model)
-    except TypeError:  # a model that cannot be weakly referenced: no reuse
-        renderer = None
-    if renderer is None or renderer.tokenizer is not tok or (
-            image_processor is not None and renderer.image_processor is not image_processor):
-        renderer = ChatRenderer(tok, model.cfg, image_processor)
-        try:
-            _RENDERERS[model] = renderer
-        except TypeError:
-            pass
+    per model and tokenizer."""
+    renderer = _RENDERERS.get(model)
+    if renderer is None or renderer.tokenizer is not model.tokenizer:
+        renderer = _RENDERERS[model] = ChatRenderer(model.tokenizer, model.cfg)
     return renderer
+
+
+def render_chat(model, messages: list[dict], images: Sequence = ()) -> RenderedChat:
+    """One chat with the assistant prompt, as training lays it out (`ChatRenderer.render`)."""
+    return prompt_renderer(model).render(messages, images, add_generation_prompt=True)
 
 
 def build_prompts(model, images: Sequence, questions: Sequence[str]):
     """Tokenised, left-padded prompts and their image tiles for `answer`-style calls: each
-    question rendered as a user turn with its images (`ChatRenderer`), plus the assistant prompt,
-    exactly as training lays out the same question. The images go before the question, or at
-    its `<image>` placeholders when it has one per image (as LLaVA data marks them).
+    question a user turn with its images, exactly as training lays out the same question (the
+    images before it, or at its `<image>` placeholders when it has one per image).
 
     Returns (input_ids (B, T), attention_mask (B, T), images: list of (n_i, 3, S, S))."""
     if len(images) != len(questions):
@@ -272,27 +230,21 @@ def build_prompts(model, images: Sequence, questions: Sequence[str]):
     for i, (entry, question) in enumerate(zip(images, questions)):
         if not isinstance(question, str):
             raise TypeError(f"question {i} must be a string, got {type(question).__name__}.")
-        chats.append(([{"role": "user", "content": question}], _load_images(entry, i)))
+        chats.append(([{"role": "user", "content": question}], load_images(entry, i)))
     return render_prompts(model, chats)
 
 
 def render_prompts(model, chats: Sequence[tuple[list[dict], list]]):
-    """`build_prompts` for whole chats: (messages, PIL images) pairs, each rendered by the
-    model's `ChatRenderer` with the assistant prompt, then left-padded (the lmms-eval plugin's
-    chat requests come this way). Returns what `build_prompts` returns."""
-    from nanovlm.data.processors import RenderError
-
-    renderer = prompt_renderer(model)
+    """`build_prompts` for whole chats: (messages, PIL images) pairs (the lmms-eval plugin's)."""
     rows, tiles = [], []
     for i, (messages, pil_images) in enumerate(chats):
         try:
-            chat = renderer.render(messages, pil_images, add_generation_prompt=True)
+            chat = render_chat(model, messages, pil_images)
         except RenderError as e:
             raise ValueError(f"question {i}: {e}") from e
         rows.append(chat.input_ids)
         tiles.append(chat.tiles)
-    input_ids, attention_mask = left_pad(rows, model)
-    return input_ids, attention_mask, tiles
+    return (*left_pad(rows, model), tiles)
 
 
 def left_pad(rows: Sequence[Sequence[int]], model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,11 +267,10 @@ def answer(model, images, questions, max_new_tokens: int = 32, greedy: bool = Tr
     if isinstance(questions, str):
         questions, images = [questions], [images]
     answers: list[str] = []
-    tok = model.tokenizer
     for start in range(0, len(questions), batch_size):
         ids, mask, tiles = build_prompts(model, images[start:start + batch_size], questions[start:start + batch_size])
         out = generate(model, ids, tiles, mask, max_new_tokens=max_new_tokens, greedy=greedy, **kwargs)
-        answers.extend(decode_until_eos(tok, row, model.cfg.lm_eos_token_id) for row in out.tolist())
+        answers.extend(decode_until_eos(model.tokenizer, row, model.cfg.lm_eos_token_id) for row in out.tolist())
     return answers
 
 
@@ -330,19 +281,12 @@ def decode_until_eos(tok, ids: list[int], eos: int) -> str:
 
 
 # ---------------------------------------------------------------------- text-only language models
-class TextModel(torch.nn.Module):
-    """A bare language model with the interface `stream` needs (`--lm` in `nanovlm generate`,
-    which loads the decoder; this module takes models duck-typed and imports none)."""
+class TextModel:
+    """A bare language model with what `stream` needs (`nanovlm generate --lm`)."""
 
     def __init__(self, decoder, tokenizer):
-        super().__init__()
-        self.decoder = decoder
-        self.cfg = decoder.cfg
-        self.tokenizer = tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.token_embedding.weight.device
+        self.decoder, self.cfg, self.tokenizer = decoder, decoder.cfg, tokenizer
+        self.device = decoder.token_embedding.weight.device
 
     def embed(self, input_ids: torch.Tensor, images=None) -> torch.Tensor:
         if images is not None:

@@ -1,8 +1,7 @@
-"""The fast decode paths give what the plain eager fp32 loop gives (never timed).
-
-Paths: the fixed-shape static-cache step (`static_decode`), the same step `torch.compile`d,
-fused q/k/v and gate/up (`prepare_for_inference`), and int8 weight-only linears. Each gives the
-eager fp32 path's greedy tokens on the tiny model, left-padded batches included.
+"""The decode path, eager and `torch.compile`d, on float and int8 weights, gives the greedy
+tokens of the uncached reference (`decode_reference`), left-padded batches included; preparing
+a model for it (fused q/k/v and gate/up) changes neither what it saves nor how it trains.
+Never timed.
 
 Tolerances, where they come from:
 - One int8 linear: each weight is off by at most half its row's scale s_n, so an output is off by
@@ -20,8 +19,11 @@ import warnings
 
 import pytest
 import torch
+from decode_reference import greedy_without_cache
+from safetensors.torch import load_file
 
 from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm import generation
 from nanovlm.generation import generate
 from nanovlm.models import quantization
 from nanovlm.models.quantization import Int8Linear, check_quantize, int8_error_bound, quantize_rows
@@ -58,27 +60,71 @@ def _on_int8_grid(model) -> None:
                 module.weight.copy_(q.float() * s.to(torch.bfloat16).float()[:, None])
 
 
-def test_static_step_and_fusion_give_the_eager_tokens_with_left_padding():
+def test_generate_prepares_the_model_and_gives_the_uncached_tokens_with_left_padding():
     model = _model()
     ids, images, mask = _batch(model)
-    ref = _greedy(model, ids, images, mask)
-    assert torch.equal(_greedy(model, ids, images, mask, static_decode=True), ref)
-    alone = _greedy(model, ids[1:], images[1:], mask[1:], static_decode=True)  # no padding at all
-    assert torch.equal(alone, ref[1:])
-    model.decoder.prepare_for_inference()
+    ref = greedy_without_cache(model, ids, images, mask, NEW)
+    assert model.decoder.blocks[0].attn.qkv_weight is None
     assert torch.equal(_greedy(model, ids, images, mask), ref)
-    assert torch.equal(_greedy(model, ids, images, mask, static_decode=True), ref)
+    attn = model.decoder.blocks[0].attn
+    assert attn.qkv_weight is not None and attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    alone = _greedy(model, ids[1:], images[1:], mask[1:])  # no padding at all
+    assert torch.equal(alone, ref[1:])
 
 
-def test_compiled_step_gives_the_eager_tokens():
+def test_compiled_step_gives_the_uncached_tokens():
     model = _model()
     ids, images, mask = _batch(model)
-    ref = _greedy(model, ids, images, mask)
-    model.decoder.prepare_for_inference()
+    ref = greedy_without_cache(model, ids, images, mask, NEW)
     assert torch.equal(_greedy(model, ids, images, mask, compile=True), ref)
     # A shorter prompt in the same cache bucket reuses the compiled step (and is still right).
     short = _greedy(model, ids[:, 1:], images, mask[:, 1:], compile=True)
-    assert torch.equal(short, _greedy(model, ids[:, 1:], images, mask[:, 1:]))
+    assert torch.equal(short, greedy_without_cache(model, ids[:, 1:], images, mask[:, 1:], NEW))
+
+
+def test_a_prepared_model_saves_the_same_file_and_trains_the_same(tmp_path):
+    """Preparing (what generate does) keeps the saved checkpoint, the Parameter objects an
+    optimizer made before holds, and every training step bit for bit."""
+    plain, prepared = _model().train(), _model().train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, prepared)]
+    ids, images, mask = _batch(plain)
+    plain.save_pretrained(tmp_path / "plain")
+    params = list(prepared.parameters())
+    prepared.decoder.prepare_for_inference()
+    assert all(a is b for a, b in zip(prepared.parameters(), params))
+    assert prepared.decoder.blocks[0].mlp.gate_up_weight is not None
+    prepared.save_pretrained(tmp_path / "prepared")
+    assert (tmp_path / "plain" / "config.json").read_text() == (tmp_path / "prepared" / "config.json").read_text()
+    saved = [load_file(tmp_path / name / "model.safetensors") for name in ("plain", "prepared")]
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(v, saved[1][k]) for k, v in saved[0].items())
+    targets = ids.roll(-1, dims=1)
+    for model, optimizer in zip((plain, prepared), optimizers):
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(ids, images, mask, targets)[1].backward()
+            optimizer.step()
+    for (name, a), b in zip(plain.named_parameters(), prepared.parameters()):
+        assert torch.equal(a, b), name
+    prepared.eval()  # the fused matrices hold the trained weights: decoding sees them
+    assert torch.equal(_greedy(prepared, ids, images, mask), greedy_without_cache(prepared, ids, images, mask, NEW))
+    prepared.to(torch.float64).to(torch.float32)  # a recast parts the layers from the fused matrix: fused again
+    assert torch.equal(_greedy(prepared, ids, images, mask), greedy_without_cache(prepared, ids, images, mask, NEW))
+
+
+def test_layers_with_lora_adapters_keep_their_own_path():
+    from nanovlm.models.lora import add_lora
+
+    model = _model()
+    add_lora(model, 4, 8.0, 0.0, ["lm_q", "lm_down"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change the answer
+    ids, images, mask = _batch(model)
+    ref = greedy_without_cache(model, ids, images, mask, NEW)
+    assert torch.equal(_greedy(model, ids, images, mask), ref)
+    block = model.decoder.blocks[0]
+    assert block.attn.qkv_weight is None and block.mlp.gate_up_weight is not None  # q has an adapter, gate/up not
 
 
 def test_compiled_batch_one_uses_the_row_loop_and_gives_the_eager_tokens(monkeypatch):
@@ -105,8 +151,6 @@ def test_compiled_batch_one_uses_the_row_loop_and_gives_the_eager_tokens(monkeyp
 def test_a_decoder_changed_after_compiling_gets_a_new_compiled_step(monkeypatch):
     """The compiled step skips Dynamo's module guards; quantizing (or recasting) the decoder
     afterwards must still compile anew, not run the old graph."""
-    from nanovlm import generation
-
     model = _model()
     _on_int8_grid(model)
     ids, images, mask = (t[1:] for t in _batch(model))
@@ -149,8 +193,6 @@ def test_row_matmul_matches_the_linear_kernels():
 
 
 def test_a_compile_that_fails_falls_back_to_eager_with_a_warning(monkeypatch):
-    from nanovlm import generation
-
     def broken(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no C++ compiler here")
@@ -198,7 +240,6 @@ def test_int8_model_gives_the_eager_tokens_and_close_logits():
     err = float((logits - ref_logits)[mask.bool()].abs().max())
     assert err <= tol, f"max |logit error| {err:.3g} > {tol:.3g}"
     assert torch.equal(_greedy(quant, ids, images, mask), ref)
-    assert torch.equal(_greedy(quant, ids, images, mask, static_decode=True), ref)
 
 
 def test_quantized_model_saves_its_float_weights(tmp_path):

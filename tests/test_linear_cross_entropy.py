@@ -67,7 +67,7 @@ def test_no_grad_and_frozen_head():
 def test_vlm_training_loss_without_logits_matches_the_plain_one():
     """`return_logits=False` (what training uses) with the tied head: the loss and the gradient
     of every parameter, the token embedding included (it gets both uses' share), of the plain
-    cross-entropy of the full logits; `return_logits=True` gives those logits too."""
+    cross-entropy of the full logits; `return_logits=True` gives the full logits too."""
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
     n_img = model.cfg.mp_image_token_length
@@ -88,8 +88,8 @@ def test_vlm_training_loss_without_logits_matches_the_plain_one():
         loss.backward()
         results.append((logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain, l1, g1), (none, l2, g2), (logits, l3, g3) = results
-    assert logits.shape == (int((labels != IGNORE_INDEX).sum()), model.cfg.lm_vocab_size) and none is None
-    torch.testing.assert_close(logits.detach(), plain.detach())
+    assert logits.shape == (*ids.shape, model.cfg.lm_vocab_size) and none is None  # (B, T, vocab), as without targets
+    torch.testing.assert_close(logits[labels != IGNORE_INDEX].detach(), plain.detach())
     torch.testing.assert_close(l2, l1)
     torch.testing.assert_close(l3, l1)
     assert g1.keys() == g2.keys() == g3.keys()

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from decode_reference import greedy_without_cache
 
 from nanovlm import VLMConfig, VisionLanguageModel
 from nanovlm.config import IGNORE_INDEX
@@ -68,25 +69,54 @@ def test_images_as_list_per_sample_equals_tensor(model):
     torch.testing.assert_close(a, c)
 
 
-def test_loss_only_on_supervised_positions(model):
+def test_forward_returns_one_contract_and_the_loss_only_on_supervised_positions(model):
+    """(logits (B, T, vocab), loss) with and without targets; return_logits=False: no logits."""
     ids, img = prompt(model)
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[0, -3:] = ids[0, -3:]
     logits, loss = model(ids, img, targets=targets)
-    assert logits.shape == (3, model.cfg.lm_vocab_size)
-    full, _ = model(ids, img)
+    full, none = model(ids, img)
+    assert none is None and logits.shape == full.shape == (1, ids.shape[1], model.cfg.lm_vocab_size)
+    torch.testing.assert_close(logits, full)
     ref = torch.nn.functional.cross_entropy(full[0, -3:], ids[0, -3:])
     torch.testing.assert_close(loss, ref)
-    _, summed = model(ids, img, targets=targets, loss_reduction="sum")
+    no_logits, summed = model(ids, img, targets=targets, loss_reduction="sum", return_logits=False)
+    assert no_logits is None
     torch.testing.assert_close(summed, ref * 3)
+
+
+def test_a_fresh_model_builds_its_tokenizer_on_first_use(cfg):
+    """As the original nanoVLM's model carries one: from cfg.lm_tokenizer, once; an attached one wins."""
+    fresh = VisionLanguageModel(cfg, load_backbone=False)
+    tok = fresh.tokenizer
+    assert tok is fresh.tokenizer and tok.image_token_id == fresh.image_token_id
+    fresh.tokenizer = "attached"
+    assert fresh.tokenizer == "attached"
+    offline = VisionLanguageModel(cfg.replace(lm_tokenizer="someone/no-such-tokenizer"), load_backbone=False)
+    with pytest.raises((ValueError, OSError), match="someone/no-such-tokenizer"):
+        offline.tokenizer
 
 
 def test_greedy_same_with_and_without_kv_cache(model):
     ids, img = prompt(model)
     a = model.generate(ids, img, max_new_tokens=16, greedy=True, eos_token_id=-1)
-    b = model.generate(ids, img, max_new_tokens=16, greedy=True, eos_token_id=-1, use_kv_cache=False)
     assert a.shape == (1, 16)
-    assert torch.equal(a, b)
+    assert torch.equal(a, greedy_without_cache(model, ids, img, max_new_tokens=16))
+
+
+def test_the_language_model_goes_on_from_its_cache_and_refuses_a_mask_with_it(cfg):
+    lm = LanguageModel(cfg.replace(lm_use_tokens=True)).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        full, none = lm(ids)
+        cache = lm.new_kv_cache(2, 16)
+        first, same = lm(ids[:, :4], kv_cache=cache)
+        rest, _ = lm(ids[:, 4:], kv_cache=cache)
+    assert none is None and same is cache and cache.length == 7
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+    with pytest.raises(ValueError, match="a call with a kv_cache takes unpadded rows: pass no attention_mask or "
+                                         r"position_ids \(nanovlm.generation decodes padded batches\)."):
+        lm(ids, torch.ones_like(ids), kv_cache=lm.new_kv_cache(2, 16))
 
 
 def test_left_padded_rows_equal_rows_alone(model):
@@ -100,7 +130,8 @@ def test_left_padded_rows_equal_rows_alone(model):
     together = model.generate(batch, images, mask, max_new_tokens=12, greedy=True, eos_token_id=-1)
     alone0 = model.generate(ids0, img0, max_new_tokens=12, greedy=True, eos_token_id=-1)
     alone1 = model.generate(ids1, img1, max_new_tokens=12, greedy=True, eos_token_id=-1)
-    assert torch.equal(together[0], alone0[0]) and torch.equal(together[1], alone1[0])
+    assert torch.equal(together[0], alone0[0]) and torch.equal(together[1], alone1[0])  # a batch = its rows alone
+    assert torch.equal(together, greedy_without_cache(model, batch, images, mask, max_new_tokens=12))
     logits, _ = model(batch, images, mask)
     torch.testing.assert_close(logits[1, T - ids1.shape[1]:], model(ids1, img1)[0][0])
 
@@ -160,7 +191,10 @@ def test_sampling_options(model):
     a = model.generate(ids, img, max_new_tokens=6, temperature=1.0, top_k=5, top_p=0.9, eos_token_id=-1)
     torch.manual_seed(0)
     b = model.generate(ids, img, max_new_tokens=6, temperature=1.0, top_k=5, top_p=0.9, eos_token_id=-1)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # a seed repeats, with the global generator or a given one
+    g = [torch.Generator().manual_seed(5) for _ in range(2)]
+    c, d = (model.generate(ids, img, max_new_tokens=6, temperature=1.0, eos_token_id=-1, generator=x) for x in g)
+    assert torch.equal(c, d)
 
     # top_k=1, or a top_p so small that only the most likely token reaches it, leaves one token:
     # sampling must then give the greedy tokens in every row. Were the option ignored, a row's

@@ -6,7 +6,6 @@ supervised label sits on the prompt's last token), and its tiles are what the mo
 """
 
 import json
-import types
 
 import pytest
 import torch
@@ -17,8 +16,9 @@ from nanovlm import generation
 from nanovlm.data.tokenizer import tokenizer_for
 from nanovlm.config import TrainConfig
 from nanovlm.data.datasets import SampleProcessor, build_dataset
-from nanovlm.data.processors import IGNORE_INDEX, ChatRenderer, RenderError, image_processor_for
-from nanovlm.serve.engine import PromptError, build_prompt
+from nanovlm.data.processors import IGNORE_INDEX, ChatRenderer, RenderError
+from nanovlm.serve.protocol import APIError
+from nanovlm.serve.server import chat_prompt
 
 QUESTION, ANSWER = "What shape is in the image?", "circle"
 
@@ -73,9 +73,8 @@ def every_inference_path(model, monkeypatch, tmp_path, image, question):
     out["answer (path)"], = decoded_inputs(monkeypatch, lambda: model.answer([str(path)], [question], max_new_tokens=1))
     out["eval"], = decoded_inputs(monkeypatch, lambda: eval_easyvqa.predict(
         model, [{"question": question, "image": str(path)}], max_new_tokens=1))
-    message = types.SimpleNamespace(role="user", parts=[image, question])  # the server's parsed message
-    serve_ids, serve_tiles = build_prompt(model, image_processor_for(model.cfg), [message])
-    out["serve"] = (serve_ids, serve_tiles)
+    for name, parts in (("serve", [image, question]), ("serve, text first", [question, image])):
+        out[name] = chat_prompt(model, [{"role": "user", "content": parts}])  # as the server parses it
     return out
 
 
@@ -164,6 +163,10 @@ def test_placeholders_part_lists_and_leading_images_agree(renderer):
     text = renderer.tokenizer.decode(leading.input_ids, skip_special_tokens=False)
     assert text.count("<image: 0>") == text.count("<image: 1>") == 1
     assert all(label == IGNORE_INDEX for label in leading.labels) and leading.position_ids is None
+    # Text first, as in OpenAI's own example: the images still go where training put them.
+    text_first = renderer.render([{"role": "user", "content": ["Compare.", images[0], images[1]]}],
+                                 add_generation_prompt=True)
+    assert text_first.input_ids == leading.input_ids and torch.equal(text_first.tiles, leading.tiles)
     # In a part list, text is text: a literal "<image>" there is not a placeholder.
     literal = renderer.render([{"role": "user", "content": [images[0], "what is <image>?"]}])
     assert "what is <image>?" in renderer.tokenizer.decode(literal.input_ids, skip_special_tokens=False)
@@ -198,6 +201,19 @@ def test_layout_errors_say_what_to_fix(renderer, messages, n_images, required, m
 def test_inference_errors_name_the_question_and_the_fix(model):
     with pytest.raises(ValueError, match=r"question 1: 1 image\(s\) but 2 <image> placeholder\(s\)"):
         generation.build_prompts(model, [None, picture(8, 8)], ["fine", "<image> and <image>?"])
-    message = types.SimpleNamespace(role="user", parts=["look <|image|> here"])
-    with pytest.raises(PromptError, match="reserved image placeholder '<\\|image\\|>'; remove it"):
-        build_prompt(model, None, [message])
+    with pytest.raises(APIError, match="reserved image placeholder '<\\|image\\|>'; remove it") as e:
+        chat_prompt(model, [{"role": "user", "content": ["look <|image|> here"]}])
+    assert (e.value.status, e.value.param) == (400, "messages")
+
+
+def test_images_after_the_text_go_first_unless_the_model_saw_them_interleaved(renderer, monkeypatch):
+    """Images that only follow the text go before it, where training puts images no placeholder
+    marks; images among the text stay, as placeholders do; the idefics3 layout (SmolVLM, trained
+    on interleaved text and images) keeps every part where it stands."""
+    monkeypatch.setattr(renderer, "image_strings", lambda grids: ["[A]", "[B]"])
+    trailing = [{"role": "user", "content": ["one ", "two ", picture(8, 8), picture(8, 8)]}]
+    among = [{"role": "user", "content": ["one ", picture(8, 8), "two ", picture(8, 8)]}]
+    assert renderer.place_images(trailing, [(1, 1), (1, 1)])[0]["content"] == "[A][B]one two "
+    assert renderer.place_images(among, [(1, 1), (1, 1)])[0]["content"] == "one [A]two [B]"
+    monkeypatch.setattr(renderer, "layout", "idefics3")
+    assert renderer.place_images(trailing, [(1, 1), (1, 1)])[0]["content"] == "one two [A][B]"

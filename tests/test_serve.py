@@ -21,9 +21,8 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 
 from nanovlm import VLMConfig, VisionLanguageModel  # noqa: E402
-from nanovlm.serve.engine import wait_idle  # noqa: E402
 from nanovlm.serve.protocol import Limits  # noqa: E402
-from nanovlm.serve.server import start_server  # noqa: E402
+from nanovlm.serve.server import model_name_for, start_server  # noqa: E402
 
 LIMITS = Limits(max_body_bytes=256 * 1024, max_images=2, max_image_pixels=128 * 128, max_tokens_cap=64)
 NAME = "tiny-test"
@@ -120,6 +119,10 @@ def test_chat_with_an_image_matches_answer(server, client):
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     expected = model.answer([image], ["What color is the shape?"], max_new_tokens=12)[0]
     assert choice.message.content.strip() == expected
+    # The text part first (OpenAI's own example's order): the same prompt, the same answer.
+    text_first = {"role": "user", "content": image_message("What color is the shape?", url)["content"][::-1]}
+    r2 = client.chat.completions.create(model=NAME, messages=[text_first], max_tokens=12, temperature=0)
+    assert (r2.choices[0].message.content, r2.usage.prompt_tokens) == (choice.message.content, r.usage.prompt_tokens)
 
 
 def test_streaming_matches_non_streaming(server, client):
@@ -309,6 +312,21 @@ def test_bad_requests_get_clear_4xx_errors(server, case):
     assert set(error) == {"message", "type", "param", "code"}
 
 
+def test_served_model_names_are_accepted_and_the_first_is_reported(checkpoint):
+    model = VisionLanguageModel.from_pretrained(checkpoint)
+    with start_server(model, port=0, model_name=("my-vlm", "alias"), limits=LIMITS) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["my-vlm"]
+        for name in ("my-vlm", "alias", "default"):
+            r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert r.model == "my-vlm"
+        assert request(srv, "GET", "/v1/models/alias")[2]["id"] == "my-vlm"
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert "The model 'tiny' does not exist on this server; it serves 'my-vlm'" in e.value.message
+    assert model_name_for("runs/demo/final") == "demo/final" and model_name_for("ckpt/tiny") == "tiny"
+
+
 def test_unknown_model_is_404_model_not_found(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
@@ -409,7 +427,7 @@ def _wait_running(engine, n):
 
 def _running_handle(engine):
     _wait_running(engine, 1)
-    return engine._rows[0].handle
+    return engine._rows[0]
 
 
 def test_disconnect_mid_stream_frees_the_slot(server, client, monkeypatch):
@@ -455,7 +473,7 @@ def test_internal_errors_are_500_and_the_server_survives(server, client, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server_module, "build_prompt", broken)
+    monkeypatch.setattr(server_module, "chat_prompt", broken)
     status, _, body = request(server, "POST", "/v1/chat/completions", _chat())
     assert status == 500 and body["error"]["type"] == "server_error" and "a bug" not in body["error"]["message"]
     monkeypatch.undo()
@@ -470,7 +488,7 @@ def test_internal_errors_are_500_and_the_server_survives(server, client, monkeyp
     assert server.app.engine.alive
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "ok?"}], max_tokens=3)
     assert r.usage.completion_tokens >= 1
-    assert wait_idle(server.app.engine)
+    _until(lambda: server.app.engine.idle, "the engine to be idle")
 
 
 def test_busy_server_answers_503(server, monkeypatch):
@@ -543,7 +561,8 @@ def _free_port() -> int:
 def test_nanovlm_serve_command(checkpoint):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nanovlm", "serve", "--model", checkpoint, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "nanovlm", "serve", "--model", checkpoint, "--port", str(port),
+                             "--served-model-name", "my-vlm", "other"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -559,10 +578,9 @@ def test_nanovlm_serve_command(checkpoint):
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        name = c.models.list().data[0].id
-        assert name == os.path.basename(checkpoint)
-        r = c.chat.completions.create(model=name, messages=[image_message("hi")], max_tokens=3)
-        assert r.usage.completion_tokens >= 1
+        assert [m.id for m in c.models.list().data] == ["my-vlm"]
+        r = c.chat.completions.create(model="other", messages=[image_message("hi")], max_tokens=3)
+        assert r.usage.completion_tokens >= 1 and r.model == "my-vlm"
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)

@@ -74,9 +74,10 @@ def test_developer_role_string_image_url_and_max_completion_tokens():
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": png_url()}]},
     ]})
-    assert req.model == "served" and req.max_tokens == 5 and req.n_images == 1
-    assert req.messages[0].role == "system"
-    assert isinstance(req.messages[1].parts[1], Image.Image) and req.messages[1].parts[1].size == (20, 10)
+    assert req.model == "served" and req.max_tokens == 5
+    assert req.messages[0] == {"role": "system", "content": ["be brief"]}
+    what, image = req.messages[1]["content"]
+    assert what == "what?" and isinstance(image, Image.Image) and image.size == (20, 10)
     assert req.temperature == 1.0 and req.top_p == 1.0 and req.stop == [] and not req.stream
 
 

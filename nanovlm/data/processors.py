@@ -545,9 +545,10 @@ class ChatRenderer:
 
     A message is `{"role", "content"}`; content is text, or a list of parts (text, or an image
     where it stands). Each image becomes its image string (`get_image_string`, with its
-    `<image: k>` tag when there are several): in a part list where the image stands; in text
-    at its `<image>` placeholder (one per image, in order); and where no message marks a place,
-    all images go in front of the first user message. The chat template is applied by one
+    `<image: k>` tag when there are several): in a part list where it stands, but images that
+    only follow the text go before it (the idefics3 layout, trained on interleaved text and
+    images, keeps them there); in text at its `<image>` placeholder (one per image, in order);
+    and where no message marks a place, all images go in front of the first user message. The chat template is applied by one
     `ChatEncoder`, whose piece cache makes re-encoding templated training data nearly free.
 
     `add_generation_prompt=True` ends the ids with the assistant prompt: an inference prompt is
@@ -631,6 +632,10 @@ class ChatRenderer:
                     # the question follows its image as it does where no placeholder marks one.
                     text = pieces[0] + "".join(next(pending) + _after_image(p) for p in pieces[1:])
                 else:
+                    is_text = [isinstance(p, str) for p in content]
+                    # Images after all the text (OpenAI's example) go where training puts unmarked ones.
+                    if self.layout != "idefics3" and is_text == sorted(is_text, reverse=True):
+                        content = sorted(content, key=lambda p: isinstance(p, str))
                     text = "".join(p if isinstance(p, str) else next(pending) for p in content)
                 out.append({"role": m["role"], "content": text})
             return out

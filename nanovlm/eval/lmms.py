@@ -32,6 +32,12 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from nanovlm.config import IGNORE_INDEX
+from nanovlm.data.images import load_image
+from nanovlm.eval.vqa import normalize_answer, qa_items
+from nanovlm.generation import decode_until_eos, generate, left_pad, load_images, render_chat, render_prompts
+from nanovlm.models.vision_language_model import VisionLanguageModel
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_new_tokens")
@@ -75,8 +81,6 @@ class NanoVLM(lmms):
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_new_tokens: int = 32, max_batch_size: Any = None, **unknown):
         super().__init__()
-        from nanovlm.models.vision_language_model import VisionLanguageModel
-
         if unknown:
             raise ValueError(f"unknown model_args {', '.join(sorted(unknown))}; nanovlm takes "
                              f"{', '.join(MODEL_ARGS)} (and --batch_size / --device on the command line).")
@@ -112,18 +116,14 @@ class NanoVLM(lmms):
     def _chat(self, request: Instance) -> tuple[list[dict], list, dict, str]:
         """(messages, PIL images, gen_kwargs, context) of a generate_until request: the task's
         text as one user turn with the images of `doc_to_visual`, as `answer()` asks it."""
-        from nanovlm.generation import _load_images
-
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
-        return [{"role": "user", "content": context}], _load_images(_only_images(visuals), doc_id), gen_kwargs, context
+        return [{"role": "user", "content": context}], load_images(_only_images(visuals), doc_id), gen_kwargs, context
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: Sequence[Instance]) -> list[str]:
         """Greedy (or sampled, with a task's temperature > 0) answers, batched `batch_size` at a
         time among requests with the same generation settings, cut at the first `until` string."""
-        from nanovlm.generation import decode_until_eos, generate, render_prompts
-
         chats = [self._chat(r) for r in requests]
         settings = [generation_settings(g, self.max_new_tokens) for _, _, g, _ in chats]
         groups: dict[tuple, list[int]] = {}
@@ -156,11 +156,7 @@ class NanoVLM(lmms):
         request. The prompt is the context as a user turn with its images and the assistant
         prompt (what `answer()` feeds the model); the continuation's tokens (the tokenizer's
         plain encoding of the string, spaces included) follow it. The log-probabilities come
-        from the model's own logits (`forward` with targets on those tokens only), in fp32."""
-        from nanovlm.config import IGNORE_INDEX
-        from nanovlm.generation import _load_images, left_pad, prompt_renderer
-
-        renderer = prompt_renderer(self.model)
+        from the model's own logits, in fp32."""
         rows, tiles, n_cont = [], [], []
         for r in requests:
             context, continuation, doc_to_visual, doc_id, task, split = r.args
@@ -168,8 +164,7 @@ class NanoVLM(lmms):
             if callable(continuation):
                 continuation = continuation(doc)
             visuals = _only_images(doc_to_visual(doc) if doc_to_visual is not None else None)
-            chat = renderer.render([{"role": "user", "content": context}], _load_images(visuals, doc_id),
-                                   add_generation_prompt=True)
+            chat = render_chat(self.model, [{"role": "user", "content": context}], load_images(visuals, doc_id))
             cont = self.tokenizer.encode(str(continuation))
             rows.append(chat.input_ids + cont)
             tiles.append(chat.tiles)
@@ -183,10 +178,10 @@ class NanoVLM(lmms):
                 if n:
                     targets[b, -n - 1:-1] = ids[b, -n:]
             with torch.inference_mode():
-                logits, _ = self.model(ids.to(self.device), tiles[start:end], mask.to(self.device),
-                                       targets=targets.to(self.device))  # (n_supervised, vocab)
-            logprobs = logits.float().log_softmax(-1)
-            labels = targets[targets != IGNORE_INDEX].to(self.device)  # the supervised ones, row by row
+                logits, _ = self.model(ids.to(self.device), tiles[start:end], mask.to(self.device))  # (B, T, vocab)
+            supervised = (targets != IGNORE_INDEX).to(self.device)
+            logprobs = logits[supervised].float().log_softmax(-1)  # (n_supervised, vocab), row by row
+            labels = targets.to(self.device)[supervised]
             picked = logprobs.gather(1, labels[:, None]).squeeze(1)
             greedy = logprobs.argmax(-1) == labels
             for part, hit in zip(picked.split(n_cont[start:end]), greedy.split(n_cont[start:end])):
@@ -230,8 +225,6 @@ def _is_image_path(path: str) -> bool:
 def _message(message: Any) -> dict:
     """An lmms-eval chat message (a dict or its pydantic model) -> our `{"role", "content"}`,
     content a string or a list of parts (text strings and RGB PIL images)."""
-    from nanovlm.data.images import load_image
-
     if not isinstance(message, dict):
         message = message.model_dump()
     content = message["content"]
@@ -277,8 +270,6 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 # ---------------------------------------------------------------------- task helpers (YAML !function)
 def _item(doc: dict) -> dict:
     """A Cauldron record's first (question, answer) turn, read as `nanovlm eval --data` reads it."""
-    from nanovlm.eval.vqa import qa_items
-
     items = qa_items([doc])
     if not items:
         raise ValueError("the record has no question with an answer that can be read.")
@@ -286,8 +277,6 @@ def _item(doc: dict) -> dict:
 
 
 def cauldron_doc_to_visual(doc: dict) -> list:
-    from nanovlm.data.images import load_image
-
     return [load_image(s) for s in _item(doc)["images"]]
 
 
@@ -301,6 +290,4 @@ def cauldron_doc_to_target(doc: dict) -> str:
 
 def vqa_process_results(doc: dict, results: Sequence[str]) -> dict:
     """exact_match: 1.0 when the prediction equals the reference after `normalize_answer`."""
-    from nanovlm.eval.vqa import normalize_answer
-
     return {"exact_match": float(normalize_answer(results[0]) == normalize_answer(cauldron_doc_to_target(doc)))}

@@ -95,12 +95,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class KVCache:
     """Static key/value cache: per layer, one preallocated (B, n_kv_heads, max_len, head_dim)
-    key and value buffer, written in place. `length` counts the positions already filled.
+    key and value buffer, written in place at each row's own slots. `length` counts the slots
+    `LanguageModel.forward` has filled (its cached calls go on from there).
 
     One buffer per layer, not one (layers, ...) tensor: under `torch.compile` an in-place write
     into a view of a shared buffer is replayed on the whole buffer, so every layer of the
-    compiled decode step rewrote all layers' caches (as many bytes a token as the int8 weights
-    at 128 cache slots, and growing with the cache)."""
+    compiled decode step rewrote all layers' caches."""
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -110,23 +110,22 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values for `layer`; return all keys/values so far (views)."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were needed. "
-                             "Ask for fewer new tokens or a shorter prompt.")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def rows(self, start: int, end: int) -> "KVCache":
+        """Rows start..end-1 as a cache of their own (views: writes land in this one)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[start:end] for k in self.k], [v[start:end] for v in self.v]
+        view.max_len, view.length = self.max_len, self.length
+        return view
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write keys/values (B, n_kv_heads, T_new, head_dim) at the slots `input_pos` (T_new,)
-        (a tensor: no host read, one shape for every step); return the whole buffers
-        (B, n_kv_heads, max_len, head_dim), for a mask to select from. `length` is not moved."""
-        self.k[layer].index_copy_(2, input_pos, k)
-        self.v[layer].index_copy_(2, input_pos, v)
+        """Write keys/values (B, n_kv_heads, T_new, head_dim) at each row's slots `input_pos`
+        (B, T_new) (a tensor: no host read, one shape for every step); return the whole buffers
+        (B, n_kv_heads, max_len, head_dim)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        # Indexed as [rows, :, input_pos] the buffers read (B, T_new, n_kv_heads, head_dim).
+        self.k[layer][rows, :, input_pos] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, input_pos] = v.transpose(1, 2).to(self.v[layer].dtype)
         return self.k[layer], self.v[layer]
 
 
@@ -189,16 +188,34 @@ def build_attention_mask(segment_ids: torch.Tensor, q_len: int, position_ids: to
     return allowed.unsqueeze(1)  # (B, 1, q_len, T_kv)
 
 
-def fuse_rows(linears: list[nn.Linear], quantize: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights of `linears` stacked on the output axis, as one float matrix whose row blocks
-    become the layers' weights (views: no second copy), or as int8 with per-row scales."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum N, K)
+def fuse_rows(linears: list[nn.Linear], quantize: str, current: tuple) -> tuple[torch.Tensor | None, ...]:
+    """(matrix, scales): the weights of `linears` stacked on the output axis, or (None, None)
+    where a layer carries adapters (it keeps its own path). Float: the matrix becomes the
+    storage of the layers' own parameters (the objects an optimizer holds), and `current`
+    stays while it still is. int8: a quantized copy with per-row scales, made once."""
+    if any(type(lin) is not nn.Linear for lin in linears):
+        return None, None
+    fused = current[0]
     if quantize == "int8":
-        q, scales = quantize_rows(weight)
-        return q.to(weight.device), scales.to(device=weight.device, dtype=torch.bfloat16)
+        if fused is not None and fused.dtype == torch.int8:
+            return current
+        q, scales = quantize_rows(torch.cat([lin.weight.detach() for lin in linears]))
+        return q.to(linears[0].weight.device), scales.to(device=linears[0].weight.device, dtype=torch.bfloat16)
+    storage = None if fused is None else fused.untyped_storage().data_ptr()
+    if all(lin.weight.untyped_storage().data_ptr() == storage for lin in linears):
+        return current
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum N, K)
     for lin, part in zip(linears, weight.split([lin.out_features for lin in linears])):
-        lin.weight = nn.Parameter(part, requires_grad=lin.weight.requires_grad)
+        lin.weight.data = part  # the same Parameter, now a view of the fused matrix
     return weight, None
+
+
+def inference_linear(lin: nn.Linear, quantize: str) -> nn.Linear:
+    """A block linear or the head computing through `quantization.linear` (int8, or the one-row
+    decode loop), sharing the float weight; layers with adapters and finished ones stay."""
+    if type(lin) is nn.Linear or (quantize == "int8" and type(lin) is InferenceLinear):
+        return Int8Linear.from_linear(lin) if quantize == "int8" else InferenceLinear.from_linear(lin)
+    return lin
 
 
 class LanguageModelGroupedQueryAttention(nn.Module):
@@ -233,11 +250,10 @@ class LanguageModelGroupedQueryAttention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None and input_pos is not None:
+        if kv_cache is not None:  # the keys the mask covers: all slots, or (eager) the filled ones
             k, v = kv_cache.write(layer, k, v, input_pos)  # (B, n_kv_heads, max_len, head_dim)
-        elif kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, n_kv_heads, T_kv, head_dim)
-        is_causal = attn_mask is None and T > 1 and k.shape[2] == T
+            k, v = k[:, :, :attn_mask.shape[-1]], v[:, :, :attn_mask.shape[-1]]  # (B, n_kv_heads, T_kv, head_dim)
+        is_causal = attn_mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
         y = attention(q, k, v, attn_mask, is_causal, dropout)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
@@ -277,6 +293,8 @@ class LanguageModelBlock(nn.Module):
 
 
 class LanguageModel(nn.Module):
+    quantization = "none"  # or "int8": how `prepare_for_inference` set the weights up
+
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -301,111 +319,100 @@ class LanguageModel(nn.Module):
             self.head.weight = self.token_embedding.weight
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
-        p = self.token_embedding.weight
-        return KVCache(*self.kv_cache_shape(batch_size, max_len), p.dtype, p.device)
-
-    def kv_cache_shape(self, batch_size: int, max_len: int) -> tuple[int, int, int, int, int]:
-        """(layers, batch_size, n_kv_heads, max_len, head_dim): the cache's keys (or values)."""
-        return self.cfg.lm_n_blocks, batch_size, self.cfg.lm_n_kv_heads, max_len, self.cfg.lm_head_dim
+        p, cfg = self.token_embedding.weight, self.cfg
+        return KVCache(cfg.lm_n_blocks, batch_size, cfg.lm_n_kv_heads, max_len, cfg.lm_head_dim, p.dtype, p.device)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, position_ids: torch.Tensor | None = None):
         """Run the decoder on token ids (lm_use_tokens) or embeddings (B, T, C).
 
-        attention_mask: (B, T_past + T) long, a 0/1 padding mask or, in general, segment ids
-        (0 = padding; packed rows number their documents 1, 2, ...); None when every token is
-        real. position_ids: (B, T); by default derived from the segment ids (restarting at 0 in
-        each one), or T_past, T_past + 1, ... without them.
+        attention_mask: (B, T) long, a 0/1 padding mask or, in general, segment ids (0 =
+        padding; packed rows number their documents 1, 2, ...); None when every token is real.
+        position_ids: (B, T); by default derived from the segment ids (restarting at 0 in each
+        one). kv_cache: unpadded rows that go on from `kv_cache.length` (`decode_step`, which
+        generation calls directly, handles the rest).
         Returns (logits or hidden states, kv_cache): logits (B, T, vocab) with lm_use_tokens,
         else final-normed hidden states (B, T, C) for the caller's head.
         """
         if self.lm_use_tokens:
             x = self.token_embedding(x)
         B, T, _ = x.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        segment_ids = attention_mask
-        if segment_ids is not None and segment_ids.shape != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(segment_ids.shape)}; expected "
-                             f"(batch, past + new tokens) = ({B}, {past + T}).")
+        if kv_cache is not None:
+            if attention_mask is not None or position_ids is not None:
+                raise ValueError("a call with a kv_cache takes unpadded rows: pass no attention_mask or "
+                                 "position_ids (nanovlm.generation decodes padded batches).")
+            end = kv_cache.length + T
+            x = self.decode_step(x, torch.arange(kv_cache.length, end, device=x.device).expand(B, T), kv_cache, end)
+            kv_cache.length = end
+        else:
+            x = self._forward(x, attention_mask, position_ids)
+        return (self.head(x) if self.lm_use_tokens else x), kv_cache
+
+    def _forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None, position_ids: torch.Tensor | None):
+        B, T, _ = x.shape
+        if segment_ids is not None and segment_ids.shape != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(segment_ids.shape)}; expected (batch, tokens) = "
+                             f"({B}, {T}).")
         explicit_positions = position_ids is not None
         if position_ids is None:
             if segment_ids is None:
-                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+                position_ids = torch.arange(T, device=x.device).expand(B, T)
             else:
-                position_ids = positions_from_segments(segment_ids)[:, -T:]
+                position_ids = positions_from_segments(segment_ids)
         cos, sin = self.rotary_embd(position_ids)
-
-        attn_mask = None  # None: causal over the new tokens (or, for one new token, everything)
+        attn_mask = None  # None: causal
         if segment_ids is not None:
-            branches = position_ids if explicit_positions and past == 0 else None
-            attn_mask = build_attention_mask(segment_ids, T, branches)
-        elif past > 0 and T > 1:  # new tokens after cached ones: causal, shifted by `past`
-            attn_mask = build_attention_mask(torch.ones(B, past + T, dtype=torch.long, device=x.device), T)
+            attn_mask = build_attention_mask(segment_ids, T, position_ids if explicit_positions else None)
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_mask)
+        return self.norm(x)
 
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attn_mask, kv_cache, i)
-        if kv_cache is not None:
-            kv_cache.length += T
-        x = self.norm(x)
-        if self.lm_use_tokens:
-            x = self.head(x)
-        return x, kv_cache
+    def decode_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache,
+                    kv_len: int | None = None) -> torch.Tensor:
+        """New tokens against the static cache, with no host reads: the one cached computation
+        (prefill and each decoded token; `torch.compile` captures it once, as gpt-fast's
+        `decode_one_token`).
 
-    def decode_step(self, x: torch.Tensor, position_ids: torch.Tensor, input_pos: torch.Tensor,
-                    key_mask: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """New tokens against the whole static cache, with fixed shapes and no host reads: the
-        step `torch.compile` captures once (as gpt-fast's `decode_one_token`).
-
-        x: (B, T_new, C) embeddings; position_ids: (B, T_new) their rotary positions (a padded
-        row counts only its real tokens); input_pos: (T_new,) long, the cache slots they fill;
-        key_mask: (B, max_len) bool, the slots that hold real tokens (False on left padding).
-        Returns final-normed hidden states (B, T_new, C). `kv_cache.length` is not moved.
+        x: (B, T_new, C) embeddings; input_pos: (B, T_new) long, each row's cache slots for them,
+        which are also their positions (a row's tokens start at slot 0: padding goes after).
+        kv_len: attend to the first kv_len slots only (eager: fewer keys); None: all of them
+        (one shape for every step). Returns final-normed hidden states (B, T_new, C).
         """
-        cos, sin = self.rotary_embd(position_ids)
-        slots = torch.arange(kv_cache.max_len, device=x.device)
-        causal = slots[None, :] <= input_pos[:, None]  # (T_new, max_len)
-        attn_mask = key_mask[:, None, None, :] & causal[None, None]  # (B, 1, T_new, max_len)
+        cos, sin = self.rotary_embd(input_pos)
+        slots = torch.arange(kv_cache.max_len if kv_len is None else kv_len, device=x.device)
+        attn_mask = (slots <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T_new, kv_len): causal per row
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attn_mask, kv_cache, i, input_pos)
         return self.norm(x)
 
+    @torch.inference_mode(False)  # called from generation's inference mode: the fused weights stay trainable
     @torch.no_grad()
     def prepare_for_inference(self, quantize: str | None = None) -> "LanguageModel":
         """Fuse q/k/v and gate/up into one matmul each (half the calls of a decode step), and with
-        `quantize="int8"` run every block linear and the head on int8 weights (`quantization`).
+        `quantize="int8"` run every block linear and the head on int8 weights (`quantization`);
+        None keeps the current mode. In place, idempotent and cheap to repeat: generation calls it.
 
-        In place and idempotent; for inference only (the fused path runs without autograd; the
-        layers' parameters become views of the fused matrices, so optimizers made before this
-        call no longer hold them). State-dict names and values do not change."""
-        quantize = check_quantize(quantize)
-        reason = int8_supported(self.token_embedding.weight.device) if quantize == "int8" else None
-        if reason is not None:
-            warnings.warn(reason)
-            quantize = "none"
-        if getattr(self, "_inference_mode", None) == quantize:
-            return self
-        if getattr(self, "_inference_mode", "none") != "none":
-            raise ValueError(f"this language model already runs {self._inference_mode} weights; load it "
-                             f"again to run it as {quantize}.")
-        # The other linears compute through `quantization.linear` (int8, or the one-row decode loop).
-        def wrap(lin: nn.Linear) -> nn.Linear:
-            if quantize == "int8":
-                return Int8Linear.from_linear(lin)
-            return InferenceLinear.from_linear(lin) if type(lin) is nn.Linear else lin  # adapters stay
-
+        The model still trains: the fused path runs only without autograd, and a fused float
+        matrix is the storage of the layers' own parameters (fused again when a recast or move
+        parted them). int8 copies are a snapshot for inference. The state dict does not change."""
+        mode = self.quantization if quantize is None else check_quantize(quantize)
+        if mode == "int8" and self.quantization != "int8":
+            reason = int8_supported(self.token_embedding.weight.device)
+            if reason is not None:
+                warnings.warn(reason)
+                mode = "none"
+        if self.quantization == "int8" and mode != "int8":
+            raise ValueError(f"this language model already runs int8 weights; load it again to run it as {mode}.")
         for block in self.blocks:
             attn, mlp = block.attn, block.mlp
-            attn.qkv_weight, attn.qkv_scales = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], quantize)
-            mlp.gate_up_weight, mlp.gate_up_scales = fuse_rows([mlp.gate_proj, mlp.up_proj], quantize)
-            attn.out_proj, mlp.down_proj = wrap(attn.out_proj), wrap(mlp.down_proj)
-        self.head = wrap(self.head)  # shares the (maybe tied) float weight
-        self._inference_mode = quantize
+            attn.qkv_weight, attn.qkv_scales = fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], mode,
+                                                         (attn.qkv_weight, attn.qkv_scales))
+            mlp.gate_up_weight, mlp.gate_up_scales = fuse_rows([mlp.gate_proj, mlp.up_proj], mode,
+                                                               (mlp.gate_up_weight, mlp.gate_up_scales))
+            attn.out_proj, mlp.down_proj = inference_linear(attn.out_proj, mode), inference_linear(mlp.down_proj, mode)
+        self.head = inference_linear(self.head, mode)  # shares the (maybe tied) float weight
+        self.quantization = mode
         return self
-
-    @property
-    def quantization(self) -> str:
-        """"none" or "int8": how `prepare_for_inference` set the weights up."""
-        return getattr(self, "_inference_mode", "none")
 
     @classmethod
     def from_pretrained(cls, cfg: VLMConfig) -> "LanguageModel":

@@ -47,8 +47,21 @@ class VisionLanguageModel(nn.Module):
         else:
             self.decoder = LanguageModel(cfg)
         self.MP = ModalityProjector(cfg)
-        # Attached by from_pretrained and by training; answer() builds one from the config when missing.
-        self.tokenizer = None
+        self._tokenizer = None  # attached by from_pretrained and training, else built on first use
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer: the one attached, else `cfg.lm_tokenizer`'s, built on first use
+        (as the original nanoVLM's model carries one); an error says why it cannot be built."""
+        if self._tokenizer is None:
+            from nanovlm.data.tokenizer import tokenizer_for
+
+            self._tokenizer = tokenizer_for(self.cfg)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
 
     # ------------------------------------------------------------------ properties
     @property
@@ -122,15 +135,14 @@ class VisionLanguageModel(nn.Module):
                 targets: torch.Tensor | None = None, loss_reduction: str = "mean",
                 position_ids: torch.Tensor | None = None, return_logits: bool = True,
                 supervised_index: torch.Tensor | None = None):
-        """Returns (logits, loss).
+        """Returns (logits (B, T, vocab), loss): the same contract with and without targets.
 
-        Without targets: logits (B, T, vocab) and loss None.
-        With targets (B, T), aligned with the logits (targets[t] is the token after position t;
-        IGNORE_INDEX where unsupervised): the cross-entropy over the supervised positions,
-        averaged (`loss_reduction="mean"`) or summed (`"sum"`, for exact averaging across
-        micro-batches and ranks), computed without the (n_supervised, vocab) logits
-        (`linear_cross_entropy`); logits are those (n_supervised, vocab) logits with
-        `return_logits=True`, else None (training: the head's output is never built).
+        loss is None without targets. With targets (B, T), aligned with the logits (targets[t]
+        is the token after position t; IGNORE_INDEX where unsupervised): the cross-entropy over
+        the supervised positions, averaged (`loss_reduction="mean"`) or summed (`"sum"`, for
+        exact averaging across micro-batches and ranks), computed from the hidden states of
+        those positions only (`linear_cross_entropy`). `return_logits=False` (training): logits
+        None, and the head never runs over every position.
 
         attention_mask: (B, T), a 0/1 padding mask, or segment ids (0 padding, 1..k for the
         documents of a packed row; see `LanguageModel.forward`); None when every token is real.
@@ -144,8 +156,9 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
         x = self.embed(input_ids, images)
         hidden, _ = self.decoder(x, attention_mask=attention_mask, position_ids=position_ids)
+        logits = self.decoder.head(hidden) if return_logits else None  # (B, T, vocab)
         if targets is None:
-            return self.decoder.head(hidden), None
+            return logits, None
         if supervised_index is None:
             supervised_index = find_supervised(targets)
         hidden = hidden.flatten(0, 1).index_select(0, supervised_index)  # (n_supervised, C)
@@ -153,34 +166,31 @@ class VisionLanguageModel(nn.Module):
         loss = linear_cross_entropy(hidden, self.decoder.head.weight, labels)
         if loss_reduction == "mean":
             loss = loss / max(supervised_index.shape[0], 1)
-        return (self.decoder.head(hidden) if return_logits else None), loss
+        return logits, loss
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens: int = 32,
                  top_k: int = 50, top_p: float = 0.9, temperature: float = 0.5, greedy: bool = False,
-                 **kwargs) -> torch.Tensor:
+                 compile: bool = False, **kwargs) -> torch.Tensor:
         """New tokens only, (B, <= max_new_tokens); rows that ended are padded with EOS.
-        See `nanovlm.generation.generate` for the options."""
+        `compile=True`: the one-token step `torch.compile`d (the fast path; the first call per
+        shape compiles). See `nanovlm.generation.stream` for the options."""
         from nanovlm.generation import generate
 
-        return generate(self, input_ids, images, attention_mask, max_new_tokens=max_new_tokens,
-                        top_k=top_k, top_p=top_p, temperature=temperature, greedy=greedy, **kwargs)
+        return generate(self, input_ids, images, attention_mask, max_new_tokens=max_new_tokens, top_k=top_k,
+                        top_p=top_p, temperature=temperature, greedy=greedy, compile=compile, **kwargs)
 
     def answer(self, images, questions, max_new_tokens: int = 32, greedy: bool = True, **kwargs) -> list[str]:
         """Answer each question about its image(s); see `nanovlm.generation.answer`."""
-        from nanovlm.data.tokenizer import tokenizer_for
         from nanovlm.generation import answer
 
-        if self.tokenizer is None:
-            self.tokenizer = tokenizer_for(self.cfg)
         return answer(self, images, questions, max_new_tokens=max_new_tokens, greedy=greedy, **kwargs)
 
     def quantize(self, mode: str | None = "int8") -> "VisionLanguageModel":
-        """Prepare the language model for inference, in place: q/k/v and gate/up fused, and with
-        `mode="int8"` its linear layers and head on int8 weights with per-channel scales
-        (`nanovlm.models.quantization`; where this torch cannot run the int8 kernel, a warning
-        says so and the weights stay as they are). "none": fusion only. The vision encoder and
-        projector keep their weights (they run once per image). State dict and saving unchanged."""
+        """Run the language model's linear layers and head on int8 weights with per-channel
+        scales (`nanovlm.models.quantization`), in place; where this torch cannot run the int8
+        kernel, a warning says so and the weights stay float. "none": q/k/v and gate/up fusion
+        only (which `generate` does by itself). State dict and saving unchanged."""
         self.decoder.prepare_for_inference(mode)
         return self
 
@@ -199,13 +209,12 @@ class VisionLanguageModel(nn.Module):
         """Write config.json, model.safetensors and the tokenizer files, atomically (see
         `nanovlm.weights.nanovlm.write_checkpoint`). Without a tokenizer given or attached, the
         one the config names is saved; when it cannot be built (offline), weights and config only."""
-        from nanovlm.data.tokenizer import tokenizer_for
         from nanovlm.weights.nanovlm import write_checkpoint
 
-        tok = tokenizer if tokenizer is not None else self.tokenizer
+        tok = tokenizer
         if tok is None:
             try:
-                tok = self.tokenizer = tokenizer_for(self.cfg)
+                tok = self.tokenizer
             except (ValueError, OSError):  # e.g. offline with a hub tokenizer: the files are optional
                 tok = None
         write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok,

@@ -1,16 +1,13 @@
-"""Prometheus metrics for the server, in the text exposition format (version 0.0.4), by hand.
-
-A few counters and one histogram do not need `prometheus_client`: the server counts requests by
-route and status and observes each request's latency here (from the event loop's thread only, so
-no lock), and `render` adds the engine's token counters and queue gauges at scrape time. Names
-follow Prometheus' conventions (`_total` counters, `_seconds` units, cumulative `le` buckets).
-"""
+"""Prometheus metrics in the text exposition format (0.0.4), by hand: a few counters and one
+histogram need no `prometheus_client`. Requests are counted by route and status, with their
+latency, from the event loop's thread only (no lock); `render` adds the engine's counters and
+queue gauges at scrape time. Labels come from a fixed set, so the counters stay bounded."""
 
 from __future__ import annotations
 
+import bisect
 import collections
-import math
-from typing import Any, Iterable
+from typing import Any
 
 # Seconds; a chat completion on a CPU takes from milliseconds (a short answer) to minutes.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -27,8 +24,7 @@ ENGINE_METRICS = (
 
 
 class Metrics:
-    def __init__(self, buckets: Iterable[float] = LATENCY_BUCKETS):
-        self.buckets = tuple(sorted(buckets))
+    def __init__(self):
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()  # (route, method, status)
         self.in_progress = 0  # HTTP requests being answered now (those under the connection cap)
         self._hist: dict[str, list[int]] = {}  # route -> counts per bucket (+Inf last), not cumulative
@@ -36,44 +32,30 @@ class Metrics:
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests[(route, method, status)] += 1
-        counts = self._hist.setdefault(route, [0] * (len(self.buckets) + 1))
-        i = next((i for i, b in enumerate(self.buckets) if seconds <= b), len(self.buckets))
-        counts[i] += 1
+        counts = self._hist.setdefault(route, [0] * (len(LATENCY_BUCKETS) + 1))  # the last: +Inf
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self._sum[route] += seconds
 
     def render(self, engine_stats: dict[str, Any]) -> str:
         out: list[str] = []
 
-        def family(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
+        def family(name: str, kind: str, help_: str, *samples: str) -> None:
+            out.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples))
 
-        family("nanovlm_requests_total", "counter", "HTTP requests answered, by route, method and status code.")
-        for (route, method, status), n in sorted(self.requests.items()):
-            out.append(f'nanovlm_requests_total{{route="{_label(route)}",method="{_label(method)}",'
-                       f'status="{status}"}} {n}')
+        family("nanovlm_requests_total", "counter", "HTTP requests answered, by route, method and status code.",
+               *(f'nanovlm_requests_total{{route="{route}",method="{method}",status="{status}"}} {n}'
+                 for (route, method, status), n in sorted(self.requests.items())))
         family("nanovlm_request_duration_seconds", "histogram",
                "Time from a request's arrival to the end of its answer (streams included), by route.")
         for route in sorted(self._hist):
-            counts, running = self._hist[route], 0
-            for bound, n in zip((*self.buckets, math.inf), counts):
+            running = 0
+            for bound, n in zip((*map(repr, LATENCY_BUCKETS), "+Inf"), self._hist[route]):
                 running += n
-                le = "+Inf" if bound == math.inf else _number(bound)
-                out.append(f'nanovlm_request_duration_seconds_bucket{{route="{_label(route)}",le="{le}"}} {running}')
-            out.append(f'nanovlm_request_duration_seconds_sum{{route="{_label(route)}"}} '
-                       f"{_number(self._sum[route])}")
-            out.append(f'nanovlm_request_duration_seconds_count{{route="{_label(route)}"}} {running}')
-        family("nanovlm_requests_in_progress", "gauge", "HTTP requests being answered now.")
-        out.append(f"nanovlm_requests_in_progress {self.in_progress}")
+                out.append(f'nanovlm_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {running}')
+            out.append(f'nanovlm_request_duration_seconds_sum{{route="{route}"}} {float(self._sum[route])!r}')
+            out.append(f'nanovlm_request_duration_seconds_count{{route="{route}"}} {running}')
+        family("nanovlm_requests_in_progress", "gauge", "HTTP requests being answered now.",
+               f"nanovlm_requests_in_progress {self.in_progress}")
         for name, kind, help_text, stat in ENGINE_METRICS:
-            family(name, kind, help_text)
-            out.append(f"{name} {engine_stats.get(stat, 0)}")
+            family(name, kind, help_text, f"{name} {engine_stats.get(stat, 0)}")
         return "\n".join(out) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(x: float) -> str:
-    return repr(float(x))

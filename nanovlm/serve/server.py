@@ -1,29 +1,23 @@
 """The HTTP server: OpenAI-compatible chat completions, model list, health, metrics, the chat page.
 
 The stack vLLM and llama-cpp-python serve the OpenAI API with: an ASGI app (Starlette) run by
-uvicorn, with the request body checked by a typed pydantic model (`protocol.py`). One event loop
-answers every connection; image decoding and tokenization run in worker threads, decoding in the
-engine thread (`engine.py`), whose events come back to the loop through `_LoopQueue`. Streamed
-answers are server-sent events. Every failure is an OpenAI-shaped JSON error (malformed HTTP
-included): 4xx for what the client can fix, 500 (logged, the server keeps running) for the rest.
-A client that goes away, while waiting or mid-stream, cancels its request so the engine frees
-the slot.
+uvicorn. One event loop answers every connection; images and tokenizing run in worker threads,
+decoding in the engine thread (`engine.py`), whose events come back through `_LoopQueue`.
+Streamed answers are server-sent events. Every failure is an OpenAI-shaped JSON error (malformed
+HTTP included): 4xx for what the client can fix, 500 (logged; the server goes on) for the rest.
+A client that leaves, waiting or mid-stream, cancels its request so the engine frees its row.
 
-Around the routes, one ASGI middleware (`_Gate`): the API key (`--api-key`: every `/v1/*` request
-needs `Authorization: Bearer KEY`, else 401), the cap on requests in progress
-(`Limits.max_connections`: one over it gets a JSON 503 `too_many_connections`, answered after
-its request was read, so the client always sees it), and the Prometheus counters (`metrics.py`).
-On SIGTERM or Ctrl-C the server drains: it stops accepting, lets the requests in progress
-(streams included) finish for up to `--drain-timeout` seconds, then exits 0.
-
-Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`,
-`GET /metrics`, `GET /` (the chat page).
+One ASGI middleware (`_Gate`) holds the API key (`/v1/*` needs `Authorization: Bearer KEY`,
+else 401), the cap on requests in progress (one over it gets a JSON 503 after its request was
+read, so the client sees it) and the Prometheus counters. On SIGTERM or Ctrl-C the server
+drains: no new connections, requests in progress get `--drain-timeout` seconds, then exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -33,9 +27,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Sequence
 
 import h11
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -46,16 +41,23 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nanovlm.data.processors import RenderError
+from nanovlm.generation import render_chat
+from nanovlm.models.vision_language_model import VisionLanguageModel
+from nanovlm.runtime import default_device, pick_dtype
 from nanovlm.serve import protocol
-from nanovlm.serve.engine import Engine, EngineBusy, GenerationRequest, PromptError, build_prompt
+from nanovlm.serve.engine import Engine, EngineBusy, GenerationRequest
 from nanovlm.serve.metrics import Metrics
 from nanovlm.serve.protocol import APIError, Limits
+from nanovlm.weights.nanovlm import checkpoint_directory
 
 logger = logging.getLogger("nanovlm.serve")
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 API_KEY_ENV = "NANOVLM_API_KEY"
 _UNCAPPED = ("/health", "/metrics")  # monitoring must still see a saturated server
+_ROUTES = ("/", "/index.html", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 @dataclass
@@ -63,75 +65,26 @@ class App:
     """Everything the routes need; shared by all requests."""
 
     engine: Engine
-    processor: Any
-    model_name: str
+    model_names: tuple[str, ...]  # the served names (the first is the one reported) and "default"
     limits: Limits = field(default_factory=Limits)
     allow_remote_images: bool = False
     api_key: str | None = None
-    aliases: tuple[str, ...] = ("default",)
     created: int = field(default_factory=protocol.now)
     metrics: Metrics = field(default_factory=Metrics)
 
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        return (self.model_name, *self.aliases)
 
-    @property
-    def max_tokens_cap(self) -> int:
-        cap = self.engine.context - 1
-        return cap if self.limits.max_tokens_cap is None else min(cap, self.limits.max_tokens_cap)
-
-
-# ------------------------------------------------------------------------------------ responses
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> Response:
     return Response(json.dumps(body, ensure_ascii=False).encode("utf-8"), status_code=status,
                     media_type="application/json", headers=headers)
 
 
-def _error(e: APIError, headers: dict[str, str] | None = None) -> Response:
-    return _json(e.status, e.body(), headers)
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **kw) -> Response:
+    return _json(status, protocol.error_body(message, **kw), headers)
 
 
 def _internal_error() -> Response:
-    return _json(500, protocol.error_body("internal server error; the details are in the server log.",
-                                          type="server_error", code="internal_error"))
-
-
-# ------------------------------------------------------------------------------------ simple routes
-def _app(request: Request) -> App:
-    return request.app.state.nanovlm
-
-
-async def page(request: Request) -> Response:
-    with open(os.path.join(STATIC_DIR, "index.html"), "rb") as f:
-        return Response(f.read(), media_type="text/html; charset=utf-8")
-
-
-async def health(request: Request) -> Response:
-    app = _app(request)
-    ok = app.engine.alive
-    body = {"status": "ok" if ok else "error", "model": app.model_name, "api_key_required": app.api_key is not None,
-            **app.engine.stats()}
-    return _json(200 if ok else 503, body)
-
-
-async def metrics(request: Request) -> Response:
-    app = _app(request)
-    return Response(app.metrics.render(app.engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-async def models(request: Request) -> Response:
-    app = _app(request)
-    return _json(200, protocol.models_body(app.model_name, app.created, app.engine.context))
-
-
-async def model(request: Request) -> Response:
-    app = _app(request)
-    name = request.path_params["name"]
-    if name not in app.model_names:
-        return _error(APIError(404, f"The model {name!r} does not exist on this server; it serves "
-                                    f"{app.model_name!r}.", param="model", code="model_not_found"))
-    return _json(200, protocol.model_card(app.model_name, app.created, app.engine.context))
+    return _error(500, "internal server error; the details are in the server log.", type="server_error",
+                  code="internal_error")
 
 
 # ------------------------------------------------------------------------------------ chat completions
@@ -139,8 +92,7 @@ class _LoopQueue:
     """Where the engine thread puts a request's events: an asyncio queue on the server's loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop, self.queue = loop, asyncio.Queue()
 
     def put(self, event) -> None:
         try:
@@ -149,53 +101,61 @@ class _LoopQueue:
             pass
 
 
-async def chat(request: Request) -> Response:
-    app = _app(request)
+async def chat(app: App, request: Request) -> Response:
     try:
         body = await _read_body(request, app.limits)
-        prepared = await run_in_threadpool(_prepare, app, body)  # images and tokenizing: off the event loop
+        parsed, ids, generation = await run_in_threadpool(_prepare, app, body)  # images, tokens: off the loop
     except APIError as e:
-        return _error(e, {"Connection": "close"} if e.status in (411, 413) else None)
+        return _json(e.status, e.body(), {"Connection": "close"} if e.status in (411, 413) else None)
     except ClientDisconnect:
         return Response(status_code=400)  # nobody is left to read it
     except Exception:
         logger.exception("internal error on POST /v1/chat/completions")
         return _internal_error()
-    parsed, ids, generation = prepared
     events = _LoopQueue(asyncio.get_running_loop())
     try:
         handle = app.engine.submit(generation, events=events)
     except EngineBusy as e:
-        return _error(APIError(503, f"the server is busy ({e}); retry in a moment.", type="server_error",
-                               code="server_busy"))
+        return _error(503, f"the server is busy ({e}); retry in a moment.", type="server_error", code="server_busy")
+    pieces = _pieces(app, parsed, events.queue)
     if parsed.stream:
-        return StreamingResponse(_stream(app, parsed, handle, events.queue, len(ids)),
-                                 media_type="text/event-stream; charset=utf-8",
+        return StreamingResponse(_stream(parsed, pieces, len(ids)), media_type="text/event-stream; charset=utf-8",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(handle.cancel))
+    watcher = asyncio.ensure_future(_watch_disconnect(request, handle, events.queue))
     try:
-        return await _complete(request, app, parsed, handle, events.queue, len(ids))
+        return await _complete(parsed, pieces, len(ids))
     finally:
-        handle.cancel()  # a no-op when it finished; frees the slot when the client left or we failed
+        watcher.cancel()
+        handle.cancel()  # a no-op when it finished; frees the row when the client left or we failed
 
 
-def _prepare(app: App, body: bytes):
-    """Validate, decode images, build the prompt: (request, prompt ids, engine request). Raises APIError."""
+def chat_prompt(model, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
+    """Parsed chat messages -> (prompt ids, image tiles or None), laid out as training lays them
+    out (`generation.render_chat`). Raises APIError."""
+    try:
+        chat = render_chat(model, messages)
+    except RenderError as e:
+        if e.reason == "image_token_mismatch":
+            e = (f"the message text contains the reserved image placeholder {model.tokenizer.image_token!r}; "
+                 "remove it and send images as image_url content parts.")
+        raise APIError(400, str(e), param="messages") from None
+    return chat.input_ids, (chat.tiles if chat.grids else None)
+
+
+def _prepare(app: App, body: bytes) -> tuple[protocol.ChatRequest, list[int], GenerationRequest]:
+    """Validate, decode images, build the prompt. Raises APIError."""
     request = protocol.parse_chat_request(body, model_names=app.model_names, limits=app.limits,
                                           allow_remote_images=app.allow_remote_images)
-    try:
-        ids, tiles = build_prompt(app.engine.model, app.processor, request.messages)
-    except PromptError as e:
-        raise APIError(400, str(e), param="messages") from None
+    ids, tiles = chat_prompt(app.engine.model, request.messages)
     max_tokens = _check_lengths(app, len(ids), request.max_tokens)
-    generation = GenerationRequest(ids, tiles, max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                   top_k=request.top_k, seed=request.seed)
-    return request, ids, generation
+    return request, ids, GenerationRequest(ids, tiles, max_tokens, temperature=request.temperature,
+                                           top_p=request.top_p, top_k=request.top_k, seed=request.seed)
 
 
 def _check_lengths(app: App, prompt_tokens: int, max_tokens: int | None) -> int:
-    context, cap = app.engine.context, app.max_tokens_cap
-    room = context - prompt_tokens
+    context = app.engine.context
+    cap, room = min(context - 1, app.limits.max_tokens_cap or context), context - prompt_tokens
     if room < 1:
         raise APIError(400, f"the prompt is {prompt_tokens} tokens (images included) but this model's context "
                             f"is {context} tokens; shorten the conversation or send fewer or smaller images.",
@@ -213,10 +173,8 @@ def _check_lengths(app: App, prompt_tokens: int, max_tokens: int | None) -> int:
 
 
 async def _read_body(request: Request, limits: Limits) -> bytes:
-    limit = limits.max_body_bytes
-    headers = request.headers
-    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-    if not chunked:
+    limit, headers = limits.max_body_bytes, request.headers
+    if "chunked" not in headers.get("transfer-encoding", "").lower():
         if "content-length" not in headers:
             raise APIError(411, "the request has no Content-Length header; send the JSON body with one.",
                            code="length_required")
@@ -246,111 +204,109 @@ async def _watch_disconnect(request: Request, handle, queue: asyncio.Queue) -> N
     queue.put_nowait(("gone",))
 
 
-async def _complete(request: Request, app: App, parsed: protocol.ChatRequest, handle, queue: asyncio.Queue,
-                    prompt_tokens: int) -> Response:
-    watcher = asyncio.ensure_future(_watch_disconnect(request, handle, queue))
-    text = protocol.TextAssembler(app.engine.model.tokenizer, parsed.stop)
-    pieces, finish, n_tokens = [], "length", 0
-    try:
-        while True:
-            event = await queue.get()
-            kind = event[0]
-            if kind == "token":
-                n_tokens += 1
-                pieces.append(text.push(event[1]))
-                if text.stopped:
-                    finish = "stop"
-                    break
-            elif kind == "done":
-                finish, n_tokens = event[1], event[2]
-                pieces.append(text.finish())
-                break
-            elif kind == "gone":
-                return Response(status_code=499)  # never sent: the client has left
-            else:
-                logger.error("request failed in the engine: %s", event[1])
-                return _internal_error()
-    finally:
-        watcher.cancel()
-    body = protocol.completion_body(protocol.completion_id(), protocol.now(), parsed.model, "".join(pieces),
-                                    finish, prompt_tokens, n_tokens)
-    return _json(200, body)
+async def _pieces(app: App, parsed: protocol.ChatRequest, queue: asyncio.Queue):
+    """The answer as it comes: text deltas (str), then ("done", finish_reason, n_tokens); or the
+    engine's ("error", message), or the disconnect watcher's ("gone",)."""
+    text, n_tokens = protocol.TextAssembler(app.engine.model.tokenizer, parsed.stop), 0
+    while True:
+        event = await queue.get()
+        if event[0] == "token":
+            n_tokens += 1
+            delta, finish = text.push(event[1]), "stop" if text.stopped else None
+        elif event[0] == "done":
+            delta, finish, n_tokens = text.finish(), event[1], event[2]
+        else:
+            yield event
+            return
+        if delta:
+            yield delta
+        if finish:
+            yield "done", finish, n_tokens
+            return
+
+
+async def _complete(parsed: protocol.ChatRequest, pieces, prompt_tokens: int) -> Response:
+    text = []
+    async for piece in pieces:
+        if isinstance(piece, str):
+            text.append(piece)
+        elif piece[0] == "done":
+            return _json(200, protocol.completion_body(parsed.model, "".join(text), piece[1], prompt_tokens, piece[2]))
+        elif piece[0] == "gone":
+            return Response(status_code=499)  # never sent: the client has left
+        else:
+            logger.error("request failed in the engine: %s", piece[1])
+            return _internal_error()
 
 
 def _sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
-async def _stream(app: App, parsed: protocol.ChatRequest, handle, queue: asyncio.Queue, prompt_tokens: int):
+async def _stream(parsed: protocol.ChatRequest, pieces, prompt_tokens: int):
     """The answer as server-sent events. Starlette cancels this generator when the client leaves."""
-    cid, created, name = protocol.completion_id(), protocol.now(), parsed.model
-    usage_on = parsed.include_usage
-    try:
-        yield _sse(protocol.chunk_body(cid, created, name, {"role": "assistant", "content": ""},
-                                       include_usage=usage_on))
-        text = protocol.TextAssembler(app.engine.model.tokenizer, parsed.stop)
-        finish, n_tokens = "length", 0
-        while True:
-            event = await queue.get()
-            kind = event[0]
-            if kind == "token":
-                n_tokens += 1
-                delta = text.push(event[1])
-            elif kind == "done":
-                finish, n_tokens = event[1], event[2]
-                delta = text.finish()
-            else:
-                logger.error("request failed in the engine: %s", event[1])
-                yield _sse(protocol.error_body("internal server error while generating; the details are in the "
-                                               "server log.", type="server_error", code="internal_error"))
-                return
-            if delta:
-                yield _sse(protocol.chunk_body(cid, created, name, {"content": delta}, include_usage=usage_on))
-            if text.stopped:
-                finish = "stop"
-            if kind == "done" or text.stopped:
-                break
-        yield _sse(protocol.chunk_body(cid, created, name, {}, finish, include_usage=usage_on))
-        if usage_on:
-            yield _sse(protocol.usage_chunk(cid, created, name, prompt_tokens, n_tokens))
-        yield b"data: [DONE]\n\n"
-    finally:
-        handle.cancel()
+    chunk = protocol.Chunks(parsed.model, parsed.include_usage)
+    yield _sse(chunk({"role": "assistant", "content": ""}))
+    async for piece in pieces:
+        if isinstance(piece, str):
+            yield _sse(chunk({"content": piece}))
+        elif piece[0] == "done":
+            yield _sse(chunk({}, piece[1]))
+            if parsed.include_usage:
+                yield _sse(chunk.usage(prompt_tokens, piece[2]))
+            yield b"data: [DONE]\n\n"
+        else:
+            logger.error("request failed in the engine: %s", piece[1])
+            yield _sse(protocol.error_body("internal server error while generating; the details are in the server "
+                                           "log.", type="server_error", code="internal_error"))
 
 
-# ------------------------------------------------------------------------------------ errors, routing
-_METHOD_ORDER = ("GET", "HEAD", "POST")
-_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# ------------------------------------------------------------------------------------ the application
+def build_app(app: App):
+    """The ASGI application: Starlette's routes inside the `_Gate` middleware."""
 
+    async def page(request: Request) -> Response:
+        with open(PAGE, "rb") as f:
+            return Response(f.read(), media_type="text/html; charset=utf-8")
 
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    """Starlette's 404 (no route) and 405 (a route, another method) in OpenAI's error shape."""
-    path = request.url.path[:200]
-    if exc.status_code == 405:
-        allowed = sorted((exc.headers or {}).get("Allow", "").replace(" ", "").split(","),
-                         key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else 9, m))
-        return _json(405, protocol.error_body(f"method not allowed on {path}; use {' or '.join(allowed)}.",
-                                              code="method_not_allowed"), headers={"Allow": ", ".join(allowed)})
-    if exc.status_code == 404:
-        return _json(404, protocol.error_body(
-            f"no route {request.method} {path}; this server has POST /v1/chat/completions, GET /v1/models, "
-            "GET /health, GET /metrics and GET /.", code="not_found"))
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return _json(exc.status_code, protocol.error_body(f"{exc.detail}.", type=kind))
+    async def health(request: Request) -> Response:
+        ok = app.engine.alive
+        return _json(200 if ok else 503, {"status": "ok" if ok else "error", "model": app.model_names[0],
+                                          "api_key_required": app.api_key is not None, **app.engine.stats()})
 
+    async def metrics(request: Request) -> Response:
+        return Response(app.metrics.render(app.engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-async def _crash(request: Request, exc: Exception) -> Response:
-    logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _internal_error()
+    async def models(request: Request) -> Response:
+        card = protocol.model_card(app.model_names[0], app.created, app.engine.context)
+        return _json(200, {"object": "list", "data": [card]})
 
+    async def model(request: Request) -> Response:
+        try:
+            name = protocol.check_model(request.path_params["name"], app.model_names)
+        except APIError as e:
+            return _json(e.status, e.body())
+        return _json(200, protocol.model_card(name, app.created, app.engine.context))
 
-def _route_label(path: str) -> str:
-    """The route a path belongs to, for metrics labels (never the raw path: unbounded cardinality)."""
-    if path in ("/", "/index.html", "/health", "/metrics", "/v1/models", "/v1/chat/completions"):
-        return path
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{id}"
-    return "other"
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's 404 (no route) and 405 (a route, another method) in OpenAI's error shape."""
+        path = request.url.path[:200]
+        if exc.status_code == 405:
+            allowed = sorted((exc.headers or {}).get("Allow", "").replace(" ", "").split(","))
+            return _error(405, f"method not allowed on {path}; use {' or '.join(allowed)}.",
+                          {"Allow": ", ".join(allowed)}, code="method_not_allowed")
+        return _error(404, f"no route {request.method} {path}; this server has POST /v1/chat/completions, GET "
+                           "/v1/models, GET /health, GET /metrics and GET /.", code="not_found")
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _internal_error()
+
+    routes = [Route("/", page, methods=["GET"]), Route("/index.html", page, methods=["GET"]),
+              Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
+              Route("/v1/models", models, methods=["GET"]), Route("/v1/models/{name:path}", model, methods=["GET"]),
+              Route("/v1/chat/completions", functools.partial(chat, app), methods=["POST"])]
+    return _Gate(Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: crash}), app)
 
 
 class _Gate:
@@ -359,15 +315,12 @@ class _Gate:
     so the client reads the answer instead of a reset."""
 
     def __init__(self, asgi, app: App):
-        self.asgi = asgi
-        self.app = app
+        self.asgi, self.app = asgi, app
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
-            await self.asgi(scope, receive, send)
-            return
-        app, path, started = self.app, scope["path"], time.perf_counter()
-        status = 500
+            return await self.asgi(scope, receive, send)
+        app, path, started, status = self.app, scope["path"], time.perf_counter(), 500
 
         async def send_and_note(message) -> None:
             nonlocal status
@@ -377,11 +330,13 @@ class _Gate:
 
         try:
             if app.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
-                await _unauthorized(scope)(scope, receive, send_and_note)
+                await self._unauthorized(scope)(scope, receive, send_and_note)
             elif path in _UNCAPPED:
                 await self.asgi(scope, receive, send_and_note)
             elif app.metrics.in_progress >= app.limits.max_connections:
-                await _too_many(app.limits.max_connections)(scope, receive, send_and_note)
+                await _error(503, f"the server already has {app.limits.max_connections} open connections with a "
+                                  "request in progress, its limit; retry in a moment.", {"Retry-After": "1"},
+                             type="server_error", code="too_many_connections")(scope, receive, send_and_note)
             else:
                 app.metrics.in_progress += 1
                 try:
@@ -390,42 +345,20 @@ class _Gate:
                     app.metrics.in_progress -= 1
         finally:
             method = scope["method"] if scope["method"] in _METHODS else "other"  # labels stay a small set
-            app.metrics.observe(_route_label(path), method, status, time.perf_counter() - started)
+            route = path if path in _ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+            app.metrics.observe(route, method, status, time.perf_counter() - started)
 
     def _authorized(self, scope) -> bool:
-        expected = b"Bearer " + self.app.api_key.encode("utf-8")
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return hmac.compare_digest(given, expected)
+        return hmac.compare_digest(given, b"Bearer " + self.app.api_key.encode("utf-8"))
 
-
-def _unauthorized(scope) -> Response:
-    given = any(k == b"authorization" for k, _ in scope["headers"])
-    message = ("the API key is wrong; send the server's key as 'Authorization: Bearer KEY'." if given else
-               "this server needs an API key; send it as the header 'Authorization: Bearer KEY' (the openai "
-               "client's api_key).")
-    return _json(401, protocol.error_body(message, code="invalid_api_key"), headers={"WWW-Authenticate": "Bearer"})
-
-
-def _too_many(limit: int) -> Response:
-    return _json(503, protocol.error_body(
-        f"the server already has {limit} open connections with a request in progress, its limit; retry in a "
-        "moment.", type="server_error", code="too_many_connections"), headers={"Retry-After": "1"})
-
-
-def build_app(app: App):
-    """The ASGI application: Starlette's routes inside the `_Gate` middleware."""
-    routes = [
-        Route("/", page, methods=["GET"]),
-        Route("/index.html", page, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{name:path}", model, methods=["GET"]),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-    ]
-    starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _crash})
-    starlette.state.nanovlm = app
-    return _Gate(starlette, app)
+    @staticmethod
+    def _unauthorized(scope) -> Response:
+        message = ("the API key is wrong; send the server's key as 'Authorization: Bearer KEY'."
+                   if any(k == b"authorization" for k, _ in scope["headers"]) else
+                   "this server needs an API key; send it as the header 'Authorization: Bearer KEY' (the openai "
+                   "client's api_key).")
+        return _error(401, message, {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
 
 class _Protocol(H11Protocol):
@@ -443,18 +376,15 @@ class _Protocol(H11Protocol):
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server, whose SIGTERM / Ctrl-C starts the drain and ends with exit code 0.
-
-    uvicorn re-raises a caught signal once it has shut down, which would end the process as
-    killed by SIGTERM; here the drain is the whole answer to the signal."""
+    """uvicorn's server, whose SIGTERM / Ctrl-C starts the drain and ends with exit code 0 (uvicorn
+    would re-raise the signal once shut down: here the drain is the whole answer to it)."""
 
     @contextlib.contextmanager
     def capture_signals(self):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self._drain) for sig in handled}
+        previous = {sig: signal.signal(sig, self._drain) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
@@ -465,27 +395,21 @@ class _Uvicorn(uvicorn.Server):
         if self.should_exit:  # a second signal: stop waiting
             self.force_exit = True
             return
-        timeout = self.config.timeout_graceful_shutdown
         print(f"nanovlm: {signal.Signals(sig).name}: draining (no new connections; requests in progress get up "
-              f"to {timeout} s to finish).", flush=True)
+              f"to {self.config.timeout_graceful_shutdown} s to finish).", flush=True)
         self.should_exit = True
 
 
 # ------------------------------------------------------------------------------------ running
 class RunningServer:
-    """A server running in a background thread (tests, benchmarks, notebooks)."""
+    """A server on a listening socket: `start()` runs it from a background thread (tests,
+    benchmarks, notebooks), `run()` on this one until a signal drains it (`nanovlm serve`)."""
 
     def __init__(self, server: _Uvicorn, sock: socket.socket, app: App):
-        self.server = server
-        self.app = app
+        self.server, self.sock, self.app = server, sock, app
         self.address: tuple[str, int] = sock.getsockname()[:2]
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nanovlm-http",
-                                        daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.address
-        return f"http://{host}:{port}"
+        self.url = "http://{}:{}".format(*self.address)
+        self._thread = threading.Thread(target=self.run, name="nanovlm-http", daemon=True)
 
     def start(self) -> "RunningServer":
         self._thread.start()
@@ -494,6 +418,14 @@ class RunningServer:
                 raise RuntimeError("the HTTP server did not start; see the log.")
             time.sleep(0.005)
         return self
+
+    def run(self) -> int:
+        """Serve until stopped (SIGTERM / Ctrl-C drain the server first); the exit code."""
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.app.engine.stop(timeout=5.0)
+        return 0 if self.server.started else 1
 
     def close(self) -> None:
         """Fail what is still running, stop accepting, end open connections, free the port."""
@@ -508,70 +440,50 @@ class RunningServer:
         self.close()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def make_server(model, host: str = "127.0.0.1", port: int = 0, *, max_batch_size: int = 16,
+                allow_remote_images: bool = False, limits: Limits | None = None,
+                model_name: str | Sequence[str] = "nanovlm", context: int | None = None, api_key: str | None = None,
+                drain_timeout: float = 5.0, compile: bool = False) -> RunningServer:
+    """A server for an in-memory model on host:port (0: a free port), its engine started.
+    `model_name`: the name(s) clients may send as `model` (the first is reported; "default" too)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
         sock.listen(2048)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or stop the "
+                      "program using it.") from None
+    limits = limits or Limits()
+    engine = Engine(model, max_batch_size=max_batch_size, max_queued=limits.max_queued, context=context,
+                    compile=compile).start()
+    names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
+    app = App(engine=engine, model_names=(*names, "default"), limits=limits, allow_remote_images=allow_remote_images,
+              api_key=api_key or None)
+    config = uvicorn.Config(build_app(app), http=_Protocol, lifespan="off", log_config=None, server_header=False,
+                            headers=[("server", "nanovlm")], timeout_graceful_shutdown=drain_timeout,
+                            timeout_keep_alive=60)
+    return RunningServer(_Uvicorn(config), sock, app)
 
 
-def _uvicorn(app: App, drain_timeout: float) -> _Uvicorn:
-    config = uvicorn.Config(build_app(app), http=_Protocol, lifespan="off", log_config=None,
-                            server_header=False, headers=[("server", "nanovlm")],
-                            timeout_graceful_shutdown=drain_timeout, timeout_keep_alive=60)
-    return _Uvicorn(config)
+def start_server(model, host: str = "127.0.0.1", port: int = 0, **options) -> RunningServer:
+    """`make_server(...)` running in a background thread."""
+    return make_server(model, host, port, **options).start()
 
 
 def model_name_for(model_dir: str) -> str:
-    """The name clients send as `model`: the checkpoint folder (`run/final` for a run's final/)."""
+    """The name clients send as `model` by default: the checkpoint folder (`run/final` for a run's final/)."""
     path = os.path.normpath(os.path.abspath(model_dir))
-    base = os.path.basename(path)
-    parent = os.path.basename(os.path.dirname(path))
+    base, parent = os.path.basename(path), os.path.basename(os.path.dirname(path))
     return f"{parent}/{base}" if base in ("final", "latest") and parent else base
 
 
-def _make_app(model, *, max_batch_size: int, allow_remote_images: bool, limits: Limits | None, model_name: str,
-              context: int | None, api_key: str | None) -> App:
-    from nanovlm.data.processors import image_processor_for
-
-    limits = limits or Limits()
-    engine = Engine(model, max_batch_size=max_batch_size, max_queued=limits.max_queued, context=context).start()
-    return App(engine=engine, processor=image_processor_for(model.cfg), model_name=model_name, limits=limits,
-               allow_remote_images=allow_remote_images, api_key=api_key or None)
-
-
-def start_server(model, host: str = "127.0.0.1", port: int = 0, *, max_batch_size: int = 16,
-                 allow_remote_images: bool = False, limits: Limits | None = None, model_name: str = "nanovlm",
-                 context: int | None = None, api_key: str | None = None,
-                 drain_timeout: float = 5.0) -> RunningServer:
-    """Serve an in-memory model on host:port (0: a free port) from a background thread."""
-    app = _make_app(model, max_batch_size=max_batch_size, allow_remote_images=allow_remote_images, limits=limits,
-                    model_name=model_name, context=context, api_key=api_key)
-    try:
-        sock = _listen(host, port)
-    except OSError:
-        app.engine.stop()
-        raise
-    return RunningServer(_uvicorn(app, drain_timeout), sock, app).start()
-
-
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
-          allow_remote_images: bool = False, *, dtype: str = "auto", limits: Limits | None = None,
-          api_key: str | None = None, drain_timeout: float = 30.0, quantize: str = "none") -> int:
-    """`nanovlm serve`: load a checkpoint and serve it until Ctrl-C or SIGTERM, then drain. Returns the exit code."""
-    import torch
-
-    from nanovlm.models.vision_language_model import VisionLanguageModel
-    from nanovlm.runtime import default_device, pick_dtype
-    from nanovlm.weights.nanovlm import checkpoint_directory
-
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: Sequence[str] = (),
+          dtype: str = "auto", quantize: str = "none", api_key: str | None = None, drain_timeout: float = 30.0,
+          **options) -> int:
+    """`nanovlm serve`: load a checkpoint and serve it until Ctrl-C or SIGTERM, then drain. `options`
+    are `make_server`'s (max_batch_size, allow_remote_images, limits, compile). Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be 0 or more seconds, got {drain_timeout:g}.")
@@ -581,38 +493,14 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch_s
     model = VisionLanguageModel.from_pretrained(directory, dtype=pick_dtype(dtype, device), device=device,
                                                 require_tokenizer=True, quantize=quantize)
     torch.set_grad_enabled(False)
-    name = model_name_for(model_dir)
-    try:
-        sock = _listen(host, port)
-    except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or stop the "
-                      "program using it.") from None
-    app = _make_app(model, max_batch_size=max_batch_size, allow_remote_images=allow_remote_images, limits=limits,
-                    model_name=name, context=None, api_key=api_key)
+    names = tuple(served_model_name) or (model_name_for(model_dir),)
+    srv = make_server(model, host, port, model_name=names, api_key=api_key, drain_timeout=drain_timeout, **options)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this address can use the model%s.", host,
                        "" if api_key else " (no --api-key)")
-    url = f"http://{host}:{sock.getsockname()[1]}"
-    print(f"nanovlm: serving {name!r} on {url} (OpenAI API at {url}/v1, chat page at {url}/"
+    print(f"nanovlm: serving {names[0]!r} on {srv.url} (OpenAI API at {srv.url}/v1, chat page at {srv.url}/"
           f"{', API key required' if api_key else ''}); Ctrl-C to stop.", flush=True)
-    server = _uvicorn(app, drain_timeout)
-    engine_died = threading.Event()
-
-    def watch_engine() -> None:  # the engine thread never should end; if it does, stop serving
-        while not server.should_exit:
-            if not app.engine.alive:
-                logger.error("the engine thread stopped; shutting down.")
-                engine_died.set()
-                server.should_exit = True
-                return
-            time.sleep(0.5)
-
-    threading.Thread(target=watch_engine, name="nanovlm-engine-watch", daemon=True).start()
-    try:
-        server.run(sockets=[sock])
-    finally:
-        app.engine.stop(timeout=5.0)
-    if not server.started or engine_died.is_set():
+    if srv.run() != 0:
         return 1
     print("nanovlm: stopped.", flush=True)
     return 0
