@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow test-browser browser-setup bench clean
+.PHONY: setup demo test test-slow test-interop test-browser browser-setup bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
+
+# The exports run by the tools themselves: llama-cpp-python (its install compiles llama.cpp with
+# mtmd: minutes) and transformers give our greedy answers.
+test-interop: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(VENV)/bin/pytest -q -m interop tests/interop
 
 # The chat-page test drives Debian's chromium through playwright (no browser download).
 browser-setup: $(STAMP)

@@ -370,24 +370,27 @@ def _cmd_serve(args) -> int:
 
 # --------------------------------------------------------------------------------------- export
 def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export", formatter_class=_Formatter, help="write a checkpoint in another format",
-                       description="Write a checkpoint as a transformers Idefics3 directory (config, safetensors, "
-                                   "processor and tokenizer files, chat template) that "
-                                   "AutoModelForImageTextToText and AutoProcessor load offline and vLLM serves.")
+    p = sub.add_parser("export", formatter_class=_Formatter, help="write a checkpoint for transformers or llama.cpp",
+                       description="Write a checkpoint as a transformers Idefics3 directory (AutoModelForImageTextToText "
+                                   "and AutoProcessor load it offline, vLLM serves it) or as llama.cpp's model.gguf + "
+                                   "mmproj.gguf. Either answers as the model does here; a model trained in a layout "
+                                   "the target cannot reproduce is refused, naming the settings to train it with.")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (ours, nanoVLM's or Idefics3)")
     p.add_argument("--format", default="transformers", metavar="NAME",
-                   help="transformers: an Idefics3ForConditionalGeneration directory")
+                   help="transformers (an Idefics3ForConditionalGeneration directory) or gguf (llama.cpp)")
     p.add_argument("--out", required=True, metavar="OUT", help="directory to write (replaced if it exists)")
+    p.add_argument("--outtype", default=None, metavar="TYPE", help="gguf weights: f16 (default) or q8_0")
     p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=False,
-                   help="fold a LoRA model's adapters into the weights (else they are written beside them "
-                        "in PEFT's layout)")
+                   help="fold a LoRA model's adapters into the weights (transformers otherwise writes them beside "
+                        "the weights in PEFT's layout; gguf always folds them in)")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
-    from nanovlm.export import run_export
+    from nanovlm.export.run import run_export
 
-    return run_export(model_dir=args.model, fmt=args.format, out=args.out, merge_lora=args.merge_lora)
+    return run_export(model_dir=args.model, fmt=args.format, out=args.out, merge_lora=args.merge_lora,
+                      outtype=args.outtype)
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -1,7 +1,9 @@
-"""`nanovlm export --format transformers`: a model of ours, in either image layout, written as an
-Idefics3 directory that transformers loads offline (AutoModelForImageTextToText +
-AutoProcessor) and that gives our logits and greedy tokens; a SmolVLM loaded here and exported
-again round-trips bit for bit."""
+"""`nanovlm export --format transformers`: a model of ours trained in SmolVLM's image layout,
+written as an Idefics3 directory that transformers loads offline (AutoModelForImageTextToText +
+AutoProcessor), whose standard processor and chat template (string content or a list of typed
+parts) give our ids and pixels, whose logits and greedy tokens are ours, and which loads back
+answer-identical; a model in our own layout is refused (transformers cannot lay it out); a
+SmolVLM loaded here and exported again round-trips bit for bit."""
 
 import json
 import os
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 from nanovlm.cli import main
 from nanovlm.config import VLMConfig
 from nanovlm.data.tokenizer import tokenizer_for
-from nanovlm.export import save_transformers
+from nanovlm.export.idefics3 import save_transformers
 from nanovlm.generation import prompt_renderer
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.weights.idefics3 import IDEFICS3_TOKENS
@@ -21,14 +23,15 @@ from nanovlm.weights.idefics3 import IDEFICS3_TOKENS
 transformers = pytest.importorskip("transformers")
 from test_idefics3 import QUESTION, hf_inputs, make_idefics3, picture  # noqa: E402
 
+IDEFICS3 = {"vlm_image_layout": "idefics3", "vlm_extra_tokens": dict(IDEFICS3_TOKENS), "max_img_size": 64}
 LAYOUTS = {
-    # The tiny preset reads raw [0, 1] pixels: its normalisation is folded into the patch embedding.
-    "nanovlm-raw": {},
-    "nanovlm-centred": {"vit_pixel_mean": 0.5, "vit_pixel_std": 0.5, "lm_tie_weights": False},
-    # A model of ours trained in SmolVLM's layout: transformers' processor gives our very ids.
-    "idefics3": {"vlm_image_layout": "idefics3", "vlm_extra_tokens": dict(IDEFICS3_TOKENS), "vlm_image_resample": "lanczos",
-                 "vit_pixel_mean": 0.5, "vit_pixel_std": 0.5, "max_img_size": 64},
+    # As SmolVLM: centred pixels, Lanczos resizing, its own head.
+    "centred": {**IDEFICS3, "vlm_image_resample": "lanczos", "vit_pixel_mean": 0.5, "vit_pixel_std": 0.5,
+                "lm_tie_weights": False},
+    # Raw [0, 1] pixels (the processor does not normalise), bicubic resizing, a tied head.
+    "raw": IDEFICS3,
 }
+PARTS = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
 
 
 def our_model(tmp_path, **overrides):
@@ -51,39 +54,57 @@ def exported(tmp_path, model):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_export_gives_our_logits_and_tokens(tmp_path, layout):
+def test_transformers_prompts_and_answers_as_we_do(tmp_path, layout):
     model = our_model(tmp_path, **LAYOUTS[layout])
     out, hf = exported(tmp_path, model)
     processor = transformers.AutoProcessor.from_pretrained(out)
     assert type(processor).__name__ == "Idefics3Processor"
     image = picture(80, 50)
     chat = prompt_renderer(model).render([{"role": "user", "content": QUESTION}], [image], add_generation_prompt=True)
-    ids = torch.tensor([chat.input_ids])
-    pixels = ((chat.tiles - 0.5) / 0.5).unsqueeze(0)  # (1, n_tiles, 3, S, S), as the exported processor normalises
+    mean, std = (0.5, 0.5) if model.cfg.vit_pixel_mean is not None else (0.0, 1.0)
+    for messages in (PARTS, [{"role": "user", "content": "<image>" + QUESTION}]):
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=text, images=[image], return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == chat.input_ids
+        assert torch.equal(inputs["pixel_values"][0], (chat.tiles - mean) / std)
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
     with torch.no_grad():
         ours, _ = model(ids, [chat.tiles])
         theirs = hf(input_ids=ids, pixel_values=pixels).logits
-    vocab = model.cfg.lm_vocab_size  # the export may add Idefics3's own tokens after ours
-    torch.testing.assert_close(theirs[..., :vocab], ours)
+    torch.testing.assert_close(theirs, ours)
     mine = model.generate(ids, [chat.tiles], greedy=True, max_new_tokens=10)[0].tolist()
-    hf.generation_config.eos_token_id = model.cfg.lm_eos_token_id
-    got = hf.generate(input_ids=ids, pixel_values=pixels, do_sample=False, max_new_tokens=10)[0, ids.shape[1]:].tolist()
+    got = hf.generate(**inputs, do_sample=False, max_new_tokens=10)[0, ids.shape[1]:].tolist()
     assert mine[:len(got)] == got
-    if layout == "idefics3":  # the same layout on both sides: transformers' own processor gives our ids and pixels
-        text = processor.apply_chat_template([{"role": "user", "content": "<image>" + QUESTION}],
-                                             add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=text, images=[image], return_tensors="pt")
-        assert inputs["input_ids"][0].tolist() == chat.input_ids
-        assert torch.equal(inputs["pixel_values"], pixels)
 
 
-def test_export_of_raw_pixels_folds_the_normalisation(tmp_path):
-    model = our_model(tmp_path)
+def test_export_loads_back_answer_identical(tmp_path):
+    model = our_model(tmp_path, **LAYOUTS["raw"])
     out, _ = exported(tmp_path, model)
-    config = json.loads(open(os.path.join(out, "preprocessor_config.json")).read())
-    assert config["image_mean"] == config["image_std"] == [0.5] * 3 and config["do_normalize"]
-    weight = load_file(os.path.join(out, "model.safetensors"))["model.vision_model.embeddings.patch_embedding.weight"]
-    torch.testing.assert_close(weight, model.vision_encoder.patch_embedding.conv.weight.detach() / 2)
+    assert json.loads(open(os.path.join(out, "preprocessor_config.json")).read())["do_normalize"] is False
+    back = VisionLanguageModel.from_pretrained(out)
+    same = ("vlm_image_layout", "max_img_size", "vit_img_size", "vlm_image_splitting", "vlm_image_resample",
+            "vit_pixel_mean", "vit_pixel_std", "vlm_image_token_id", "lm_eos_token_id", "lm_vocab_size")
+    assert [getattr(back.cfg, f) for f in same] == [getattr(model.cfg, f) for f in same]
+    images = [picture(80, 50, seed=k) for k in range(4)] + [picture(30, 90), picture(64, 64)]
+    questions = [QUESTION, "What colour?", "How many?", "Why?", QUESTION, "Where?"]
+    assert back.answer(images, questions, max_new_tokens=8) == model.answer(images, questions, max_new_tokens=8)
+
+
+def test_a_model_in_our_own_layout_is_refused(tmp_path, capsys):
+    our_model(tmp_path)  # the tiny preset: the nanovlm layout, global view first
+    assert main(["export", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 1
+    assert capsys.readouterr().err == ("nanovlm: error: transformers would not answer as this model does; train it "
+                                       "with vlm_image_layout=idefics3 (SmolVLM's layout of tiles and global view).\n")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_image_token_text_taken_by_another_token_is_refused(tmp_path):
+    tokens = {**IDEFICS3_TOKENS, "image_token": "<|image|>", "spare": "<image>"}
+    model = our_model(tmp_path, **{**IDEFICS3, "vlm_extra_tokens": tokens})
+    with pytest.raises(ValueError, match=r"^the tokenizer's <image> is not the model's image_token \(vlm_extra_tokens\), "
+                                         r"so the exported prompt could not place images; give <image> only that role.$"):
+        save_transformers(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_smolvlm_round_trips_bit_exactly(tmp_path):
@@ -107,8 +128,8 @@ def test_export_errors(tmp_path, capsys):
     our_model(tmp_path)
     assert main(["export", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "busy")]) == 1
     assert "exists and is not a model directory" in capsys.readouterr().err
-    assert main(["export", "--model", str(tmp_path / "ours"), "--format", "gguf", "--out", str(tmp_path / "x")]) == 1
-    assert "unknown export format 'gguf'; the one format is transformers." in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "ours"), "--format", "onnx", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown export format 'onnx'; choose transformers or gguf." in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").exists() and not (tmp_path / "x").exists()
 
 
@@ -116,7 +137,7 @@ def test_a_lora_model_exports_with_peft_adapters_or_merged(tmp_path, capsys):
     peft = pytest.importorskip("peft")
     from nanovlm.models.lora import add_lora
 
-    cfg = VLMConfig.from_preset("tiny", vit_pixel_mean=0.5, vit_pixel_std=0.5, lm_tie_weights=False)
+    cfg = VLMConfig.from_preset("tiny", **LAYOUTS["centred"])
     model = VisionLanguageModel(cfg, load_backbone=False).eval()
     add_lora(model, 4, 8.0, 0.0, ["lm_q", "lm_v", "lm_down", "vit_qkv", "vit_fc1"])
     with torch.no_grad():
@@ -129,7 +150,6 @@ def test_a_lora_model_exports_with_peft_adapters_or_merged(tmp_path, capsys):
     ids, pixels = torch.tensor([chat.input_ids]), ((chat.tiles - 0.5) / 0.5).unsqueeze(0)
     with torch.no_grad():
         ours = model(ids, [chat.tiles])[0]
-    vocab = cfg.lm_vocab_size
     for merge in (False, True):
         out = tmp_path / f"hf-{merge}"
         args = ["export", "--model", str(tmp_path / "ours"), "--out", str(out)] + (["--merge-lora"] if merge else [])
@@ -145,16 +165,16 @@ def test_a_lora_model_exports_with_peft_adapters_or_merged(tmp_path, capsys):
                     os.link(out / name, base_dir / name)
             base = transformers.AutoModelForImageTextToText.from_pretrained(base_dir).eval()
             with torch.no_grad():
-                assert (base(input_ids=ids, pixel_values=pixels).logits[..., :vocab] - ours).abs().max() > 1e-2
+                assert (base(input_ids=ids, pixel_values=pixels).logits - ours).abs().max() > 1e-2
             models.append(peft.PeftModel.from_pretrained(base, str(out)).eval())
         else:
             assert not (out / "adapter_config.json").exists()
         for hf in models:
             with torch.no_grad():
-                theirs = hf(input_ids=ids, pixel_values=pixels).logits[..., :vocab]
+                theirs = hf(input_ids=ids, pixel_values=pixels).logits
             torch.testing.assert_close(theirs, ours)
     plain = tmp_path / "plain"
-    our_model(plain)
+    our_model(plain, **IDEFICS3)
     assert main(["export", "--model", str(plain / "ours"), "--out", str(tmp_path / "y"), "--merge-lora"]) == 1
     assert "holds no LoRA adapters to merge; export without it." in capsys.readouterr().err
 

@@ -217,7 +217,9 @@ def idefics3_config(directory: str, vocab: Callable[[str], int | None]) -> VLMCo
     if missing:
         raise WeightLoadError(f"{directory}'s tokenizer lacks {', '.join(missing)}; an Idefics3 checkpoint's "
                               "tokenizer holds its image tokens.")
-    eos = vocab(IDEFICS3_TOKENS["end_of_utterance_token"])
+    # Turns end with <end_of_utterance> where the template writes it (SmolVLM's); else config.json's eos.
+    eou = IDEFICS3_TOKENS["end_of_utterance_token"]
+    eos = vocab(eou) if eou in (template or eou) else None
     fields.update(
         mp_pixel_shuffle_factor=int(config.get("scale_factor", 2)), lm_tie_weights=bool(config.get("tie_word_embeddings", False)),
         vlm_image_layout="idefics3", vlm_extra_tokens=tokens, vlm_extra_tokens_in_vocab=True,
