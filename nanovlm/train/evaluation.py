@@ -12,22 +12,15 @@ from typing import Any
 
 import torch
 
-from nanovlm.config import IGNORE_INDEX, TrainConfig
+from nanovlm.config import IGNORE_INDEX
+from nanovlm.eval.tasks import task_report
 from nanovlm.train import distributed as dist
-
-
-
-def resolve_task(train_cfg: TrainConfig) -> str:
-    from nanovlm.eval.tasks import resolve_task as resolve
-
-    return resolve(train_cfg.eval_task, train_cfg.data)
+from nanovlm.train.data import Data, to_device
 
 
 @torch.no_grad()
 def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInfo, amp: dict) -> float | None:
     """Mean loss per supervised token over the held-out samples (shared out over the ranks)."""
-    from nanovlm.train.data import to_device
-
     if val_set is None or len(val_set) == 0:
         return None
     was_training = model.training
@@ -43,21 +36,18 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
             _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
                             loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False,
                             supervised_index=batch.get("supervised_index"))
-        total[0] += loss.double()
-        total[1] += (batch["labels"] != IGNORE_INDEX).sum()
+        total += torch.stack([loss.double(), (batch["labels"] != IGNORE_INDEX).sum().double()])
     model.train(was_training)
     dist.all_reduce_sum(total, info)
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def accuracy(model, task: str, data, train_cfg: TrainConfig, limit: int, info: dist.DistInfo, amp: dict,
-             progress: bool = False) -> dict[str, Any] | None:
+def accuracy(model, task: str, data: Data, image_folder: str | None, batch_size: int, limit: int,
+             info: dist.DistInfo, amp: dict, progress: bool = False) -> dict[str, Any] | None:
     """The task's report (`nanovlm.eval.tasks`), or None when the run measures no accuracy."""
-    from nanovlm.eval.tasks import task_report
-
     return task_report(task, model, val_source=data.val_source, val_records=data.val_records,
-                       image_folder=train_cfg.image_folder, limit=limit, batch_size=train_cfg.eval_batch_size,
-                       rank=info.rank, world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
+                       image_folder=image_folder, limit=limit, batch_size=batch_size, rank=info.rank,
+                       world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
                        autocast_dtype=amp["dtype"] if amp["enabled"] else None, progress=progress)
 
 
