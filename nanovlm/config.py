@@ -39,8 +39,6 @@ def default_extra_tokens() -> dict[str, str]:
     return {"image_token": "<|image|>", "global_image_token": "<|global_image|>", **tiles}
 
 
-IMAGE_LAYOUTS = ("nanovlm", "idefics3")
-IMAGE_RESAMPLING = ("bicubic", "lanczos")
 # vit_hidden_act -> the `approximate` argument of torch's GELU (the names are transformers').
 VIT_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # The linear layers LoRA can adapt, and group names for several at once (`nanovlm.models.lora`).
@@ -49,7 +47,6 @@ LORA_TARGETS = ("lm_q", "lm_k", "lm_v", "lm_o", "lm_gate", "lm_up", "lm_down",
 LORA_TARGET_GROUPS = {"lm_attn": LORA_TARGETS[:4], "lm_mlp": LORA_TARGETS[4:7], "lm": LORA_TARGETS[:7],
                       "vit": LORA_TARGETS[7:], "all": LORA_TARGETS}
 COMPILE_SETTINGS = ("auto", "on", "off")
-VISION_WARMUP_MODES = ("auto", "answers", "words", "off")
 
 
 class ConfigError(ValueError):
@@ -73,16 +70,9 @@ def group(cls: type, help: str) -> Any:
 
 
 # ------------------------------------------------------------------------ the one settings parser
+# Booleans written as text (command line, `data preview`), any case; None as none/null.
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 NONE_WORDS = ("none", "null")
-
-
-def parse_bool(text: str) -> bool:
-    """One of BOOL_WORDS (true/false, yes/no, on/off, 1/0; any case) -> bool; ValueError otherwise."""
-    try:
-        return BOOL_WORDS[text.strip().lower()]
-    except KeyError:
-        raise ValueError(f"expected true or false (or yes/no, on/off, 1/0), got {text!r}.") from None
 
 
 @functools.cache
@@ -159,13 +149,13 @@ def parse_value(name: str, text: str, tp: Any, where: str = " on the command lin
     origin = typing.get_origin(base) or base
     try:
         if origin is bool:
-            value: Any = parse_bool(text)
+            value: Any = BOOL_WORDS[text.strip().lower()]
         elif origin in (int, float):
             value = origin(text)
         else:
             value = json.loads(text) if origin is dict else text
         return check_value(name, value, tp, where)
-    except ValueError:  # ConfigError included: name the text as the user wrote it
+    except (ValueError, KeyError):  # ConfigError included: name the text as the user wrote it
         expected = _expected(base) + (" (or yes/no, on/off, 1/0)" if origin is bool else "")
         raise ConfigError(f"{name} must be {expected}, got {text!r}{where}.") from None
 
@@ -289,12 +279,12 @@ class VLMConfig:
     # --- vision-language model ---
     vlm_extra_tokens: dict[str, str] = setting(default_extra_tokens, "tokens added to the tokenizer, name -> text")
     vlm_image_layout: str = setting("nanovlm", "prompt and tile layout: nanovlm | idefics3 (SmolVLM's)",
-                                    choices=IMAGE_LAYOUTS)
+                                    choices=("nanovlm", "idefics3"))
     vlm_extra_tokens_in_vocab: bool = setting(False, "the tokenizer already holds the extra tokens (SmolVLM)")
     vlm_image_token_id: int | None = setting(None, "id of the image token (none: after the base vocabulary)", min=0)
     vlm_image_splitting: bool = setting(True, "cut images larger than a tile into tiles plus a global view")
     vlm_image_resample: str = setting("bicubic", "PIL filter the image processor resizes with",
-                                      choices=IMAGE_RESAMPLING)
+                                      choices=("bicubic", "lanczos"))
     vlm_load_backbone_weights: bool = setting(True, "load the vit_model_type / lm_model_type weights on build")
     vlm_checkpoint_path: str = setting("checkpoints", "kept from nanoVLM's config (nanovlm train writes to --out)")
     hf_repo_name: str = setting("nanoVLM", "kept from nanoVLM's config (push_to_hub takes the repository id)")
@@ -305,17 +295,13 @@ class VLMConfig:
                f"'image_token', got {self.vlm_extra_tokens!r}.")
         _check((self.vit_pixel_mean is None) == (self.vit_pixel_std is None),
                "vit_pixel_mean and vit_pixel_std must be set together (or both left unset).")
-        _check(self.vit_hidden_dim % self.vit_n_heads == 0,
-               f"vit_n_heads ({self.vit_n_heads}) must divide vit_hidden_dim ({self.vit_hidden_dim}).")
-        _check(self.vit_img_size % self.vit_patch_size == 0,
-               f"vit_patch_size ({self.vit_patch_size}) must divide vit_img_size ({self.vit_img_size}).")
+        for part, whole in (("vit_n_heads", "vit_hidden_dim"), ("vit_patch_size", "vit_img_size"),
+                            ("lm_n_heads", "lm_hidden_dim"), ("lm_n_kv_heads", "lm_n_heads")):
+            _check(getattr(self, whole) % getattr(self, part) == 0,
+                   f"{part} ({getattr(self, part)}) must divide {whole} ({getattr(self, whole)}).")
         grid = self.vit_grid
         _check(grid % self.mp_pixel_shuffle_factor == 0, f"mp_pixel_shuffle_factor ({self.mp_pixel_shuffle_factor}) "
                f"must divide the patch grid side vit_img_size / vit_patch_size = {grid}.")
-        _check(self.lm_hidden_dim % self.lm_n_heads == 0,
-               f"lm_n_heads ({self.lm_n_heads}) must divide lm_hidden_dim ({self.lm_hidden_dim}).")
-        _check(self.lm_n_heads % self.lm_n_kv_heads == 0,
-               f"lm_n_kv_heads ({self.lm_n_kv_heads}) must divide lm_n_heads ({self.lm_n_heads}).")
         _check(self.lm_head_dim % 2 == 0, f"the head dimension lm_hidden_dim / lm_n_heads = {self.lm_head_dim} "
                "must be even for rotary embeddings.")
         _check(self.vlm_image_token_id is not None or not self.vlm_extra_tokens_in_vocab,
@@ -339,7 +325,7 @@ class VLMConfig:
                f"outside the vocabulary of {self.lm_vocab_size} tokens.")
 
     def _derived(self) -> dict[str, Any]:
-        """What __post_init__ derives each DERIVED field as, from the rest."""
+        """What __post_init__ derives each of DERIVED as, from the rest."""
         extra = len(self.vlm_extra_tokens)
         return {"vit_inter_dim": 4 * self.vit_hidden_dim, "extra_token_amount": extra,
                 "lm_vocab_size": self.lm_base_vocab_size + (0 if self.vlm_extra_tokens_in_vocab else extra),
@@ -387,7 +373,7 @@ class VLMConfig:
 class RecipeConfig:
     """The from-scratch CPU recipe's knobs: its vision stage, image shifts, time budget, data sizing, threads."""
     vision_warmup: str = setting("auto", "the vision stage's readout targets: auto | answers | words | off",
-                                 choices=VISION_WARMUP_MODES)
+                                 choices=("auto", "answers", "words", "off"))
     vision_warmup_steps: int = setting(0, "steps of the vision stage", min=0, note="(0: from vision_warmup_epochs)")
     vision_warmup_epochs: float = setting(25.0, "passes over the training images of the vision stage", gt=0)
     vision_warmup_lr: float = setting(1e-3, "learning rate of the vision stage", gt=0)

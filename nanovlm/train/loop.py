@@ -31,7 +31,7 @@ from nanovlm.train.data import Data, build_data, make_data, total_steps_for
 from nanovlm.train.optim import fused_adamw_available
 from nanovlm.train.recipe import stages
 from nanovlm.train.report import format_summary, measure_matmul_peak, plot, summarize
-from nanovlm.train.vlm import evaluate, save
+from nanovlm.train.evaluation import evaluate
 from nanovlm.weights.nanovlm import load_state
 
 __all__ = ["Data", "RunState", "build_data", "make_data", "seed_everything", "train"]

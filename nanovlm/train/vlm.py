@@ -4,8 +4,7 @@ Each step draws `gradient_accumulation_steps` micro-batches per rank; the loss i
 token losses divided by the supervised tokens of the whole global batch (all micro-batches, all
 ranks), so the gradient is that of one big batch, not a mean of means (DDP's averaging over
 ranks is undone by scaling with the world size). `Window` logs the running numbers, `evaluate`
-measures the validation loss and the accuracy `eval_task` names and keeps the best checkpoint,
-`save` writes a checkpoint that restores everything (weights, optimizer, RNG, data position,
+(`nanovlm.train.evaluation`) measures and keeps the best checkpoint, `save` writes a checkpoint that restores everything (weights, optimizer, RNG, data position,
 metrics, the run's state), so a resumed run repeats exactly what the uninterrupted one would.
 """
 
@@ -21,9 +20,10 @@ from tqdm import tqdm
 from nanovlm.config import IGNORE_INDEX
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
-from nanovlm.train import evaluation, lora
+from nanovlm.train import lora
 from nanovlm.train.budget import stage_budget
 from nanovlm.train.data import n_samples, to_device
+from nanovlm.train.evaluation import evaluate
 from nanovlm.train.optim import Schedule, vlm_optimizer
 from nanovlm.train.report import FlopCounter, MetricsLog, batch_stats, measure_matmul_peak
 from nanovlm.train.step import Trainer, fit
@@ -218,33 +218,6 @@ class Window:
         self._reset()
         if run.threads is not None:
             run.threads.adjust()
-
-
-def evaluate(run, limit: int, final: bool) -> dict:
-    """Validation loss and task accuracy now; logs them and keeps the best checkpoint."""
-    state, info, cfg = run.state, run.info, run.cfg
-    val = evaluation.validation_loss(run.model, run.data.val, run.data.collate, cfg.batch_size, info, run.amp)
-    report = evaluation.accuracy(run.model, run.task, run.data, cfg.image_folder, cfg.eval_batch_size, limit, info,
-                                 run.amp, progress=final and run.bar is None and info.is_main)
-    record = {"step": state.step, **({"val_loss": val} if val is not None else {}),
-              **evaluation.accuracy_fields(report), **({"final": True} if final else {})}
-    if run.log is not None:
-        run.log.log(record)
-        if not final:
-            run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                     for k, v in record.items()
-                                                     if k != "step" and not k.endswith("_what")))
-    # The best checkpoint: by held-out accuracy where the run measures it, else by validation
-    # loss (never by a test split: a test split only reports).
-    metric, value, higher = ("val_accuracy", record.get("val_accuracy"), True) if "val_accuracy" in record \
-        else ("val_loss", val, False)
-    best = state.best
-    if value is not None and (best is None or best["metric"] != metric
-                              or (value > best["value"] if higher else value < best["value"])):
-        state.best = {"step": state.step, "metric": metric, "value": value}
-        if info.is_main:
-            ckpt.save_best(run.run_dir, run.model, run.tokenizer, dict(state.best))
-    return {"record": record, "val": val, "report": report}
 
 
 def save(run) -> None:
