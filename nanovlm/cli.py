@@ -1,8 +1,8 @@
 """The `nanovlm` command line: train, generate, eval, serve, data.
 
-Each verb imports its own module lazily, so `nanovlm --help` is instant. A user error prints
-one sentence on stderr and exits 1 (a mistyped command line too: the sentence names what the
-verb accepts); `--debug` shows the traceback instead. Ctrl-C exits 130.
+Each verb imports its own module lazily (config.py is plain data), so `nanovlm --help` is
+instant. A user error prints one sentence on stderr and exits 1 (a mistyped command line too:
+the sentence names what the verb accepts); `--debug` shows the traceback instead. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import difflib
 import importlib.metadata
 import os
 import sys
+
+from nanovlm.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, TrainConfig, VLMConfig, field_types
 
 
 class UsageError(Exception):
@@ -76,8 +78,6 @@ class _Parser(argparse.ArgumentParser):
 
     def _setting_as_flag(self, arg: str, args: list[str]) -> None:
         """`--max_training_steps 20` (or `--max-training-steps=20`): a setting typed as an option."""
-        from nanovlm.config import TrainConfig, VLMConfig, field_types  # plain data: no torch
-
         name, eq, value = arg[2:].partition("=")
         key = name.replace("-", "_")
         if key not in field_types(VLMConfig) and key not in field_types(TrainConfig):
@@ -157,8 +157,6 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------------------- train
 def _add_train_parser(sub) -> None:
-    from nanovlm.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS  # plain data: --help stays instant
-
     width = max(len(name) for name in PRESETS)
     presets = "\n".join(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
     p = sub.add_parser(

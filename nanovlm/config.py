@@ -1,14 +1,10 @@
 """Configuration: VLMConfig (the model blueprint), TrainConfig (the run), and PRESETS.
 
-Plain data, no torch import. Field names follow the nanoVLM tutorial and its checkpoints
-(`vit_*`, `lm_*`, `mp_*`, `vlm_*`), so a `config.json` of the original project loads unchanged;
-derived fields left as None are filled in by `__post_init__` and checked when given.
-
-Each setting is written once, as litgpt writes its config: `setting(default, help, **rule)`
-puts the help and the range or choices in the field's metadata, where `--help`,
-`--list-settings` and the checks read them. The from-scratch CPU recipe's knobs and LoRA's are
-groups TrainConfig holds (`recipe`, `lora`); users still type their flat names. Values arrive
-typed (`check_value`: Python, presets, YAML/JSON) or as text (`parse_value`: `key=value`).
+Plain data, no torch import. Field names follow the nanoVLM tutorial and its checkpoints, so a
+`config.json` of the original project loads unchanged. Each setting is written once:
+`setting(default, help, **rule)` puts help and range or choices in the field's metadata, where
+`--help`, `--list-settings` and the checks read them. The recipe's and LoRA's knobs are groups
+TrainConfig holds (`recipe`, `lora`); users still type their flat names.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""The machine seam: device and precision, and what a training run tunes for the machine it runs on.
+"""The machine seam: device and precision, and what a training run tunes for the machine.
 
-The models and the trainer stay machine-neutral; what depends on the machine lives here, behind
-`prepare`, the trainer's one entry: glibc's allocator keeps freed blocks, the CPU thread count
-follows the cores other programs leave free (`Threads`, reading /proc), and attention takes
-the CPU-training path (`cpu_training_attention`). `may_read_back` says where a model's value
-checks may read a tensor back to the host. Everything outside `prepare` is the plain path.
+Models and trainer stay machine-neutral; `prepare`, the trainer's one entry, applies glibc's
+allocator tuning, the thread governor (`Threads`, reading /proc) and the CPU-training attention
+path. `may_read_back` says where a model's value checks may read a tensor back to the host.
 """
 
 from __future__ import annotations
@@ -62,20 +60,17 @@ def autocast_args(precision: str, device: torch.device) -> dict:
 
 
 def may_read_back(t: torch.Tensor) -> bool:
-    """Whether a value check may read `t` back to the host: on the CPU (free), and elsewhere
-    outside autograd (inference: one sync per call). Never in a training step on an accelerator,
-    where it waits for every queued kernel, nor inside torch.compile, where it splits the graph;
-    checks skipped there are the data pipeline's guarantees."""
+    """Whether a value check may read `t` back to the host: on the CPU, and elsewhere outside
+    autograd and torch.compile (never a sync inside an accelerator's training step)."""
     if torch.compiler.is_compiling():
         return False
     return t.device.type == "cpu" or not torch.is_grad_enabled()
 
 
 def cpu_training_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether attention takes the CPU-training path (two matmuls and a softmax in q's dtype):
-    inside `prepare` on a CPU, for queries autograd records, against at most PLAIN_MAX_TOKENS keys.
-    PyTorch's fused CPU kernel and its backward are made for long rows; the short rows of a
-    small model train several times faster on the plain path."""
+    """Whether attention takes the CPU-training path (two matmuls and a softmax): inside `prepare`
+    on a CPU, for queries autograd records, against at most PLAIN_MAX_TOKENS keys (the fused CPU
+    kernel's backward is slow on short rows)."""
     return (_cpu_training and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
             and k.shape[-2] <= PLAIN_MAX_TOKENS)
 
@@ -110,12 +105,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 @functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc serve large blocks from its heap and keep freed ones for reuse.
-
-    By default glibc maps each large block fresh from the kernel and unmaps it when freed, so
-    every large temporary of a CPU training step is page-faulted in and zeroed again, step
-    after step. The price: the process keeps the memory of its peak step. Linux with glibc only;
-    applied once per process. Returns whether it applied."""
+    """Have glibc's malloc keep freed large blocks for reuse instead of unmapping them, so a CPU
+    training step's large temporaries are not page-faulted in and zeroed again every step (the
+    price: the process keeps its peak step's memory). Linux/glibc only, once; returns whether it applied."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -193,14 +185,10 @@ class CpuShare:
 
 
 class Threads:
-    """The intra-op thread count of a CPU process that shares its machine fairly.
-
-    OpenMP threads spin while they wait for each other: two programs that each run one thread
-    per core on the same cores make each step wait for the thread whose core the other holds,
-    and both slow down many times over. `requested` > 0 fixes the count; 0 takes
-    `OMP_NUM_THREADS` when set (torchrun sets it), else the cores others leave free, measured
-    now and at every `adjust()`. The count changes rounding: a bit-exact repeat sets it.
-    """
+    """The intra-op thread count of a CPU process that shares its machine fairly: spinning OpenMP
+    threads of two programs on the same cores slow both many times over. `requested` > 0 fixes the
+    count; 0 takes `OMP_NUM_THREADS` (torchrun sets it), else the cores others leave free, measured
+    now and at every `adjust()`."""
 
     def __init__(self, requested: int = 0, say: Callable[[str], None] = print, share: CpuShare | None = None,
                  sample_s: float = 0.3):

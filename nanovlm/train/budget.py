@@ -1,9 +1,7 @@
 """The time budget (`max_train_time`) that every stage of a run shares.
 
-A stage's step count is fixed by data and settings; with a budget, once CALIBRATION_STEPS
-steps have been timed, the steps left are cut to what fits (never raised) and the schedule
-stretches over the new count. The vision stage may take up to VISION_SHARE of the budget, the
-VLM stage what the stages before it left.
+Once CALIBRATION_STEPS steps are timed, a stage's remaining steps are cut to fit (never raised)
+and its schedule stretches over the new count; the vision stage takes at most VISION_SHARE.
 """
 
 from __future__ import annotations

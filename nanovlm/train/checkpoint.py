@@ -1,13 +1,9 @@
 """Checkpoints a run resumes from exactly, written so that a kill at any instant is harmless.
 
-A step checkpoint `checkpoints/step_XXXXXX/` is a model directory (`save_pretrained`) plus
-`trainer_state.json` (step, data position, metrics, RNG of python and numpy) and
-`trainer_state.pt` (optimizer and torch RNG states, loaded with weights_only=True: no pickle).
-A LoRA run's holds only what trains (`trainable.safetensors`, `nanovlm.train.lora`). Each is
-assembled in a hidden directory beside its place, flushed, and renamed into place, so a
-directory named step_XXXXXX is complete; `best/` and `final/` are model directories. What
-happens to a checkpoint afterwards (a full disk, a copy cut short) is checked on `--resume`,
-which falls back to the newest sound one (`latest_good_checkpoint`).
+A step checkpoint is a model directory plus `trainer_state.json` (step, data position, metrics,
+python/numpy RNG) and `trainer_state.pt` (optimizer, torch RNG; loaded weights_only). Each is
+assembled in a hidden directory, flushed and renamed into place; `--resume` checks what it finds
+and falls back to the newest sound one (`latest_good_checkpoint`).
 """
 
 from __future__ import annotations

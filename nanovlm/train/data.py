@@ -1,12 +1,9 @@
 """The training run's data: the loader, the held-out validation part, and sizes fitted to the data.
 
-The validation part is chosen from the training data itself, deterministically: samples are
-grouped by their images (`group_keys()`: records that share a picture stay on one side), the
-groups ordered by a hash of (seed, key), and the first held out until `val_fraction` of the
-samples (at most `val_size`) are. Every torchrun rank and every `--resume` makes the same
-choice, and no held-out image is ever trained on. `val_data=FILE` validates on that file
-instead. With `fit_batch`, small data lowers the batch sizes so that an epoch holds
-STEPS_PER_EPOCH steps (the step count follows from `max_epochs`, as for any data).
+The validation part is chosen deterministically from the training data: samples grouped by
+image (records sharing a picture stay on one side), groups ordered by a hash of (seed, key), so
+every rank and every `--resume` makes the same choice. With `fit_batch`, small data lowers the
+batch sizes so that an epoch holds STEPS_PER_EPOCH steps.
 """
 
 from __future__ import annotations

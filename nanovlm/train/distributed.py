@@ -1,8 +1,7 @@
 """Several processes: torchrun's environment -> a process group, and the few collectives we use.
 
-`torchrun --nproc-per-node N -m nanovlm train ...` sets RANK, LOCAL_RANK and WORLD_SIZE; we then
-join a process group (nccl on CUDA, gloo on CPU) and each process takes its own slice of every
-global batch. A single plain process needs none of this and skips it entirely.
+nccl on CUDA, gloo on CPU; each process takes its own slice of every global batch. A single
+plain process skips all of it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """A training run, which a single process and every torchrun rank run: `train`.
 
-Read it top to bottom: `setup` builds the model and the data (sized to the data) of a new or
-resumed run, `train` runs the recipe's stages in order (`nanovlm.train.recipe`: the vision stage
-where asked, then the VLM stage), each on the trainer of `nanovlm.train.step`, and `finish`
-writes the final model, the final evaluation, the report, the plot and `summary.json`. The
-machine-specific tuning is entered once, around it all (`nanovlm.runtime.prepare`).
+`setup` builds the model and data of a new or resumed run, `train` runs the recipe's stages in
+order (`nanovlm.train.recipe`), `finish` writes the final model, evaluation, plot and summary.
+The machine-specific tuning is entered once, around it all (`nanovlm.runtime.prepare`).
 """
 
 from __future__ import annotations

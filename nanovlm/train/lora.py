@@ -1,12 +1,7 @@
 """LoRA training runs (`lora_rank` > 0): adapters on frozen towers, the projector trained whole.
 
-Step checkpoints hold only what trains (adapters + projector) and a reference to the base they
-train on: the settings that build it and a SHA-256 of every frozen tensor. `--resume` rebuilds
-the base from the settings, checks the digest (a base file changed since is one clear error)
-and loads the trainable tensors, so a resumed run repeats the uninterrupted one exactly.
-`best/` and `final/` are complete model directories with the adapters beside the weights in
-PEFT's layout (`nanovlm.weights.peft`). The base must be the model as built, so a run whose
-vision stage would first train the encoder from scratch is refused.
+Step checkpoints hold only what trains plus a reference to the base (its settings and a SHA-256
+of every frozen tensor); `--resume` rebuilds the base, checks the digest and loads the rest.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """AdamW with matrix-only weight decay, the learning-rate schedule, and the clipped step: every stage's.
 
-As in nanoVLM, the VLM stage gives the projector (`MP`), the vision backbone and the language
-backbone a rate each (0 freezes that part); the vision stage trains its encoder and readout at
-one rate. Weight decay applies to matrices only (>= 2-D), never to norms and biases. The
-schedule: a linear warm-up, the full rate, then a cosine decay to `min_lr_ratio` of each rate.
+As in nanoVLM, the VLM stage gives the projector, the vision and the language backbone a rate
+each (0 freezes that part). The schedule: linear warm-up, the full rate, a cosine decay.
 """
 
 from __future__ import annotations
@@ -75,9 +73,7 @@ def vlm_optimizer(model: nn.Module, cfg, fused: bool) -> torch.optim.AdamW:
 
 class Schedule:
     """Linear warm-up over `warmup_share` of the steps, the full rate, then a cosine decay to
-    `min_lr_ratio` over the last `decay_share` of them (1.0: everything after the warm-up).
-
-    A pure function of the step. `total_steps` may be cut (a time budget): the warm-up stays,
+    `min_lr_ratio` over the last `decay_share` of them. `total_steps` may be cut (a time budget):
     the decay stretches over the new count. `cycle` starts the same shape again at a step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, steps: int, warmup_share: float,
@@ -109,12 +105,9 @@ class Schedule:
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
-    """Clip the gradients of `params` to a total norm of `max_norm` (when > 0), then step; returns
-    the norm before clipping (a tensor, not synced to the host), or None without clipping.
-
-    A fused AdamW takes the clip as its `grad_scale`, which the kernel divides each gradient by
-    as it reads it: the same arithmetic as clip_grad_norm_ (coefficient max_norm / (norm + 1e-6),
-    at most 1) without a separate pass over every gradient."""
+    """Clip the gradients of `params` to `max_norm` (when > 0) and step; returns the norm before
+    clipping (a tensor, no host sync), or None. A fused AdamW takes the clip as its `grad_scale`:
+    clip_grad_norm_'s arithmetic without a separate pass over every gradient."""
     if max_norm <= 0:
         optimizer.step()
         return None

@@ -1,16 +1,9 @@
 """The vision stage's readout: what a from-scratch vision encoder first learns to answer.
 
-One replaceable piece (a later one may predict the answer's tokens in order): from the
-training samples' (image, question, answer) triples `build_targets` makes the targets,
-`ReadoutHead` reads the encoder's patch tokens keyed by the question, and `readout_loss` /
-`readout_right` score its logits. Built from what every data layout yields, as classic VQA
-models were trained:
-- targets: the answers the data repeats (`answers`: one class per answer seen at least twice,
-  cross-entropy) when they cover most questions; otherwise (captions, long answers) the
-  answer's tokens as a bag of words (`words`: multi-label); fewer than two: nothing to learn;
-- the head: the question's tokens through one transformer block, mean pooled, key an attention
-  over the patches (several heads: where things are matters) plus a sigmoid-gated sum over
-  them (softmax normalises counts away), then an MLP to the targets.
+One replaceable piece: `build_targets` makes targets from the training samples' (image,
+question, answer) triples (`answers`: one class per repeated answer, when they cover most
+questions; else `words`: the answer's tokens as a bag of words); `ReadoutHead` reads the
+patches keyed by the question; `readout_loss` / `readout_right` score its logits.
 """
 
 from __future__ import annotations

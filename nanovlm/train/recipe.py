@@ -1,9 +1,7 @@
-"""The from-scratch CPU recipe as the list of stages `train()` runs, in order, on one trainer design.
+"""The from-scratch CPU recipe as the list of stages `train()` runs, in order.
 
-The vision stage (`nanovlm.train.vision`) first teaches a from-scratch encoder the data's
-answers where `vision_warmup` asks for it, in a new run only (a checkpoint holds the encoder it
-trained); the VLM stage (`nanovlm.train.vlm`) then trains the whole model. A stage is a function
-of the run.
+The vision stage (where `vision_warmup` asks, in a new run only), then the VLM stage. A stage is
+a function of the run.
 """
 
 from __future__ import annotations

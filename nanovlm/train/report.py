@@ -1,8 +1,7 @@
 """Watching a run: metrics (JSONL, TensorBoard, wandb), the loss plot, the summary, FLOPs and MFU.
 
-Model FLOPs utilisation compares the FLOPs the model needs (from its shapes and the real,
-unpadded token counts; a training step costs 3x a forward pass) with a matmul peak measured on
-the spot on this device and precision: on a shared CPU a datasheet number says little.
+MFU compares the FLOPs the model needs (from its shapes and the real token counts; a step costs
+3x a forward) with a matmul peak measured on the spot: on a shared CPU a datasheet says little.
 """
 
 from __future__ import annotations
@@ -66,43 +65,31 @@ class MetricsLog:
 
 def plot(records: list[dict], path: str) -> str:
     """The run at a glance as a PNG: the vision stage's loss, the VLM stage's train and validation
-    loss, and each accuracy the run measured, labelled with what it measured and on how many
-    questions (periodic samples and the final full evaluation apart)."""
+    loss, and each accuracy the run measured (periodic checks as a line, the final one as a star)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    warm = [(r["warmup_step"], r["warmup_loss"]) for r in records if "warmup_loss" in r]
-    accuracies = sorted({k[:-len("_accuracy")] for r in records for k in r
-                         if k.endswith("_accuracy") and not k.startswith("vision_warmup_")})
-    panels = {"stage 1: vision warm-up (readout loss)": ("warm-up step", "loss", True)} if warm else {}
-    panels[("stage 2: " if warm else "") + "VLM training loss"] = ("step", "loss per supervised token", True)
-    if accuracies:
-        panels["exact-match accuracy"] = ("step", "%", False)
+    def points(key: str, x: str = "step", final: bool | None = None) -> list:
+        return [(r[x], r[key]) for r in records if r.get(key) is not None and x in r
+                and (final is None or bool(r.get("final")) == final)]
+
+    names = sorted({k[:-len("_accuracy")] for r in records for k in r
+                    if k.endswith("_accuracy") and not k.startswith("vision_warmup_")})
+    panels = [("vision stage: readout loss", [("warm-up", points("warmup_loss", "warmup_step"))], True)]
+    panels += [("VLM training loss", [("train", points("train_loss")), ("validation", points("val_loss"))], True)]
+    what = {n: next((r[f"{n}_what"] for r in records if f"{n}_what" in r), n) for n in names}
+    panels += [("exact-match accuracy", [(f"{what[n]}{', final' if end else ''}", points(f"{n}_accuracy", final=end))
+                                         for n in names for end in (False, True)], False)] if names else []
+    panels = [(title, [c for c in curves if c[1]], log) for title, curves, log in panels]
+    panels = [panel for panel in panels if panel[1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (title, (xlabel, ylabel, log)) in zip(axes[0], panels.items()):
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, yscale="log" if log else "linear")
+    for ax, (title, curves, log) in zip(axes[0], panels):
+        ax.set(title=title, xlabel="step", yscale="log" if log else "linear")
         ax.grid(alpha=0.3)
-    loss_ax = axes[0][1 if warm else 0]
-    if warm:
-        axes[0][0].plot(*zip(*warm), color="tab:purple")
-    for key, label, style in (("train_loss", "train", {}), ("val_loss", "validation (held out)", {"marker": "o"})):
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
-        if points:
-            loss_ax.plot(*zip(*points), label=label, **style)
-    loss_ax.legend()
-    for name in accuracies:
-        key, n_key, ax = f"{name}_accuracy", f"{name}_questions", axes[0][-1]
-        periodic = [r for r in records if key in r and not r.get("final")]
-        final = [r for r in records if key in r and r.get("final")]
-        what = next((r[f"{name}_what"] for r in periodic + final if f"{name}_what" in r), name)
-        if periodic:
-            ax.plot([r["step"] for r in periodic], [100 * r[key] for r in periodic], marker="o",
-                    label=f"{what} (first {periodic[-1].get(n_key, '?')}, during training)")
-        for r in final:
-            ax.scatter([r["step"]], [100 * r[key]], marker="*", s=160, zorder=3,
-                       label=f"{what}, final ({r.get(n_key, '?')}): {100 * r[key]:.2f}%")
+        for label, xy in curves:
+            ax.plot(*zip(*xy), marker="*" if label.endswith("final") else ".", label=label)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)

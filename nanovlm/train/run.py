@@ -1,8 +1,7 @@
 """`nanovlm train`: resolve the settings, set up the processes, prepare the run folder, train.
 
-A run refused before it trains (a bad setting, a missing data file, data the loop rejects once
-it is built) leaves no run folder behind: what can be checked is checked before the folder is
-made, and a folder made for a run that then stopped with nothing to keep is removed again.
+A run refused before it trains leaves no run folder behind: what can be checked is checked
+first, and a folder made for a run that stopped with nothing to keep is removed again.
 """
 
 from __future__ import annotations

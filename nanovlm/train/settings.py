@@ -1,9 +1,7 @@
 """A run's settings: preset < config file (YAML/JSON) < `key=value`, and `--list-settings`.
 
-Every key is checked against the settings of VLMConfig and TrainConfig (flat names: the
-recipe's and LoRA's groups included) and every value against its field's type before a config
-is built, so a typo fails with a sentence that names it (and the names it may have meant)
-instead of silently training something else. Values go through config.py's one parser.
+Every key and value is checked against VLMConfig's and TrainConfig's fields before a config is
+built, so a typo fails with a sentence naming it (and the names it may have meant).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The trainer every stage runs on, and `fit`, the one training loop.
 
-A stage brings its batches and its loss; `Trainer` does the step's work alike for all (as
-nanochat's stages share one engine): forward and backward of each micro-batch under bf16
-autocast where the hardware has fast bf16 matmuls, then AdamW (one fused kernel where torch has
-it, the gradient clip folded in) at its `Schedule`'s rates. `compile` wraps the forward (and,
-through AOTAutograd, the backward) in torch.compile, on CUDA only by default: on a CPU the
-compile takes minutes. A compile that fails costs one notice and an eager redo, never the run.
+A stage brings its batches and its loss; `Trainer` does the step alike for all (as nanochat's
+stages share one engine): bf16 autocast where the hardware has it, AdamW (fused where torch has
+it) at its `Schedule`'s rates. torch.compile is on CUDA only by default; a compile that fails
+costs one notice and an eager redo.
 """
 
 from __future__ import annotations
@@ -112,11 +110,9 @@ class Trainer:
 
 
 def fit(trainer: Trainer, stage, start: int, budget_s: float | None) -> int:
-    """Run `stage` on `trainer` from step `start` to the end of the trainer's schedule; returns
-    the step it ended at. Each step `stage.step(trainer, step)` does the work and
-    `stage.after(step_done, result, lr_factor)` the bookkeeping. With a budget, the steps are cut
-    to it once CALIBRATION_STEPS have been timed; when the schedule ends, `stage.more(step,
-    elapsed_s)` may ask for another cycle of it."""
+    """Run `stage` on `trainer` from step `start` to the end of its schedule; returns the last step.
+    `stage.step` does a step's work, `stage.after` its bookkeeping; with a budget the steps are cut
+    once CALIBRATION_STEPS are timed; at the end `stage.more` may ask for another cycle."""
     schedule, t0, step = trainer.schedule, time.perf_counter(), start
     while step < schedule.total_steps:
         if budget_s is not None and step == start + CALIBRATION_STEPS:

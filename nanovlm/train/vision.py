@@ -1,15 +1,10 @@
-"""The vision stage: a vision encoder trained from scratch first learns to answer the data's
-questions through a readout of its own (`nanovlm.train.readout`); only the encoder goes on.
+"""The vision stage: a from-scratch vision encoder first learns to answer the data's questions
+through a readout of its own (`nanovlm.train.readout`); only the encoder goes on.
 
 nanoVLM starts from a pretrained SigLIP; through the language model alone an encoder trained
-from scratch learns slowly. The stage runs on the trainer every stage runs on: AdamW (decay 0.1
-on matrices), a schedule that warms up over 2% of its steps, holds, and decays over the last
-DECAY_SHARE, and at most VISION_SHARE of `max_train_time`. Its own: a step takes `batch_size`
-images with up to MAX_PAIRS_PER_IMAGE of each one's questions (one encoder pass for several),
-every tile shifted by offsets drawn from (seed, pass, image); after its planned passes, more
-cycles while the readout answers fewer than EXTEND_BELOW of its last tenth's training questions,
-up to MAX_EXTENSION x the planned steps. Its generators are its own, every torchrun rank runs it
-alike, and a resumed run skips it (the checkpoint holds the encoder).
+from scratch learns slowly. The stage runs on the shared trainer, optimizer, schedule and time
+budget; its own: several questions per image pass, shifted tiles, and more cycles while the
+readout is below its target. A resumed run skips it (the checkpoint holds the encoder).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The VLM stage: the whole model trained on the data's conversations, resumable step by step.
 
-Each step draws `gradient_accumulation_steps` micro-batches per rank; the loss is the sum of
-token losses divided by the supervised tokens of the whole global batch (all micro-batches, all
-ranks), so the gradient is that of one big batch, not a mean of means (DDP's averaging over
-ranks is undone by scaling with the world size). `Window` logs the running numbers, `evaluate`
-(`nanovlm.train.evaluation`) measures and keeps the best checkpoint, `save` writes a checkpoint that restores everything (weights, optimizer, RNG, data position,
-metrics, the run's state), so a resumed run repeats exactly what the uninterrupted one would.
+The loss is the sum of token losses over the supervised tokens of the whole global batch (all
+micro-batches, all ranks): the gradient of one big batch, not a mean of means. A checkpoint
+(`save`) restores everything, so a resumed run repeats what the uninterrupted one would.
 """
 
 from __future__ import annotations
