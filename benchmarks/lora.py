@@ -29,7 +29,7 @@ from nanovlm import TrainConfig, VisionLanguageModel, VLMConfig
 from nanovlm.config import IGNORE_INDEX, PRESETS
 from nanovlm.models.lora import add_lora
 from nanovlm.models.linear_cross_entropy import supervised_index
-from nanovlm.train.optim import build_optimizer
+from nanovlm.train.optim import fused_adamw_available, vlm_optimizer
 
 
 def rss_mb() -> float:
@@ -56,14 +56,14 @@ def measure(args, mode: str) -> dict:
     vlm_cfg = VLMConfig.from_preset(args.preset, vlm_load_backbone_weights=False)
     train = dict(PRESETS[args.preset]["train"])
     lora = {} if mode == "full" else {"lora_rank": args.rank, "lora_targets": mode}
-    cfg = TrainConfig(**{k: v for k, v in train.items() if k in ("lr_mp", "lr_vision_backbone",
-                                                                  "lr_language_backbone")}, **lora)
+    cfg = TrainConfig.from_dict({**{k: v for k, v in train.items() if k in ("lr_mp", "lr_vision_backbone",
+                                                                             "lr_language_backbone")}, **lora})
     model = VisionLanguageModel(vlm_cfg, load_backbone=False).to(device).train()
     if lora:
         from nanovlm.config import lora_target_names
 
-        add_lora(model, cfg.lora_rank, cfg.lora_scale_alpha, 0.0, lora_target_names(mode))
-    optimizer = build_optimizer(model, cfg, device)
+        add_lora(model, cfg.lora.lora_rank, cfg.lora.lora_scale_alpha, 0.0, lora_target_names(mode))
+    optimizer = vlm_optimizer(model, cfg, fused_adamw_available(device))
     ids, images, labels, sup = make_batch(model, args.rows, args.length, device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     built = rss_mb()

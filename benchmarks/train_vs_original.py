@@ -32,7 +32,8 @@ from original import OriginalError, import_original, original_config  # noqa: E4
 from nanovlm import TrainConfig, VLMConfig, VisionLanguageModel  # noqa: E402
 from nanovlm.config import IGNORE_INDEX  # noqa: E402
 from nanovlm.models.linear_cross_entropy import supervised_index  # noqa: E402
-from nanovlm.runtime import bf16_supported, keep_freed_memory  # noqa: E402
+from nanovlm.runtime import bf16_supported, prepare  # noqa: E402
+from nanovlm.train.optim import fused_adamw_available, vlm_optimizer  # noqa: E402
 from nanovlm.train.step import Trainer  # noqa: E402
 
 SIDES = ("original-fp32", "original-bf16", "ours-fp32", "ours-bf16")
@@ -72,8 +73,8 @@ def original_side(OriginalVLM, ocfg, batch: dict, bf16: bool):
 def ours_side(cfg: VLMConfig, batch: dict, bf16: bool):
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, load_backbone=False).train()
-    trainer = Trainer.build(model, TrainConfig(precision="bf16" if bf16 else "fp32", compile="off"),
-                            torch.device("cpu"), say=print)
+    optimizer = vlm_optimizer(model, TrainConfig(), fused=fused_adamw_available(torch.device("cpu")))
+    trainer = Trainer.build(model, optimizer, None, torch.device("cpu"), precision="bf16" if bf16 else "fp32")
     return lambda: trainer.step([batch])
 
 
@@ -102,35 +103,35 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # what `nanovlm train` does on a CPU; process-wide, so both sides get it
-    cfg = VLMConfig.from_preset(args.preset, vit_model_type="", lm_model_type="", vlm_load_backbone_weights=False)
-    batch = make_batch(cfg, args.batch, args.text_tokens)
-    try:
-        OriginalConfig, OriginalVLM = import_original(args.original, cfg.vlm_image_token_id)
-    except OriginalError as e:
-        sys.exit(f"train_vs_original.py: {e}")
-    ocfg = original_config(OriginalConfig, cfg)
-    steps = {s: (original_side(OriginalVLM, ocfg, batch, s.endswith("bf16")) if s.startswith("original")
-                 else ours_side(cfg, batch, s.endswith("bf16"))) for s in args.sides}
-    times: dict[str, list[float]] = {s: [] for s in args.sides}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for side, step in steps.items():
-            step()
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
+    # What `nanovlm train` does on a CPU (allocator, threads, attention path); process-wide: both sides get it.
+    with prepare(torch.device("cpu"), args.threads, say=print):
+        cfg = VLMConfig.from_preset(args.preset, vit_model_type="", lm_model_type="", vlm_load_backbone_weights=False)
+        batch = make_batch(cfg, args.batch, args.text_tokens)
+        try:
+            OriginalConfig, OriginalVLM = import_original(args.original, cfg.vlm_image_token_id)
+        except OriginalError as e:
+            sys.exit(f"train_vs_original.py: {e}")
+        ocfg = original_config(OriginalConfig, cfg)
+        steps = {s: (original_side(OriginalVLM, ocfg, batch, s.endswith("bf16")) if s.startswith("original")
+                     else ours_side(cfg, batch, s.endswith("bf16"))) for s in args.sides}
+        times: dict[str, list[float]] = {s: [] for s in args.sides}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for side, step in steps.items():
                 step()
-                if r:
-                    times[side].append(time.perf_counter() - t0)
-    median = {s: statistics.median(v) for s, v in times.items()}
-    originals = [v for s, v in median.items() if s.startswith("original")]
-    best = min(originals) if originals else None
-    print(f"{args.preset}, batch {args.batch}, {cfg.mp_image_token_length} image + {args.text_tokens} text tokens, "
-          f"{args.threads} threads, {args.rounds} rounds x {args.steps} steps")
-    print(f"| side | step (s, median) | x the original's best |\n|---|---|---|")
-    for s in args.sides:
-        ratio = f"{best / median[s]:.2f}x" if best else "-"
-        print(f"| {s} | {median[s]:.3f} | {ratio} |")
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    step()
+                    if r:
+                        times[side].append(time.perf_counter() - t0)
+        median = {s: statistics.median(v) for s, v in times.items()}
+        originals = [v for s, v in median.items() if s.startswith("original")]
+        best = min(originals) if originals else None
+        print(f"{args.preset}, batch {args.batch}, {cfg.mp_image_token_length} image + {args.text_tokens} text tokens, "
+              f"{args.threads} threads, {args.rounds} rounds x {args.steps} steps")
+        print(f"| side | step (s, median) | x the original's best |\n|---|---|---|")
+        for s in args.sides:
+            ratio = f"{best / median[s]:.2f}x" if best else "-"
+            print(f"| {s} | {median[s]:.3f} | {ratio} |")
 
 
 if __name__ == "__main__":

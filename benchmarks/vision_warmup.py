@@ -4,7 +4,7 @@
     python benchmarks/vision_warmup.py --data runs/shapes/train.parquet --test-data runs/shapes/test.parquet
 
 For each seed: a fresh model of the preset (its ViT drawn as `nanovlm train` draws it), the
-warm-up of `nanovlm.train.vision_warmup` on the training samples, then the readout's accuracy
+warm-up (`nanovlm.train.vision`) on the training samples, then the readout's accuracy
 (the warm-up's own head) on the test questions (easy-VQA's test split, or --test-data), which
 training never sees. Prints a markdown table.
 """
@@ -24,8 +24,8 @@ from nanovlm.data.tokenizer import tokenizer_for  # noqa: E402
 from nanovlm.models.vision_language_model import VisionLanguageModel  # noqa: E402
 from nanovlm.train import settings  # noqa: E402
 from nanovlm.train.loop import seed_everything  # noqa: E402
-from nanovlm.train.vision_warmup import (build_targets, collect_pairs, held_out_targets, readout_accuracy,  # noqa: E402
-                                         special_ids, vision_warmup)
+from nanovlm.train.readout import build_targets, collect_pairs, held_out_targets, special_ids  # noqa: E402
+from nanovlm.train.vision import VisionStage, readout_accuracy  # noqa: E402
 
 
 def main() -> None:
@@ -58,8 +58,8 @@ def main() -> None:
         else:
             test_set = build_dataset(train_cfg, vlm_cfg, tok, split="test")
         test = held_out_targets(collect_pairs(test_set, range(len(test_set)), drop), data)
-        result = vision_warmup(model, data, args.steps, args.lr, args.batch, seed=seed, amp=amp, fused=True,
-                               say=print, progress=False, shift=args.shift, extend=args.extend)
+        result = VisionStage(model, data, args.steps, args.lr, args.batch, seed=seed, amp=amp, fused=True,
+                             say=print, progress=False, shift=args.shift, extend=args.extend).run()
         acc = readout_accuracy(model, result["head"], test, amp)
         print(f"| {seed} | {args.steps} | {result['time_s']:.0f} s | {data.mode} | {data.n_classes} | "
               f"{data.coverage:.1%} | {result['train_accuracy']:.1%} | {acc:.1%} |", flush=True)

@@ -1,16 +1,19 @@
 """The `nanovlm` command line: train, generate, eval, serve, data.
 
-Each verb imports its own module lazily, so `nanovlm --help` is instant. A user error prints
-one sentence on stderr and exits 1 (a mistyped command line too: the sentence names what the
-verb accepts); `--debug` shows the traceback instead. Ctrl-C exits 130.
+Each verb imports its own module lazily (config.py is plain data), so `nanovlm --help` is
+instant. A user error prints one sentence on stderr and exits 1 (a mistyped command line too:
+the sentence names what the verb accepts); `--debug` shows the traceback instead. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.metadata
 import os
 import sys
+
+from nanovlm.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, TrainConfig, VLMConfig, field_types
 
 
 class UsageError(Exception):
@@ -47,6 +50,7 @@ class _Parser(argparse.ArgumentParser):
     _bad_choice = None  # the value _check_value last refused
 
     def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
         namespace, extras = super().parse_known_args(args, namespace)
         settings = self._settings_action()
         if settings is not None:
@@ -55,13 +59,15 @@ class _Parser(argparse.ArgumentParser):
                 setattr(namespace, settings.dest, list(getattr(namespace, settings.dest, None) or []) + later)
                 extras = [a for a in extras if a not in later]
         if extras:
-            self._unknown(extras[0])
+            self._unknown(extras[0], args)
         return namespace, extras
 
     def _settings_action(self):
         return next((a for a in self._actions if not a.option_strings and a.nargs == "*"), None)
 
-    def _unknown(self, arg: str):
+    def _unknown(self, arg: str, args: list[str]):
+        if arg.startswith("--") and self._settings_action() is not None:
+            self._setting_as_flag(arg, args)
         if arg.startswith("-"):
             name = arg.split("=", 1)[0]
             options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
@@ -69,6 +75,18 @@ class _Parser(argparse.ArgumentParser):
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UsageError(self.prog, f"unknown option {name}{hint}; valid options: {self.valid_options()}.")
         raise UsageError(self.prog, f"unexpected argument {arg!r}; valid options: {self.valid_options()}.")
+
+    def _setting_as_flag(self, arg: str, args: list[str]) -> None:
+        """`--max_training_steps 20` (or `--max-training-steps=20`): a setting typed as an option."""
+        name, eq, value = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in field_types(VLMConfig) and key not in field_types(TrainConfig):
+            return
+        if not eq:
+            later = args[args.index(arg) + 1:] if arg in args else []
+            value = later[0] if later and not later[0].startswith("-") else "VALUE"
+        raise UsageError(self.prog, f"{arg.split('=', 1)[0]} is a setting, not an option: write {key}={value} "
+                                    "(without the dashes).")
 
     def valid_options(self) -> str:
         """The verb's options, as `--x`, `--x/--no-x`, and `key=value settings` or its commands."""
@@ -139,20 +157,18 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------------------- train
 def _add_train_parser(sub) -> None:
-    from nanovlm.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS  # plain data: no torch, --help stays instant
-
     width = max(len(name) for name in PRESETS)
     presets = "\n".join(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
     p = sub.add_parser(
         "train", formatter_class=_Formatter,
-        help="train a model (default: the small preset on data=easyvqa, or data= your file)",
+        help="train a model (default: the easyvqa preset; data=FILE trains on your own data)",
         description="Train a VLM. Settings come from, in increasing precedence: the preset, a YAML/JSON\n"
                     "config file, and key=value overrides (VLMConfig or TrainConfig field names, e.g.\n"
                     "batch_size=16 lm_n_blocks=6 data=path/to/data.jsonl). Several processes:\n"
                     "torchrun --nproc-per-node N -m nanovlm train ...\n\n"
                     f"presets (--preset NAME):\n{presets}\n\n"
-                    "nanovlm train --list-settings prints every key=value setting with its type, default\n"
-                    "and meaning.")
+                    "nanovlm train [--preset NAME] --list-settings prints every key=value setting with its type,\n"
+                    "the value a run under that preset starts from, and its meaning.")
     p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
                    help=f"the starting settings, one of: {', '.join(PRESETS)}")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -161,7 +177,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the newest checkpoint in --out")
     p.add_argument("--list-settings", action="store_true",
-                   help="print every setting (type, default, meaning) and the presets, then exit")
+                   help="print every setting (type, value under the preset, meaning) and the presets, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="settings that replace the preset's and the config file's (VLMConfig or TrainConfig fields)")
     p.set_defaults(func=_cmd_train)
@@ -169,10 +185,9 @@ def _add_train_parser(sub) -> None:
 
 def _cmd_train(args) -> int:
     if args.list_settings:
-        from nanovlm.config import DEFAULT_PRESET
         from nanovlm.train.settings import describe_settings
 
-        print(describe_settings(default_preset=DEFAULT_PRESET))
+        print(describe_settings(args.preset, args.config, args.overrides))
         return 0
     from nanovlm.train.run import run_training
 
@@ -422,12 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanovlm", formatter_class=_Formatter,
                                      description="nanovlm: train, ask, measure and serve small vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"nanovlm {_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="{train,generate,eval,serve,export,data}",
                                 help="what to do (nanovlm COMMAND --help shows its options)")
     for add in (_add_train_parser, _add_generate_parser, _add_eval_parser, _add_serve_parser, _add_export_parser,
                 _add_data_parser):
         add(sub)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("nanovlm")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

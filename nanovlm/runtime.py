@@ -1,16 +1,25 @@
-"""Where and in what precision to run: device choice, bf16 detection, the CPU allocator, CPU threads."""
+"""The machine seam: device and precision, and what a training run tunes for the machine.
+
+Models and trainer stay machine-neutral; `prepare`, the trainer's one entry, applies glibc's
+allocator tuning, the thread governor (`Threads`, reading /proc) and the CPU-training attention
+path. `may_read_back` says where a model's value checks may read a tensor back to the host.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+PLAIN_MAX_TOKENS = 256  # longer rows keep the fused kernel (the plain path's memory grows with T^2)
+_cpu_training = False  # set by `prepare` for a CPU training run
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,21 +41,62 @@ def bf16_supported(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return cpu_has_fast_bf16()
-    return False
+    return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 def pick_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
     """'fp32' | 'bf16' | 'auto' -> a torch dtype. Never fp16 on CPU (it is very slow there)."""
-    device = default_device() if device is None else device
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
+    if name in ("fp32", "bf16"):
+        return torch.float32 if name == "fp32" else torch.bfloat16
     if name == "auto":
-        return torch.bfloat16 if bf16_supported(device) else torch.float32
+        return torch.bfloat16 if bf16_supported(default_device() if device is None else device) else torch.float32
     raise ValueError(f"precision must be auto, fp32 or bf16, got {name!r}.")
+
+
+def autocast_args(precision: str, device: torch.device) -> dict:
+    """The `torch.autocast` arguments of a training run: bf16 where `precision` picks it."""
+    dtype = pick_dtype(precision, device)
+    return {"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32}
+
+
+def may_read_back(t: torch.Tensor) -> bool:
+    """Whether a value check may read `t` back to the host: on the CPU, and elsewhere outside
+    autograd and torch.compile (never a sync inside an accelerator's training step)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or not torch.is_grad_enabled()
+
+
+def cpu_training_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether attention takes the CPU-training path (two matmuls and a softmax): inside `prepare`
+    on a CPU, for queries autograd records, against at most PLAIN_MAX_TOKENS keys (the fused CPU
+    kernel's backward is slow on short rows)."""
+    return (_cpu_training and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+            and k.shape[-2] <= PLAIN_MAX_TOKENS)
+
+
+@contextlib.contextmanager
+def cpu_training_path() -> Iterator[None]:
+    """Attention takes the CPU-training path inside (where `prepare` switches it on)."""
+    global _cpu_training
+    before, _cpu_training = _cpu_training, True
+    try:
+        yield
+    finally:
+        _cpu_training = before
+
+
+@contextlib.contextmanager
+def prepare(device: torch.device, threads: int = 0, say: Callable[[str], None] = print) -> Iterator:
+    """The trainer's one entry: on a CPU, the allocator, the thread count (`Threads`, yielded) and
+    the CPU-training attention path for the run inside; elsewhere nothing (yields None)."""
+    if device.type != "cpu":
+        yield None
+        return
+    keep_freed_memory()
+    governor = Threads(threads, say)
+    with cpu_training_path():
+        yield governor
 
 
 # glibc mallopt parameters (malloc.h).
@@ -55,20 +105,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 @functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc serve large blocks from its heap and keep freed ones for reuse.
-
-    By default glibc maps each block above a threshold (at most 32 MB, 128 kB at start) fresh
-    from the kernel and unmaps it when freed, so every large temporary of a CPU training step
-    (a chunk of vocabulary logits, a vocabulary-sized gradient, a packed batch's activations)
-    is page-faulted in and zeroed again, step after step: on the easyvqa preset that was 10-15%
-    of the CPU time of a training run (docs/benchmarks.md). The price: the process keeps the
-    memory of its peak step. Linux with glibc only (elsewhere nothing changes); applied once per
-    process. Returns whether it applied."""
+    """Have glibc's malloc keep freed large blocks for reuse instead of unmapping them, so a CPU
+    training step's large temporaries are not page-faulted in and zeroed again every step (the
+    price: the process keeps its peak step's memory). Linux/glibc only, once; returns whether it applied."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -90,25 +133,6 @@ def _stat_fields(pid: int | str) -> list[str]:
     return stat[stat.rindex(")") + 2:].split()
 
 
-def _children(pid: int | str) -> list[str]:
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += f.read().split()
-    return children
-
-
-def _process_jiffies(pid: int | str = "self") -> int:
-    """User + system ticks of a process and of its live descendants (DataLoader workers)."""
-    try:
-        fields = _stat_fields(pid)
-        ticks = int(fields[11]) + int(fields[12])  # utime, stime
-        children = _children(pid)
-    except (OSError, ValueError, IndexError):
-        return 0
-    return ticks + sum(_process_jiffies(c) for c in children)
-
-
 def _own_tree(pid: int) -> set[int]:
     """This process and its live descendants."""
     tree, todo = set(), [pid]
@@ -116,16 +140,17 @@ def _own_tree(pid: int) -> set[int]:
         p = todo.pop()
         tree.add(p)
         try:
-            todo += [int(c) for c in _children(p)]
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
         except (OSError, ValueError):
             pass
     return tree
 
 
 def _competing_ticks() -> dict[int, int] | None:
-    """User + system ticks of every other process that runs at this one's priority or above
-    (`nice` no higher; niced programs yield the CPU, so they do not count), by pid; None
-    without /proc."""
+    """User + system ticks, by pid, of every other process at this one's priority or above
+    (niced programs yield the CPU, so they do not count); None without /proc."""
     if not os.path.isdir("/proc/self/task"):
         return None
     own, mine = _own_tree(os.getpid()), os.nice(0)
@@ -143,8 +168,8 @@ def _competing_ticks() -> dict[int, int] | None:
 
 
 class CpuShare:
-    """How many cores other programs of this one's priority or above have used since the last
-    look (None where unknown): their CPU ticks over the wall time between two looks."""
+    """How many cores other programs of this one's priority or above used since the last look
+    (None where unknown): their CPU ticks over the wall time between two looks."""
 
     def __init__(self):
         self._last = (_competing_ticks(), time.monotonic())
@@ -160,23 +185,15 @@ class CpuShare:
 
 
 class Threads:
-    """The intra-op thread count of a CPU process that shares its machine fairly.
-
-    OpenMP threads spin while they wait for each other, so two programs that each run one
-    thread per core on the same cores do not halve each other's speed: each step waits for its
-    slowest thread, whose core the other program holds, and both runs slow down ~10x
-    (docs/benchmarks.md, "A shared CPU"). `requested` > 0 fixes the count. 0 (auto) takes
-    `OMP_NUM_THREADS` when set (torchrun sets it), else the cores that others leave free,
-    measured now and again at every `adjust()`; a changed count is said in one line. The count
-    changes rounding, so a run that must repeat bit for bit sets it.
-    """
+    """The intra-op thread count of a CPU process that shares its machine fairly: spinning OpenMP
+    threads of two programs on the same cores slow both many times over. `requested` > 0 fixes the
+    count; 0 takes `OMP_NUM_THREADS` (torchrun sets it), else the cores others leave free, measured
+    now and at every `adjust()`."""
 
     def __init__(self, requested: int = 0, say: Callable[[str], None] = print, share: CpuShare | None = None,
                  sample_s: float = 0.3):
-        self.cores = cpu_cores()
-        self.say = say
+        self.cores, self.say, self._pending = cpu_cores(), say, None
         self.auto = requested == 0 and not os.environ.get("OMP_NUM_THREADS")
-        self._pending: int | None = None
         if requested > 0:
             self.count = requested
             if requested > self.cores:
@@ -193,9 +210,7 @@ class Threads:
         torch.set_num_threads(self.count)
 
     def _free(self, others: float | None) -> int:
-        if others is None:
-            return self.cores
-        return max(1, min(self.cores, self.cores - round(others)))
+        return self.cores if others is None else max(1, min(self.cores, self.cores - round(others)))
 
     def _notice(self) -> str:
         return (f"other programs are using the CPU: running on {self.count} of {self.cores} thread(s) so that "
@@ -206,11 +221,8 @@ class Threads:
         if not self.auto:
             return
         want = self._free(self.share.others())
-        if want == self.count:
-            self._pending = None
-            return
-        if self._pending != want:
-            self._pending = want
+        if want == self.count or self._pending != want:
+            self._pending = None if want == self.count else want
             return
         self.count, self._pending = want, None
         torch.set_num_threads(want)

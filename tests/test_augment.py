@@ -1,4 +1,5 @@
-"""`image_shift`: training tiles move by a few pixels, the same way on a resumed run."""
+"""`image_shift`: training tiles move by a few pixels, drawn per sample from (seed, epoch, index):
+the same on a resumed run and under any number of processes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from test_train_checkpoint import assert_resumes_like
 from test_train_synthetic import losses, run_synthetic
 
 from nanovlm.config import ConfigError, TrainConfig
-from nanovlm.data.augment import shift_batch_images, shift_pixels, shift_tiles
+from nanovlm.data.augment import ShiftedSamples, shift_pixels, shift_tiles
 
 
 def _moved(tile: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -33,22 +34,34 @@ def test_shifted_tiles_keep_their_pixels_and_fill_the_border_with_the_edge():
     assert shift_tiles(tiles, 0, torch.Generator()) is tiles
 
 
-def test_a_batch_has_every_image_tensor_shifted_and_nothing_else_changed():
-    images = [torch.rand(1, 3, 32, 32), torch.rand(3, 3, 32, 32)]
-    batch = {"input_ids": torch.ones(2, 4), "images": images}
-    out = shift_batch_images(batch, 0.1, torch.Generator().manual_seed(0))
-    assert out["input_ids"] is batch["input_ids"] and batch["images"] is images  # the input is left alone
-    assert [t.shape for t in out["images"]] == [t.shape for t in images]
+class _Epoch:
+    epoch = 0
+
+
+def test_a_samples_offsets_come_from_the_seed_the_epoch_and_its_index_alone():
+    images = [torch.rand(1 + i % 3, 3, 32, 32) for i in range(6)]
+    data = [{"images": t, "input_ids": torch.ones(4)} for t in images] + [{"skip": "broken"}]
+    sampler = _Epoch()
+    every = ShiftedSamples(data, range(7), 0.1, seed=0, sampler=sampler)
+    some = ShiftedSamples(data, [5, 2], 0.1, seed=0, sampler=sampler)  # another split, other neighbours
     assert shift_pixels(32, 0.1) == 3 and shift_pixels(64, 0.05) == 3 and shift_pixels(64, 0.0) == 0
-    for t, o in zip(images, out["images"]):
-        for k in range(t.shape[0]):
-            assert any(torch.equal(o[k], _moved(t[k], dy, dx)) for dy in range(-3, 4) for dx in range(-3, 4))
-    assert shift_batch_images(batch, 0.0, torch.Generator()) is batch
+    assert torch.equal(some[0]["images"], every[5]["images"]) and torch.equal(some[1]["images"], every[2]["images"])
+    for k, t in enumerate(images):
+        out = every[k]
+        assert out["input_ids"] is data[k]["input_ids"] and data[k]["images"] is t  # the sample is left alone
+        for a, b in zip(out["images"], t):
+            assert any(torch.equal(a, _moved(b, dy, dx)) for dy in range(-3, 4) for dx in range(-3, 4))
+    assert every[6] == {"skip": "broken"}
+    first = [every[k]["images"] for k in range(6)]
+    sampler.epoch = 1
+    assert not all(torch.equal(a, every[k]["images"]) for k, a in enumerate(first))  # a new epoch, new offsets
+    other_seed = ShiftedSamples(data, range(6), 0.1, seed=1, sampler=sampler)
+    assert not all(torch.equal(other_seed[k]["images"], every[k]["images"]) for k in range(6))
 
 
 def test_a_bad_image_shift_is_one_sentence():
     with pytest.raises(ConfigError, match=r"image_shift must be in \[0, 0.5\) \(a share of the tile's side\), got 0.7."):
-        TrainConfig(image_shift=0.7)
+        TrainConfig.from_dict({"image_shift": 0.7})
 
 
 def test_a_run_with_shifted_images_resumes_exactly(tmp_path):

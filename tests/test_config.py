@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from nanovlm.config import PRESETS, ConfigError, TrainConfig, VLMConfig
+from nanovlm.config import PRESETS, ConfigError, TrainConfig, VLMConfig, setting_fields
 
 
 def test_defaults_derive_fields():
@@ -95,7 +95,7 @@ _SAYS = {"int": "integer", "float": "a number", "bool": "true or false", "str": 
 
 def _wrong_types():
     for cls in (VLMConfig, TrainConfig):
-        for f in dataclasses.fields(cls):
+        for name, (_, f) in setting_fields(cls).items():  # a group's settings by their flat names too
             base = f.type.removesuffix(" | None")
             for bad in _BAD[base]:
                 if f.name == "compile" and isinstance(bad, bool):
@@ -106,7 +106,7 @@ def _wrong_types():
 @pytest.mark.parametrize("cls, name, base, bad", list(_wrong_types()))
 def test_a_wrong_type_for_any_field_names_field_type_and_value(cls, name, base, bad):
     with pytest.raises(ConfigError) as e:
-        cls(**{name: bad})
+        cls.from_dict({name: bad})
     message = str(e.value)
     assert message.startswith(f"{name} must be "), message
     assert re.search(_SAYS[base], message) and message.endswith(f"got {bad!r}."), message
@@ -150,10 +150,46 @@ def test_train_config_json_round_trip():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
-def test_every_field_and_preset_has_one_line_of_meaning():
-    from nanovlm.config import PRESET_DESCRIPTIONS, TRAIN_HELP, VLM_HELP
+def test_every_setting_and_preset_has_one_line_of_meaning_in_one_place():
+    from nanovlm import config
+    from nanovlm.config import PRESET_DESCRIPTIONS
 
-    for cls, helps in ((VLMConfig, VLM_HELP), (TrainConfig, TRAIN_HELP)):
-        assert list(helps) == [f.name for f in dataclasses.fields(cls)]
-        assert all(text and "\n" not in text for text in helps.values())
+    assert not hasattr(config, "TRAIN_HELP") and not hasattr(config, "VLM_HELP")  # the field is the one place
+    for cls in (VLMConfig, TrainConfig):
+        for name, (_, f) in setting_fields(cls).items():
+            assert len(f.metadata["help"]) > 10 and "\n" not in f.metadata["help"], name
     assert sorted(PRESET_DESCRIPTIONS) == sorted(PRESETS)
+
+
+def test_train_config_holds_the_recipe_and_lora_groups_under_flat_names():
+    assert len(dataclasses.fields(TrainConfig)) <= 40
+    cfg = TrainConfig.from_dict({"batch_size": 3, "vision_warmup": "off", "max_train_time": 600, "threads": 2,
+                                 "lora_rank": 4})
+    assert cfg.batch_size == 3 and cfg.recipe.vision_warmup == "off" and cfg.recipe.max_train_time == 600.0
+    assert cfg.recipe.threads == 2 and cfg.lora.lora_rank == 4 and cfg.lora.lora_scale_alpha == 8.0
+    flat = cfg.to_dict()
+    assert flat["vision_warmup"] == "off" and "recipe" not in flat and "lora" not in flat
+    assert TrainConfig.from_dict(flat) == cfg
+    bigger = cfg.replace(image_shift=0.1, batch_size=5)
+    assert (bigger.recipe.image_shift, bigger.batch_size, cfg.recipe.image_shift) == (0.1, 5, 0.0)
+
+
+def test_a_saved_run_config_of_before_the_groups_still_loads(tmp_path):
+    """A config.json's train section holds flat names, as it always did."""
+    from nanovlm.train.settings import resolve
+
+    saved = {"model": VLMConfig.from_preset("tiny").to_dict(),
+             "train": {"batch_size": 4, "vision_warmup": "off", "vision_warmup_epochs": 25.0, "image_shift": 0.05,
+                       "max_train_time": 900.0, "threads": 0, "lora_rank": 0, "lora_targets": "lm"}}
+    _, train = resolve(None, None, ["threads=1"], base=saved)
+    assert train.recipe.image_shift == 0.05 and train.recipe.threads == 1 and train.batch_size == 4
+
+
+def test_range_and_choice_rules_come_from_the_field_metadata():
+    from nanovlm.config import RecipeConfig
+
+    f = RecipeConfig.__dataclass_fields__["image_shift"]
+    assert (f.metadata["min"], f.metadata["below"]) == (0, 0.5)
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({"keep_last": -1})  # a rule in the table, with no hand-written check
+    assert str(e.value) == "keep_last must be an integer >= 0, got -1."

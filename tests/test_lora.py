@@ -31,7 +31,7 @@ from nanovlm.config import LORA_TARGETS, ConfigError, TrainConfig, VLMConfig, lo
 from nanovlm.models.lora import TARGET_MODULES, LoRALinear, add_lora, adapter_state, is_adapter_parameter, merge_lora
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train import checkpoint as ckpt
-from nanovlm.train.optim import build_optimizer
+from nanovlm.train.optim import vlm_optimizer
 from nanovlm.weights.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TINY = dict(vit_hidden_dim=32, vit_patch_size=8, vit_img_size=32, vit_n_heads=2, vit_n_blocks=2, vit_model_type="",
@@ -79,7 +79,7 @@ def test_the_target_table_covers_the_config_names():
 
 def test_only_adapters_and_the_projector_train():
     model = tiny_model(rank=4, alpha=8, targets=["lm_q", "lm_down", "vit_qkv"])
-    build_optimizer(model, TrainConfig(lora_rank=4, lora_targets="lm_q,lm_down,vit_qkv"), torch.device("cpu"))
+    vlm_optimizer(model, TrainConfig.from_dict(dict(lora_rank=4, lora_targets="lm_q,lm_down,vit_qkv")), fused=False)
     trains = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     expected = sorted([f"decoder.blocks.{i}.{m}.{ab}" for i in range(2) for m in ("attn.q_proj", "mlp.down_proj")
                        for ab in ("lora_A", "lora_B")]
@@ -129,9 +129,9 @@ def test_merged_equals_unmerged():
 
 def test_training_steps_change_only_the_trainable_tensors():
     model = tiny_model(rank=4, alpha=8.0, targets=LORA_TARGETS).train()
-    optimizer = build_optimizer(model, TrainConfig(lora_rank=4, lora_targets="all", lr_mp=1e-2,
-                                                   lr_vision_backbone=1e-2, lr_language_backbone=1e-2,
-                                                   weight_decay=0.1), torch.device("cpu"), fused=False)
+    optimizer = vlm_optimizer(model, TrainConfig.from_dict(dict(
+        lora_rank=4, lora_targets="all", lr_mp=1e-2, lr_vision_backbone=1e-2, lr_language_backbone=1e-2,
+        weight_decay=0.1)), fused=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids, images = inputs(model)
     for _ in range(3):

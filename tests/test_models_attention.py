@@ -17,10 +17,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm import VLMConfig, VisionLanguageModel, runtime
 from nanovlm.config import IGNORE_INDEX
-from nanovlm.models.attention import PLAIN_MAX_TOKENS, attention, uses_plain_path
+from nanovlm.models.attention import attention
 from nanovlm.models.language_model import build_attention_mask
+from nanovlm.runtime import PLAIN_MAX_TOKENS
+
+uses_plain_path = runtime.cpu_training_attention
+
+
+@pytest.fixture
+def cpu_training():
+    """Inside a CPU training run: what `runtime.prepare` switches on."""
+    with runtime.cpu_training_path():
+        yield
 
 B, HEAD_DIM = 3, 8
 
@@ -58,7 +68,7 @@ CASES = {  # name: (T_q, T_kv, mask builder or None, is_causal)
 
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["MHA", "GQA"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_both_paths_match_sdpa_on_repeated_heads(case, heads):
+def test_both_paths_match_sdpa_on_repeated_heads(case, heads, cpu_training):
     T_q, T_kv, make_mask, is_causal = CASES[case]
     q, k, v = qkv(*heads, T_q, T_kv)
     mask = make_mask(T_q, T_kv) if make_mask else None
@@ -105,10 +115,10 @@ def test_one_query_under_compile_takes_the_loop_path_and_matches_sdpa(heads, mon
     assert len(calls) == traced  # eager: SDPA
 
 
-def test_the_rule_picks_the_plain_path_only_for_short_rows_in_cpu_training():
+def test_the_rule_picks_the_plain_path_only_for_short_rows_in_cpu_training(cpu_training):
     q, k, _ = qkv(4, 2, 4, PLAIN_MAX_TOKENS)
-    assert not uses_plain_path(q, k)  # nothing to train
     q.requires_grad_()
+    assert not uses_plain_path(q.detach(), k)  # nothing to train
     assert uses_plain_path(q, k)
     assert not uses_plain_path(q, torch.cat([k, k[:, :, :1]], dim=2))  # one key too many
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The CPU allocator setting: freed large blocks are reused instead of page-faulted in again."""
+"""The machine seam: the allocator setting, the thread governor, and `prepare`, the trainer's one entry."""
 
 from __future__ import annotations
 
@@ -128,16 +128,21 @@ def test_competing_ticks_leave_out_this_process_its_children_and_niced_programs(
             p.wait()
 
 
-def test_process_ticks_count_live_children():
+def test_prepare_switches_cpu_training_attention_on_for_the_run_inside_only():
+    import torch
+
     from nanovlm import runtime
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
-                              "while time.process_time() - t < 0.3: pass\nprint('done', flush=True)\ntime.sleep(30)"],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline() == "done\n"  # the child has used 0.3 s of CPU and now sleeps
-        assert runtime._process_jiffies(child.pid) >= 0.2 * os.sysconf("SC_CLK_TCK")  # 0.3 s, less rounding
-        assert runtime._process_jiffies() >= runtime._process_jiffies(child.pid)
-    finally:
-        child.kill()
-        child.wait()
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    assert not runtime.cpu_training_attention(q, q)  # the plain SDPA path outside a run
+    with runtime.prepare(torch.device("cpu"), threads=torch.get_num_threads(), say=print) as threads:
+        assert threads.count == torch.get_num_threads() and runtime.keep_freed_memory.cache_info().currsize == 1
+        assert runtime.cpu_training_attention(q, q)
+        assert not runtime.cpu_training_attention(q.detach(), q)  # nothing to train
+        with torch.no_grad():
+            assert not runtime.cpu_training_attention(q, q)
+        long = torch.randn(1, 2, runtime.PLAIN_MAX_TOKENS + 1, 8)
+        assert not runtime.cpu_training_attention(q, long)  # more keys than the plain path takes
+    assert not runtime.cpu_training_attention(q, q)
+    with runtime.prepare(torch.device("meta")) as threads:  # any other device: nothing to tune
+        assert threads is None and not runtime.cpu_training_attention(q, q)

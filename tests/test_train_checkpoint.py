@@ -19,7 +19,7 @@ from test_train_synthetic import StubTokenizer, final_weights, losses, run_synth
 
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train import checkpoint as ckpt
-from nanovlm.train.optim import WarmupCosine, build_optimizer
+from nanovlm.train.optim import vlm_optimizer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -98,13 +98,12 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
 def _model_and_optimizer():
     vlm_cfg, train_cfg = tiny_configs()
     model = VisionLanguageModel(vlm_cfg, load_backbone=False)
-    opt = build_optimizer(model, train_cfg, torch.device("cpu"))
-    return model, opt, WarmupCosine(opt, 10)
+    return model, vlm_optimizer(model, train_cfg, fused=True), None
 
 
 def _save(run_dir, step, model, opt, sched, keep_last=2):
     state = {"data": {"epoch": 0, "index": step}, "metrics": [{"step": step}]}
-    return ckpt.save_checkpoint(str(run_dir), step, model, StubTokenizer(), opt, sched, state, [ckpt.rng_state()],
+    return ckpt.save_checkpoint(str(run_dir), step, model, StubTokenizer(), opt, state, [ckpt.rng_state()],
                                 keep_last=keep_last)
 
 
@@ -122,7 +121,7 @@ def test_failure_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_000001"]
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
     fresh, fresh_opt, fresh_sched = _model_and_optimizer()
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path)), fresh, fresh_opt, fresh_sched)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path)), fresh, fresh_opt)
     assert state["step"] == 1 and state["data"]["index"] == 1
 
 
@@ -166,7 +165,7 @@ def test_sigkill_at_any_instant_leaves_a_loadable_checkpoint(tmp_path):
         latest = ckpt.latest_checkpoint(str(tmp_path))
         assert latest is not None
         model, opt, sched = _model_and_optimizer()
-        state = ckpt.load_checkpoint(latest, model, opt, sched)
+        state = ckpt.load_checkpoint(latest, model, opt)
         assert state["step"] >= saved[-1]
         start = state["step"] + 1
 
@@ -220,7 +219,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_it_chosen(tmp_p
     assert re.fullmatch(rf"--resume: checkpoint {re.escape(newest)} is unreadable \({message}.*\); "
                         r"trying the one before it\.", said[0]), said[0]
     fresh, fresh_opt, fresh_sched = _model_and_optimizer()
-    assert ckpt.load_checkpoint(chosen, fresh, fresh_opt, fresh_sched)["step"] == 1
+    assert ckpt.load_checkpoint(chosen, fresh, fresh_opt)["step"] == 1
 
 
 def test_no_sound_checkpoint_is_one_clear_error(tmp_path):

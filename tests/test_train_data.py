@@ -15,7 +15,7 @@ from nanovlm.config import ConfigError, TrainConfig
 from nanovlm.data.collators import VLMCollator
 from nanovlm.eval.tasks import resolve_task
 from nanovlm.train import distributed as dist
-from nanovlm.train.data import make_data
+from nanovlm.train.data import make_data, total_steps_for
 
 
 class Grouped(SyntheticVQA):
@@ -65,7 +65,7 @@ def test_bad_budget_and_validation_settings_name_the_field():
                             ({"vision_warmup": "maybe"},
                              "vision_warmup must be one of auto, answers, words, off, got 'maybe'.")]:
         with pytest.raises(ConfigError) as e:
-            TrainConfig(**kwargs)
+            TrainConfig.from_dict(kwargs)
         assert str(e.value) == message
 
 
@@ -122,3 +122,19 @@ def test_a_captions_dataset_trains_with_the_defaults_and_says_what_the_warmup_di
     assert summary["vision_warmup"]["mode"] == "words" and summary["vision_warmup"]["classes"] > 5
     assert "question-keyed readout of a bag of" in capsys.readouterr().out
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_the_defaults_size_the_batches_to_small_data_and_say_so():
+    """40 samples (38 after the validation part) under a batch of 64: the batches shrink so that an
+    epoch holds 4 steps, and one line says so; `max_epochs` then sizes the steps as for any data."""
+    said = []
+    vlm_cfg, train_cfg = tiny_configs(batch_size=64, vision_warmup="auto", max_epochs=10, max_training_steps=1000)
+    data = make_data(SyntheticVQA(vlm_cfg, 40), VLMCollator(EOS, vlm_cfg.lm_max_length), train_cfg,
+                     dist.DistInfo(), say=said.append)
+    assert (len(data.train_indices), data.batch_size, data.vision_batch_size, data.batches_per_epoch) == (38, 9, 9, 4)
+    assert said == ["38 training samples: batch_size 9 (of 64) and vision_warmup_batch_size 9 (of 64), so that an "
+                    "epoch holds 4 steps (fit_batch=false keeps them)"]
+    assert total_steps_for(train_cfg, data.batches_per_epoch) == 40  # 10 epochs of 4 steps
+    kept = make_data(SyntheticVQA(vlm_cfg, 400), VLMCollator(EOS, vlm_cfg.lm_max_length), train_cfg,
+                     dist.DistInfo(), say=said.append)
+    assert kept.batch_size == 64 and len(said) == 1  # data enough for the batch: nothing changes, nothing said

@@ -7,9 +7,9 @@ import torch
 from tolerances import assert_same_adam_training
 from test_train_synthetic import final_weights, losses, run_synthetic, synthetic_data, tiny_configs
 
-from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.config import VLMConfig
 from nanovlm.models.vision_language_model import VisionLanguageModel
-from nanovlm.train.optim import WarmupCosine, build_optimizer, clip_and_step, fused_adamw_available, param_groups
+from nanovlm.train.optim import Schedule, clip_and_step, fused_adamw_available, param_groups, vlm_optimizer
 
 
 def _optimizer(base_lr: float = 1.0):
@@ -24,7 +24,7 @@ def test_schedule_values():
     where it ends (after the last update, as in transformers' get_cosine_schedule_with_warmup),
     point-symmetric about its middle, and monotone on each side."""
     base, lo = 2.0, 0.2  # min_lr_ratio 0.1
-    s = WarmupCosine(_optimizer(base), total_steps=10, warmup_ratio=0.2, min_lr_ratio=0.1)
+    s = Schedule(_optimizer(base), 10, warmup_share=0.2, min_lr_ratio=0.1)
     assert s.warmup_steps == 2
     lr = [base * s.factor(i) for i in range(12)]
     assert lr[:2] == pytest.approx([base / 2, base])  # linear: the last warm-up step reaches base
@@ -40,25 +40,16 @@ def test_schedule_values():
     # apply writes base_lr x factor into every group, each from its own base rate.
     opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0, "base_lr": 1.0},
                              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3.0, "base_lr": 3.0}])
-    WarmupCosine(opt, 10, 0.2, 0.1).apply(6)
+    Schedule(opt, 10, 0.2, min_lr_ratio=0.1).apply(6)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.55, 1.65])  # (1 + 0.1) / 2 x base
-    no_warmup = WarmupCosine(opt, 4, 0.0, 0.0)
+    no_warmup = Schedule(opt, 4, 0.0)
     assert no_warmup.factor(0) == 1.0 and no_warmup.factor(2) == pytest.approx(0.5)  # peak first, half midway
-
-
-def test_schedule_state_round_trip():
-    s = WarmupCosine(_optimizer(), 10, 0.1)
-    s.apply(7)
-    t = WarmupCosine(_optimizer(), 10, 0.1)
-    t.load_state_dict(s.state_dict())
-    assert t.step_count == 7
 
 
 def test_weight_decay_only_on_matrices_and_every_part_grouped():
     cfg = VLMConfig.from_preset("tiny")
     model = VisionLanguageModel(cfg, load_backbone=False)
-    groups = param_groups(model, TrainConfig(weight_decay=0.1, lr_mp=1e-3, lr_vision_backbone=2e-3,
-                                             lr_language_backbone=3e-3))
+    groups = param_groups(model, {"MP": 1e-3, "vision_encoder": 2e-3, "decoder": 3e-3}, weight_decay=0.1)
     names = {g["name"]: g for g in groups}
     assert set(names) == {"MP.decay", "vision_encoder.decay", "vision_encoder.no_decay", "decoder.decay",
                           "decoder.no_decay"}
@@ -78,7 +69,7 @@ def test_zero_learning_rate_freezes_a_part():
     vlm_cfg, train_cfg = tiny_configs(lr_vision_backbone=0.0, lr_mp=1e-2, lr_language_backbone=1e-2)
     model = VisionLanguageModel(vlm_cfg, load_backbone=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = build_optimizer(model, train_cfg, torch.device("cpu"))
+    opt = vlm_optimizer(model, train_cfg, fused=True)
     batch = next(iter(synthetic_data(vlm_cfg, train_cfg).train))
     for _ in range(2):
         _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"])
@@ -99,7 +90,7 @@ def test_zero_learning_rate_freezes_a_part():
 def test_all_rates_zero_is_an_error():
     model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
     with pytest.raises(ValueError, match="are all 0: nothing would train"):
-        param_groups(model, TrainConfig(lr_mp=0.0, lr_vision_backbone=0.0, lr_language_backbone=0.0))
+        param_groups(model, {"MP": 0.0, "vision_encoder": 0.0, "decoder": 0.0}, weight_decay=0.0)
 
 
 def test_fused_adamw_on_cpu_when_torch_has_it():

@@ -7,7 +7,7 @@ import json
 import sys
 import types
 
-from nanovlm.train.report import MetricsLog
+from nanovlm.train.report import MetricsLog, plot
 
 
 class FakeRun:
@@ -52,3 +52,22 @@ def test_a_wandb_that_cannot_start_leaves_local_logging(tmp_path, monkeypatch, c
     log.close()
     assert "wandb unavailable (api key not configured); logging locally only." in capsys.readouterr().out
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # the kept record and the new one
+
+
+def test_without_tensorboard_one_line_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    said = []
+    log = MetricsLog(str(tmp_path), say=said.append)
+    log.log({"step": 1, "train_loss": 2.0})
+    log.close()
+    assert said == ["TensorBoard events are not written (tensorboard is not installed): pip install -e '.[log]' "
+                    "in a checkout, pip install 'nanovlm[log]' otherwise."]
+    assert not (tmp_path / "tensorboard").exists() and (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_the_plot_is_written_with_the_base_install(tmp_path):
+    records = [{"warmup_step": 1, "warmup_loss": 3.0}, {"step": 1, "train_loss": 2.0},
+               {"step": 2, "train_loss": 1.5, "val_loss": 1.7, "val_accuracy": 0.5, "val_questions": 4,
+                "val_what": "held-out validation questions", "final": True}]
+    assert plot(records, str(tmp_path / "loss.png")) == str(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -44,6 +44,11 @@ def test_a_run_refused_once_its_data_is_built_leaves_no_folder(tmp_path, capsys,
     err = _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), f"data={small_jsonl}", "batch_size=8",
                             "val_size=0"])
     assert err == ("nanovlm: error: the training data has 1 sample (made of 3 records: those that share an image "
+                   "are one sample), too few to train on (at least 4 are needed); bring more data.")
+    assert not out.exists()
+    err = _refused(capsys, ["train", "--preset", "tiny", "--out", str(out), f"data={small_jsonl}", "batch_size=8",
+                            "val_size=0", "fit_batch=false"])
+    assert err == ("nanovlm: error: the training data has 1 sample (made of 3 records: those that share an image "
                    "are one sample), fewer than one global batch (batch_size 8 x 1 process(es)); lower batch_size "
                    "or bring more data.")
     assert not out.exists()

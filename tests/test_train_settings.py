@@ -59,6 +59,7 @@ def test_saved_config_replaces_the_preset_and_rederives_fields():
     (["precision=fp16"], "precision must be one of auto, fp32, bf16, got 'fp16'."),
     (["batch_size=0"], "batch_size must be a positive integer, got 0."),
     (["vit_n_heads=5"], "vit_n_heads (5) must divide vit_hidden_dim (32)."),
+    (["keep_last=-1"], "keep_last must be an integer >= 0, got -1."),
     (["vision_warmup_steps=-3"], "vision_warmup_steps must be an integer >= 0 (0: from vision_warmup_epochs), got -3."),
     (["vision_warmup_lr=0"], "vision_warmup_lr must be > 0, got 0.0."),
     (["vision_warmup_batch_size=0"], "vision_warmup_batch_size must be a positive integer, got 0."),
@@ -171,55 +172,88 @@ def test_unknown_preset_is_one_sentence_everywhere(capsys, tmp_path):
     assert messages == [expected] * 4
 
 
-def _listing(capsys) -> str:
-    assert main(["train", "--list-settings"]) == 0
+def _listing(capsys, *argv) -> str:
+    assert main(["train", *argv, "--list-settings"]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
     return captured.out
 
 
-def _rows(text: str, section: str) -> dict[str, list[str]]:
-    """name -> [type, default, meaning] of one section of the listing."""
+def _rows(text: str, title: str) -> dict[str, list[str]]:
+    """name -> [type, value, meaning] of the section whose title starts with `title`."""
     lines = text.splitlines()
-    start = next(k for k, line in enumerate(lines) if line.startswith(f"{section} settings ("))
+    start = next(k for k, line in enumerate(lines) if line.startswith(title))
     rows = {}
     for line in lines[start + 2:]:  # past the section title and the column header
         if not line.strip():
             break
-        name, kind, default, meaning = re.split(r"\s{2,}", line.strip())
-        rows[name] = [kind, default, meaning]
+        name, kind, value, meaning = re.split(r"\s{2,}", line.strip())
+        rows[name] = [kind, value, meaning]
     return rows
 
 
 def _as_written(value) -> str:
-    """How a default reads on the command line: an expectation written apart from the listing code."""
+    """How a value reads on the command line: an expectation written apart from the listing code."""
     if value is None:
         return "none"
     if value is True or value is False:
         return str(value).lower()
     if value == "":
         return "''"
-    return json.dumps(value) if isinstance(value, dict) else str(value)
+    return (json.dumps(value) if isinstance(value, dict) else str(value)).replace("\n", "\\n")
 
 
-@pytest.mark.parametrize("section, cls", [("model", "VLMConfig"), ("train", "TrainConfig")])
-def test_list_settings_shows_every_field_with_its_type_and_default(capsys, section, cls):
+def _listed(rows, name) -> tuple[str, str]:
+    """(value as listed, its mark)."""
+    value = rows[name][1]
+    return (value[:-2], value[-1]) if value.endswith((" *", " +")) else (value, "")
+
+
+SECTIONS = [("model settings (VLMConfig)", "VLMConfig", None), ("train settings (TrainConfig)", "TrainConfig", None),
+            ("the from-scratch CPU recipe's settings (TrainConfig.recipe)", "RecipeConfig", "recipe"),
+            ("LoRA's settings (TrainConfig.lora)", "LoraConfig", "lora")]
+
+
+@pytest.mark.parametrize("preset", [None, "tiny"])
+def test_list_settings_shows_the_presets_values_and_marks_what_it_set(capsys, preset):
+    """Every setting once, in its section, with the value the run under the preset starts from
+    (the resolved configs a run folder's config.json holds), marked where the preset set it."""
     import nanovlm.config as config
 
-    dataclass = getattr(config, cls)
-    rows = _rows(_listing(capsys), section)
-    fields = dataclasses.fields(dataclass)
-    assert list(rows) == [f.name for f in fields]  # every field, in the dataclass's order, nothing else
-    for f in fields:
-        kind, default, meaning = rows[f.name]
-        assert kind == f.type, f.name  # the annotation as written in config.py
-        declared = f.default_factory() if f.default is dataclasses.MISSING else f.default  # before derivation
-        written = _as_written(declared).replace("\n", "\\n")
-        if default.endswith("..."):  # a long default (the chat template, the extra tokens) is cut
-            assert len(written) > len(default) and written.startswith(default[:-3]), f.name
-        else:
-            assert default == written, f.name
-        assert len(meaning) > 10, f.name
+    name = preset or DEFAULT_PRESET
+    text = _listing(capsys, *(["--preset", preset] if preset else []))
+    assert f"--preset {name} starts from" in text.splitlines()[0]
+    vlm, train = resolve(name, None, [])
+    saved = to_dict(vlm, train)  # what the run saves
+    listed = []
+    for title, cls, group in SECTIONS:
+        rows = _rows(text, title)
+        fields = dataclasses.fields(getattr(config, cls))
+        expected = [f.name for f in fields if "group" not in f.metadata]
+        assert list(rows) == expected  # in the dataclass's order, a group's settings in its section
+        listed += expected
+        for f in fields:
+            if "group" in f.metadata:
+                continue
+            section = "model" if cls == "VLMConfig" else "train"
+            value, mark = _listed(rows, f.name)
+            written = _as_written(saved[section][f.name])
+            if value.endswith("..."):  # a long value (the chat template, the extra tokens) is cut
+                assert len(written) > len(value) and written.startswith(value[:-3]), f.name
+            else:
+                assert value == written, f.name
+            assert mark == ("*" if f.name in PRESETS[name][section] else ""), f.name
+            assert rows[f.name][0] == f.type and len(rows[f.name][2]) > 10, f.name
+    assert len(listed) == len(set(listed)) == len(saved["model"]) + len(saved["train"])
+
+
+def test_list_settings_marks_the_command_line_and_the_config_file(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  seed: 7\n")
+    text = _listing(capsys, "--preset", "tiny", "--config", str(path), "batch_size=3", "image_shift=0.1")
+    train, recipe = _rows(text, "train settings ("), _rows(text, "the from-scratch CPU recipe's settings")
+    assert _listed(train, "batch_size") == ("3", "+") and _listed(train, "seed") == ("7", "+")
+    assert _listed(recipe, "image_shift") == ("0.1", "+") and _listed(recipe, "vision_warmup") == ("off", "*")
 
 
 def test_list_settings_names_every_preset_with_its_description(capsys):
@@ -245,3 +279,33 @@ def test_train_help_names_the_presets_and_list_settings(capsys):
     assert "--list-settings" in out
     for name in PRESETS:
         assert f"\n  {name} " in out, name
+
+
+# ------------------------------------------------------------------------------------ mistakes
+@pytest.mark.parametrize("key, meant", [
+    ("lr", "'lr_mp', 'lr_vision_backbone', 'lr_language_backbone' or 'min_lr_ratio'"),
+    ("epochs", "'vision_warmup_epochs' or 'max_epochs'"),
+    ("warmup", "'warmup_ratio', 'vision_warmup', 'vision_warmup_steps' or 'vision_warmup_epochs'"),
+])
+def test_an_unknown_setting_suggests_the_names_it_may_mean(key, meant):
+    with pytest.raises(ConfigError) as e:
+        resolve("tiny", None, [f"{key}=abc"])
+    assert str(e.value) == f"unknown setting {key!r}: it is neither a VLMConfig nor a TrainConfig field. " \
+                           f"Did you mean {meant}?"
+
+
+@pytest.mark.parametrize("argv, written", [
+    (["--max_training_steps", "20"], "--max_training_steps is a setting, not an option: write max_training_steps=20"),
+    (["--max-training-steps=20"], "--max-training-steps is a setting, not an option: write max_training_steps=20"),
+    (["--lr_mp"], "--lr_mp is a setting, not an option: write lr_mp=VALUE"),
+])
+def test_a_setting_typed_as_an_option_says_how_to_write_it(capsys, argv, written):
+    assert main(["train", "--preset", "tiny", *argv]) == 1
+    assert capsys.readouterr().err.strip() == f"nanovlm train: error: {written} (without the dashes)."
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"nanovlm {version('nanovlm')}"

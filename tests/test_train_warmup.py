@@ -1,6 +1,9 @@
-"""The vision warm-up: a readout built from the training samples alone teaches the encoder."""
+"""The vision stage: a readout built from the training samples alone teaches the encoder, on the
+trainer, schedule and time budget every stage runs on."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 from test_train_checkpoint import assert_resumes_like
@@ -8,12 +11,17 @@ from test_train_synthetic import ANSWERS, EOS, SyntheticVQA, final_weights, run_
     tiny_configs
 
 from nanovlm.models.vision_language_model import VisionLanguageModel
+from nanovlm.train.budget import fit_steps
 from nanovlm.train.data import validation_split
-from nanovlm.train.optim import WarmupStableDecay
-from nanovlm.train.vision_warmup import (MAX_EXTENSION, _extension, build_targets, collect_pairs, fit_steps,
-                                         held_out_targets, readout_accuracy, sample_pairs, vision_warmup)
+from nanovlm.train.optim import Schedule
+from nanovlm.train.readout import Pairs, ReadoutHead, build_targets, collect_pairs, held_out_targets, sample_pairs
+from nanovlm.train.vision import MAX_EXTENSION, VisionStage, _extension, readout_accuracy
 
 FP32 = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
+
+
+def vision_warmup(model, data, steps, lr, batch_size, held_out=None, **kwargs):
+    return VisionStage(model, data, steps, lr, batch_size, **kwargs).run(held_out)
 
 
 def _tiny_model():
@@ -64,17 +72,15 @@ def test_images_shared_by_samples_are_stored_once():
 
 
 def test_long_answers_become_a_bag_of_words_and_nothing_repeated_is_skipped():
-    from nanovlm.train.vision_warmup import _Pairs
-
-    pairs = _Pairs(images=[torch.zeros(1, 3, 8, 8, dtype=torch.uint8)] * 4, pair_image=[0, 1, 2, 3],
+    pairs = Pairs(images=[torch.zeros(1, 3, 8, 8, dtype=torch.uint8)] * 4, pair_image=[0, 1, 2, 3],
                    questions=[[5]] * 4, answers=[(10, 11, 12), (10, 13, 14), (11, 15), (16,)])
     data = build_targets(pairs)
     assert data.mode == "words"  # every answer is unique: no class repeats
     assert sorted(c[0] for c in data.classes) == [10, 11]  # the words seen twice or more
     assert data.targets.tolist() == [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]  # (16,) has no known word
-    unique = _Pairs(images=pairs.images, pair_image=[0, 1], questions=[[5], [5]], answers=[(10,), (11,)])
+    unique = Pairs(images=pairs.images, pair_image=[0, 1], questions=[[5], [5]], answers=[(10,), (11,)])
     assert build_targets(unique) == "the answers repeat fewer than two words"
-    assert build_targets(_Pairs()) == "the training samples hold no image with a supervised answer"
+    assert build_targets(Pairs()) == "the training samples hold no image with a supervised answer"
 
 
 def test_warmup_teaches_the_encoder_and_touches_nothing_else():
@@ -114,11 +120,13 @@ def test_a_time_budget_cuts_the_step_count():
 def test_the_warmup_schedule_warms_holds_and_decays():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     opt.param_groups[0]["base_lr"] = 1.0
-    s = WarmupStableDecay(opt, steps=10, warmup_steps=2, decay_steps=4)
+    s = Schedule(opt, steps=10, warmup_share=0.2, decay_share=0.4)
     assert [round(s.factor(t), 4) for t in range(10)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8536, 0.5, 0.1464]
-    again = WarmupStableDecay(opt, steps=10, warmup_steps=2, decay_steps=4, start=10)  # the next cycle
-    assert again.total_steps == 20 and [again.factor(t) for t in (10, 11, 15)] == [0.5, 1.0, 1.0]
-    assert round(again.factor(17), 4) == 0.8536
+    s.cycle(10, 10)  # the next cycle
+    assert s.total_steps == 20 and [s.factor(t) for t in (10, 11, 15)] == [0.5, 1.0, 1.0]
+    assert round(s.factor(17), 4) == 0.8536
+    s.total_steps = 15  # cut by a time budget: the warm-up stays, the decay stretches over the new count
+    assert [round(s.factor(t), 4) for t in (10, 11, 12, 13, 14)] == [0.5, 1.0, 1.0, 1.0, 0.5]
 
 
 def test_another_cycle_follows_only_while_the_readout_has_not_learned_its_batches():
@@ -145,6 +153,10 @@ def test_a_readout_that_has_not_learned_runs_another_cycle():
     assert result["steps"] == 20 and result["cycles"] == 5 and result["shift_px"] == 3
     assert sum("another 4 steps, the rate up again" in line for line in said) == 4
     assert "tiles moved by up to 3 px" in said[0]
+    # the last line says what ran and flags the readout's shortfall against its target
+    assert re.fullmatch(r"vision warm-up done in \d+ s: 20 steps in 5 cycle\(s\), loss [\d.]+, readout accuracy "
+                        r"[\d.]+% on training batches \(below its 97% target\)", said[-1]), said[-1]
+    assert f"{result['train_accuracy']:.1%} on training batches" in said[-1]
 
 
 def test_a_run_with_warmup_resumes_exactly(tmp_path):
@@ -225,8 +237,6 @@ def test_the_readout_adds_repeated_questions_gradients_in_order():
     with parallel atomic adds, in an order that changed from run to run (separate runs of the
     warm-up drifted apart). The head's backward must not use it."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from nanovlm.train.vision_warmup import ReadoutHead
 
     class Accumulating(TorchDispatchMode):
         seen = 0

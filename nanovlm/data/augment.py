@@ -1,24 +1,29 @@
 """Training-time image augmentation that keeps the answers true: a shift of a few pixels.
 
-A model trained from scratch on a few thousand pictures learns them by heart: on drawn scenes
-the vision warm-up's readout answered 99.6% of its training questions and 89% of held-out
-ones. Moving each training tile by a random offset of a few pixels (the border filled with its
-edge pixels) changes every patch the encoder sees without changing what the picture shows, so
-counts, colours, shapes and (for offsets well below the objects' distance to a boundary)
-positions stay true. Flips, crops and colour jitter would not: "left of", "how many" and "what
-colour" questions change answer under them. The offsets come from a generator the caller seeds,
-so a resumed run draws the same ones.
+A model trained from scratch on a few thousand pictures learns them by heart. Moving each
+training tile by a random offset of a few pixels (the border filled with its edge pixels)
+changes every patch the encoder sees without changing what the picture shows: counts, colours,
+shapes and (for offsets well below the objects' distance to a boundary) positions stay true.
+Flips, crops and colour jitter would not: "left of", "how many" and "what colour" questions
+change answer under them. A sample's offsets come from the seed, the epoch and the sample's
+index in the data alone, so any number of processes, and a resumed run, draw the same ones.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 
 def shift_pixels(side: int, share: float) -> int:
     """The largest offset, in pixels, of a `share` of a tile's `side` (0 for none)."""
     return int(round(share * side))
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's offsets in one epoch (never the global one)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
 
 
 def shift_tiles(tiles: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -32,11 +37,22 @@ def shift_tiles(tiles: torch.Tensor, max_shift: int, generator: torch.Generator)
     return torch.stack([padded[k, :, dy:dy + H, dx:dx + W] for k, (dy, dx) in enumerate(offsets)])
 
 
-def shift_batch_images(batch: dict, share: float, generator: torch.Generator) -> dict:
-    """`batch` with each of its `images` tensors' tiles shifted by up to `share` of their side."""
-    images = batch.get("images")
-    if not share or not images:
-        return batch
-    moved = [shift_tiles(t, shift_pixels(t.shape[-1], share), generator) if t is not None and t.numel() else t
-             for t in images]
-    return {**batch, "images": moved}
+class ShiftedSamples(Dataset):
+    """`dataset[indices[k]]` with its tiles shifted by up to `share` of their side, drawn from
+    (seed, the epoch `sampler` is drawing, the sample's index in `dataset`)."""
+
+    def __init__(self, dataset, indices, share: float, seed: int, sampler):
+        self.dataset, self.indices, self.share, self.seed, self.sampler = dataset, list(indices), share, seed, sampler
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        index = self.indices[k]
+        sample = self.dataset[index]
+        tiles = sample.get("images")
+        if not isinstance(tiles, torch.Tensor) or tiles.numel() == 0:
+            return sample
+        moved = shift_tiles(tiles, shift_pixels(tiles.shape[-1], self.share),
+                            sample_generator(self.seed, self.sampler.epoch, index))
+        return {**sample, "images": moved}

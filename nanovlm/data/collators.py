@@ -60,12 +60,12 @@ class VLMCollator:
 
 def build_collator(train_cfg, vlm_cfg, tokenizer):
     """The collator a run asks for: packing (`train_cfg.packing`) or left padding."""
-    strict = bool(getattr(train_cfg, "strict", False))
-    if getattr(train_cfg, "packing", False):
-        pack_length = getattr(train_cfg, "pack_length", 0) or vlm_cfg.lm_max_length
+    strict = train_cfg.strict
+    if train_cfg.packing:
+        pack_length = train_cfg.pack_length or vlm_cfg.lm_max_length
         if pack_length > vlm_cfg.lm_max_position_embeddings:
             raise ValueError(f"pack_length ({pack_length}) exceeds lm_max_position_embeddings "
                              f"({vlm_cfg.lm_max_position_embeddings}).")
         return PackingCollator(tokenizer.pad_token_id, pack_length,
-                               max_images_per_pack=getattr(train_cfg, "max_images_per_pack", 0), strict=strict)
+                               max_images_per_pack=train_cfg.max_images_per_pack, strict=strict)
     return VLMCollator(tokenizer.pad_token_id, vlm_cfg.lm_max_length, strict=strict)

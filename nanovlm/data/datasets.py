@@ -752,19 +752,19 @@ def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iter
 def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: int = 0, world_size: int = 1):
     """The dataset `train_cfg.data` names (see the module docstring)."""
     data = str(train_cfg.data or "").strip()
-    strict = bool(getattr(train_cfg, "strict", False))
-    max_pixels = int(getattr(train_cfg, "max_image_pixels", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS)
-    streaming = bool(getattr(train_cfg, "streaming", False))
-    independent = bool(getattr(train_cfg, "independent_turns", False))
+    strict = train_cfg.strict
+    max_pixels = int(train_cfg.max_image_pixels or DEFAULT_MAX_PIXELS)
+    streaming = train_cfg.streaming
+    independent = train_cfg.independent_turns
     if not data:
         raise DataError("no training data given; set data=easyvqa, a data file or directory, or a hub dataset name.")
     if data.lower() in ("easyvqa", "easy-vqa", "easy_vqa"):
         from nanovlm.data.easyvqa import EasyVQADataset
 
-        multi_turn = bool(getattr(train_cfg, "multi_turn", False)) and split == "train"
+        multi_turn = train_cfg.multi_turn and split == "train"
         # Conversations too long for a packed row are split, not dropped.
         return EasyVQADataset(vlm_cfg, tokenizer, split=split, multi_turn=multi_turn,
-                              max_turns=int(getattr(train_cfg, "max_turns", 0)), independent_turns=independent,
+                              max_turns=train_cfg.max_turns, independent_turns=independent,
                               max_length=_max_length(train_cfg, vlm_cfg))
     path = os.path.expanduser(data)
     if os.path.exists(path):
@@ -778,7 +778,7 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
         if streaming:
             _local_files(path, split)  # fail now, not in a worker
             return StreamingConversationDataset(lambda: iter_records(path, split), vlm_cfg, tokenizer, rank=rank,
-                                                world_size=world_size, seed=getattr(train_cfg, "seed", 0), **common)
+                                                world_size=world_size, seed=train_cfg.seed, **common)
         records = open_records(path, split)
         _check_layout(records, name)
         return ConversationDataset(records, vlm_cfg, tokenizer, **common, **_merging(train_cfg, vlm_cfg, split))
@@ -799,7 +799,7 @@ def _hub_dataset(name: str, train_cfg, vlm_cfg, tokenizer, split, strict, max_pi
         raise DataError(f"data {name!r} is not local; loading hub datasets needs `pip install nanovlm[hf]`.") from e
     repo, _, subset = name.partition(":")
     common = dict(base_dir=train_cfg.image_folder, strict=strict, max_image_pixels=max_pixels, name=name,
-                  independent_turns=bool(getattr(train_cfg, "independent_turns", False)))
+                  independent_turns=train_cfg.independent_turns)
     if streaming:
         def open_stream() -> Iterator[Any]:
             ds = datasets.load_dataset(repo, subset or None, split=split, streaming=True)
@@ -808,7 +808,7 @@ def _hub_dataset(name: str, train_cfg, vlm_cfg, tokenizer, split, strict, max_pi
             return iter(ds)
 
         return StreamingConversationDataset(open_stream, vlm_cfg, tokenizer, rank=rank, world_size=world_size,
-                                            seed=getattr(train_cfg, "seed", 0), **common)
+                                            seed=train_cfg.seed, **common)
     ds = datasets.load_dataset(repo, subset or None, split=split)
     return ConversationDataset(ArrowRecords(ds.with_format("arrow")[:], name), vlm_cfg, tokenizer, **common,
                                **_merging(train_cfg, vlm_cfg, split))
@@ -816,14 +816,14 @@ def _hub_dataset(name: str, train_cfg, vlm_cfg, tokenizer, split, strict, max_pi
 
 def _merging(train_cfg, vlm_cfg, split: str) -> dict[str, Any]:
     """`multi_turn` for file data: merge the training records that share an image (`MergePlan`)."""
-    if not (bool(getattr(train_cfg, "multi_turn", False)) and split == "train"):
+    if not (train_cfg.multi_turn and split == "train"):
         return {}
-    return {"merge_turns": int(getattr(train_cfg, "max_turns", 0)), "max_length": _max_length(train_cfg, vlm_cfg)}
+    return {"merge_turns": train_cfg.max_turns, "max_length": _max_length(train_cfg, vlm_cfg)}
 
 
 def _max_length(train_cfg, vlm_cfg) -> int:
     """The longest sample a batch takes: a packed row, or the language model's context."""
-    if getattr(train_cfg, "packing", False) and getattr(train_cfg, "pack_length", 0):
+    if train_cfg.packing and train_cfg.pack_length:
         return min(int(train_cfg.pack_length), vlm_cfg.lm_max_length)
     return vlm_cfg.lm_max_length
 

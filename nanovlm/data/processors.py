@@ -560,7 +560,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.mp = cfg.mp_image_token_length
         self.tile = cfg.vit_img_size
-        self.layout = getattr(cfg, "vlm_image_layout", "nanovlm")
+        self.layout = cfg.vlm_image_layout
         self.image_processor = image_processor if image_processor is not None else image_processor_for(cfg)
         self.encoder = ChatEncoder(tokenizer, image_pattern=image_string_pattern(self.layout, tokenizer))
         self.image_token_id = tokenizer.image_token_id

@@ -6,14 +6,10 @@ boolean mask built from segment ids) and its KV-cache decode (a few new queries 
 cache). Grouped-query heads (Llama's GQA: fewer key/value heads than query heads, kv head j
 serving query heads j * groups .. (j + 1) * groups - 1) are never repeated in memory.
 
-Which kernel, by one rule (`uses_plain_path`):
+Which kernel:
 - The plain path, two matmuls and a softmax in the dtype of q (bf16 under autocast; the
-  softmax still sums in fp32), while autograd records on the CPU and a row has at most
-  `PLAIN_MAX_TOKENS` keys. PyTorch's fused CPU kernel is made for long sequences: with its
-  backward, 64-token ViT rows took ~5x and 256-token language-model rows ~2x longer than this
-  (docs/benchmarks.md, seventh round; `benchmarks/cpu_kernels.py`). Casting the
-  (B, heads, T, T) scores to fp32 and back cost as much as the two matmuls, so they stay in
-  q's dtype.
+  softmax still sums in fp32), where the runtime switched a CPU training run to it
+  (`nanovlm.runtime.cpu_training_attention`); the (B, heads, T, T) scores stay in q's dtype.
 - One query row under `torch.compile` on the CPU (the compiled decode step): multiply-and-sum
   in fp32 (`_one_query`), which inductor turns into loops fused with their neighbours. SDPA's
   CPU kernel took ~90 us a call for 1 query against 128 cached keys, 2.9 ms of a 17 ms token
@@ -35,13 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PLAIN_MAX_TOKENS = 256  # longer rows keep the fused kernel (the plain path's memory grows with T^2)
-
-
-def uses_plain_path(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether `attention` takes the plain path for these queries and keys (module docstring)."""
-    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
-            and k.shape[-2] <= PLAIN_MAX_TOKENS)
+from nanovlm.runtime import cpu_training_attention
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -57,7 +47,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         raise ValueError("attention takes a mask or is_causal, not both; fold the causal part into the mask.")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key/value heads evenly.")
-    if uses_plain_path(q, k):
+    if cpu_training_attention(q, k):
         return _plain(q, k, v, mask, is_causal, dropout_p)
     if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling() and not dropout_p:
         return _one_query(q, k, v, mask)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from nanovlm.config import VLMConfig
 from nanovlm.models.attention import attention
 from nanovlm.models.quantization import InferenceLinear, Int8Linear, check_quantize, int8_supported, linear, quantize_rows
+from nanovlm.runtime import may_read_back
 
 
 class RMSNorm(nn.Module):
@@ -48,17 +49,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def may_read_back(t: torch.Tensor) -> bool:
-    """Whether a value check may read `t` back to the host: on the CPU (free), and elsewhere
-    outside autograd (inference: one sync per call, small next to decoding). Never in a training
-    step on an accelerator, where `int(t)` waits for every queued kernel (a host sync), nor
-    inside torch.compile, where it splits the graph. Checks skipped there are the data
-    pipeline's guarantees (the collators cap row lengths and match images to image tokens)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or not torch.is_grad_enabled()
 
 
 class RotaryEmbedding(nn.Module):

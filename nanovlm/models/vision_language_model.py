@@ -25,12 +25,13 @@ import torch
 import torch.nn as nn
 
 from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
-from nanovlm.models.language_model import LanguageModel, may_read_back
+from nanovlm.models.language_model import LanguageModel
 from nanovlm.models.lora import adapter_files_payload, adapter_state, add_lora, is_adapter_parameter, target_of
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.quantization import check_quantize
 from nanovlm.models.vision_transformer import ViT
+from nanovlm.runtime import may_read_back
 
 
 class VisionLanguageModel(nn.Module):

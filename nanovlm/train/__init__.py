@@ -1,5 +1,3 @@
-"""Training: settings, optimizer and schedule, checkpoints, processes, the loop, and reports.
-
-`nanovlm train` calls `nanovlm.train.run.run_training`; the loop itself is
-`nanovlm.train.loop.train(vlm_cfg, train_cfg, run_dir)`.
+"""Training: a run is the recipe's stages (`recipe.py`) on one trainer (`step.py`); `nanovlm train`
+calls `nanovlm.train.run.run_training`, the run itself is `nanovlm.train.loop.train`.
 """

@@ -1,21 +1,9 @@
-"""Checkpoints a run can resume from exactly, written so that a kill at any instant is harmless.
+"""Checkpoints a run resumes from exactly, written so that a kill at any instant is harmless.
 
-A checkpoint is a directory `checkpoints/step_XXXXXX/`:
-  config.json, model.safetensors, tokenizer files   (model.save_pretrained: also a model dir)
-  trainer_state.json   step, data position, python/numpy RNG, metrics so far, validation loss
-  trainer_state.pt     optimizer + schedule state and torch RNG states (tensors; loaded with
-                       torch.load(weights_only=True), never unpickling code)
-A LoRA run's step checkpoint holds `trainable.safetensors` (adapters + projector: what trains,
-see `nanovlm.train.lora`) and config.json instead of the model directory; its trainer_state.json
-names the base weights (`lora_base`).
-It is assembled in a hidden temporary directory beside its final place, flushed to disk, and
-renamed into place: a directory named step_XXXXXX is always complete. `best/` (lowest validation
-loss) holds the model and trainer_state.json only; `final/` is a plain model directory (a LoRA
-run's `best/` and `final/` also hold its adapters in PEFT's layout, `nanovlm.weights.peft`).
-
-What happens to a checkpoint after it is written (a full disk that another program filled, a
-copy cut short, a file removed by hand) is outside our control, so a resume checks the files
-before it trusts them (`latest_good_checkpoint`) and falls back to the newest sound checkpoint.
+A step checkpoint is a model directory plus `trainer_state.json` (step, data position, metrics,
+python/numpy RNG) and `trainer_state.pt` (optimizer, torch RNG; loaded weights_only). Each is
+assembled in a hidden directory, flushed and renamed into place; `--resume` checks what it finds
+and falls back to the newest sound one (`latest_good_checkpoint`).
 """
 
 from __future__ import annotations
@@ -31,15 +19,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from nanovlm.fileio import atomic_write_json, make_temp_dir_beside, replace_dir
+from nanovlm.weights.common import check_state_dict
+from nanovlm.weights.nanovlm import load_state
 
-STATE_JSON = "trainer_state.json"
-STATE_PT = "trainer_state.pt"
-# The files a step checkpoint must hold: the model directory's two and the trainer state's two.
-REQUIRED_FILES = ("config.json", "model.safetensors", STATE_JSON, STATE_PT)
-# A LoRA run's step checkpoints hold this instead of model.safetensors: the tensors that train.
-TRAINABLE_FILE = "trainable.safetensors"
+STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"  # a LoRA run's instead of model.safetensors: the tensors that train
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -74,18 +61,12 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------ writing
 def _fsync_tree(directory: str) -> None:
     """Flush every file (and the directory) so the rename that follows publishes complete data."""
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for path in [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names] + [directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def trainable_tensors(model) -> dict[str, torch.Tensor]:
@@ -96,8 +77,6 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
 def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict | None,
                trainable_only: bool = False) -> None:
     """Assemble a checkpoint in a temporary directory beside `final`, then rename it into place."""
-    from safetensors.torch import save_file
-
     tmp = make_temp_dir_beside(final)
     try:
         if trainable_only:
@@ -119,13 +98,12 @@ def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict |
         raise
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, scheduler, state: dict,
-                    rng_states: list[dict], keep_last: int = 2) -> str:
-    """Write `checkpoints/step_XXXXXX/` (rank 0 only) and drop all but the newest `keep_last`.
-
-    `state` is JSON-able (data position, metrics, ...); `rng_states` holds one entry per rank."""
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict, rng_states: list[dict],
+                    keep_last: int = 2) -> str:
+    """Write `checkpoints/step_XXXXXX/` (rank 0 only) and drop all but the newest `keep_last`;
+    `state` is JSON-able, `rng_states` holds one entry per rank."""
     path = step_dir(run_dir, step)
-    tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states}
+    tensors = {"optimizer": optimizer.state_dict(), "rng": rng_states}
     lora = bool(getattr(model, "lora_settings", None))
     _write_dir(path, model, tokenizer, {**state, "step": step}, tensors, trainable_only=lora)
     if keep_last > 0:
@@ -146,29 +124,22 @@ def _remove(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_best(run_dir: str, model, tokenizer, state: dict) -> str:
-    """`checkpoints/best/`: the model with the lowest validation loss so far (no optimizer)."""
-    path = os.path.join(run_dir, "checkpoints", "best")
-    _write_dir(path, model, tokenizer, state, None)
-    return path
+def save_best(run_dir: str, model, tokenizer, state: dict) -> None:
+    """`checkpoints/best/`: the model with the best validation metric so far (no optimizer)."""
+    _write_dir(os.path.join(run_dir, "checkpoints", "best"), model, tokenizer, state, None)
 
 
-def save_final(run_dir: str, model, tokenizer) -> str:
+def save_final(run_dir: str, model, tokenizer) -> None:
     """`final/`: a model directory for from_pretrained and every --model flag."""
-    path = os.path.join(run_dir, "final")
-    _write_dir(path, model, tokenizer, None, None)
-    return path
+    _write_dir(os.path.join(run_dir, "final"), model, tokenizer, None, None)
 
 
 # ------------------------------------------------------------------------------------ reading
 def list_checkpoints(run_dir: str) -> list[str]:
     """Step checkpoint directories, oldest first (not checked: see `latest_good_checkpoint`)."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "checkpoints", "step_*")):
-        m = _STEP_DIR.match(os.path.basename(path))
-        if m and os.path.isdir(path):
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+    found = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*"))
+             if _STEP_DIR.match(os.path.basename(p)) and os.path.isdir(p)]
+    return sorted(found, key=_step_of)
 
 
 def _step_of(path: str) -> int:
@@ -202,37 +173,26 @@ def latest_good_checkpoint(run_dir: str, say: Callable[[str], None] = print) -> 
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """What makes the step checkpoint `path` unusable, in a few words, or None when it is sound.
-
-    Checks what can be checked without reading the tensors: every required file is there, the
-    JSON files parse, model.safetensors' header parses and the file is as long as the header says,
-    and trainer_state.pt (a torch.save zip archive) still has its index, which sits at its end."""
+    """What makes the step checkpoint `path` unusable, in a few words, or None when it is sound:
+    what can be checked without reading the tensors (every file there, the JSON files parse, the
+    safetensors file as long as its header says, the torch.save archive's index, at its end)."""
     weights = TRAINABLE_FILE if os.path.isfile(os.path.join(path, TRAINABLE_FILE)) else "model.safetensors"
-    for name in REQUIRED_FILES:
-        name = weights if name == "model.safetensors" else name
-        if not os.path.isfile(os.path.join(path, name)):
-            return f"{name} is missing"
+    checks = (("config.json", _json_problem), (STATE_JSON, _json_problem), (weights, _safetensors_problem),
+              (STATE_PT, _torch_archive_problem))
+    missing = [name for name, _ in checks if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        return f"{missing[0]} is missing"
     try:
-        for name in ("config.json", STATE_JSON):
-            problem = _json_problem(os.path.join(path, name))
-            if problem:
-                return f"{name} {problem}"
-        problem = _safetensors_problem(os.path.join(path, weights))
-        if problem:
-            return f"{weights} {problem}"
-        problem = _torch_archive_problem(os.path.join(path, STATE_PT))
-        if problem:
-            return f"{STATE_PT} {problem}"
+        problems = ((name, check(os.path.join(path, name))) for name, check in checks)
+        return next((f"{name} {problem}" for name, problem in problems if problem), None)
     except OSError as e:
         return f"{os.path.basename(e.filename or '') or 'a file'} cannot be read ({e.strerror})"
-    return None
 
 
 def _json_problem(path: str) -> str | None:
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        obj = json.loads(data)
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
     except ValueError as e:  # also bad UTF-8
         return f"is not valid JSON ({e})"
     if not isinstance(obj, dict):
@@ -302,17 +262,11 @@ def clear(run_dir: str) -> None:
             _remove(os.path.join(run_dir, name))
 
 
-def load_checkpoint(path: str, model, optimizer=None, scheduler=None, rank: int = 0,
+def load_checkpoint(path: str, model, optimizer=None, rank: int = 0,
                     check: Callable[[dict], None] | None = None) -> dict:
-    """Restore the model (and optimizer, schedule and this rank's RNG when given) from a step
-    checkpoint; returns its JSON state. `check(state)` runs on that state before anything loads.
-    A LoRA checkpoint's trainable tensors load into the model's trainable parameters (its base
-    was built beforehand and `check` compared it with the checkpoint's reference)."""
-    from safetensors.torch import load_file
-
-    from nanovlm.weights.common import check_state_dict
-    from nanovlm.weights.nanovlm import load_state
-
+    """Restore the model (and the optimizer and this rank's RNG when given) from a step checkpoint;
+    returns its JSON state. `check(state)` runs on that state before anything loads. A LoRA
+    checkpoint's tensors load into the trainable parameters of a base built beforehand."""
     with open(os.path.join(path, STATE_JSON)) as f:
         state = json.load(f)
     if check is not None:
@@ -324,12 +278,9 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None, rank: int 
         model.load_state_dict(tensors, strict=False)
     else:
         load_state(model, load_file(os.path.join(path, "model.safetensors")), source=path)
-    if optimizer is not None or scheduler is not None:
+    if optimizer is not None:
         tensors = torch.load(os.path.join(path, STATE_PT), map_location="cpu", weights_only=True)
-        if optimizer is not None:
-            optimizer.load_state_dict(tensors["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(tensors["scheduler"])
+        optimizer.load_state_dict(tensors["optimizer"])
         rngs = tensors["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     return state

@@ -1,12 +1,9 @@
-"""The training run's data: the loader, the held-out validation part, and the step budget.
+"""The training run's data: the loader, the held-out validation part, and sizes fitted to the data.
 
-The validation part is chosen from the training data itself, deterministically: samples are
-grouped by their images (`group_keys()` of the dataset: records that share a picture stay on
-one side), the groups are ordered by a hash of (seed, key), and the first groups are held out
-until `val_fraction` of the samples (at most `val_size`) are. The choice depends on nothing but
-the data and the seed, so every torchrun rank and every `--resume` makes the same one, and no
-held-out image is ever trained on (not by the vision warm-up either). `val_data=FILE` holds out
-nothing and validates on that file instead.
+The validation part is chosen deterministically from the training data: samples grouped by
+image (records sharing a picture stay on one side), groups ordered by a hash of (seed, key), so
+every rank and every `--resume` makes the same choice. With `fit_batch`, small data lowers the
+batch sizes so that an epoch holds STEPS_PER_EPOCH steps.
 """
 
 from __future__ import annotations
@@ -16,97 +13,106 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from torch.utils.data import IterableDataset, Subset
+
 from nanovlm.config import TrainConfig, VLMConfig
-from nanovlm.train import distributed as dist
+from nanovlm.data.augment import ShiftedSamples
+from nanovlm.data.collators import build_collator
+from nanovlm.data.datasets import ResumableLoader, ShardedBatchSampler, SkipCounter, build_dataset
+from nanovlm.train.distributed import DistInfo
+
+STEPS_PER_EPOCH = 4  # the fewest a fitted batch leaves in an epoch
 
 
 @dataclass
 class Data:
-    """What the loop needs from the data layer."""
+    """What the stages need from the data layer."""
     train: Any  # a resumable loader: iteration yields collated batches; state_dict / load_state_dict
     val: Any | None  # map-style dataset of held-out samples (or None)
     collate: Callable[[list], dict]
     skips: Any | None = None  # a SkipCounter
     batches_per_epoch: int | None = None  # micro-batches per rank in one epoch, when known
-    source: Any | None = None  # the training dataset itself (the vision warm-up reads its samples)
+    source: Any | None = None  # the training dataset itself (the vision stage reads its samples)
     train_indices: Sequence[int] = ()  # indices into `source` that training uses
     val_records: Sequence[int] | None = None  # records of the data file held out (for accuracy)
     val_source: str | None = None  # the data file those records come from
+    batch_size: int = 0  # batch_size and vision_warmup_batch_size as fitted to the data
+    vision_batch_size: int = 0
 
 
 def validation_split(keys: Sequence[str], fraction: float, cap: int, seed: int) -> tuple[list[int], list[int]]:
     """(train indices, validation indices) of samples with the given group keys (see module doc)."""
     n = len(keys)
-    want = min(cap, math.ceil(fraction * n)) if fraction > 0 else 0
-    want = min(want, n - 1)
-    if want <= 0:
-        return list(range(n)), []
+    want = min(cap, math.ceil(fraction * n), n - 1) if fraction > 0 else 0
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    order = sorted(groups, key=lambda k: hashlib.blake2b(f"{seed}\0{k}".encode(), digest_size=8).digest())
     held: list[int] = []
-    for key in order:
+    for key in sorted(groups, key=lambda k: hashlib.blake2b(f"{seed}\0{k}".encode(), digest_size=8).digest()):
         if len(held) >= want:
             break
-        if len(held) + len(groups[key]) >= n:
-            continue  # never hold out everything
-        held.extend(groups[key])
+        if len(held) + len(groups[key]) < n:  # never hold out everything
+            held.extend(groups[key])
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], sorted(held)
 
 
-def build_data(vlm_cfg: VLMConfig, train_cfg: TrainConfig, tokenizer, info: dist.DistInfo) -> Data:
-    """The data `train_cfg.data` names (and `val_data`, when given), through `make_data`."""
-    from torch.utils.data import IterableDataset
-
-    from nanovlm.data.collators import build_collator
-    from nanovlm.data.datasets import build_dataset
-
-    dataset = build_dataset(train_cfg, vlm_cfg, tokenizer, split="train", rank=info.rank, world_size=info.world_size)
+def build_data(vlm_cfg: VLMConfig, cfg: TrainConfig, tokenizer, info: DistInfo, say=print) -> Data:
+    """The data `cfg.data` names (and `val_data`, when given), through `make_data`."""
+    dataset = build_dataset(cfg, vlm_cfg, tokenizer, split="train", rank=info.rank, world_size=info.world_size)
     if isinstance(dataset, IterableDataset):
         raise ValueError("streaming data is not supported by the training loop yet; set streaming=false.")
-    val_set = None
-    if train_cfg.val_data:
-        from dataclasses import replace
-
-        val_set = build_dataset(replace(train_cfg, data=train_cfg.val_data, streaming=False), vlm_cfg, tokenizer,
-                                split="train")
-    return make_data(dataset, build_collator(train_cfg, vlm_cfg, tokenizer), train_cfg, info, val_set=val_set)
+    val_set = build_dataset(cfg.replace(data=cfg.val_data, streaming=False), vlm_cfg, tokenizer) if cfg.val_data \
+        else None
+    return make_data(dataset, build_collator(cfg, vlm_cfg, tokenizer), cfg, info, val_set=val_set, say=say)
 
 
-def make_data(dataset, collate: Callable[[list], dict], train_cfg: TrainConfig, info: dist.DistInfo,
-              val_set=None) -> Data:
+def make_data(dataset, collate: Callable[[list], dict], cfg: TrainConfig, info: DistInfo, val_set=None,
+              say=print) -> Data:
     """A map-style dataset -> the resumable, rank-sharded training loader and the validation part."""
-    from torch.utils.data import Subset
-
-    from nanovlm.data.datasets import ResumableLoader, ShardedBatchSampler, SkipCounter
-
     if val_set is not None:
-        train_idx, val_idx = list(range(len(dataset))), []
-        val_records, val_source = _records(val_set, range(len(val_set))), train_cfg.val_data
+        train_idx, val_records, val_source = list(range(len(dataset))), _records(val_set, range(len(val_set))), \
+            cfg.val_data
     else:
         keys = dataset.group_keys() if hasattr(dataset, "group_keys") else [f"#{i}" for i in range(len(dataset))]
-        train_idx, val_idx = validation_split(keys, train_cfg.val_fraction, train_cfg.val_size, train_cfg.seed)
+        train_idx, val_idx = validation_split(keys, cfg.val_fraction, cfg.val_size, cfg.seed)
         val_set = Subset(dataset, val_idx) if val_idx else None
-        val_records, val_source = _records(dataset, val_idx), train_cfg.data
-    train_set = Subset(dataset, train_idx)
-    global_micro = train_cfg.batch_size * info.world_size
-    if len(train_set) < global_micro:
+        val_records, val_source = _records(dataset, val_idx), cfg.data
+    batch, vision_batch = _fit_batch(dataset, train_idx, cfg, info.world_size, say)
+    # Every rank gets a full micro-batch at every step: the short last batch of an epoch is dropped.
+    sampler = ShardedBatchSampler(len(train_idx), batch * info.world_size, rank=info.rank, world_size=info.world_size,
+                                  seed=cfg.seed, shuffle=True, drop_last=True)
+    shift = cfg.recipe.image_shift
+    train_set = ShiftedSamples(dataset, train_idx, shift, cfg.seed, sampler) if shift else Subset(dataset, train_idx)
+    loader = ResumableLoader(train_set, sampler, collate, num_workers=cfg.num_workers,
+                             pin_memory=info.device.type == "cuda")
+    return Data(train=loader, val=val_set, collate=collate, skips=SkipCounter(strict=cfg.strict),
+                batches_per_epoch=len(sampler), source=dataset, train_indices=train_idx,
+                val_records=val_records or None, val_source=val_source, batch_size=batch,
+                vision_batch_size=vision_batch)
+
+
+def _fit_batch(dataset, train_idx: list[int], cfg: TrainConfig, world: int, say) -> tuple[int, int]:
+    """(batch_size, vision_warmup_batch_size) for the data: lowered with `fit_batch` where an
+    epoch would hold fewer than STEPS_PER_EPOCH steps; one sentence where nothing fits."""
+    n, fit = len(train_idx), cfg.recipe.fit_batch
+    batch = min(cfg.batch_size, n // (STEPS_PER_EPOCH * world)) if fit else cfg.batch_size
+    vision_batch = min(cfg.recipe.vision_warmup_batch_size, max(1, n // STEPS_PER_EPOCH)) if fit \
+        else cfg.recipe.vision_warmup_batch_size
+    if batch < 1 or n < batch * world:
         merged = (f" (made of {len(_records(dataset, train_idx))} records: those that share an image are one "
                   "sample)") if getattr(dataset, "plan", None) is not None else ""
-        raise ValueError(f"the training data has {len(train_set)} sample{'s' if len(train_set) != 1 else ''}"
-                         f"{merged}, fewer than one global batch "
-                         f"(batch_size {train_cfg.batch_size} x {info.world_size} process(es)); "
-                         "lower batch_size or bring more data.")
-    # Every rank gets a full micro-batch at every step: the short last batch of an epoch is dropped.
-    sampler = ShardedBatchSampler(len(train_set), global_micro, rank=info.rank, world_size=info.world_size,
-                                  seed=train_cfg.seed, shuffle=True, drop_last=True)
-    loader = ResumableLoader(train_set, sampler, collate, num_workers=train_cfg.num_workers,
-                             pin_memory=info.device.type == "cuda")
-    return Data(train=loader, val=val_set, collate=collate, skips=SkipCounter(strict=train_cfg.strict),
-                batches_per_epoch=len(sampler), source=dataset, train_indices=train_idx,
-                val_records=val_records or None, val_source=val_source)
+        need = (f"too few to train on (at least {STEPS_PER_EPOCH * world} are needed); bring more data" if fit else
+                f"fewer than one global batch (batch_size {cfg.batch_size} x {world} process(es)); lower batch_size "
+                "or bring more data")
+        raise ValueError(f"the training data has {n} sample{'s' if n != 1 else ''}{merged}, {need}.")
+    fitted = [f"batch_size {batch} (of {cfg.batch_size})"] if batch != cfg.batch_size else []
+    if vision_batch != cfg.recipe.vision_warmup_batch_size and cfg.recipe.vision_warmup != "off":
+        fitted.append(f"vision_warmup_batch_size {vision_batch} (of {cfg.recipe.vision_warmup_batch_size})")
+    if fitted:
+        say(f"{n} training samples: {' and '.join(fitted)}, so that an epoch holds {STEPS_PER_EPOCH} steps "
+            "(fit_batch=false keeps them)")
+    return batch, vision_batch
 
 
 def _records(dataset, samples: Sequence[int]) -> list[int]:
@@ -116,17 +122,12 @@ def _records(dataset, samples: Sequence[int]) -> list[int]:
     return sorted(r for i in samples for r in dataset.records_of(i))
 
 
-def total_steps_for(train_cfg: TrainConfig, data: Data) -> int:
+def total_steps_for(cfg: TrainConfig, batches_per_epoch: int | None) -> int:
     """`max_training_steps`, or fewer when `max_epochs` passes over the data come first."""
-    steps = train_cfg.max_training_steps
-    if train_cfg.max_epochs and data.batches_per_epoch:
-        per_step = train_cfg.gradient_accumulation_steps
-        steps = min(steps, max(1, math.ceil(train_cfg.max_epochs * data.batches_per_epoch / per_step)))
-    return steps
-
-
-def epoch_of(data: Data, micro_batches: int) -> float:
-    return micro_batches / data.batches_per_epoch if data.batches_per_epoch else 0.0
+    if not (cfg.recipe.max_epochs and batches_per_epoch):
+        return cfg.max_training_steps
+    epochs = math.ceil(cfg.recipe.max_epochs * batches_per_epoch / cfg.gradient_accumulation_steps)
+    return min(cfg.max_training_steps, max(1, epochs))
 
 
 def n_samples(batch: dict) -> int:
@@ -142,13 +143,9 @@ def n_samples(batch: dict) -> int:
 def to_device(batch: dict, device) -> dict:
     if device.type == "cpu":
         return batch
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels", "position_ids", "supervised_index"):
-        if key in batch:
-            out[key] = batch[key].to(device, non_blocking=True)
+    out = {k: (v.to(device, non_blocking=True) if k in ("input_ids", "attention_mask", "labels", "position_ids",
+                                                         "supervised_index") else v) for k, v in batch.items()}
     images = batch.get("images")
-    if isinstance(images, (list, tuple)):
-        out["images"] = [x.to(device, non_blocking=True) for x in images]
-    elif hasattr(images, "to"):
-        out["images"] = images.to(device, non_blocking=True)
+    out["images"] = [x.to(device, non_blocking=True) for x in images] if isinstance(images, (list, tuple)) else \
+        images.to(device, non_blocking=True) if hasattr(images, "to") else images
     return out

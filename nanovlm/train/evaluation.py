@@ -1,9 +1,7 @@
-"""Evaluation during and after training: validation loss, and the accuracy `eval_task` names.
+"""Evaluation during and after training: the validation loss, the accuracy `eval_task` names, the best checkpoint.
 
-Which accuracy (the data's held-out validation questions, or a test split the data ships
-with) is `nanovlm.eval.tasks`'s choice; this module runs it across ranks and records it under
-names that say what it measured and on how many questions (`<name>_accuracy`,
-`<name>_questions`, `<name>_what`).
+Reports are recorded under names that say what they measured and on how many questions
+(`<name>_accuracy`, `<name>_questions`, `<name>_what`).
 """
 
 from __future__ import annotations
@@ -12,22 +10,16 @@ from typing import Any
 
 import torch
 
-from nanovlm.config import IGNORE_INDEX, TrainConfig
+from nanovlm.config import IGNORE_INDEX
+from nanovlm.eval.tasks import task_report
+from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
-
-
-
-def resolve_task(train_cfg: TrainConfig) -> str:
-    from nanovlm.eval.tasks import resolve_task as resolve
-
-    return resolve(train_cfg.eval_task, train_cfg.data)
+from nanovlm.train.data import to_device
 
 
 @torch.no_grad()
 def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInfo, amp: dict) -> float | None:
     """Mean loss per supervised token over the held-out samples (shared out over the ranks)."""
-    from nanovlm.train.data import to_device
-
     if val_set is None or len(val_set) == 0:
         return None
     was_training = model.training
@@ -43,22 +35,10 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
             _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
                             loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False,
                             supervised_index=batch.get("supervised_index"))
-        total[0] += loss.double()
-        total[1] += (batch["labels"] != IGNORE_INDEX).sum()
+        total += torch.stack([loss.double(), (batch["labels"] != IGNORE_INDEX).sum().double()])
     model.train(was_training)
     dist.all_reduce_sum(total, info)
     return float(total[0] / total[1]) if total[1] > 0 else None
-
-
-def accuracy(model, task: str, data, train_cfg: TrainConfig, limit: int, info: dist.DistInfo, amp: dict,
-             progress: bool = False) -> dict[str, Any] | None:
-    """The task's report (`nanovlm.eval.tasks`), or None when the run measures no accuracy."""
-    from nanovlm.eval.tasks import task_report
-
-    return task_report(task, model, val_source=data.val_source, val_records=data.val_records,
-                       image_folder=train_cfg.image_folder, limit=limit, batch_size=train_cfg.eval_batch_size,
-                       rank=info.rank, world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
-                       autocast_dtype=amp["dtype"] if amp["enabled"] else None, progress=progress)
 
 
 def accuracy_fields(report: dict | None) -> dict[str, Any]:
@@ -72,3 +52,34 @@ def accuracy_fields(report: dict | None) -> dict[str, Any]:
         if entry.get("n"):
             out[f"{name}_accuracy_{kind.replace('/', '_')}"] = entry["accuracy"]
     return out
+
+
+def evaluate(run, limit: int, final: bool) -> dict:
+    """Validation loss and the task's accuracy (`nanovlm.eval.tasks`: a test split the data ships with,
+    or its held-out questions) now; logs them and keeps the best checkpoint."""
+    state, info, cfg = run.state, run.info, run.cfg
+    val = validation_loss(run.model, run.data.val, run.data.collate, cfg.batch_size, info, run.amp)
+    report = task_report(run.task, run.model, val_source=run.data.val_source, val_records=run.data.val_records,
+                         image_folder=cfg.image_folder, limit=limit, batch_size=cfg.eval_batch_size, rank=info.rank,
+                         world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
+                         autocast_dtype=run.amp["dtype"] if run.amp["enabled"] else None,
+                         progress=final and run.bar is None and info.is_main)
+    record = {"step": state.step, **({"val_loss": val} if val is not None else {}),
+              **accuracy_fields(report), **({"final": True} if final else {})}
+    if run.log is not None:
+        run.log.log(record)
+        if not final:
+            run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in record.items()
+                                                     if k != "step" and not k.endswith("_what")))
+    # The best checkpoint: by held-out accuracy where the run measures it, else by validation
+    # loss (never by a test split: a test split only reports).
+    metric, value, higher = ("val_accuracy", record.get("val_accuracy"), True) if "val_accuracy" in record \
+        else ("val_loss", val, False)
+    best = state.best
+    if value is not None and (best is None or best["metric"] != metric
+                              or (value > best["value"] if higher else value < best["value"])):
+        state.best = {"step": state.step, "metric": metric, "value": value}
+        if info.is_main:
+            ckpt.save_best(run.run_dir, run.model, run.tokenizer, dict(state.best))
+    return {"record": record, "val": val, "report": report}

@@ -1,19 +1,7 @@
 """LoRA training runs (`lora_rank` > 0): adapters on frozen towers, the projector trained whole.
 
-What a run saves:
-- step checkpoints hold only what trains (adapters + projector, `trainable.safetensors`, and
-  their optimizer state) plus a reference to the base weights: the settings that build them
-  (`vit_model_type`, `lm_model_type`, `vlm_load_backbone_weights`, `seed`) and a SHA-256 of
-  every frozen tensor. `--resume` rebuilds the base from the settings, checks the digest (a base
-  file changed since is one clear error) and loads the trainable tensors: a resumed run repeats
-  the uninterrupted one exactly.
-- `best/` and `final/` are complete model directories: `model.safetensors` holds the base with
-  the trained projector, and PEFT's `adapter_config.json` + `adapter_model.safetensors` beside it
-  hold the adapters (unmerged; `nanovlm.weights.peft`). `VisionLanguageModel.from_pretrained`
-  attaches them; `nanovlm.models.lora.merge_lora` folds them into the weights.
-
-The base must be the model as built, so a run whose vision warm-up would first train the encoder
-from scratch is refused (the warm-up belongs to full training).
+Step checkpoints hold only what trains plus a reference to the base (its settings and a SHA-256
+of every frozen tensor); `--resume` rebuilds the base, checks the digest and loads the rest.
 """
 
 from __future__ import annotations
@@ -22,30 +10,29 @@ import hashlib
 
 import torch
 
-from nanovlm.config import TrainConfig, VLMConfig, lora_target_names
+from nanovlm.config import LoraConfig, TrainConfig, VLMConfig, lora_target_names
+from nanovlm.models.lora import add_lora, is_adapter_parameter
 
 
 def check_run(vlm_cfg: VLMConfig, cfg: TrainConfig) -> None:
-    """A LoRA run's settings that TrainConfig alone cannot check; ValueError in one sentence."""
+    """A LoRA run's settings that the configs alone cannot check; ValueError in one sentence."""
+    rank, warmup = cfg.lora.lora_rank, cfg.recipe.vision_warmup
     pretrained_vit = bool(cfg.init_from) or (vlm_cfg.vlm_load_backbone_weights and bool(vlm_cfg.vit_model_type))
-    if cfg.vision_warmup != "off" and not (cfg.vision_warmup == "auto" and pretrained_vit):
-        raise ValueError(f"lora_rank={cfg.lora_rank} keeps the vision encoder as built, but vision_warmup="
-                         f"{cfg.vision_warmup} would first train it from scratch; set vision_warmup=off.")
+    if rank and warmup != "off" and not (warmup == "auto" and pretrained_vit):
+        raise ValueError(f"lora_rank={rank} keeps the vision encoder as built, but vision_warmup={warmup} would "
+                         "first train it from scratch; set vision_warmup=off.")
 
 
-def prepare(model, vlm_cfg: VLMConfig, cfg: TrainConfig) -> dict:
-    """Add the adapters `cfg` asks for (in place) and return the base reference they train on."""
-    from nanovlm.models.lora import add_lora
-
-    add_lora(model, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_dropout, lora_target_names(cfg.lora_targets))
-    return base_reference(model, vlm_cfg, cfg)
+def prepare(model, vlm_cfg: VLMConfig, lora: LoraConfig, seed: int) -> dict:
+    """Add the adapters `lora` asks for (in place) and return the base reference they train on."""
+    add_lora(model, lora.lora_rank, lora.lora_scale_alpha, lora.lora_dropout, lora_target_names(lora.lora_targets))
+    return {"vit_model_type": vlm_cfg.vit_model_type, "lm_model_type": vlm_cfg.lm_model_type,
+            "vlm_load_backbone_weights": vlm_cfg.vlm_load_backbone_weights, "seed": seed,
+            "sha256": digest(frozen_tensors(model))}
 
 
 def frozen_tensors(model) -> dict[str, torch.Tensor]:
-    """Every tensor of the model that does not train once the adapters are added: the base. The
-    projector (trained whole) and the adapters are left out."""
-    from nanovlm.models.lora import is_adapter_parameter
-
+    """Every tensor of the model that does not train once the adapters are added: the base."""
     state = model.state_dict_for_saving()
     return {k: v for k, v in state.items() if not k.startswith("MP.") and not is_adapter_parameter(k)}
 
@@ -59,12 +46,6 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
-
-
-def base_reference(model, vlm_cfg: VLMConfig, cfg: TrainConfig) -> dict:
-    return {"vit_model_type": vlm_cfg.vit_model_type, "lm_model_type": vlm_cfg.lm_model_type,
-            "vlm_load_backbone_weights": vlm_cfg.vlm_load_backbone_weights, "seed": cfg.seed,
-            "sha256": digest(frozen_tensors(model))}
 
 
 def check_base(saved: dict | None, fresh: dict | None, path: str) -> None:

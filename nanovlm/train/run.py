@@ -1,8 +1,8 @@
 """`nanovlm train`: resolve the settings, set up the processes, prepare the run folder, train.
 
-A run refused before it trains (a bad setting, a missing data file, data the loop rejects once
-it is built) leaves no run folder behind: what can be checked is checked before the folder is
-made, and a folder made for a run that then stopped with nothing to keep is removed again."""
+A run refused before it trains leaves no run folder behind: what can be checked is checked
+first, and a folder made for a run that stopped with nothing to keep is removed again.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +10,33 @@ import json
 import os
 import shutil
 
+from nanovlm.config import DEFAULT_PRESET
+from nanovlm.eval.tasks import resolve_task
+from nanovlm.train import checkpoint as ckpt
+from nanovlm.train import distributed as dist
+from nanovlm.train import lora, settings
+from nanovlm.train.loop import train
 
-def run_training(preset: str = "small", config_file: str | None = None, out: str = "runs/latest",
+
+def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, out: str = "runs/latest",
                  resume: bool = False, overrides: list[str] | None = None) -> int:
-    from nanovlm.train import checkpoint as ckpt
-    from nanovlm.train import distributed as dist
-    from nanovlm.train import evaluation, lora, settings
-    from nanovlm.train.loop import train
-
     base = None
-    if resume:
-        # A resumed run continues with its saved settings; a config file and overrides still apply.
-        saved = os.path.join(out, "config.json")
+    if resume:  # a resumed run continues with its saved settings; a config file and overrides still apply
         if ckpt.latest_checkpoint(out) is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}; "
                                     "run without --resume to start a new run.")
-        if os.path.isfile(saved):
-            with open(saved) as f:
+        if os.path.isfile(os.path.join(out, "config.json")):
+            with open(os.path.join(out, "config.json")) as f:
                 base = json.load(f)
     vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
-    if train_cfg.lora_rank:
-        lora.check_run(vlm_cfg, train_cfg)
-    _check_data(train_cfg.data)
-    if train_cfg.val_data:
-        _check_data(train_cfg.val_data)
-    evaluation.resolve_task(train_cfg)  # an eval_task the data does not have: refused before anything
-    _check_out(out)
+    lora.check_run(vlm_cfg, train_cfg)
+    for data in (train_cfg.data, train_cfg.val_data):
+        looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))
+        if looks_local and not os.path.exists(os.path.expanduser(data)):
+            raise FileNotFoundError(f"data file {data} does not exist.")
+    resolve_task(train_cfg.eval_task, train_cfg.data)  # an eval_task the data does not have: refused now
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; give a folder for the run.")
 
     info = dist.init()
     created = False
@@ -62,33 +63,12 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
     return 0
 
 
-def _check_data(data: str) -> None:
-    """A data path that does not exist: one clear sentence before any model is built."""
-    from nanovlm.eval.tasks import DATA_TASKS
-
-    if data.strip().lower() in DATA_TASKS:  # packaged data, not a path
-        return
-    path = os.path.expanduser(data)
-    looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))
-    if looks_local and not os.path.exists(path):
-        raise FileNotFoundError(f"data file {data} does not exist.")
-
-
-def _check_out(out: str) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise NotADirectoryError(f"--out {out} is a file, not a folder; give a folder for the run.")
-
-
 def _remove_refused_run(out: str) -> None:
     """The run folder this call created, removed again when the run stopped before it trained
-    anything worth keeping: the data or a setting was refused once the model and the data were
-    built (bad data content, a warm-up the data cannot have, ...). A folder holding a checkpoint,
-    a final model or a logged metric stays, and so does any folder that existed before."""
-    from nanovlm.train import checkpoint as ckpt
-
+    anything worth keeping (bad data content, a vision stage the data cannot have, ...). A folder
+    holding a checkpoint, a final model or a logged metric stays, as does one that existed before."""
     kept = (ckpt.list_checkpoints(out) or os.path.isdir(os.path.join(out, "checkpoints", "best"))
             or os.path.isdir(os.path.join(out, "final")))
     metrics = os.path.join(out, "metrics.jsonl")
-    if kept or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
-        return
-    shutil.rmtree(out, ignore_errors=True)
+    if not kept and not (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
+        shutil.rmtree(out, ignore_errors=True)

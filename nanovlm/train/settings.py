@@ -1,70 +1,66 @@
-"""Resolving a run's settings: preset < config file (YAML/JSON) < `key=value` overrides.
+"""A run's settings: preset < config file (YAML/JSON) < `key=value`, and `--list-settings`.
 
-Every key is checked against the VLMConfig and TrainConfig fields, and every value against the
-field's type, before a config is built, so a typo fails with a sentence that names it instead of
-silently training something else. The values themselves go through config.py's one parser:
-`parse_value` for `key=value` text (int, float, str; a boolean as true/false, yes/no, on/off or
-1/0; None as none/null where the field allows it; JSON for dicts), `check_value` for the typed
-values of presets and files. `describe_settings` is `nanovlm train --list-settings`.
+Every key and value is checked against VLMConfig's and TrainConfig's fields before a config is
+built, so a typo fails with a sentence naming it (and the names it may have meant).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import os
 from typing import Any
 
-from nanovlm.config import (PRESET_DESCRIPTIONS, PRESETS, TRAIN_HELP, VLM_HELP, ConfigError, TrainConfig,
-                            VLMConfig, check_value, field_types, get_preset, parse_value)
+import yaml
+
+from nanovlm.config import (DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, ConfigError, TrainConfig, VLMConfig,
+                            check_value, field_types, get_preset, parse_value, setting_fields)
+from nanovlm.weights.nanovlm import checkpoint_config
 
 _SECTIONS = {"model": VLMConfig, "train": TrainConfig}
 
 
+def close_names(key: str, known: list[str], n: int = 4) -> list[str]:
+    """Settings a mistyped `key` may have meant: names it begins, names holding it as a word, close spellings."""
+    found = [k for k in known if k.startswith(key + "_")] + [k for k in known if key in k.split("_")]
+    found += difflib.get_close_matches(key, known, n=1)
+    return list(dict.fromkeys(found))[:n]
+
+
 def _owner(key: str) -> str:
-    """'model' or 'train' for a known key; ConfigError naming the key otherwise."""
+    """'model' or 'train' for a known key; ConfigError naming the key (and close names) otherwise."""
     for section, cls in _SECTIONS.items():
         if key in field_types(cls):
             return section
-    known = [k for cls in _SECTIONS.values() for k in field_types(cls)]
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = [f"'{k}'" for k in close_names(key, [k for cls in _SECTIONS.values() for k in field_types(cls)])]
+    hint = f" Did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}?" if close else ""
     raise ConfigError(f"unknown setting {key!r}: it is neither a VLMConfig nor a TrainConfig field.{hint}")
 
 
 def load_config_file(path: str) -> dict[str, dict[str, Any]]:
-    """A YAML or JSON file -> {"model": {...}, "train": {...}}. The file may hold `model` and
-    `train` sections, flat keys, or both."""
+    """A YAML or JSON file -> {"model": {...}, "train": {...}}; `model` / `train` sections, flat keys, or both."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist.")
     with open(path) as f:
         text = f.read()
     try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:
+        data = (json.loads(text) if path.endswith(".json") else yaml.safe_load(text)) or {}
+    except (ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
                           f"{str(e).splitlines()[0]}") from None
-    if data is None:
-        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}.")
     out: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for key, value in data.items():
-        if key in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"section {key!r} in config file {path} must be a mapping.")
-            for k, v in value.items():
-                if _owner(k) != key:
-                    raise ConfigError(f"{k!r} in section {key!r} of {path} belongs in section {_owner(k)!r}.")
-                out[key][k] = v
-        else:
+        if key not in _SECTIONS:
             out[_owner(key)][key] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"section {key!r} in config file {path} must be a mapping.")
+        for k, v in value.items():
+            if _owner(k) != key:
+                raise ConfigError(f"{k!r} in section {key!r} of {path} belongs in section {_owner(k)!r}.")
+            out[key][k] = v
     return out
 
 
@@ -80,85 +76,81 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _layers(preset: str | None, config_file: str | None, overrides: list[str] | None,
+            base: dict | None) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """(source, {"model": ..., "train": ...}) of each layer, lowest precedence first."""
+    first = ("the saved run config", base) if base is not None else (f"preset {preset!r}", get_preset(preset))
+    return [(first[0], {s: dict(first[1].get(s, {})) for s in _SECTIONS})] + \
+        ([(f"config file {config_file}", load_config_file(config_file))] if config_file else []) + \
+        [("the command line", parse_overrides(overrides))]
+
+
 def resolve(preset: str | None, config_file: str | None = None, overrides: list[str] | None = None,
             base: dict[str, dict[str, Any]] | None = None) -> tuple[VLMConfig, TrainConfig]:
     """The run's (VLMConfig, TrainConfig). `base` (a saved run's config.json) replaces the preset."""
-    if base is None:
-        layers = [(f"preset {preset!r}", {s: dict(get_preset(preset).get(s, {})) for s in _SECTIONS})]
-    else:
-        layers = [("the saved run config", {s: dict(base.get(s, {})) for s in _SECTIONS})]
-    if config_file:
-        layers.append((f"config file {config_file}", load_config_file(config_file)))
-    layers.append(("the command line", parse_overrides(overrides)))
-
+    layers = _layers(preset, config_file, overrides, base)
     merged: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    explicit: set[str] = set()  # model settings from a config file or the command line
-    for k, (source, layer) in enumerate(layers):
-        if k > 0:
-            explicit |= set(layer.get("model", {}))
+    for source, layer in layers:
         for section, values in layer.items():
             hints = field_types(_SECTIONS[section])
             for key, value in values.items():
                 if key not in hints:
                     raise ConfigError(f"unknown setting {key!r} in {source}.")
                 merged[section][key] = check_value(key, value, hints[key], f" in {source}")
-    model = merged["model"]
-    if base is not None:
-        # Derived fields were saved resolved; recompute them when what they derive from changed.
+    model, train = merged["model"], TrainConfig.from_dict(merged["train"])
+    explicit = {k for _, layer in layers[1:] for k in layer["model"]}  # model settings from a file or the command line
+    if base is not None:  # derived fields were saved resolved: recomputed where what they derive from changed
         saved = VLMConfig.from_dict(base.get("model", {}))
-        return saved.replace(**{k: v for k, v in model.items() if base["model"].get(k) != v}), \
-            TrainConfig(**merged["train"])
-    train = TrainConfig(**merged["train"])
+        return saved.replace(**{k: v for k, v in model.items() if base["model"].get(k) != v}), train
     if train.init_from:  # the checkpoint's model, with what the user set on top of it
-        from nanovlm.weights.nanovlm import checkpoint_config
-
         return checkpoint_config(train.init_from).replace(**{k: model[k] for k in explicit}), train
     return VLMConfig(**model), train
 
 
 def to_dict(vlm_cfg: VLMConfig, train_cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """The resolved configs as saved in the run folder's config.json."""
-    return {"model": dataclasses.asdict(vlm_cfg), "train": dataclasses.asdict(train_cfg)}
+    """The resolved configs as saved in the run folder's config.json (flat names)."""
+    return {"model": vlm_cfg.to_dict(), "train": train_cfg.to_dict()}
 
 
 def _shown(value: Any, width: int = 36) -> str:
-    """A default as one writes it on the command line, cut to `width` characters."""
-    if value is None:
-        text = "none"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, dict):
-        text = json.dumps(value)
-    elif value == "":
-        text = "''"
-    else:
-        text = str(value).replace("\n", "\\n")
+    """A value as one writes it on the command line, cut to `width` characters."""
+    text = ("none" if value is None else str(value).lower() if isinstance(value, bool) else
+            json.dumps(value) if isinstance(value, dict) else "''" if value == "" else str(value).replace("\n", "\\n"))
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def describe_settings(default_preset: str | None = None) -> str:
-    """Every setting, grouped model / train, with its type, default and meaning, then the presets
-    with their descriptions: the text `nanovlm train --list-settings` prints."""
-    lines = [
-        "Settings of `nanovlm train [--preset NAME] [--config FILE] [key=value ...]` (and `nanovlm data preview`).",
-        "Precedence: preset < --config FILE (YAML/JSON, flat keys or model/train sections) < key=value.",
-        "On the command line a boolean is true/false, yes/no, on/off or 1/0 (any case), and none/null "
-        "sets a field whose type allows None.",
-        "Defaults are the dataclasses'; the preset overrides some of them.",
-    ]
-    for section, cls, helps in (("model", VLMConfig, VLM_HELP), ("train", TrainConfig, TRAIN_HELP)):
+def describe_settings(preset: str = DEFAULT_PRESET, config_file: str | None = None,
+                      overrides: list[str] | None = None) -> str:
+    """Every setting with its type, the value a run under `preset` (and a config file and
+    overrides) starts from, and its meaning; then the presets: `nanovlm train --list-settings`."""
+    vlm, train = resolve(preset, config_file, overrides)
+    values = to_dict(vlm, train)
+    layers = _layers(preset, config_file, overrides, None)
+    by_preset = {k for s in _SECTIONS for k in layers[0][1][s]}
+    by_user = {k for _, layer in layers[1:] for s in _SECTIONS for k in layer[s]}
+    lines = [f"Settings of `nanovlm train`, with the values a run under --preset {preset} starts from "
+             "(* set by the preset, + by --config or key=value; the rest are defaults).",
+             "Batch sizes and step counts are then fitted to the data (fit_batch, max_epochs, max_train_time).",
+             "Precedence: preset < --config FILE (YAML/JSON, flat keys or model/train sections) < key=value.",
+             "On the command line a boolean is true/false, yes/no, on/off or 1/0 (any case), and none/null "
+             "sets a field whose type allows None."]
+    groups = [("model settings (VLMConfig)", VLMConfig, "model"),
+              ("train settings (TrainConfig)", TrainConfig, "train")]
+    groups += [(f"{f.metadata['help']} (TrainConfig.{f.name})", f.metadata["group"], "train")
+               for f in TrainConfig.__dataclass_fields__.values() if "group" in f.metadata]
+    for title, cls, section in groups:
         rows = []
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            rows.append((f.name, kind, _shown(default), helps[f.name]))
-        widths = [max(len(r[k]) for r in rows) for k in range(3)]
-        lines += ["", f"{section} settings ({cls.__name__}):",
-                  "  " + "  ".join(h.ljust(w) for h, w in zip(("name", "type", "default"), widths)) + "  meaning"]
+        for name, (_, f) in setting_fields(cls).items():
+            if cls is TrainConfig and name not in TrainConfig.__dataclass_fields__:
+                continue  # a group's settings: listed under the group
+            mark = " *" if name in by_preset and name not in by_user else " +" if name in by_user else ""
+            rows.append((name, f.type, _shown(values[section][name]) + mark, f.metadata["help"]))
+        widths = [max(len(r[k]) for r in rows + [("name", "type", "value")]) for k in range(3)]
+        lines += ["", f"{title}:", "  " + "  ".join(h.ljust(w) for h, w in zip(("name", "type", "value"), widths))
+                  + "  meaning"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows]
     width = max(len(name) for name in PRESETS)
     lines += ["", "presets (--preset NAME):"]
-    for name in PRESETS:
-        mark = " (the default)" if name == default_preset else ""
-        lines.append(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}{mark}")
+    lines += [f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" + (" (the default)" if name == DEFAULT_PRESET
+                                                                      else "") for name in PRESETS]
     return "\n".join(lines)

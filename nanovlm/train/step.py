@@ -1,27 +1,24 @@
-"""The work of one training step: forward and backward of each micro-batch, then the update.
+"""The trainer every stage runs on, and `fit`, the one training loop.
 
-`nanovlm train` (`nanovlm.train.loop.train_step`, which adds the token counts, DDP and the data
-bookkeeping around it) and `benchmarks/train_vs_original.py` run this same code:
-
-- bf16 autocast where the hardware has fast bf16 matmuls (`TrainConfig.precision`);
-- AdamW fused into one kernel where torch has it (`nanovlm.train.optim`), the gradient clip
-  folded into that kernel (`clip_and_step`); the loss and the norm stay tensors (no host sync in the step);
-- `TrainConfig.compile`: `torch.compile` of the model's forward (and, through AOTAutograd, its
-  backward). `auto` compiles on CUDA only: on the 2-core CPU the first step of the
-  nanovlm-222m shape took ~6 minutes to compile cold, and the steps after it were 5-10% faster
-  in alternating runs (docs/benchmarks.md, round six). A compile that fails (no C++ compiler, an operator
-  inductor cannot lower) costs one notice and the step is redone eagerly, never the run.
+A stage brings its batches and its loss; `Trainer` does the step alike for all (as nanochat's
+stages share one engine): bf16 autocast where the hardware has it, AdamW (fused where torch has
+it) at its `Schedule`'s rates. torch.compile is on CUDA only by default; a compile that fails
+costs one notice and an eager redo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable
 
 import torch
 
 from nanovlm.config import IGNORE_INDEX
-from nanovlm.train.optim import build_optimizer, clip_and_step, fused_adamw_available
+from nanovlm.runtime import autocast_args
+from nanovlm.train.budget import CALIBRATION_STEPS, fit_steps
+from nanovlm.train.distributed import vision_zero_loss
+from nanovlm.train.optim import Schedule, clip_and_step
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
@@ -31,68 +28,59 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
     """The exceptions a failing torch.compile raises (dynamo's and inductor's own)."""
-    errors: list[type[BaseException]] = []
     try:
         from torch._dynamo.exc import TorchDynamoException
+        from torch._inductor import exc
 
-        errors.append(TorchDynamoException)
-        from torch._inductor import exc as inductor_exc
-
-        errors += [inductor_exc.CppCompileError, inductor_exc.InvalidCxxCompiler, inductor_exc.OperatorIssue]
+        return TorchDynamoException, exc.CppCompileError, exc.InvalidCxxCompiler, exc.OperatorIssue
     except (ImportError, AttributeError):
-        pass
-    return tuple(errors)
+        return ()
 
 
 class Trainer:
-    """A model, the module the step calls (DDP-wrapped, compiled or the model itself), the
-    optimizer and the autocast settings; `accumulate` + `update` make one step."""
+    """A model, the module a step calls (`runner`: the model, its DDP wrapper or their compiled
+    form), the optimizer and its schedule; `accumulate` + `update` make one step. `loss(runner,
+    batch)` is a micro-batch's summed loss: the VLM's by default, a stage's own otherwise."""
 
-    def __init__(self, model, runner, optimizer, amp: dict, max_grad_norm: float,
-                 say: Callable[[str], None] = print, compiled: bool = False, eager_runner=None):
-        self.model, self.runner, self.optimizer, self.amp = model, runner, optimizer, amp
-        self.max_grad_norm, self.say = max_grad_norm, say
+    def __init__(self, model, runner, optimizer, schedule: Schedule | None, amp: dict, max_grad_norm: float,
+                 say: Callable[[str], None] = print, loss: Callable[[Any, dict], torch.Tensor] | None = None,
+                 compiled: bool = False, eager_runner=None):
+        self.model, self.runner, self.optimizer, self.schedule, self.amp = model, runner, optimizer, schedule, amp
+        self.max_grad_norm, self.say, self.loss = max_grad_norm, say, loss or self.vlm_loss
         self.compiled, self.eager_runner = compiled, eager_runner if eager_runner is not None else runner
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     @classmethod
-    def build(cls, model, cfg, device: torch.device, say: Callable[[str], None] = print, runner=None,
-              optimizer=None) -> "Trainer":
-        """The pieces as `nanovlm train` builds them from a TrainConfig (runner: the model, or its
-        DDP wrapper; compiled here when `cfg.compile` says so)."""
-        from nanovlm.runtime import pick_dtype
-
-        dtype = pick_dtype(cfg.precision, device)
-        amp = {"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32}
-        if optimizer is None:
-            optimizer = build_optimizer(model, cfg, device, fused=fused_adamw_available(device))
+    def build(cls, model, optimizer, schedule: Schedule | None, device: torch.device, *, precision: str = "auto",
+              compile: str = "off", max_grad_norm: float = 1.0, runner=None,
+              say: Callable[[str], None] = print) -> "Trainer":
+        """The VLM's trainer (`runner`: the model or its DDP wrapper, compiled here when asked)."""
         eager = model if runner is None else runner
-        wanted = compile_wanted(cfg.compile, device)
-        return cls(model, torch.compile(eager) if wanted else eager, optimizer, amp, cfg.max_grad_norm, say,
-                   compiled=wanted, eager_runner=eager)
+        wanted = compile_wanted(compile, device)
+        return cls(model, torch.compile(eager) if wanted else eager, optimizer, schedule,
+                   autocast_args(precision, device), max_grad_norm, say, compiled=wanted, eager_runner=eager)
 
-    def forward_backward(self, batch: dict, scale, extra_loss: Callable[[Any, dict], torch.Tensor] | None = None,
-                         no_sync: bool = False) -> torch.Tensor:
-        """The summed token loss of one micro-batch (detached); its gradient times `scale` is added."""
+    def vlm_loss(self, runner, batch: dict) -> torch.Tensor:
+        _, loss_sum = runner(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
+                             loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False,
+                             supervised_index=batch.get("supervised_index"))
+        return loss_sum + vision_zero_loss(self.model, batch)
+
+    def forward_backward(self, batch: dict, scale, no_sync: bool = False) -> torch.Tensor:
+        """The summed loss of one micro-batch (detached); its gradient times `scale` is added."""
         sync = self.runner.no_sync() if no_sync and hasattr(self.runner, "no_sync") else contextlib.nullcontext()
         with sync:
             with torch.autocast(**self.amp):
-                _, loss_sum = self.runner(batch["input_ids"], batch["images"], batch["attention_mask"],
-                                          batch["labels"], loss_reduction="sum",
-                                          position_ids=batch.get("position_ids"), return_logits=False,
-                                          supervised_index=batch.get("supervised_index"))
-                if extra_loss is not None:
-                    loss_sum = loss_sum + extra_loss(self.model, batch)
+                loss_sum = self.loss(self.runner, batch)
             (loss_sum * scale).backward()
         return loss_sum.detach()
 
-    def accumulate(self, batches: list[dict], scale, **kwargs) -> list[torch.Tensor]:
+    def accumulate(self, batches: list[dict], scale) -> list[torch.Tensor]:
         """forward_backward over the micro-batches (the last one synchronises DDP). When the
         compiled module fails to compile, the gradients are cleared, a notice says so, and the
         micro-batches run again eagerly, as they do from then on."""
         def run() -> list[torch.Tensor]:
-            return [self.forward_backward(b, scale, no_sync=i < len(batches) - 1, **kwargs)
-                    for i, b in enumerate(batches)]
+            return [self.forward_backward(b, scale, no_sync=i < len(batches) - 1) for i, b in enumerate(batches)]
 
         if not self.compiled:
             return run()
@@ -115,8 +103,28 @@ class Trainer:
 
     def step(self, batches: list[dict]) -> torch.Tensor:
         """One step on one process, the loss averaged over the supervised tokens (benchmarks, tests)."""
-        n = sum(int(b["supervised_index"].numel()) if "supervised_index" in b else
-                int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        n = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         losses = self.accumulate(batches, 1.0 / max(n, 1))
         self.update()
         return sum(losses) / max(n, 1)
+
+
+def fit(trainer: Trainer, stage, start: int, budget_s: float | None) -> int:
+    """Run `stage` on `trainer` from step `start` to the end of its schedule; returns the last step.
+    `stage.step` does a step's work, `stage.after` its bookkeeping; with a budget the steps are cut
+    once CALIBRATION_STEPS are timed; at the end `stage.more` may ask for another cycle."""
+    schedule, t0, step = trainer.schedule, time.perf_counter(), start
+    while step < schedule.total_steps:
+        if budget_s is not None and step == start + CALIBRATION_STEPS:
+            elapsed, planned = time.perf_counter() - t0, schedule.total_steps
+            schedule.total_steps = start + fit_steps(planned - start, step - start, elapsed, budget_s)
+            if schedule.total_steps < planned:
+                trainer.say(f"{stage.name}: {schedule.total_steps} of {planned} steps fit its {budget_s:.0f} s of "
+                            f"max_train_time ({elapsed / (step - start):.2f} s a step)")
+        factor = schedule.apply(step)
+        result = stage.step(trainer, step)
+        step += 1
+        stage.after(step, result, factor)
+        if step == schedule.total_steps and (more := stage.more(step, time.perf_counter() - t0)):
+            schedule.cycle(step, more)
+    return step
