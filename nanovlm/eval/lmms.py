@@ -1,25 +1,10 @@
 """The lmms-eval plugin: `lmms-eval --model nanovlm --model_args pretrained=DIR --tasks ...`.
 
-lmms-eval (>= 0.7) finds third-party models through the Python entry-point group
-`lmms_eval.models`; ours (pyproject.toml) names `nanovlm.eval.lmms_eval_models`, which returns a
-`ModelManifest` pointing at the two classes here. Entry points are read with `overwrite=True`,
-so ours replaces lmms-eval's built-in `nanovlm` entry (a wrapper for lmms-engine's NanoVLM, a
-different model). This module imports lmms-eval at the top: only lmms-eval imports it, and
-importing `nanovlm` never does.
-
-Two classes, as lmms-eval's registry expects of a model with both kinds of request:
-- `NanoVLM` (`is_simple = True`, used with `--force_simple`): requests carry the task's text
-  and its `doc_to_visual`; `generate_until` and `loglikelihood` (multiple choice, perplexity).
-- `NanoVLMChat` (`is_simple = False`, lmms-eval's default when a model has a chat class):
-  requests carry `doc_to_messages` (lmms-eval builds them from `doc_to_visual` + `doc_to_text`
-  when a task has none); lmms-eval's chat tasks are generation only.
-Both lay prompts out with the model's one `ChatRenderer` and decode through
-`nanovlm.generation` in batches of `batch_size`, exactly as `model.answer` does: the same
-question and images give the same string here and from `answer()`.
-
-`cauldron_*` and `vqa_process_results` are task helpers for a YAML over a Cauldron-layout file
-(`images` + `texts`), scored as `nanovlm eval --data` scores it (exact match after
-`normalize_answer`); see the README.
+Found through the `lmms_eval.models` entry point (pyproject.toml), which replaces lmms-eval's own
+`nanovlm` entry (another model); only lmms-eval imports this module. `NanoVLM` (`--force_simple`)
+takes a task's text and `doc_to_visual`; `NanoVLMChat` takes `doc_to_messages`. Prompts are laid
+out and decoded as `model.answer` does them; `cauldron_*` and `vqa_process_results` are task
+helpers for a YAML over a Cauldron-layout file, scored as `nanovlm eval --data` scores it.
 """
 
 from __future__ import annotations
@@ -31,6 +16,13 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
+
+from nanovlm.config import IGNORE_INDEX
+from nanovlm.data.images import load_image
+from nanovlm.data.records import from_list
+from nanovlm.eval.vqa import normalize_answer, qa_items
+from nanovlm.generation import _load_images, decode_until_eos, generate, left_pad, prompt_renderer, render_prompts
+from nanovlm.models.vision_language_model import VisionLanguageModel
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -75,8 +67,6 @@ class NanoVLM(lmms):
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_new_tokens: int = 32, max_batch_size: Any = None, **unknown):
         super().__init__()
-        from nanovlm.models.vision_language_model import VisionLanguageModel
-
         if unknown:
             raise ValueError(f"unknown model_args {', '.join(sorted(unknown))}; nanovlm takes "
                              f"{', '.join(MODEL_ARGS)} (and --batch_size / --device on the command line).")
@@ -112,8 +102,6 @@ class NanoVLM(lmms):
     def _chat(self, request: Instance) -> tuple[list[dict], list, dict, str]:
         """(messages, PIL images, gen_kwargs, context) of a generate_until request: the task's
         text as one user turn with the images of `doc_to_visual`, as `answer()` asks it."""
-        from nanovlm.generation import _load_images
-
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
         return [{"role": "user", "content": context}], _load_images(_only_images(visuals), doc_id), gen_kwargs, context
@@ -122,8 +110,6 @@ class NanoVLM(lmms):
     def generate_until(self, requests: Sequence[Instance]) -> list[str]:
         """Greedy (or sampled, with a task's temperature > 0) answers, batched `batch_size` at a
         time among requests with the same generation settings, cut at the first `until` string."""
-        from nanovlm.generation import decode_until_eos, generate, render_prompts
-
         chats = [self._chat(r) for r in requests]
         settings = [generation_settings(g, self.max_new_tokens) for _, _, g, _ in chats]
         groups: dict[tuple, list[int]] = {}
@@ -157,9 +143,6 @@ class NanoVLM(lmms):
         prompt (what `answer()` feeds the model); the continuation's tokens (the tokenizer's
         plain encoding of the string, spaces included) follow it. The log-probabilities come
         from the model's own logits (`forward` with targets on those tokens only), in fp32."""
-        from nanovlm.config import IGNORE_INDEX
-        from nanovlm.generation import _load_images, left_pad, prompt_renderer
-
         renderer = prompt_renderer(self.model)
         rows, tiles, n_cont = [], [], []
         for r in requests:
@@ -230,8 +213,6 @@ def _is_image_path(path: str) -> bool:
 def _message(message: Any) -> dict:
     """An lmms-eval chat message (a dict or its pydantic model) -> our `{"role", "content"}`,
     content a string or a list of parts (text strings and RGB PIL images)."""
-    from nanovlm.data.images import load_image
-
     if not isinstance(message, dict):
         message = message.model_dump()
     content = message["content"]
@@ -277,17 +258,13 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 # ---------------------------------------------------------------------- task helpers (YAML !function)
 def _item(doc: dict) -> dict:
     """A Cauldron record's first (question, answer) turn, read as `nanovlm eval --data` reads it."""
-    from nanovlm.eval.vqa import qa_items
-
-    items = qa_items([doc])
+    items = qa_items(from_list([doc]))
     if not items:
         raise ValueError("the record has no question with an answer that can be read.")
     return items[0]
 
 
 def cauldron_doc_to_visual(doc: dict) -> list:
-    from nanovlm.data.images import load_image
-
     return [load_image(s) for s in _item(doc)["images"]]
 
 
@@ -301,6 +278,4 @@ def cauldron_doc_to_target(doc: dict) -> str:
 
 def vqa_process_results(doc: dict, results: Sequence[str]) -> dict:
     """exact_match: 1.0 when the prediction equals the reference after `normalize_answer`."""
-    from nanovlm.eval.vqa import normalize_answer
-
     return {"exact_match": float(normalize_answer(results[0]) == normalize_answer(cauldron_doc_to_target(doc)))}

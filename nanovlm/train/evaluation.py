@@ -55,7 +55,7 @@ def accuracy(model, task: str, data, train_cfg: TrainConfig, limit: int, info: d
     """The task's report (`nanovlm.eval.tasks`), or None when the run measures no accuracy."""
     from nanovlm.eval.tasks import task_report
 
-    return task_report(task, model, val_source=data.val_source, val_records=data.val_records,
+    return task_report(task, model, data=train_cfg.data, val_source=data.val_source, val_records=data.val_records,
                        image_folder=train_cfg.image_folder, limit=limit, batch_size=train_cfg.eval_batch_size,
                        rank=info.rank, world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
                        autocast_dtype=amp["dtype"] if amp["enabled"] else None, progress=progress)

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 
+from nanovlm.data.datasets import check_data
+
 
 def run_training(preset: str = "small", config_file: str | None = None, out: str = "runs/latest",
                  resume: bool = False, overrides: list[str] | None = None) -> int:
@@ -31,13 +33,13 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
     vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
     if train_cfg.lora_rank:
         lora.check_run(vlm_cfg, train_cfg)
-    _check_data(train_cfg.data)
-    if train_cfg.val_data:
-        _check_data(train_cfg.val_data)
+    reads = [check_data(d, train_cfg.image_folder, train_cfg.strict) for d in (train_cfg.data, train_cfg.val_data) if d]
     evaluation.resolve_task(train_cfg)  # an eval_task the data does not have: refused before anything
     _check_out(out)
 
     info = dist.init()
+    if info.is_main:
+        print("data: " + " | validation: ".join(reads), flush=True)
     created = False
     try:
         if info.is_main:
@@ -60,18 +62,6 @@ def run_training(preset: str = "small", config_file: str | None = None, out: str
     finally:
         dist.shutdown()
     return 0
-
-
-def _check_data(data: str) -> None:
-    """A data path that does not exist: one clear sentence before any model is built."""
-    from nanovlm.eval.tasks import DATA_TASKS
-
-    if data.strip().lower() in DATA_TASKS:  # packaged data, not a path
-        return
-    path = os.path.expanduser(data)
-    looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))
-    if looks_local and not os.path.exists(path):
-        raise FileNotFoundError(f"data file {data} does not exist.")
 
 
 def _check_out(out: str) -> None:
