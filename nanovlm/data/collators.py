@@ -1,10 +1,6 @@
 """Collators: processed samples -> a batch for `model(input_ids, images, attention_mask, labels)`.
-
-`VLMCollator` left-pads (so generation continues every row at the same position); `PackingCollator`
-(`packing.py`) packs. Both drop skip markers and over-long samples and hand them on in
-`batch["skips"]`; a batch may be empty. Keys: `input_ids`, `attention_mask` (1 token, 0 padding),
-`labels`, `supervised_index` (the flat indices with a label, found on the CPU), `images` (one
-tensor per row), `skips`, `ids`, and `position_ids` where a sample brings its own.
+`VLMCollator` left-pads, `PackingCollator` (`packing.py`) packs; both drop skip markers and
+over-long samples into `batch["skips"]` and find `supervised_index` on the CPU.
 """
 
 from __future__ import annotations

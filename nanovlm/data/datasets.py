@@ -1,12 +1,8 @@
-"""Datasets: the records of a split (`data/records.py`) -> processed samples.
-
-`build_dataset` returns a `ConversationDataset` (random access) or, with `streaming`, a
-`StreamingConversationDataset` (records read incrementally, sharded over ranks and workers);
-both make every sample with `SampleProcessor.sample`: `{"input_ids": (T,), "labels": (T,)
-shifted, "images": (n_tiles, 3, S, S), "id": where its records are}` (+ `position_ids` with
-`independent_turns`). A sample that cannot be used is a skip marker `{"skip": reason, "id",
-"error"}`, which collators drop and `SkipCounter` counts once; with `strict` it raises.
-`ShardedBatchSampler` and `ResumableLoader` make the order seeded, sharded and resumable.
+"""Datasets: the records of a split (`data/records.py`) -> processed samples, by random access
+(`ConversationDataset`) or streamed (`StreamingConversationDataset`), both through
+`SampleProcessor.sample`. A sample that cannot be used is a skip marker `{"skip", "id", "error"}`
+that collators drop and `SkipCounter` counts once (`strict`: it raises). `ShardedBatchSampler`
+and `ResumableLoader` make the order seeded, sharded and resumable.
 """
 
 from __future__ import annotations
@@ -38,8 +34,7 @@ def is_skip(item: Any) -> bool:
 
 
 class SkipCounter:
-    """Skipped samples by reason, each sample (by id) counted once, with an example per reason.
-    Batches carry their skip markers (`batch["skips"]`): workers cannot share this object."""
+    """Skipped samples by reason, each (by id) counted once, with an example per reason."""
 
     def __init__(self, strict: bool = False):
         self.strict, self.counts, self.examples, self.seen = strict, Counter(), {}, set()
@@ -116,7 +111,8 @@ class SampleProcessor:
         self.base_dir, self.max_image_pixels, self.independent_turns = base_dir, max_image_pixels, independent_turns
         # Text must not smuggle in tokens that only the image string may place; Idefics3's image
         # token is spelt like the placeholder, which marks where images go.
-        reserved = {*tokenizer.extra_tokens.values(), tokenizer.eos_token, tokenizer.bos_token} - {IMAGE_PLACEHOLDER, None}
+        reserved = {*tokenizer.extra_tokens.values(), tokenizer.eos_token, tokenizer.bos_token}
+        reserved -= {IMAGE_PLACEHOLDER, None}
         self._reserved = sorted(reserved, key=len, reverse=True)
         self._tiles: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
         self._cached = 0
@@ -158,7 +154,8 @@ class SampleProcessor:
             loaded = [self.load(s) for s in images]
             norm, side = self.renderer.image_processor.normalize, self.renderer.tile
             tiles = torch.cat([norm(t) for t, _ in loaded]) if loaded else torch.zeros(0, 3, side, side)
-            chat = self.renderer.lay_out(messages, tiles, [g for _, g in loaded], placeholders_required=placeholders_required,
+            chat = self.renderer.lay_out(messages, tiles, [g for _, g in loaded],
+                                         placeholders_required=placeholders_required,
                                          independent_turns=self.independent_turns)
         except (SampleError, RenderError) as e:
             raise SampleError(e.reason, getattr(e, "detail", str(e)), sample_id) from e
@@ -171,8 +168,7 @@ class SampleProcessor:
         return sample
 
     def sample(self, load: Callable[[], list], where: str, strict: bool) -> dict[str, Any]:
-        """The sample of the records `load()` returns (several: merged), named `where` and its first
-        record's id; a skip marker when it cannot be used (`strict`: the SampleError)."""
+        """The sample of the records `load()` returns (several: merged), or its skip marker."""
         sample_id = where
         try:
             records = load()
@@ -188,8 +184,7 @@ class SampleProcessor:
 
 
 def check_records(records: Records, base_dir: str | None = None) -> SkipCounter:
-    """Every record checked without decoding an image: it parses, has a known layout, usable
-    texts, an image for each placeholder, and image files that exist. Returns the counts."""
+    """Every record checked without decoding an image: layout, texts, placeholders, image files."""
     skips, base_dir = SkipCounter(), base_dir or records.base_dir
     for where, record in records.items():
         try:
@@ -199,15 +194,16 @@ def check_records(records: Records, base_dir: str | None = None) -> SkipCounter:
             for s in images:
                 path = s.get("path") if isinstance(s, dict) and not s.get("bytes") else s
                 if isinstance(path, str) and not os.path.isfile(os.path.join(base_dir or "", path)):
-                    raise SampleError("missing_image", f"image file {os.path.join(base_dir or '', path)} does not exist.")
+                    path = os.path.join(base_dir or '', path)
+                    raise SampleError("missing_image", f"image file {path} does not exist.")
         except (SampleError, RenderError) as e:
             skips.skip(e.reason, getattr(e, "detail", str(e)), where)
     return skips
 
 
 def check_data(data: str, image_folder: str | None = None, strict: bool = False) -> str:
-    """Before a run builds anything: the source's train split opens, and with `strict` every record
-    passes `check_records`. Returns a line saying what is read (`describe`)."""
+    """Before a run builds anything: the train split opens (`strict`: every record passes
+    `check_records`). Returns the line saying what is read."""
     records = open_records(data, "train", image_folder)
     if strict:
         skips = check_records(records)
@@ -219,10 +215,9 @@ def check_data(data: str, image_folder: str | None = None, strict: bool = False)
 
 
 def merge_plan(records: Records, processor: SampleProcessor, max_turns: int, max_length: int) -> list[list[int]]:
-    """The records of each sample (`multi_turn`): records with one image that others share are
-    merged, in file order, into samples of at most `max_turns` questions (0: no limit), never
-    splitting a record, while a bound of the length (the texts, plus the image string of the
-    largest grid) stays within `max_length` tokens. Every other record is a sample of its own."""
+    """The records of each sample (`multi_turn`): records sharing one image merge, in file order,
+    into samples of at most `max_turns` questions (0: any) within `max_length` tokens (bounded
+    with the largest grid's image string); every other record is a sample of its own."""
     keys, chats = [], {}
     for i in range(len(records)):
         try:
@@ -273,15 +268,14 @@ def _text_length(renderer: ChatRenderer, messages: list[dict[str, Any]]) -> int:
 
 # ---------------------------------------------------------------------------- datasets
 class ConversationDataset(Dataset):
-    """Map-style dataset over the records of one split; `merge_turns` (not None): records that
-    share an image become samples of at most that many questions and `max_length` tokens."""
+    """Map-style dataset over one split's records; `merge_turns` (not None): see `merge_plan`."""
 
     def __init__(self, records: Records, vlm_cfg, tokenizer, *, strict: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, independent_turns: bool = False,
                  merge_turns: int | None = None, max_length: int | None = None):
         self.records, self.name, self.strict = records, records.name, strict
-        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=records.base_dir, max_image_pixels=max_image_pixels,
-                                         independent_turns=independent_turns)
+        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=records.base_dir,
+                                         max_image_pixels=max_image_pixels, independent_turns=independent_turns)
         self.plan = None
         if merge_turns is not None:
             samples = merge_plan(records, self.processor, merge_turns, max_length or vlm_cfg.lm_max_length)
@@ -330,16 +324,15 @@ class ConversationDataset(Dataset):
 
 
 class StreamingConversationDataset(IterableDataset):
-    """Records read incrementally, shuffled in a buffer, sharded over ranks and workers: record k
-    goes to the (rank, worker) pair k mod (world_size * num_workers). Every record yields one item
-    (a sample or a skip marker), so `set_position` drops exactly the batches a resume has done."""
+    """Records read incrementally, buffer-shuffled, record k to shard k mod (ranks * workers); one
+    item per record (sample or skip marker), so `set_position` drops exactly the done batches."""
 
     def __init__(self, records: Records, vlm_cfg, tokenizer, *, strict: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, independent_turns: bool = False, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
         self.records, self.name, self.strict = records, records.name, strict
-        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=records.base_dir, max_image_pixels=max_image_pixels,
-                                         independent_turns=independent_turns)
+        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=records.base_dir,
+                                         max_image_pixels=max_image_pixels, independent_turns=independent_turns)
         self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
         self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
 
@@ -384,21 +377,21 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
     common = dict(strict=cfg.strict, max_image_pixels=cfg.max_image_pixels or DEFAULT_MAX_PIXELS,
                   independent_turns=cfg.independent_turns)
     if cfg.streaming:
-        return StreamingConversationDataset(records, vlm_cfg, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed,
-                                            **common)
+        return StreamingConversationDataset(records, vlm_cfg, tokenizer, rank=rank, world_size=world_size,
+                                            seed=cfg.seed, **common)
     merging = {}
     if cfg.multi_turn and split == "train":  # samples too long for a packed row are never merged
-        length = min(cfg.pack_length, vlm_cfg.lm_max_length) if cfg.packing and cfg.pack_length else vlm_cfg.lm_max_length
+        length = vlm_cfg.lm_max_length
+        if cfg.packing and cfg.pack_length:
+            length = min(cfg.pack_length, length)
         merging = {"merge_turns": cfg.max_turns, "max_length": length}
     return ConversationDataset(records, vlm_cfg, tokenizer, **common, **merging)
 
 
 # ---------------------------------------------------------------------------- sampling and loading
 class ShardedBatchSampler:
-    """Seeded per-epoch shuffle cut into global batches; rank r of W takes the r-th contiguous
-    slice of each, so the ranks together see exactly the single-process batch. A short last
-    batch is kept unless `drop_last` (a rank may get an empty one; every rank takes as many
-    steps). `index` is the batch the next iteration starts at; `state_dict` saves it."""
+    """Seeded per-epoch shuffle cut into global batches, rank r of W taking the r-th slice of each
+    (together exactly the single-process batch); `index`: the batch the next pass starts at."""
 
     def __init__(self, n: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False):
@@ -449,13 +442,8 @@ class ShardedBatchSampler:
 
 
 class ResumableLoader:
-    """Batches of a dataset, an epoch per pass (`forever()`: endless), with a resumable position.
-
-    Map-style data goes through a `ShardedBatchSampler`; a stream (`sampler=None`) yields
-    `batch_size` samples a batch, its (epoch, batch) kept by a sampler of no samples.
-    `state_dict()` is the position after the last batch yielded (not the prefetched ones), so a
-    checkpoint written after step k resumes at batch k + 1.
-    """
+    """Batches of a dataset, an epoch per pass; `state_dict()`: the position after the last batch
+    yielded, not the prefetched ones. A stream (`sampler=None`) keeps it in an empty sampler."""
 
     def __init__(self, dataset, sampler: ShardedBatchSampler | None, collate_fn: Callable, *, num_workers: int = 0,
                  pin_memory: bool = False, batch_size: int = 1, seed: int = 0):
@@ -493,8 +481,7 @@ class ResumableLoader:
 
 def make_loader(dataset, collate_fn: Callable, *, global_batch_size: int, rank: int = 0, world_size: int = 1,
                 seed: int = 0, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False):
-    """The loader of a dataset from `build_dataset`: each rank gets `global_batch_size / world_size`
-    samples a batch (a stream is already sharded by rank)."""
+    """The loader of a `build_dataset` dataset: `global_batch_size / world_size` samples a rank."""
     if not isinstance(dataset, IterableDataset):
         sampler = ShardedBatchSampler(len(dataset), global_batch_size, rank=rank, world_size=world_size, seed=seed,
                                       drop_last=drop_last)

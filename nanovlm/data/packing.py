@@ -1,9 +1,6 @@
 """Packing: several samples per fixed-length row, first-fit-decreasing by tokens and image tiles.
-
-`attention_mask` holds each sample's segment id (0: padding); the language model makes it a
-block-diagonal causal mask with positions restarting per segment, so a packed batch gives the
-same loss as the samples one by one (the original nanoVLM lets them attend to one another).
-`max_images_per_pack` caps a row's tiles; a sample's own `position_ids` stay with it.
+`attention_mask` holds each sample's segment id (0: padding), which the language model makes a
+block-diagonal causal mask: a packed batch gives the same loss as the samples one by one.
 """
 
 from __future__ import annotations
@@ -36,7 +33,9 @@ def filter_samples(samples: Sequence[dict[str, Any]], max_length: int | None, st
 
 def sample_positions(sample: dict[str, Any]) -> torch.Tensor:
     """A sample's own `position_ids`, or 0, 1, 2, ... (the positions it gets alone)."""
-    return torch.as_tensor(sample["position_ids"]) if "position_ids" in sample else torch.arange(len(sample["input_ids"]))
+    if "position_ids" in sample:
+        return torch.as_tensor(sample["position_ids"])
+    return torch.arange(len(sample["input_ids"]))
 
 
 def plan_packs(lengths: Sequence[int], n_images: Sequence[int], pack_length: int,

@@ -1,8 +1,5 @@
-"""`nanovlm data preview`: look at data before training on it.
-
-`preview(data, out_png)` draws a grid of a few samples (first image, then each question and
-answer) and counts samples, tokens per sample and skips by reason (each sample once, with an
-example of each reason), as training makes the samples. `run_preview` is the command.
+"""`nanovlm data preview`: a grid of a few samples, and counts of samples, tokens and skips by
+reason (each sample once, with an example of each), made as training makes them.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Processors: the image processors, the image strings, and the one chat renderer.
-
-Images as the original nanoVLM cuts them (`ImageProcessor`, the grid capped by the row/col tokens
-there are) and writes them into the prompt (`<image: k>` with several images, `<|global_image|>`
-+ image tokens, then `<row_i_col_j>` + image tokens per tile), or with `vlm_image_layout =
-"idefics3"` as transformers' `Idefics3Processor` does, so a SmolVLM reads the same ids and pixels.
-`ChatRenderer` lays out every prompt: training data, `answer`, evaluation and the server alike.
+"""Processors: images cut and written into the prompt as the original nanoVLM does
+(`ImageProcessor`), or as transformers' `Idefics3Processor` does (`vlm_image_layout="idefics3"`,
+so a SmolVLM reads the same ids and pixels); `ChatRenderer` lays out every prompt: training
+data, `answer`, evaluation and the server alike.
 """
 
 from __future__ import annotations
@@ -39,8 +36,7 @@ def _cut(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 class _Tiles:
-    """`proc(pil_image) -> (tiles float (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`; the model
-    normalises the pixels. A class so that DataLoader workers can pickle it."""
+    """`proc(pil_image) -> (tiles (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`; picklable for workers."""
 
     def _resize(self, image: Image.Image, width: int, height: int) -> Image.Image:
         return image if image.size == (width, height) else image.resize((width, height), self.resample)
@@ -54,9 +50,8 @@ class _Tiles:
 
 
 class ImageProcessor(_Tiles):
-    """The original's rules: the long side to `max_img_size` (or up to the next tile multiple when
-    smaller), the short side by the aspect ratio rounded UP to whole tiles, bicubic; tiles
-    row-major, a global view first when there are several; at most `max_grid` tiles a side."""
+    """The original's rules: the long side to `max_img_size` (or the next tile multiple), the short
+    side by the aspect ratio rounded up to tiles; row-major, a global view first; `max_grid` a side."""
 
     def __init__(self, max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
                  max_grid: int = MAX_GRID, resample: str = "bicubic"):
@@ -94,10 +89,8 @@ class ImageProcessor(_Tiles):
 
 
 class Idefics3ImageProcessor(_Tiles):
-    """Idefics3 / SmolVLM's rules (transformers' `Idefics3ImageProcessor`): the longest edge to
-    `longest_edge` (the other side truncated, then rounded up to even; at most 4096); with
-    splitting, both sides up to whole tiles, cut row-major, then the global view; without, one
-    tile. 8-bit resizes with the checkpoint's filter; x * (1/255) in float64, as transformers does."""
+    """transformers' `Idefics3ImageProcessor`: the longest edge to `longest_edge` (the other side
+    rounded up to even), with splitting both sides up to whole tiles, row-major, then the global view."""
 
     def __init__(self, longest_edge: int, tile: int, splitting: bool = True, resample: str = "lanczos"):
         if longest_edge <= 0 or tile <= 0:
@@ -197,9 +190,8 @@ def _image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: 
 
 
 def idefics3_image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: int) -> str:
-    """One image's text as Idefics3Processor writes it: per tile `<fake_token_around_image>`, its
-    `<row_r_col_c>` tag and the image tokens, a newline after each row; then a newline and the
-    global view between fake tokens, tagged `<global-img>`. A single tile is the global view."""
+    """One image's text as Idefics3Processor writes it: fake token, `<row_r_col_c>` and image tokens
+    per tile, a newline after each row, then the `<global-img>` view between fake tokens."""
     try:
         fake, glob = tokenizer.fake_image_token, tokenizer.global_image_token
     except AttributeError:
@@ -227,11 +219,10 @@ def image_string_pattern(layout: str, tokenizer: Any) -> re.Pattern:
 
 # ---------------------------------------------------------------------------- chat -> ids, labels
 class ChatEncoder:
-    """Messages -> (input_ids, labels shifted: labels[t] is the target at t). Supervised: each
-    answer and the end-of-turn token after it. The chat is rendered once with the template; the
-    text between answers is tokenized in whole pieces (as at inference), each answer alone (as
-    generated), pieces cached (not for inference prompts, each new). A template of typed parts
-    (SmolVLM's) gets each image string as an image part, its marker replaced by the string again."""
+    """Messages -> (input_ids, shifted labels), supervising each answer and the end-of-turn after it.
+    Rendered once with the template; the text between answers tokenized in whole pieces (as at
+    inference), each answer alone (as generated). A template of typed parts (SmolVLM's) gets each
+    image string as an image part, its marker replaced by the string again."""
 
     def __init__(self, tokenizer: Any, cache_size: int = 200_000, image_pattern: re.Pattern | None = None):
         self.tokenizer, self._image_pattern, self._cache_size = tokenizer, image_pattern, cache_size
@@ -341,10 +332,9 @@ def shift_labels(input_ids: Sequence[int], supervised: Sequence[bool]) -> list[i
 
 
 def share_prefix(encodings: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[list[int], list[int], list[int]]:
-    """Several (input_ids, labels) with a common prompt -> one sample (input_ids, labels,
-    position_ids): the longest common unsupervised prefix once, then the rest of each encoding,
-    its positions going back to where the prefix ends. The language model lets each branch see
-    the prefix and itself only (`build_attention_mask`), so each trains as if alone."""
+    """Several (input_ids, labels) with a common prompt -> one (input_ids, labels, position_ids):
+    the common unsupervised prefix once, then each rest, its positions restarting where the prefix
+    ends; the attention mask lets each branch see the prefix and itself only."""
     first_ids = encodings[0][0]
     shared = min(len(ids) for ids, _ in encodings)
     for ids, labels in encodings:
@@ -386,12 +376,9 @@ def _after_image(text: str) -> str:
 
 
 class ChatRenderer:
-    """Messages (+ their images) -> `RenderedChat`: the one place a prompt is laid out.
-
-    Content is text or a list of parts (text, or an image where it stands). Each image's string
-    goes where it stands in a part list, at its `<image>` placeholder in text, or, where no
-    message marks a place, in front of the first user message. With `add_generation_prompt` an
-    inference prompt is, token for token, the start of the training sample of the same question."""
+    """Messages (+ images) -> `RenderedChat`, the one place a prompt is laid out: each image's string
+    where it stands in a part list, at its `<image>` placeholder, or else before the first user
+    message. An inference prompt is, token for token, the start of the same question's sample."""
 
     def __init__(self, tokenizer: Any, cfg: Any, image_processor: ImageProcessor | None = None):
         self.tokenizer, self.mp, self.tile, self.layout = tokenizer, cfg.mp_image_token_length, cfg.vit_img_size, \
@@ -471,10 +458,8 @@ class ChatRenderer:
 
     def encode(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
                independent_turns: bool = False) -> tuple[list[int], list[int], list[int] | None]:
-        """Text messages (images placed) -> (input_ids, labels, position_ids or None). With
-        `independent_turns` each question and answer is encoded as if asked alone after the first
-        question's images, the branches sharing that prompt (`share_prefix`), unless the chat is not
-        two or more question/answer pairs with images in the first question only."""
+        """Text messages (images placed) -> (input_ids, labels, position_ids or None); `independent_turns`:
+        each question/answer pair as if asked alone after the first question's images (`share_prefix`)."""
         try:
             branches = self._branches(messages) if independent_turns else None
             if branches is not None:

@@ -1,13 +1,10 @@
 """Records: what `data=` names, split by split, each record named where a person finds it.
 
-A source is packaged data (`data/easyvqa.py`), a local file or folder, or a hub dataset (`name`
-or `name:subset`, online). A folder follows the `datasets` convention: files or sub-folders named
-by split (train*, validation* / val* / dev*, test* / eval*) make those splits; with no split in
-any name every file is the train split, as a single file is; `save_to_disk` folders have their
-own. Records stay as stored: Cauldron (`images` + `texts`), LLaVA (`image` + `conversations`) or
-`question` + `answer` (+ `image(s)`); any may carry `answer_type`, which accuracy is broken down
-by. `where(i)` names a record as an editor or a table does: `a.jsonl line 21`, `a.parquet row
-20`, `a.json[20]`. Files are read lazily: iterating streams them, indexing loads an index.
+A source is packaged data (`data/easyvqa.py`), a local file or folder, or a hub dataset
+(`name[:subset]`). A folder's files or sub-folders named by split (train*, val* / validation*,
+test*) make those splits, as `datasets` does; unnamed files are the train split. Records stay
+as stored (Cauldron, LLaVA, or question + answer), optionally with an `answer_type`;
+`where(i)` says `a.jsonl line 21`, `a.parquet row 20` or `a.json[20]`.
 """
 
 from __future__ import annotations
@@ -302,7 +299,8 @@ def open_records(data: str, split: str = "train", image_folder: str | None = Non
                         "samples with val_size instead." if single else f"; it has splits {', '.join(by_split)}."))
     base = image_folder or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     files = by_split[split]
-    records = Records([file_part(f, split) for f in files], os.path.basename(os.path.normpath(path)), split, base, files)
+    name = os.path.basename(os.path.normpath(path))
+    records = Records([file_part(f, split) for f in files], name, split, base, files)
     check_layout(records)
     return records
 
@@ -336,7 +334,8 @@ def check_layout(records: Records) -> None:
                         f"({type(e).__name__}: {e}).") from e
     if first is None:
         raise DataError(f"{records.name} holds no records.")
-    if isinstance(first, dict) and not ({"texts", "conversations"} & set(first) or {"question", "answer"} <= set(first)):
+    keys = set(first) if isinstance(first, dict) else None
+    if keys is not None and not ({"texts", "conversations"} & keys or {"question", "answer"} <= keys):
         raise DataError(f"{records.name}: records have keys {sorted(first)}; {LAYOUTS}.")
 
 
@@ -347,10 +346,8 @@ def _as_list(value: Any) -> list:
 
 
 def record_to_chat(record: Any) -> tuple[list[Any], list[dict[str, Any]], bool]:
-    """A record -> (image sources, messages, placeholders required). Cauldron and question/answer
-    records put their images before the first question unless the text has `<image>`
-    placeholders; LLaVA records must mark every image. Contents come back unchecked; an
-    assistant message may carry the record's (or its Cauldron turn's) `answer_type`."""
+    """A record -> (image sources, messages, placeholders required: LLaVA marks every image);
+    contents unchecked, an answer carrying its record's (or Cauldron turn's) `answer_type`."""
     if isinstance(record, SampleError):
         raise record
     if not isinstance(record, dict):

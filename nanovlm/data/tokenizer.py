@@ -78,9 +78,9 @@ class VLMTokenizer:
         """A directory transformers reads too (`PreTrainedTokenizerFast`)."""
         os.makedirs(directory, exist_ok=True)
         self._tok.save(os.path.join(directory, "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token, "bos_token": self.bos_token,
-                  "pad_token": self.pad_token, "chat_template": self.chat_template, "model_max_length": 8192,
-                  "nanovlm_extra_tokens": self.extra_tokens}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
+                  "bos_token": self.bos_token, "pad_token": self.pad_token, "chat_template": self.chat_template,
+                  "model_max_length": 8192, "nanovlm_extra_tokens": self.extra_tokens}
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2)
 
@@ -156,7 +156,8 @@ def _gguf_tokenizer(path: str, mtime_ns: int, size: int) -> tuple[str, dict[str,
         i = gguf_value(reader, key)
         return None if i is None or int(i) >= len(tokens) else tokens[int(i)]
 
-    return tok.to_str(), dict(eos_token=token("tokenizer.ggml.eos_token_id"), bos_token=token("tokenizer.ggml.bos_token_id"),
+    return tok.to_str(), dict(eos_token=token("tokenizer.ggml.eos_token_id"),
+                              bos_token=token("tokenizer.ggml.bos_token_id"),
                               pad_token=token("tokenizer.ggml.padding_token_id"),
                               chat_template=gguf_value(reader, "tokenizer.chat_template"))
 
@@ -166,7 +167,8 @@ def get_tokenizer(name_or_path: str, extra_tokens: dict[str, str] | None = None,
     """A tokenizer from a transformers directory, a .gguf file, `packaged:smollm2-135m` or a hub id,
     with `extra_tokens` appended and `chat_template` (if given) replacing the source's own."""
     if not name_or_path:
-        raise TokenizerError(f"no tokenizer given; set lm_tokenizer to a directory, a .gguf file or {PACKAGED_SMOLLM2}.")
+        raise TokenizerError("no tokenizer given; set lm_tokenizer to a directory, a .gguf file or "
+                             f"{PACKAGED_SMOLLM2}.")
     source = resolve(name_or_path, allow_patterns=TOKENIZER_FILES)
     if os.path.isdir(source):
         tok = _from_directory(source)

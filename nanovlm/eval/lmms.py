@@ -1,10 +1,7 @@
-"""The lmms-eval plugin: `lmms-eval --model nanovlm --model_args pretrained=DIR --tasks ...`.
-
-Found through the `lmms_eval.models` entry point (pyproject.toml), which replaces lmms-eval's own
-`nanovlm` entry (another model); only lmms-eval imports this module. `NanoVLM` (`--force_simple`)
-takes a task's text and `doc_to_visual`; `NanoVLMChat` takes `doc_to_messages`. Prompts are laid
-out and decoded as `model.answer` does them; `cauldron_*` and `vqa_process_results` are task
-helpers for a YAML over a Cauldron-layout file, scored as `nanovlm eval --data` scores it.
+"""The lmms-eval plugin: `lmms-eval --model nanovlm --model_args pretrained=DIR --tasks ...`,
+found through the `lmms_eval.models` entry point. `NanoVLM` (`--force_simple`) takes a task's text
+and `doc_to_visual`, `NanoVLMChat` its `doc_to_messages`; prompts as `model.answer` lays them out.
+`cauldron_*` and `vqa_process_results` score a Cauldron-layout YAML task as `nanovlm eval` does.
 """
 
 from __future__ import annotations
@@ -57,10 +54,8 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 class NanoVLM(lmms):
-    """A nanovlm checkpoint under lmms-eval. model_args: pretrained=DIR (a checkpoint directory
-    or hub id, anything `VisionLanguageModel.from_pretrained` reads), device (default cuda when
-    there is one, else cpu), dtype (auto: bf16 on a GPU that has it, else float32),
-    max_new_tokens (when a task gives none; default 32); `--batch_size N` batches requests."""
+    """A checkpoint under lmms-eval; model_args: pretrained=DIR (what `from_pretrained` reads),
+    device, dtype (auto: bf16 on a GPU that has it), max_new_tokens (when a task gives none)."""
 
     is_simple = True
 
@@ -138,11 +133,8 @@ class NanoVLM(lmms):
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
-        """(log P(continuation | prompt), whether greedy decoding gives the continuation) per
-        request. The prompt is the context as a user turn with its images and the assistant
-        prompt (what `answer()` feeds the model); the continuation's tokens (the tokenizer's
-        plain encoding of the string, spaces included) follow it. The log-probabilities come
-        from the model's own logits (`forward` with targets on those tokens only), in fp32."""
+        """(log P(continuation | prompt), whether greedy decoding gives it) per request: the prompt as
+        `answer()` lays it out, the continuation's plain encoding after it, scored in fp32."""
         renderer = prompt_renderer(self.model)
         rows, tiles, n_cont = [], [], []
         for r in requests:
@@ -231,10 +223,8 @@ def _message(message: Any) -> dict:
 
 
 def generation_settings(gen_kwargs: dict | None, default_max_new_tokens: int) -> dict:
-    """A task's generation_kwargs -> the keyword arguments of `nanovlm.generation.generate`
-    plus `until` (a tuple of stop strings). Greedy unless `do_sample` (or, without it, a
-    temperature > 0) asks for sampling; keys other decoders use (num_beams=1, use_cache, ...)
-    are ignored."""
+    """A task's generation_kwargs -> `generate`'s keyword arguments plus `until` (stop strings);
+    greedy unless `do_sample` (or else a temperature > 0) asks for sampling."""
     g = dict(gen_kwargs or {})
     until = g.get("until") or ()
     until = (until,) if isinstance(until, str) else tuple(until)

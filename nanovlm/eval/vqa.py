@@ -1,10 +1,7 @@
-"""Question answering on any data: exact match after VQA normalisation, with breakdowns.
-
-Knows no dataset: `qa_items` makes each (question, answer) turn of a split's records an item
-asked alone with its record's images; `evaluate` answers items through `model.answer` and scores
-them, for `nanovlm eval` and the training loop alike. The score simplifies the VQA challenge's
-(Antol et al. 2015, `vqaEval.py`): one reference, no soft score, no contraction table. The
-breakdown by type follows a record's `answer_type`, else the reference's (`answer_type`).
+"""Question answering on any data: exact match after VQA normalisation (the VQA challenge's
+`vqaEval.py` simplified: one reference, no soft score), broken down by a record's `answer_type`
+(else the reference's). `qa_items` makes each turn of a split an item asked alone with its
+record's images; `evaluate` answers them through `model.answer`, for `eval` and training alike.
 """
 
 from __future__ import annotations
@@ -59,10 +56,8 @@ def question_key(question: str) -> str:
 def qa_items(data: str | Records, image_folder: str | None = None, split: str = "train",
              indices: Sequence[int] | None = None, limit: int = 0, *, skips: SkipCounter | None = None
              ) -> list[dict[str, Any]]:
-    """`{"id", "images", "question", "answer", "type"}` per (question, answer) turn of `split` of
-    `data` (a source, or records opened), each turn with all its record's images (paths made
-    absolute) and no `<image>` placeholder. `indices`: the records to read, in order (None: all);
-    `limit`: at most this many items (0: all). Unreadable records are left out, counted in `skips`."""
+    """`{"id", "images", "question", "answer", "type"}` per turn of the records `indices` (None: all)
+    of `split` of `data`, at most `limit` (0: all); unreadable records are counted in `skips`."""
     if limit < 0:
         raise ValueError(f"limit must be >= 0 (0: every question), got {limit}.")
     records = data if isinstance(data, Records) else open_records(data, split, image_folder)
@@ -114,8 +109,7 @@ def _resolve(source: Any, base_dir: str | None) -> Any:
 
 
 class _Images:
-    """The images of the item before are kept: a record's questions come together, so each of its
-    images is decoded once. An image that cannot be read raises its ImageError."""
+    """The previous item's images are kept: a record's questions come together (decoded once)."""
 
     def __init__(self):
         self.last: tuple[list, list] = ([], [])
@@ -237,12 +231,8 @@ def merge_shards(preds: list, n: int, world_size: int, gather: Callable[[Any], l
 def evaluate(model, items: Sequence[dict[str, Any]], batch_size: int = 64, max_new_tokens: int | None = None,
              progress: bool = False, *, rank: int = 0, world_size: int = 1,
              gather: Callable[[Any], list] | None = None, autocast_dtype=None) -> dict[str, Any]:
-    """Answer `items` (from `qa_items`) with `model.answer` and score them: `accuracy` (None when
-    nothing was scored), `n`, `correct`, `per_type`, `per_question` (asked at least twice, most
-    asked first), `skipped` (unreadable images, by reason, with `skip_examples`), `items`,
-    `max_new_tokens` (None: `answer_budget`), `images_decoded`, `wall_time_s`, `questions_per_s`.
-    Each of several processes answers items rank::world_size; `gather` (an all-gather of Python
-    objects) brings the answers together, so every rank gets the same report."""
+    """Answer and score `items` (`score`'s report plus timing); each rank answers items
+    rank::world_size and `gather` (an all-gather of objects) gives every rank the same report."""
     items = list(items)
     max_new_tokens = max_new_tokens or answer_budget(model, items)  # from all items: every rank the same
     mine = items[rank::world_size]

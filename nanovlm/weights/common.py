@@ -31,7 +31,10 @@ def check_state_dict(state: Mapping[str, Any], expected_shapes: Mapping[str, tup
     unexpected = sorted(k for k in state if k not in expected_shapes)
     misshaped = sorted(f"{k}: file has {tuple(state[k].shape)}, model needs {tuple(expected_shapes[k])}"
                        for k in expected_shapes if k in state and tuple(state[k].shape) != tuple(expected_shapes[k]))
-    problems = [f"{what} tensors: {sep.join(names if len(names) <= 20 else names[:20] + [f'... and {len(names) - 20} more'])}"
+    def shown(names: list[str]) -> list[str]:
+        return names if len(names) <= 20 else names[:20] + [f"... and {len(names) - 20} more"]
+
+    problems = [f"{what} tensors: {sep.join(shown(names))}"
                 for what, names, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
                                          ("mis-shaped", misshaped, "; ")) if names]
     if problems:
@@ -106,7 +109,8 @@ def convert(tensors: Mapping[str, torch.Tensor], table: Mapping[str, Rule], expe
     except WeightLoadError as e:
         raise WeightLoadError(f"{e}{also}") from None
     if problems:
-        raise WeightLoadError(f"cannot load {source}: {'; '.join(problems)}. Check that the config matches the checkpoint.")
+        raise WeightLoadError(f"cannot load {source}: {'; '.join(problems)}. "
+                              "Check that the config matches the checkpoint.")
     return state
 
 
@@ -177,7 +181,8 @@ class SafetensorsTensors(Mapping):
     """The tensors of a safetensors checkpoint (one file or a sharded index), read on access."""
 
     def __init__(self, directory: str):
-        index, single = os.path.join(directory, "model.safetensors.index.json"), os.path.join(directory, "model.safetensors")
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
         if os.path.isfile(index):
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):

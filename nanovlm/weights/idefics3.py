@@ -169,16 +169,19 @@ def _image_fields(image: dict[str, Any], source: str) -> dict[str, Any]:
     mean, std = image.get("image_mean", [0.5] * 3), image.get("image_std", [0.5] * 3)
     mean, std = ([v] * 3 if isinstance(v, (int, float)) else list(v) for v in (mean, std))
     if len(set(mean)) > 1 or len(set(std)) > 1:
-        wrong.append(f"per-channel normalisation (mean {mean}, std {std}); only one value for all channels is supported")
+        wrong.append(f"per-channel normalisation (mean {mean}, std {std}); only one value for all channels "
+                     "is supported")
     if not image.get("do_rescale", True) or abs(image.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
         wrong.append("pixels not rescaled by 1/255")
     resample = image.get("resample", 1)
     if resample not in RESAMPLE_CODES:
         wrong.append(f"resample={resample} (supported: 1 Lanczos, 3 bicubic)")
     if wrong:
-        raise WeightLoadError(f"{source}'s image processor uses settings this loader does not implement: {'; '.join(wrong)}.")
+        raise WeightLoadError(f"{source}'s image processor uses settings this loader does not implement: "
+                              f"{'; '.join(wrong)}.")
     normalise = image.get("do_normalize", True)
-    return {"vit_pixel_mean": float(mean[0]) if normalise else None, "vit_pixel_std": float(std[0]) if normalise else None,
+    return {"vit_pixel_mean": float(mean[0]) if normalise else None,
+            "vit_pixel_std": float(std[0]) if normalise else None,
             "max_img_size": int((image.get("size") or {}).get("longest_edge", 4 * 364)),
             "vlm_image_splitting": bool(image.get("do_image_splitting", True)),
             "vlm_image_resample": RESAMPLE_CODES[resample], "resize_to_max_side_len": True}
@@ -208,7 +211,8 @@ def idefics3_config(directory: str) -> VLMConfig:
                               "tokenizer holds its image tokens.")
     eos = vocab(IDEFICS3_TOKENS["end_of_utterance_token"])
     fields.update(
-        mp_pixel_shuffle_factor=int(config.get("scale_factor", 2)), lm_tie_weights=bool(config.get("tie_word_embeddings", False)),
+        mp_pixel_shuffle_factor=int(config.get("scale_factor", 2)),
+        lm_tie_weights=bool(config.get("tie_word_embeddings", False)),
         vlm_image_layout="idefics3", vlm_extra_tokens=tokens, vlm_extra_tokens_in_vocab=True,
         vlm_image_token_id=vocab(IDEFICS3_TOKENS["image_token"]), lm_tokenizer=directory, vit_model_type="",
         lm_model_type="", vlm_load_backbone_weights=False, lm_max_length=fields["lm_max_position_embeddings"],
@@ -231,7 +235,8 @@ def load_idefics3(cls: type, directory: str):
     expected = {k: tuple(v.shape) for k, v in model.state_dict_for_saving().items()}
 
     def ignore(name: str) -> bool:
-        return name.endswith(("position_ids", "rotary_emb.inv_freq")) or (cfg.lm_tie_weights and name == "lm_head.weight")
+        tied_head = cfg.lm_tie_weights and name == "lm_head.weight"
+        return name.endswith(("position_ids", "rotary_emb.inv_freq")) or tied_head
 
     state = convert(SafetensorsTensors(directory), table(cfg), expected, directory, ignore)  # every tensor checked
     model.load_state_dict(state, strict=False)  # strict but for a tied head: it is the embedding
