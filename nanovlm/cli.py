@@ -307,21 +307,20 @@ def _add_eval_parser(sub) -> None:
                                    "writes a JSON report with every question, answer and reference.")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
     # Neither is an argparse choice or group: eval/run.py checks them, so that each mistake is one sentence.
-    p.add_argument("--task", default=None, metavar="NAME",
-                   help="a benchmark: easyvqa (the packaged easy-VQA questions)")
+    p.add_argument("--task", default=None, metavar="NAME", help="packaged data: easyvqa (the easy-VQA questions)")
     p.add_argument("--data", default=None, metavar="FILE",
-                   help="your own questions, in any layout training reads: a Cauldron parquet / arrow file or "
-                        "save_to_disk directory, or a LLaVA .json / .jsonl file")
+                   help="your own questions, in any layout training reads: a Cauldron parquet / arrow file, a "
+                        "LLaVA .json / .jsonl file, or a folder of them (files named by split: train*, test*)")
     p.add_argument("--image-folder", default=None, metavar="DIR",
                    help="where a LLaVA file's image paths start (default: the data file's folder)")
     p.add_argument("--split", default=None,
-                   help="which part of the data (default: test for --task, train -- the whole file -- for --data)")
+                   help="which split (default: test where the data has one, else train: a single file is that)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate only the first N questions (0: all)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="questions answered together")
     p.add_argument("--quantize", default="none", metavar="MODE", help=QUANTIZE_HELP)
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="JSON report path (default, in the current directory: eval-<model>-<task>-<split>"
-                        "[-first<N>].json for --task, eval_<data stem>[_limit<N>].json for --data)")
+                   help="JSON report path (default, in the current directory: eval-<model>-<data>[-<split>]"
+                        "[-first<N>].json, the split named where the data has several; never overwritten: -2, -3, ...)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -421,8 +420,8 @@ def _add_data_parser(sub) -> None:
     pv.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
                     help="preset whose model config sizes images and tokens")
     pv.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="data=... (required: easyvqa or a data file), split, seed, max_count (samples counted, "
-                         "default 2000) and any training or model setting")
+                    help="data=... (required: easyvqa, a data file or folder), split, seed, max_count (samples "
+                         "counted, default 2000) and any training or model setting")
     pv.set_defaults(func=_cmd_data_preview)
 
 
@@ -479,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).strip() or type(e).__name__
         if isinstance(e, (OSError,)) and getattr(e, "filename", None) and str(e.filename) not in message:
             message = f"{message}: {e.filename}"
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):  # the sentence on a line of its own, not after a progress bar
+            bar.close()
         print(f"nanovlm: error: {message}", file=sys.stderr)
         return 1
 

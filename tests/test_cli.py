@@ -184,7 +184,7 @@ def test_every_option_has_help_and_no_help_shows_a_default_of_none(capsys):
     text = " ".join(capsys.readouterr().out.split())
     out_help = text[text.rindex("--out FILE"):]
     assert out_help.count("default") == 1
-    assert "eval-<model>-<task>-<split>[-first<N>].json for --task" in out_help
+    assert "eval-<model>-<data>[-<split>][-first<N>].json" in out_help and "never overwritten" in out_help
 
 
 def test_help_lists_the_presets_and_booleans_have_a_no_form():

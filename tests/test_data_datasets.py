@@ -85,11 +85,14 @@ def test_llava_json_with_skips(tmp_path, tok):
 
     batch = VLMCollator(tok.pad_token_id, CFG.lm_max_length)([ds[i] for i in range(len(ds))])
     assert batch["input_ids"].shape[0] == 3
-    assert batch["skips"] == {"missing_image": 1, "corrupt_image": 1, "image_placeholder_mismatch": 2,
-                              "empty_text": 1, "non_string_text": 1, "bad_record": 1}
     counter = SkipCounter()
     counter.update(batch["skips"])
+    assert counter.as_dict() == {"bad_record": 1, "corrupt_image": 1, "empty_text": 1, "image_placeholder_mismatch": 2,
+                                 "missing_image": 1, "non_string_text": 1}
     assert counter.total == 7 and "image_placeholder_mismatch 2" in counter.summary()
+    assert counter.examples["missing_image"].startswith("data.json[2] (id missing): image file ")
+    counter.update(batch["skips"])  # the same samples met again (a second epoch): counted once
+    assert counter.total == 7
 
 
 def test_llava_jsonl_and_image_folder(tmp_path, tok):
@@ -106,12 +109,19 @@ def test_llava_jsonl_and_image_folder(tmp_path, tok):
 
     # Worker processes (each opens its own file handle); skips travel in the batches.
     loader = make_loader(ds, VLMCollator(tok.pad_token_id, CFG.lm_max_length), global_batch_size=4, num_workers=2)
-    batches = list(loader)
-    assert sum(b["input_ids"].shape[0] for b in batches) == 3
+    batches = list(loader) + list(loader)  # two epochs
+    assert sum(b["input_ids"].shape[0] for b in batches) == 6
     counter = SkipCounter()
     for b in batches:
         counter.update(b["skips"])
-    assert counter.total == 8 and counter.counts["bad_record"] == 2
+    assert counter.total == 8 and counter.counts["bad_record"] == 2  # each sample once, however often met
+    # Records are named where an editor shows them: the alien speaker on line 9, broken JSON on line 11.
+    assert {"data.jsonl line 9 (id alien)", "data.jsonl line 11"} <= counter.seen
+    assert ds[10]["id"] == "data.jsonl line 11" and "not valid JSON" in ds[10]["error"]
+    restored = SkipCounter()
+    restored.load_state_dict(counter.state_dict())
+    restored.update(batches[0]["skips"])
+    assert restored.as_dict() == counter.as_dict()  # a resumed run still counts each sample once
 
 
 def test_unexpected_errors_are_counted_not_raised(tmp_path, tok, monkeypatch):
@@ -244,7 +254,7 @@ def test_streaming_shards_and_resumes(tmp_path, tok):
     shards = [build_dataset(train, CFG, tok, rank=r, world_size=2) for r in range(2)]
     assert all(isinstance(s, StreamingConversationDataset) for s in shards)
     got = [ids(s) for s in shards]
-    assert sorted(got[0] + got[1]) == sorted(f"s.parquet[{k}]" for k in range(n))
+    assert sorted(got[0] + got[1]) == sorted(f"s.parquet row {k}" for k in range(n))
     assert not set(got[0]) & set(got[1])
     assert sum(is_skip(item) for s in shards for item in s) == 1
 
@@ -259,7 +269,7 @@ def test_streaming_shards_and_resumes(tmp_path, tok):
         return make_loader(build_dataset(train, CFG, tok), collate, global_batch_size=3, num_workers=2)
 
     reference = [b["ids"] for b in loader()]
-    assert sorted(sum(reference, [])) == sorted(f"s.parquet[{k}]" for k in range(n) if k != 5)
+    assert sorted(sum(reference, [])) == sorted(f"s.parquet row {k}" for k in range(n) if k != 5)
     first = loader()
     it = iter(first)
     got = [next(it)["ids"] for _ in range(3)]
@@ -270,52 +280,58 @@ def test_streaming_shards_and_resumes(tmp_path, tok):
     assert got + [b["ids"] for b in resumed] == reference
 
 
-# ---------------------------------------------------------------------------- easy-VQA
-def test_easyvqa(tok):
-    from nanovlm.data.easyvqa import QTYPES, easyvqa_questions, question_type
+# ---------------------------------------------------------------------------- easy-VQA: records like any other
+def test_easyvqa_is_records(tok):
+    from nanovlm.data import easyvqa
 
-    test_q = easyvqa_questions("test")
-    assert len(test_q) == 9673
-    path, q, a, qtype = test_q[0]
-    assert path.endswith(".png") and qtype in QTYPES
+    test_q = easyvqa.records("test")
+    assert len(test_q) == 9673 and set(test_q[0]) == {"image", "question", "answer", "answer_type"}
     answers_of = {"shape": {"circle", "rectangle", "triangle"}, "yes/no": {"yes", "no"}}
-    for _, q, a, t in test_q:
-        assert a in answers_of.get(t, {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}), (q, a, t)
-    assert question_type("what is the color of the shape?") == "color"
-    assert question_type("what is the blue shape?") == "shape"
-    assert question_type("is there not a red shape?") == "yes/no"
-
-    ds = make(tok, "easyvqa", multi_turn=True)
-    # one conversation per training image, split where it would exceed the tiny preset's 256 tokens
-    assert len(set(ds.image_index.tolist())) == 4000 and len(ds) > 4000
-    assert sum(len(t) for t in ds.turns) == 38575 and int(ds.lengths.max()) <= CFG.lm_max_length
-    s = ds[0]
-    assert s["images"].shape == (1, 3, 32, 32)  # tiny preset: max_img_size 32, one tile
-    n_answers = len(ds.turns[0])
-    assert (s["labels"] == tok.eos_token_id).sum() == n_answers
+    for r in test_q:
+        assert r["answer"] in answers_of.get(r["answer_type"], {"red", "green", "blue", "black", "gray", "teal",
+                                                                  "brown", "yellow"}), r
     single = build_dataset(TrainConfig(data="easyvqa", multi_turn=True), CFG, tok, split="test")
-    assert len(single) == 9673  # the test split is always one question per sample
+    assert isinstance(single, ConversationDataset) and len(single) == 9673  # the test split: a question a sample
     x = single[3]
-    assert tok.decode(x["labels"][x["labels"] != IGNORE_INDEX]) == test_q[3][2]
-    assert single.tiles.dtype == torch.uint8
+    assert tok.decode(x["labels"][x["labels"] != IGNORE_INDEX]) == test_q[3]["answer"]
+    assert x["id"] == "easyvqa-test[3]" and x["images"].shape == (1, 3, 32, 32)  # tiny preset: one 32 px tile
+    with pytest.raises(DataError, match=r"^easyvqa has no 'val' split; it has splits train, test\.$"):
+        build_dataset(TrainConfig(data="easyvqa"), CFG, tok, split="val")
 
 
-def test_easyvqa_max_turns(tok):
-    from nanovlm.data.easyvqa import EasyVQADataset, easyvqa_questions
+def test_easyvqa_questions_of_an_image_become_conversations(tok):
+    from nanovlm.data import easyvqa
 
-    chunked = make(tok, "easyvqa", multi_turn=True, max_turns=3)
-    assert max(len(t) for t in chunked.turns) == 3
-    assert sum(len(t) for t in chunked.turns) == 38575  # every question once, none lost at chunk edges
-    # the chunks of one image hold its questions in file order
-    path0 = chunked.image_paths[0]
-    in_file = [(q, a) for p, q, a, _ in easyvqa_questions("train") if p == path0]
-    in_chunks = [qa for t, k in zip(chunked.turns, chunked.image_index.tolist()) if k == 0 for qa in t]
-    assert len(in_file) > 3 and in_chunks == in_file
-
-    with pytest.raises(ValueError, match="max_turns must be >= 0"):
-        EasyVQADataset(CFG, tok, split="train", multi_turn=True, max_turns=-1)
+    train_q = easyvqa.records("train")
+    ds = make(tok, "easyvqa", multi_turn=True, max_turns=3)
+    merged = [ds.records_of(i) for i in range(len(ds))]
+    assert sorted(r for m in merged for r in m) == list(range(38575))  # every question once
+    assert max(map(len, merged)) == 3 and len({train_q[m[0]]["image"] for m in merged}) == 4000
+    for m in merged[:50]:  # a sample's questions are about one image, in file order
+        assert len({train_q[r]["image"] for r in m}) == 1 and m == sorted(m)
+    s = ds[0]
+    assert s["images"].shape == (1, 3, 32, 32) and (s["labels"] == tok.eos_token_id).sum() == len(merged[0])
+    assert len(set(ds.group_keys())) == 4000  # a validation split keeps an image's questions together
     with pytest.raises(ConfigError, match="max_turns"):
         TrainConfig(max_turns=-2)
+
+
+def test_easyvqa_independent_turns(tok):
+    one = make(tok, "easyvqa", multi_turn=False)
+    ind = make(tok, "easyvqa", multi_turn=True, independent_turns=True, packing=True, pack_length=128)
+    k = CFG.mp_image_token_length
+    for i in (0, 1, len(ind) - 1):
+        s, n = ind[i], len(ind.records_of(i))
+        assert len(s["input_ids"]) <= 128 and (s["input_ids"] == tok.image_token_id).sum() == k  # the image once
+        restarts = (s["position_ids"][1:] <= s["position_ids"][:-1]).nonzero().flatten() + 1
+        assert len(restarts) == n - 1 and (s["labels"] == tok.eos_token_id).sum() == n  # a branch per question
+    # the first sample's first two questions: each branch is that question's own encoding
+    s, first = ind[0], [one[j] for j in ind.records_of(0)[:2]]
+    n0 = len(first[0]["input_ids"])
+    assert torch.equal(s["input_ids"][:n0], first[0]["input_ids"])
+    start = int(s["position_ids"][n0])
+    assert torch.equal(s["input_ids"][n0:n0 + len(first[1]["input_ids"]) - start], first[1]["input_ids"][start:])
+    assert "position_ids" not in one[0]
 
 
 def test_independent_turns_on_conversation_data(tmp_path, tok):
@@ -348,31 +364,6 @@ def test_independent_turns_on_conversation_data(tmp_path, tok):
         assert "position_ids" not in ind[i] and torch.equal(ind[i]["input_ids"], conv[i]["input_ids"])
 
 
-def test_easyvqa_independent_turns(tok):
-    from nanovlm.data.easyvqa import EasyVQADataset
-
-    one = EasyVQADataset(CFG, tok, split="train")
-    ind = EasyVQADataset(CFG, tok, split="train", multi_turn=True, independent_turns=True, max_length=128)
-    assert sum(len(t) for t in ind.turns) == 38575 and int(ind.lengths.max()) <= 128  # split to fit, none lost
-    k = CFG.mp_image_token_length
-    for i in (0, 1, len(ind) - 1):
-        s = ind[i]
-        assert (s["input_ids"] == tok.image_token_id).sum() == k  # the image prompt once
-        pos = s["position_ids"]
-        restarts = (pos[1:] <= pos[:-1]).nonzero().flatten() + 1
-        assert len(restarts) == len(ind.turns[i]) - 1  # one branch per question
-        assert (s["labels"] == tok.eos_token_id).sum() == len(ind.turns[i])
-    # the first image's first two questions: each branch is that question's own encoding
-    s, first = ind[0], [one[j] for j in range(2)]
-    n0 = len(first[0]["input_ids"])
-    assert torch.equal(s["input_ids"][:n0], first[0]["input_ids"])
-    start = int(s["position_ids"][n0])
-    assert torch.equal(s["input_ids"][n0:n0 + len(first[1]["input_ids"]) - start], first[1]["input_ids"][start:])
-    assert "position_ids" not in one[0]
-
-
-
-
 # ---------------------------------------------------------------------------- merging records that share an image
 def one_question_records(tmp_path):
     """LLaVA records of one question each: three about a.png, two about b.png, one about c.png
@@ -403,7 +394,7 @@ def test_records_that_share_an_image_become_one_sample(tmp_path, tok):
     assert "What color?" in text and "How many?" in text and "<image>" not in text
     supervised = tok.decode(merged["labels"][merged["labels"] != IGNORE_INDEX], skip_special_tokens=False)
     assert supervised == "red<|im_end|>1<|im_end|>"
-    assert "[0+2]" in merged["id"] and ds[3]["skip"] == "image_placeholder_mismatch"
+    assert merged["id"] == "data.jsonl lines 1+3" and ds[3]["skip"] == "image_placeholder_mismatch"
     assert ds.group_keys()[0] == ds.group_keys()[4]  # one image, one group: never split by validation
     # each merged question is the one asked alone: the same tokens as record 2 on its own
     alone = make(tok, path, independent_turns=True, multi_turn=False)

@@ -6,8 +6,8 @@ import pytest
 
 from PIL import Image
 
-from nanovlm.config import VLMConfig
-from nanovlm.data.easyvqa import EasyVQADataset
+from nanovlm.config import TrainConfig, VLMConfig
+from nanovlm.data.datasets import build_dataset
 from nanovlm.data.preview import preview, run_preview
 from nanovlm.data.processors import get_tokenizer
 
@@ -48,7 +48,7 @@ def test_preview_option_errors():
 def test_preview_of_easyvqa(tmp_path):
     cfg = VLMConfig.from_preset("tiny")
     tok = get_tokenizer(cfg.lm_tokenizer, cfg.vlm_extra_tokens, cfg.lm_chat_template)
-    ds = EasyVQADataset(cfg, tok, split="test")
+    ds = build_dataset(TrainConfig(data="easyvqa"), cfg, tok, split="test")
     stats = preview(ds, str(tmp_path / "e.png"), n=4, vlm_cfg=cfg, max_count=50, verbose=False)
     assert stats["samples"] == 9673 and stats["counted"] == 50 and stats["skips"] == {}
     assert stats["tokens_max"] >= stats["tokens_mean"] > 0
@@ -66,9 +66,10 @@ def test_preview_says_how_many_samples_it_measured(tmp_path, capsys):
     assert run_preview(preset="tiny", overrides=[f"data={tmp_path / 'd.jsonl'}", "max_count=4"],
                        out=str(tmp_path / "grid.png"), n=2) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "samples: 6"
-    assert lines[1].startswith("tokens per sample (in 4 of them drawn at random; max_count=6 measures all): mean ")
-    assert lines[2] == "skips (in 4 of them drawn at random; max_count=6 measures all): no samples skipped"
+    assert lines[0] == f"data: {tmp_path / 'd.jsonl'}: train split from d.jsonl"  # which files were read
+    assert lines[1] == "samples: 6"
+    assert lines[2].startswith("tokens per sample (in 4 of them drawn at random; max_count=6 measures all): mean ")
+    assert lines[3] == "skips (in 4 of them drawn at random; max_count=6 measures all): no samples skipped"
 
 
 def test_the_readme_own_data_examples_load_without_skips(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 from nanovlm.cli import main
 from nanovlm.data.datasets import DataError, SkipCounter
 from nanovlm.eval import vqa
-from nanovlm.eval.run import default_data_report_path
+from nanovlm.eval.run import default_report_path
 
 sys.path.insert(0, os.path.dirname(__file__))
 import shapes_data  # noqa: E402
@@ -71,7 +71,7 @@ def test_qa_items_from_a_cauldron_parquet_indices_and_limit(tmp_path):
     # indices pick records, in the order given; limit counts questions.
     picked = vqa.qa_items(str(tmp_path / "data.parquet"), indices=[3, 1])
     assert [it["answer"] for it in picked] == [r["answer"] for r in rows[9:12] + rows[3:6]]
-    assert [it["id"] for it in picked][:2] == ["data.parquet[3]#0", "data.parquet[3]#1"]
+    assert [it["id"] for it in picked][:2] == ["data.parquet row 3 q1", "data.parquet row 3 q2"]
     assert len(vqa.qa_items(str(tmp_path / "data.parquet"), limit=5)) == 5
 
 
@@ -83,8 +83,8 @@ def test_qa_items_skips_and_counts_unreadable_records(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     skips = SkipCounter()
     items = vqa.qa_items(str(tmp_path / "d.jsonl"), skips=skips)
-    assert [it["id"] for it in items] == ["d.jsonl[0]#0", "d.jsonl[3]#0"]
-    assert skips.as_dict() == {"bad_record": 1, "empty_text": 1}
+    assert [it["id"] for it in items] == ["d.jsonl line 1 q1", "d.jsonl line 4 q1"]  # lines as an editor counts them
+    assert skips.as_dict() == {"bad_record": 1, "empty_text": 1} and skips.seen == {"d.jsonl line 2", "d.jsonl line 3"}
 
 
 def test_qa_items_turns_of_a_conversation(tmp_path):
@@ -156,11 +156,9 @@ def case_items(tmp_path):
 
 
 def test_evaluate_scores_known_answers(case_items, monkeypatch):
-    import nanovlm.data.images as images
-
     opened = []
-    real = images.load_image
-    monkeypatch.setattr(images, "load_image", lambda s, **kw: opened.append(s) or real(s, **kw))
+    real = vqa.load_image
+    monkeypatch.setattr(vqa, "load_image", lambda s, **kw: opened.append(s) or real(s, **kw))
     model = StandIn([p for _, _, p, _ in CASES])
     report = vqa.evaluate(model, case_items, batch_size=3, max_new_tokens=7)
     assert report["accuracy"] == 0.5 and report["n"] == 8 and report["correct"] == 4
@@ -257,7 +255,8 @@ def test_cli_eval_on_data(layout, tiny_model_dir, tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(work)
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    report = json.loads((work / "eval_mine.json").read_text())
+    name = f"eval-{tiny_model_dir.parent.name}-tiny-mine.json"  # one rule for --data and --task, the model named
+    report = json.loads((work / name).read_text())
     assert not any(p.name.startswith("eval") for p in tiny_model_dir.iterdir())  # nothing in the model's folder
     assert report["data"] == str(data) and report["model"] == str(tiny_model_dir) and report["n"] == 10
     assert [(r["question"], r["reference"]) for r in report["items"]] == [(r["question"], r["answer"]) for r in rows]
@@ -270,13 +269,13 @@ def test_cli_eval_on_data(layout, tiny_model_dir, tmp_path, monkeypatch, capsys)
     assert report["images_decoded"] == 5
     assert printed[0] == (f"{data}: accuracy {100 * report['accuracy']:.2f}% ({report['correct']}/10) "
                           "exact match after VQA normalisation")
-    assert printed[-1].startswith("10 questions in ") and printed[-1].endswith("report written to eval_mine.json")
+    assert printed[-1].startswith("10 questions in ") and printed[-1].endswith(f"report written to {name}")
     # --limit: a report of its own; --out: where asked.
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--limit", "3",
                  "--out", str(tmp_path / "r" / "three.json")]) == 0
     assert json.loads((tmp_path / "r" / "three.json").read_text())["n"] == 3
     assert capsys.readouterr().out.splitlines()[-1].endswith(f"report written to {tmp_path / 'r' / 'three.json'}")
-    assert default_data_report_path(str(data), 3) == "eval_mine_limit3.json"
+    assert default_report_path(str(tiny_model_dir), str(data), None, 3) == name.replace(".json", "-first3.json")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -290,12 +289,12 @@ def test_cli_eval_on_data(layout, tiny_model_dir, tmp_path, monkeypatch, capsys)
                                   "LLaVA (image, conversations)."),
     (["--data", "DIR/broken.parquet"], "cannot read DIR/broken.parquet (ArrowInvalid: "),
     (["--data", "DIR/empty.jsonl"], "DIR/empty.jsonl holds no question with an answer that can be read "
-                                    "(skipped 1 sample(s): empty_text 1; first: empty.jsonl[0]: the record has no "
-                                    "question with an answer)."),
+                                    "(skipped 1 sample(s): empty_text 1; first: empty.jsonl line 1: the record has "
+                                    "no question with an answer)."),
     (["--data", "DATA", "--image-folder", "DIR/nowhere"], "image folder DIR/nowhere does not exist."),
     (["--data", "DIR/lost.jsonl"], "none of the 1 image files that DIR/lost.jsonl names exists (the first: "
                                    "DIR/gone.png); check the image paths, or give --image-folder."),
-    (["--data", "DIR/corrupt.jsonl"], "none of the 1 questions' images could be read (first: corrupt.jsonl[0]#0: "
+    (["--data", "DIR/corrupt.jsonl"], "none of the 1 questions' images could be read (first: corrupt.jsonl line 1 q1: "
                                       "DIR/d.csv is not in an image format PIL can read); check the image paths, "
                                       "or give --image-folder."),
     (["--task", "easyvqa", "--image-folder", "DIR"], "--image-folder goes with --data"),
@@ -318,4 +317,4 @@ def test_cli_eval_errors_are_one_sentence(args, message, tiny_model_dir, tmp_pat
     err = capsys.readouterr().err.rsplit("\r", 1)[-1]  # after the progress bar, if one was drawn
     assert err.startswith("nanovlm: error: " + message.replace("DIR", str(tmp_path)))
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not list(tmp_path.glob("eval_*.json"))
+    assert not list(tmp_path.glob("eval*.json"))

@@ -17,6 +17,7 @@ from nanovlm.data.tokenizer import tokenizer_for
 from nanovlm.config import TrainConfig
 from nanovlm.data.datasets import SampleProcessor, build_dataset
 from nanovlm.data.processors import IGNORE_INDEX, ChatRenderer, RenderError
+from nanovlm.eval import vqa
 from nanovlm.serve.protocol import APIError
 from nanovlm.serve.server import chat_prompt
 
@@ -62,8 +63,6 @@ def decoded_inputs(monkeypatch, call):
 
 def every_inference_path(model, monkeypatch, tmp_path, image, question):
     """{path name: (prompt ids, tiles)} for one question about one image."""
-    from nanovlm.eval import easyvqa as eval_easyvqa
-
     path = tmp_path / "picture.png"
     image.save(path)
     image = Image.open(path).convert("RGB")  # every path reads the same decoded pixels
@@ -71,8 +70,8 @@ def every_inference_path(model, monkeypatch, tmp_path, image, question):
     out = {"build_prompts": (ids[0][mask[0].bool()].tolist(), tiles[0])}
     out["answer"], = decoded_inputs(monkeypatch, lambda: model.answer([image], [question], max_new_tokens=1))
     out["answer (path)"], = decoded_inputs(monkeypatch, lambda: model.answer([str(path)], [question], max_new_tokens=1))
-    out["eval"], = decoded_inputs(monkeypatch, lambda: eval_easyvqa.predict(
-        model, [{"question": question, "image": str(path)}], max_new_tokens=1))
+    out["eval"], = decoded_inputs(monkeypatch, lambda: vqa.predict(
+        model, [{"question": question, "images": [str(path)], "answer": "x"}], max_new_tokens=1))
     for name, parts in (("serve", [image, question]), ("serve, text first", [question, image])):
         out[name] = chat_prompt(model, [{"role": "user", "content": parts}])  # as the server parses it
     return out
@@ -110,16 +109,13 @@ def test_one_conversation_renders_the_same_everywhere(model, monkeypatch, tmp_pa
     check_same(reference, every_inference_path(model, monkeypatch, tmp_path, image, QUESTION))
 
 
-def test_easyvqa_question_renders_as_the_evaluation_asks_it(model, monkeypatch):
-    from nanovlm.data.easyvqa import EasyVQADataset
-    from nanovlm.eval import easyvqa as eval_easyvqa
-
-    ds = EasyVQADataset(model.cfg, model.tokenizer, split="test")
-    item = eval_easyvqa.load_questions("test", limit=1)[0]
-    (q, a), = ds.turns[0]
-    assert (q, a) == (item["question"], item["answer"]) and ds.image_paths[int(ds.image_index[0])] == item["image"]
+def test_an_easyvqa_test_question_renders_as_the_evaluation_asks_it(model, monkeypatch):
+    """The packaged data is records like any other: its training sample and its evaluation item agree."""
+    ds = build_dataset(TrainConfig(data="easyvqa"), model.cfg, model.tokenizer, split="test")
+    item, = vqa.qa_items("easyvqa", split="test", limit=1)
+    assert ds[0]["id"] + " q1" == item["id"] and item["type"] in ("shape", "color", "yes/no")
     reference = training_prompt(ds[0])
-    (ids, tiles), = decoded_inputs(monkeypatch, lambda: eval_easyvqa.predict(model, [item], max_new_tokens=1))
+    (ids, tiles), = decoded_inputs(monkeypatch, lambda: vqa.predict(model, [item], max_new_tokens=1))
     assert ids == reference[0] and torch.equal(tiles, reference[1])
 
 

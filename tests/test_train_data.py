@@ -48,15 +48,21 @@ def test_the_validation_part_is_the_same_on_every_rank_and_never_trained_on():
     assert list(_data(0, 1, val_fraction=0.1, val_size=100).val.indices) == list(d0.val.indices)  # a resume
 
 
-def test_eval_task_follows_the_data():
-    assert resolve_task("auto", "easyvqa") == "easyvqa"
-    assert resolve_task("auto", "mine.parquet") == "val"
-    assert resolve_task("none", "mine.parquet") == "none" and resolve_task("", "x.jsonl") == "none"
-    with pytest.raises(ConfigError, match=r"^eval_task=easyvqa scores that task's own test split, but the run "
-                                          r"trains on data=mine.parquet; use eval_task=auto"):
-        resolve_task("easyvqa", "mine.parquet")
-    with pytest.raises(ConfigError, match=r"^eval_task must be one of auto, val, easyvqa, none, got 'nope'\.$"):
-        resolve_task("nope", "easyvqa")
+def test_eval_task_follows_the_data(tmp_path):
+    """A source that offers a test split is scored on it; any other on its held-out questions."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        write_llava(str(folder / name), 2, ["colour"], seed=1)
+    single = str(folder / "train.jsonl")
+    assert resolve_task("auto", "easyvqa") == "test" and resolve_task("auto", str(folder)) == "test"
+    assert resolve_task("auto", single) == "val" and resolve_task("val", str(folder)) == "val"
+    assert resolve_task("none", single) == "none" and resolve_task("", single) == "none"
+    with pytest.raises(ConfigError, match=r"^eval_task=test scores the data's test split, but data=.*train.jsonl has "
+                                          r"splits train; use eval_task=auto"):
+        resolve_task("test", single)
+    with pytest.raises(ConfigError, match=r"^eval_task must be one of auto, test, val, none, got 'easyvqa'\.$"):
+        resolve_task("easyvqa", "easyvqa")
 
 
 def test_bad_budget_and_validation_settings_name_the_field():
@@ -88,7 +94,7 @@ def test_a_run_on_a_llava_file_reports_accuracy_on_its_held_out_images(tmp_path)
     assert summary["best_checkpoint"]["metric"] == "val_accuracy"
     report = json.loads((out / "eval_val.json").read_text())
     assert len(report["items"]) == 12 and {"question", "prediction", "reference"} <= set(report["items"][0])
-    assert "easyvqa_test_accuracy" not in summary
+    assert "test_accuracy" not in summary
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("final")]
     assert len(final) == 1 and final[0]["val_what"] == "held-out validation questions"

@@ -1,12 +1,6 @@
-"""Safe image loading: any source a dataset may hold -> a fully decoded RGB PIL image.
-
-Every failure is an `ImageError` with a short `reason` ("missing_image", "corrupt_image",
-"image_too_large", "bad_image") that datasets count as a skip instead of crashing a run.
-Unusual modes are converted with care rather than rejected: transparency is composited on
-white (black would turn transparent line art into a black square), 16-bit and float images are
-rescaled (PIL's plain `convert("RGB")` clips 16-bit values to white), CMYK / palette / grayscale
-go through PIL's own conversion. The pixel-count cap is checked on the header, before any
-pixel is decoded, so a decompression bomb costs nothing.
+"""Safe image loading: any source a dataset holds -> a decoded RGB image, or an `ImageError` whose
+`reason` a dataset counts as a skip. Transparency goes on white and 16-bit / float images are
+rescaled (PIL's convert clips them); the pixel cap is checked before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -19,8 +13,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# 64 megapixels: far above any real photo a small VLM trains on (everything is resized to a
-# few tiles), far below what exhausts a worker's memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
@@ -33,11 +25,8 @@ class ImageError(ValueError):
 
 
 def load_image(source: Any, *, base_dir: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `source` into an RGB image.
-
-    source: a PIL image, encoded bytes, a path (relative paths are joined to `base_dir`), or a
-    dict in the HF `datasets` Image layout (`{"bytes": ..., "path": ...}`).
-    """
+    """A PIL image, encoded bytes, a path (relative to `base_dir`) or a `datasets` Image dict
+    (`{"bytes", "path"}`) -> an RGB image."""
     if isinstance(source, Image.Image):
         _check_size(source, max_pixels, "image")
         try:
@@ -46,11 +35,9 @@ def load_image(source: Any, *, base_dir: str | None = None, max_pixels: int = DE
             raise ImageError("corrupt_image", f"the image cannot be decoded ({e}).") from e
         return to_rgb(source)
     if isinstance(source, dict):
-        if source.get("bytes"):
-            return load_image(source["bytes"], base_dir=base_dir, max_pixels=max_pixels)
-        if source.get("path"):
-            return load_image(source["path"], base_dir=base_dir, max_pixels=max_pixels)
-        raise ImageError("bad_image", "the image record has neither bytes nor a path.")
+        if not (source.get("bytes") or source.get("path")):
+            raise ImageError("bad_image", "the image record has neither bytes nor a path.")
+        return load_image(source.get("bytes") or source["path"], base_dir=base_dir, max_pixels=max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError("corrupt_image", "the image bytes are empty.")
@@ -69,7 +56,7 @@ def load_image(source: Any, *, base_dir: str | None = None, max_pixels: int = DE
                                   f"got {type(source).__name__}.")
 
 
-open_image = load_image  # the name other modules know it by
+open_image = load_image  # generation.py's name for it
 
 
 def _decode(fp, name: str, max_pixels: int) -> Image.Image:

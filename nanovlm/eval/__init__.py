@@ -1,5 +1,5 @@
-"""Evaluation: `nanovlm eval --model DIR --data FILE` (any data, `vqa.py`), `--task easyvqa`
-(`easyvqa.py`), the accuracy checks of training, and the lmms-eval plugin (`lmms.py`)."""
+"""Evaluation: VQA scoring of any data (`vqa.py`), `nanovlm eval` (`run.py`), the accuracy a
+training run measures (`tasks.py`), and the lmms-eval plugin (`lmms.py`)."""
 
 
 def lmms_eval_models():

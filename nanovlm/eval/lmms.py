@@ -1,25 +1,7 @@
-"""The lmms-eval plugin: `lmms-eval --model nanovlm --model_args pretrained=DIR --tasks ...`.
-
-lmms-eval (>= 0.7) finds third-party models through the Python entry-point group
-`lmms_eval.models`; ours (pyproject.toml) names `nanovlm.eval.lmms_eval_models`, which returns a
-`ModelManifest` pointing at the two classes here. Entry points are read with `overwrite=True`,
-so ours replaces lmms-eval's built-in `nanovlm` entry (a wrapper for lmms-engine's NanoVLM, a
-different model). This module imports lmms-eval at the top: only lmms-eval imports it, and
-importing `nanovlm` never does.
-
-Two classes, as lmms-eval's registry expects of a model with both kinds of request:
-- `NanoVLM` (`is_simple = True`, used with `--force_simple`): requests carry the task's text
-  and its `doc_to_visual`; `generate_until` and `loglikelihood` (multiple choice, perplexity).
-- `NanoVLMChat` (`is_simple = False`, lmms-eval's default when a model has a chat class):
-  requests carry `doc_to_messages` (lmms-eval builds them from `doc_to_visual` + `doc_to_text`
-  when a task has none); lmms-eval's chat tasks are generation only.
-Both lay prompts out with the model's one `ChatRenderer` and decode through
-`nanovlm.generation` in batches of `batch_size`, exactly as `model.answer` does: the same
-question and images give the same string here and from `answer()`.
-
-`cauldron_*` and `vqa_process_results` are task helpers for a YAML over a Cauldron-layout file
-(`images` + `texts`), scored as `nanovlm eval --data` scores it (exact match after
-`normalize_answer`); see the README.
+"""The lmms-eval plugin: `lmms-eval --model nanovlm --model_args pretrained=DIR --tasks ...`,
+found through the `lmms_eval.models` entry point. `NanoVLM` (`--force_simple`) takes a task's text
+and `doc_to_visual`, `NanoVLMChat` its `doc_to_messages`; prompts as `model.answer` lays them out.
+`cauldron_*` and `vqa_process_results` score a Cauldron-layout YAML task as `nanovlm eval` does.
 """
 
 from __future__ import annotations
@@ -34,6 +16,7 @@ from tqdm import tqdm
 
 from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.images import load_image
+from nanovlm.data.records import from_list
 from nanovlm.eval.vqa import normalize_answer, qa_items
 from nanovlm.generation import decode_until_eos, generate, left_pad, load_images, render_chat, render_prompts
 from nanovlm.models.vision_language_model import VisionLanguageModel
@@ -71,10 +54,8 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 class NanoVLM(lmms):
-    """A nanovlm checkpoint under lmms-eval. model_args: pretrained=DIR (a checkpoint directory
-    or hub id, anything `VisionLanguageModel.from_pretrained` reads), device (default cuda when
-    there is one, else cpu), dtype (auto: bf16 on a GPU that has it, else float32),
-    max_new_tokens (when a task gives none; default 32); `--batch_size N` batches requests."""
+    """A checkpoint under lmms-eval; model_args: pretrained=DIR (what `from_pretrained` reads),
+    device, dtype (auto: bf16 on a GPU that has it), max_new_tokens (when a task gives none)."""
 
     is_simple = True
 
@@ -152,11 +133,8 @@ class NanoVLM(lmms):
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
-        """(log P(continuation | prompt), whether greedy decoding gives the continuation) per
-        request. The prompt is the context as a user turn with its images and the assistant
-        prompt (what `answer()` feeds the model); the continuation's tokens (the tokenizer's
-        plain encoding of the string, spaces included) follow it. The log-probabilities come
-        from the model's own logits, in fp32."""
+        """(log P(continuation | prompt), whether greedy decoding gives it) per request: the prompt as
+        `answer()` lays it out, the continuation's plain encoding after it, scored in fp32."""
         rows, tiles, n_cont = [], [], []
         for r in requests:
             context, continuation, doc_to_visual, doc_id, task, split = r.args
@@ -243,10 +221,8 @@ def _message(message: Any) -> dict:
 
 
 def generation_settings(gen_kwargs: dict | None, default_max_new_tokens: int) -> dict:
-    """A task's generation_kwargs -> the keyword arguments of `nanovlm.generation.generate`
-    plus `until` (a tuple of stop strings). Greedy unless `do_sample` (or, without it, a
-    temperature > 0) asks for sampling; keys other decoders use (num_beams=1, use_cache, ...)
-    are ignored."""
+    """A task's generation_kwargs -> `generate`'s keyword arguments plus `until` (stop strings);
+    greedy unless `do_sample` (or else a temperature > 0) asks for sampling."""
     g = dict(gen_kwargs or {})
     until = g.get("until") or ()
     until = (until,) if isinstance(until, str) else tuple(until)
@@ -270,7 +246,7 @@ def cut_at(text: str, until: Sequence[str]) -> str:
 # ---------------------------------------------------------------------- task helpers (YAML !function)
 def _item(doc: dict) -> dict:
     """A Cauldron record's first (question, answer) turn, read as `nanovlm eval --data` reads it."""
-    items = qa_items([doc])
+    items = qa_items(from_list([doc]))
     if not items:
         raise ValueError("the record has no question with an answer that can be read.")
     return items[0]

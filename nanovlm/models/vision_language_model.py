@@ -233,14 +233,18 @@ class VisionLanguageModel(nn.Module):
         weights (PEFT's adapter files, `nanovlm.weights.peft`) are attached unmerged;
         `nanovlm.models.lora.merge_lora` folds them into the weights. `quantize="int8"`: run the
         language model on int8 weights (`quantize`)."""
+        from nanovlm.data.tokenizer import tokenizer_for
         from nanovlm.sources import resolve
         from nanovlm.weights.idefics3 import is_idefics3, load_idefics3
         from nanovlm.weights.nanovlm import checkpoint_directory
 
         check_quantize(quantize)  # a bad value fails before the weights load
         path = resolve(repo_id_or_path, revision=revision)
-        model = load_idefics3(cls, path) if is_idefics3(path) else cls._from_directory(
-            checkpoint_directory(path, revision), require_tokenizer)
+        if is_idefics3(path):
+            model = load_idefics3(cls, path)
+            model.tokenizer = tokenizer_for(model.cfg, path)
+        else:
+            model = cls._from_directory(checkpoint_directory(path, revision), require_tokenizer)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         if check_quantize(quantize) != "none":

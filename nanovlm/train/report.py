@@ -133,6 +133,7 @@ def summarize(run, final: dict | None, wall_s: float) -> dict:
         summary["best_checkpoint"] = dict(state.best)
     if run.data.skips is not None and run.data.skips.total:
         summary["skipped_samples"] = run.data.skips.as_dict()
+        summary["skip_examples"] = dict(run.data.skips.examples)
     if info.device.type == "cuda":
         summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 1e9
     return summary

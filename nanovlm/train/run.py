@@ -11,6 +11,7 @@ import os
 import shutil
 
 from nanovlm.config import DEFAULT_PRESET
+from nanovlm.data.datasets import check_data
 from nanovlm.eval.tasks import resolve_task
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
@@ -30,15 +31,14 @@ def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, o
                 base = json.load(f)
     vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
     lora.check_run(vlm_cfg, train_cfg)
-    for data in (train_cfg.data, train_cfg.val_data):
-        looks_local = data.startswith((".", "/", "~")) or data.endswith((".json", ".jsonl", ".parquet", ".arrow"))
-        if looks_local and not os.path.exists(os.path.expanduser(data)):
-            raise FileNotFoundError(f"data file {data} does not exist.")
+    reads = [check_data(d, train_cfg.image_folder, train_cfg.strict) for d in (train_cfg.data, train_cfg.val_data) if d]
     resolve_task(train_cfg.eval_task, train_cfg.data)  # an eval_task the data does not have: refused now
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out {out} is a file, not a folder; give a folder for the run.")
 
     info = dist.init()
+    if info.is_main:
+        print("data: " + " | validation: ".join(reads), flush=True)
     created = False
     try:
         if info.is_main:

@@ -1,16 +1,7 @@
-"""What every foreign-format reader shares: key tables, named transforms, a strict check that
-names every missing, unexpected and mis-shaped tensor at once, and a readable error type.
-
-Every format reader is a declarative key table, ours <- theirs, plus a few named transforms:
-- a `Rule` names the tensor(s) of the file that make one of our tensors, and the transform that
-  turns them into it (fuse q/k/v, undo llama.cpp's q/k row order, grow the vocabulary);
-- `convert` applies a table to the file's tensors, then `check_state_dict` lists every missing,
-  unexpected and mis-shaped tensor in one `WeightLoadError`. Nothing is skipped silently.
-
-Vocabulary growth: the rows added for the VLM's extra tokens (`<|image|>`, ...) start as the
-mean of the checkpoint's rows. A new token then begins as an "average" token, which leaves the
-pretrained model's outputs nearly unchanged (Hewitt, "Initializing new word embeddings", 2021),
-and the result does not depend on the random seed.
+"""What every foreign-format reader shares: a key table (ours <- theirs) of `Rule`s, each naming
+the file's tensor(s) and a named transform; `convert` lists every missing, unexpected and
+mis-shaped tensor in one `WeightLoadError`. Rows added for extra tokens start as the mean of the
+checkpoint's (Hewitt, "Initializing new word embeddings", 2021): no seed, outputs nearly unchanged.
 """
 
 from __future__ import annotations
@@ -23,39 +14,32 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+# What a download of a transformers checkpoint fetches: its config and safetensors weights only.
+HF_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+Transform = Callable[..., torch.Tensor]
 
 
 class WeightLoadError(ValueError):
     """Weights do not fit the model; the message lists every problem."""
 
 
-def check_state_dict(state: Mapping[str, "object"], expected_shapes: Mapping[str, tuple[int, ...]],
-                     source: str) -> None:
+def check_state_dict(state: Mapping[str, Any], expected_shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
     """Raise WeightLoadError listing every missing, unexpected and mis-shaped key."""
     missing = sorted(k for k in expected_shapes if k not in state)
     unexpected = sorted(k for k in state if k not in expected_shapes)
-    misshaped = sorted(
-        f"{k}: file has {tuple(state[k].shape)}, model needs {tuple(expected_shapes[k])}"
-        for k in expected_shapes
-        if k in state and tuple(state[k].shape) != tuple(expected_shapes[k])
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(_clip(missing))}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(_clip(unexpected))}")
-    if misshaped:
-        problems.append(f"mis-shaped tensors: {'; '.join(_clip(misshaped))}")
+    misshaped = sorted(f"{k}: file has {tuple(state[k].shape)}, model needs {tuple(expected_shapes[k])}"
+                       for k in expected_shapes if k in state and tuple(state[k].shape) != tuple(expected_shapes[k]))
+    def shown(names: list[str]) -> list[str]:
+        return names if len(names) <= 20 else names[:20] + [f"... and {len(names) - 20} more"]
+
+    problems = [f"{what} tensors: {sep.join(shown(names))}"
+                for what, names, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
+                                         ("mis-shaped", misshaped, "; ")) if names]
     if problems:
         raise WeightLoadError(f"cannot load {source}: " + " | ".join(problems)
                               + ". Check that the config matches the checkpoint.")
-
-
-def _clip(items: list[str], limit: int = 20) -> list[str]:
-    return items if len(items) <= limit else items[:limit] + [f"... and {len(items) - limit} more"]
-
-
-Transform = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -74,15 +58,11 @@ def expand_blocks(table: Mapping[str, Rule], n_blocks: int) -> dict[str, Rule]:
     """Write out a table whose names hold `{i}` once per block."""
     out: dict[str, Rule] = {}
     for ours, r in table.items():
-        if "{i}" not in ours:
-            out[ours] = r
-            continue
-        for i in range(n_blocks):
+        for i in range(n_blocks) if "{i}" in ours else [None]:
             out[ours.format(i=i)] = Rule(tuple(s.format(i=i) for s in r.sources), r.transform)
     return out
 
 
-# --------------------------------------------------------------------------- named transforms
 def fuse(*parts: torch.Tensor) -> torch.Tensor:
     """Stack q, k, v projections along the output axis (our fused `qkv_proj`)."""
     shapes = [tuple(p.shape) for p in parts]
@@ -92,8 +72,8 @@ def fuse(*parts: torch.Tensor) -> torch.Tensor:
 
 
 def grow_rows(n_rows: int) -> Transform:
-    """Append rows up to `n_rows`, each the mean of the existing rows (see the module docstring).
-    A tensor with more rows than asked is returned unchanged, for the shape check to report."""
+    """Append rows up to `n_rows`, each the mean of the existing rows (see the module docstring);
+    more rows than asked pass unchanged, for the shape check to report."""
 
     def transform(weight: torch.Tensor) -> torch.Tensor:
         extra = n_rows - weight.shape[0]
@@ -105,37 +85,29 @@ def grow_rows(n_rows: int) -> Transform:
     return transform
 
 
-# --------------------------------------------------------------------------- applying a table
 def convert(tensors: Mapping[str, torch.Tensor], table: Mapping[str, Rule], expected: Mapping[str, tuple[int, ...]],
             source: str, ignore: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:
-    """The file's tensors (`tensors`, their names) -> our state dict (fp32), checked against
-    `expected` (our name -> shape). File tensors no rule uses and `ignore` does not skip are
-    reported as unexpected, under their own names."""
+    """The file's tensors -> our state dict (fp32), checked against `expected` (our name -> shape).
+    File tensors no rule uses and `ignore` does not skip are reported as unexpected, by their names."""
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     expected = dict(expected)
-    used: set[str] = set()
+    used = {s for r in table.values() for s in r.sources}
     for ours, r in table.items():
-        used.update(r.sources)
         if not all(s in tensors for s in r.sources):
             continue  # check_state_dict reports `ours` as missing
         parts = [tensors[s] for s in r.sources]
         try:
-            value = r.transform(*parts) if r.transform is not None else parts[0]
+            state[ours] = (r.transform(*parts) if r.transform is not None else parts[0]).to(torch.float32)
         except (RuntimeError, ValueError) as e:
             problems.append(f"{ours} (from {', '.join(r.sources)}): {e}")
             expected.pop(ours, None)
-            continue
-        state[ours] = value.to(torch.float32)
-    for name in tensors:
-        if name not in used and not ignore(name):
-            state[name] = torch.empty(0)  # only its name matters: it is reported as unexpected
+    state.update({name: torch.empty(0) for name in tensors if name not in used and not ignore(name)})
+    also = f" Also: {'; '.join(problems)}." if problems else ""
     try:
         check_state_dict(state, expected, source)
     except WeightLoadError as e:
-        if problems:
-            raise WeightLoadError(f"{e} Also: {'; '.join(problems)}.") from None
-        raise
+        raise WeightLoadError(f"{e}{also}") from None
     if problems:
         raise WeightLoadError(f"cannot load {source}: {'; '.join(problems)}. "
                               "Check that the config matches the checkpoint.")
@@ -144,24 +116,20 @@ def convert(tensors: Mapping[str, torch.Tensor], table: Mapping[str, Rule], expe
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy a converted, checked state dict into `model` (strict; a tied head shares the embedding)."""
-    if getattr(model, "lm_tie_weights", False):
+    if model.lm_tie_weights:
         state = {**state, "head.weight": state["token_embedding.weight"]}
     model.load_state_dict(state, strict=True)
 
 
 def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Our state-dict names and shapes; a tied head is the embedding, so it is not expected."""
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if getattr(model, "lm_tie_weights", False):
-        shapes.pop("head.weight", None)
-    return shapes
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not (getattr(model, "lm_tie_weights", False) and k == "head.weight")}
 
 
-# --------------------------------------------------------------------------- architecture checks
-def check_architecture(found: Mapping[str, Any], cfg: Any, source: str,
-                       at_least: tuple[str, ...] = ()) -> None:
-    """Compare the checkpoint's architecture (`found`: config field -> value) with `cfg`; one error
-    names every field that differs. Fields in `at_least` only need cfg >= checkpoint."""
+def check_architecture(found: Mapping[str, Any], cfg: Any, source: str, at_least: tuple[str, ...] = ()) -> None:
+    """The checkpoint's architecture (config field -> value) against `cfg`, every difference in one
+    error; fields in `at_least` only need cfg >= checkpoint."""
     wrong = []
     for name, value in found.items():
         ours = getattr(cfg, name)
@@ -179,31 +147,14 @@ def check_architecture(found: Mapping[str, Any], cfg: Any, source: str,
 
 
 def check_lm_architecture(found: Mapping[str, Any], cfg: Any, source: str) -> None:
-    """The `config_from_source` fields of a checkpoint against cfg: all equal, except the
-    vocabulary, which cfg may extend (the extra tokens) but not cut."""
+    """A language model's fields against cfg: all equal, but cfg may extend the vocabulary (not cut it)."""
     arch = {k: v for k, v in found.items() if k not in ("lm_base_vocab_size", "lm_max_position_embeddings")}
-    arch["lm_vocab_size"] = found["lm_base_vocab_size"]
-    check_architecture(arch, cfg, source, at_least=("lm_vocab_size",))
+    check_architecture({**arch, "lm_vocab_size": found["lm_base_vocab_size"]}, cfg, source, at_least=("lm_vocab_size",))
 
 
 def f32_value(x: float) -> float:
     """A float stored as float32 (GGUF) back to the decimal it was written from: 1e-05, not 9.9999997e-06."""
     return float(f"{float(x):.7g}")
-
-
-# --------------------------------------------------------------------------- files and sources
-def read_model_config(directory: str, family: str, kinds: tuple[str, ...], accepted: str) -> tuple[dict[str, Any], str]:
-    """A transformers directory's config.json and its model_type, which must be one of `kinds`.
-    `family` names the directory kind in errors; `accepted` says what can be loaded."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise WeightLoadError(f"{directory} has no config.json; a transformers {family} directory needs "
-                              "config.json and model.safetensors.")
-    config = read_json(path)
-    kind = config.get("model_type")
-    if kind not in kinds:
-        raise WeightLoadError(f"{directory} holds a {kind!r} model; only {accepted} can be loaded.")
-    return config, kind
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -214,12 +165,22 @@ def read_json(path: str) -> dict[str, Any]:
         raise WeightLoadError(f"{path} is not valid JSON ({e}).") from None
 
 
+def read_model_config(directory: str, family: str, kinds: tuple[str, ...], accepted: str) -> tuple[dict[str, Any], str]:
+    """A transformers directory's config.json and its model_type, which must be one of `kinds`."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise WeightLoadError(f"{directory} has no config.json; a transformers {family} directory needs "
+                              "config.json and model.safetensors.")
+    config = read_json(path)
+    if config.get("model_type") not in kinds:
+        raise WeightLoadError(f"{directory} holds a {config.get('model_type')!r} model; only {accepted} can be loaded.")
+    return config, config["model_type"]
+
+
 class SafetensorsTensors(Mapping):
     """The tensors of a safetensors checkpoint (one file or a sharded index), read on access."""
 
     def __init__(self, directory: str):
-        from safetensors import SafetensorError, safe_open
-
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
         if os.path.isfile(index):
@@ -238,17 +199,13 @@ class SafetensorsTensors(Mapping):
             if not os.path.isfile(path):
                 raise WeightLoadError(f"shard {path} named by the index does not exist.")
             try:
-                handle = safe_open(path, framework="pt")
+                self._handles[path] = safe_open(path, framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
                 raise WeightLoadError(f"{path} is not a safetensors file ({e}).") from None
-            self._handles[path] = handle
-            for name in handle.keys():
-                self._where[name] = path
-        if files is not None:
-            lost = sorted(n for n, p in files.items() if self._where.get(n) != p)
-            if lost:
-                raise WeightLoadError(f"the index of {directory} names tensors its shards lack: "
-                                      f"{', '.join(lost[:10])}.")
+            self._where.update({name: path for name in self._handles[path].keys()})
+        lost = sorted(n for n, p in (files or {}).items() if self._where.get(n) != p)
+        if lost:
+            raise WeightLoadError(f"the index of {directory} names tensors its shards lack: {', '.join(lost[:10])}.")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
@@ -261,7 +218,3 @@ class SafetensorsTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._where)
-
-
-# What a download of a transformers checkpoint fetches: its config and safetensors weights only.
-HF_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]

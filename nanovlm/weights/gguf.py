@@ -1,13 +1,7 @@
-"""Llama weights from a GGUF file (llama.cpp's format) -> our `LanguageModel`.
-
-- The architecture comes from the `llama.*` metadata and must match the config.
-- Tensors are dequantized to fp32 with the `gguf` package; GGUF lists dimensions fastest-first,
-  so shapes are reversed to torch's order.
-- llama.cpp's converter reorders the rows of every q and k projection for its interleaved RoPE:
-  within each head, the rows that rotate-half pairs as (i, i + head_dim/2) are stored next to
-  each other, (2i, 2i + 1). `unpermute_rope_rows` puts them back (per query head for q, per
-  key/value head for k).
-- No `output.weight` tensor means the head is tied to the token embedding.
+"""Llama weights from a GGUF file (llama.cpp's format) -> our `LanguageModel`: the `llama.*`
+metadata must match the config; tensors are dequantized to fp32 (dimensions reversed); each
+head's q/k rows, interleaved for llama.cpp's RoPE, are put back in rotate-half order; no
+`output.weight` means a tied head.
 """
 
 from __future__ import annotations
@@ -68,15 +62,14 @@ def table(cfg: Any) -> dict:
 
 
 def open_gguf(path: str):
-    """A GGUFReader for `path`. Parsing the metadata (tens of thousands of tokenizer strings) takes
-    seconds, so the last few readers are kept: reading the config, then the weights, parses once."""
+    """A GGUFReader for `path`; the last two are kept: parsing the tokenizer strings takes seconds."""
     st = os.stat(path)
     return _open_gguf(os.path.realpath(path), st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 @functools.lru_cache(maxsize=2)
 def _open_gguf(path: str, mtime_ns: int, size: int, inode: int):
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # a quarter second to import: only where a GGUF file is read
 
     try:
         return GGUFReader(path)
@@ -119,16 +112,11 @@ def gguf_value(reader, key: str, default: Any = None) -> Any:
 
 
 def _metadata(reader, path: str) -> dict[str, Any]:
-    fields = reader.fields
-
-    def value(key: str, default: Any = None) -> Any:
-        return gguf_value(reader, key, default)
-
-    arch = value("general.architecture")
+    arch = gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise WeightLoadError(f"{path} holds a {arch!r} model; only GGUF files of the 'llama' architecture "
                               "(e.g. SmolLM2) can be loaded.")
-    meta = {key[len("llama."):]: value(key) for key in fields if key.startswith("llama.")}
+    meta = {key[len("llama."):]: gguf_value(reader, key) for key in reader.fields if key.startswith("llama.")}
     required = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count",
                 "attention.layer_norm_rms_epsilon")
     missing = [f"llama.{k}" for k in required if k not in meta]

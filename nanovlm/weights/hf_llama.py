@@ -1,10 +1,8 @@
-"""Llama weights in the transformers layout (`LlamaForCausalLM`: config.json + model.safetensors,
-or shards listed by model.safetensors.index.json) -> our `LanguageModel`.
+"""Llama weights in the transformers layout (`LlamaForCausalLM`, sharded or not) -> our `LanguageModel`.
 
-Transformers keeps q/k rows in the rotate-half order our RoPE uses, so the table is a plain
-renaming; the only transform grows the vocabulary (embedding, and the head when untied) to
-`cfg.lm_vocab_size`. Attention or MLP biases, other activations and scaled RoPE variants are
-refused with a message naming the setting: our model would silently compute something else.
+Transformers keeps q/k rows in the rotate-half order our RoPE uses, so the table is a renaming;
+the one transform grows the vocabulary to `cfg.lm_vocab_size`. Biases, other activations and
+scaled RoPE are refused, naming the setting: our model would silently compute something else.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""SigLIP / SigLIP2 vision towers in the transformers layout -> our `ViT`.
-
-Accepted: a directory with config.json + model.safetensors (or a sharded index), holding
-- a two-tower `SiglipModel` / `Siglip2Model` (vision keys under `vision_model.`; the text tower,
-  `logit_scale` and `logit_bias` are ignored), or
-- a `SiglipVisionModel` / `Siglip2VisionModel` (keys under `vision_model.` when written by
-  transformers 4, bare `embeddings.` / `encoder.` / `post_layernorm.` when written by 5);
-or a hub id when online. The attention-pooling `head.*` is ignored: the VLM uses every patch.
-
-Transforms:
-- q, k, v projections are fused into our `qkv_proj` (in that order);
-- the position table, an `nn.Embedding` (N, D), becomes our (1, N, D) parameter; when
-  `cfg.vit_img_size` gives another patch grid it is resized as transformers resizes it at run
-  time: bicubic (align_corners=False) for SigLIP, antialiased bilinear for SigLIP2 NaFlex;
-- SigLIP2 NaFlex embeds patches with a linear layer over pixels flattened in (row, column,
-  channel) order; that is a convolution whose weight is the same numbers, reordered.
+"""SigLIP / SigLIP2 vision towers in the transformers layout -> our `ViT` (text tower and pooling
+head ignored). q, k, v are fused; the position table is resized as transformers resizes it at run
+time (bicubic; NaFlex: antialiased bilinear); NaFlex's linear patch embedding becomes a convolution.
 """
 
 from __future__ import annotations

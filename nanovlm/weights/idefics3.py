@@ -1,25 +1,8 @@
-"""Idefics3 / SmolVLM directories in the transformers layout (`Idefics3ForConditionalGeneration`)
-<-> our `VisionLanguageModel`, in both directions through one key table.
-
-The model is ours with other names: a SigLIP vision tower (`model.vision_model.*`, the key
-table of `hf_siglip`), the pixel-shuffle connector with one bias-free linear layer
-(`model.connector.modality_projection.proj`; our `ModalityProjector` shuffles features in the
-same (row offset, column offset, channel) order), and a Llama text model
-(`model.text_model.*`, the table of `hf_llama`) with its own `lm_head` unless
-`tie_word_embeddings`. `KEYS` names, for each of our tensors, the file's tensor(s) and a kind:
-- `copy`: the same numbers;
-- `fuse`: q, k, v stacked into our `qkv_proj` (split again on export);
-- `positions`: the (N, D) position table as our (1, N, D) parameter, its rows in the order
-  `Idefics3VisionEmbeddings` reads them for a full tile (`tile_position_ids`: its bucketing of
-  fractional coordinates skips and repeats rows for some grid sides, e.g. 19 or 25 patches).
-
-The checkpoint's own processor and tokenizer files fill in the rest of the config: image size,
-splitting, resampling filter, normalisation (one mean and std for all channels), image sequence
-length, chat template and the end-of-utterance token (`vlm_image_layout = "idefics3"`: the
-prompt layout of `nanovlm.data.processors.idefics3_image_tokens`). `module_names` maps one of
-our module names to transformers' (PEFT adapters name those). `export.py` writes the other way.
-Like every reader here, nothing is skipped: every missing, unexpected and mis-shaped tensor is
-listed in one `WeightLoadError`. `weights/` never imports `models/`: the class comes as `cls`.
+"""Idefics3 / SmolVLM directories in the transformers layout <-> our `VisionLanguageModel`, both
+ways through one key table: a SigLIP tower (`hf_siglip`'s table), the pixel-shuffle connector's
+one linear layer, a Llama text model (`hf_llama`'s table). A key's kind: `copy`; `fuse` (q, k, v
+stacked); `positions` (rows in the order `Idefics3VisionEmbeddings` reads them for a full tile).
+The checkpoint's processor and tokenizer files fill in the rest of the config.
 """
 
 from __future__ import annotations
@@ -30,6 +13,8 @@ import re
 from typing import Any, Callable
 
 import torch
+
+from tokenizers import Tokenizer
 
 from nanovlm.config import VLMConfig
 from nanovlm.weights import hf_llama, hf_siglip
@@ -184,24 +169,31 @@ def _image_fields(image: dict[str, Any], source: str) -> dict[str, Any]:
     mean, std = image.get("image_mean", [0.5] * 3), image.get("image_std", [0.5] * 3)
     mean, std = ([v] * 3 if isinstance(v, (int, float)) else list(v) for v in (mean, std))
     if len(set(mean)) > 1 or len(set(std)) > 1:
-        wrong.append(f"per-channel normalisation (mean {mean}, std {std}); only one value for all channels is supported")
+        wrong.append(f"per-channel normalisation (mean {mean}, std {std}); only one value for all channels "
+                     "is supported")
     if not image.get("do_rescale", True) or abs(image.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
         wrong.append("pixels not rescaled by 1/255")
     resample = image.get("resample", 1)
     if resample not in RESAMPLE_CODES:
         wrong.append(f"resample={resample} (supported: 1 Lanczos, 3 bicubic)")
     if wrong:
-        raise WeightLoadError(f"{source}'s image processor uses settings this loader does not implement: {'; '.join(wrong)}.")
+        raise WeightLoadError(f"{source}'s image processor uses settings this loader does not implement: "
+                              f"{'; '.join(wrong)}.")
     normalise = image.get("do_normalize", True)
-    return {"vit_pixel_mean": float(mean[0]) if normalise else None, "vit_pixel_std": float(std[0]) if normalise else None,
+    return {"vit_pixel_mean": float(mean[0]) if normalise else None,
+            "vit_pixel_std": float(std[0]) if normalise else None,
             "max_img_size": int((image.get("size") or {}).get("longest_edge", 4 * 364)),
             "vlm_image_splitting": bool(image.get("do_image_splitting", True)),
             "vlm_image_resample": RESAMPLE_CODES[resample], "resize_to_max_side_len": True}
 
 
-def idefics3_config(directory: str, vocab: Callable[[str], int | None]) -> VLMConfig:
-    """The VLMConfig of an Idefics3 directory; `vocab(token)` is its tokenizer's id of a token."""
+def idefics3_config(directory: str) -> VLMConfig:
+    """The VLMConfig of an Idefics3 directory (its tokenizer.json gives the image tokens' ids)."""
     config, _ = read_model_config(directory, "Idefics3", ("idefics3",), "Idefics3 / SmolVLM models")
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise WeightLoadError(f"{directory} has no tokenizer.json; an Idefics3 checkpoint's tokenizer holds its "
+                              "image tokens.")
+    vocab = Tokenizer.from_file(os.path.join(directory, "tokenizer.json")).token_to_id
     vision = {**_VISION_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
     text = {"rms_norm_eps": 1e-5, **(config.get("text_config") or {})}  # Idefics3Config's text default
     image, processor, template = processor_files(directory)
@@ -221,7 +213,8 @@ def idefics3_config(directory: str, vocab: Callable[[str], int | None]) -> VLMCo
     eou = IDEFICS3_TOKENS["end_of_utterance_token"]
     eos = vocab(eou) if eou in (template or eou) else None
     fields.update(
-        mp_pixel_shuffle_factor=int(config.get("scale_factor", 2)), lm_tie_weights=bool(config.get("tie_word_embeddings", False)),
+        mp_pixel_shuffle_factor=int(config.get("scale_factor", 2)),
+        lm_tie_weights=bool(config.get("tie_word_embeddings", False)),
         vlm_image_layout="idefics3", vlm_extra_tokens=tokens, vlm_extra_tokens_in_vocab=True,
         vlm_image_token_id=vocab(IDEFICS3_TOKENS["image_token"]), lm_tokenizer=directory, vit_model_type="",
         lm_model_type="", vlm_load_backbone_weights=False, lm_max_length=fields["lm_max_position_embeddings"],
@@ -238,22 +231,15 @@ def idefics3_config(directory: str, vocab: Callable[[str], int | None]) -> VLMCo
 
 # --------------------------------------------------------------------------- loading
 def load_idefics3(cls: type, directory: str):
-    """A `cls` (VisionLanguageModel) with an Idefics3 directory's weights (fp32, CPU) and its tokenizer."""
-    from nanovlm.data.tokenizer import get_tokenizer
-
-    tok = get_tokenizer(directory)
-    cfg = idefics3_config(directory, tok.token_to_id)
-    tok.add_extra_tokens(cfg.vlm_extra_tokens)  # all in the vocabulary already: names only
-    tok.chat_template = cfg.lm_chat_template
-    tok.eos_token = tok._tok.id_to_token(cfg.lm_eos_token_id)  # turns end with <end_of_utterance>
-    tensors = SafetensorsTensors(directory)
+    """A `cls` (VisionLanguageModel) with an Idefics3 directory's weights, fp32 on the CPU."""
+    cfg = idefics3_config(directory)
     model = cls(cfg, load_backbone=False)
     expected = {k: tuple(v.shape) for k, v in model.state_dict_for_saving().items()}
 
     def ignore(name: str) -> bool:
-        return name.endswith(("position_ids", "rotary_emb.inv_freq")) or (cfg.lm_tie_weights and name == "lm_head.weight")
+        tied_head = cfg.lm_tie_weights and name == "lm_head.weight"
+        return name.endswith(("position_ids", "rotary_emb.inv_freq")) or tied_head
 
-    state = convert(tensors, table(cfg), expected, directory, ignore)  # every tensor checked
+    state = convert(SafetensorsTensors(directory), table(cfg), expected, directory, ignore)  # every tensor checked
     model.load_state_dict(state, strict=False)  # strict but for a tied head: it is the embedding
-    model.tokenizer = tok
     return model.float()

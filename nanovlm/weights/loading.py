@@ -1,10 +1,6 @@
-"""Language-model weights from any source.
-
-`load_language_model(cls, cfg)` reads `cfg.lm_model_type`: `packaged:smollm2-135m`, a `.gguf`
-file, a transformers Llama directory, or a hub id (downloaded only when online; see
-`nanovlm.sources`), and returns a `cls` (the `LanguageModel` its `from_pretrained` passes) in
-fp32 on the CPU. `config_from_source(name)` reads the `lm_*` fields of such a source, so presets
-and users can fill in a config from a checkpoint instead of typing numbers.
+"""Language-model weights from any source: `cfg.lm_model_type` names `packaged:smollm2-135m`, a
+`.gguf` file, a transformers Llama directory, or a hub id (downloaded only when online).
+`config_from_source(name)` reads a source's `lm_*` fields, so a config need not type numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ def _resolve_lm(name: str) -> tuple[str, str]:
                           "nor a .gguf file.")
 
 
-# --------------------------------------------------------------------------- entry points
 def load_language_model(cls: type, cfg: Any):
     """A `cls` (LanguageModel) with the weights `cfg.lm_model_type` names, fp32 on the CPU."""
     kind, path = _resolve_lm(cfg.lm_model_type)

@@ -1,16 +1,7 @@
 """Checkpoint directories of nanovlm and of the original nanoVLM: config.json + model.safetensors
-(+ our tokenizer files), read, checked, written and uploaded.
-
-Both use the state-dict names of the original (`vision_encoder.*`, `MP.*`, `decoder.*`), so the
-table is the identity; what differs is handled here:
-- the original saved the RoPE frequencies (`decoder.rotary_embd.inv_freq`), which hold no learned
-  state: they are dropped;
-- with tied weights the original may hold only `decoder.head.weight` (safetensors keeps one name
-  of a tied pair), we hold only `decoder.token_embedding.weight`: either loads.
-
-Everything here works on state dicts, configs and directories; the model is taken duck-typed
-(`cfg`, `state_dict_for_saving()`, `load_state_dict()`), so `weights/` never imports `models/`.
-`VisionLanguageModel.from_pretrained` / `save_pretrained` / `push_to_hub` call these functions.
+(+ tokenizer and PEFT adapter files). Both use the original's tensor names; its saved RoPE
+frequencies are dropped, and a tied head may be stored under either name. The model is taken
+duck-typed (`cfg`, `state_dict_for_saving()`, `load_state_dict()`): `weights/` imports no `models/`.
 """
 
 from __future__ import annotations
@@ -21,16 +12,18 @@ import tempfile
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from nanovlm.config import VLMConfig
 from nanovlm.fileio import written_dir
 from nanovlm.sources import resolve
 from nanovlm.weights.common import check_state_dict
+from nanovlm.weights.idefics3 import idefics3_config, is_idefics3
+from nanovlm.weights.peft import write_adapter
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-# Buffers the original nanoVLM saved that hold no learned state (recomputed from the config).
 _NON_LEARNED_KEYS = ("decoder.rotary_embd.inv_freq",)
 
 
@@ -42,8 +35,6 @@ def checkpoint_directory(repo_id_or_path: str | os.PathLike, revision: str | Non
     if not os.path.isdir(directory):
         raise ValueError(f"{directory} is a file; --model / from_pretrained expects a checkpoint directory "
                          f"with {CONFIG_FILE} and {WEIGHTS_FILE}.")
-    from nanovlm.weights.idefics3 import is_idefics3
-
     if is_idefics3(directory):  # its own reader checks its files (its weights may be sharded)
         return directory
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -55,23 +46,14 @@ def checkpoint_directory(repo_id_or_path: str | os.PathLike, revision: str | Non
 
 
 def checkpoint_config(repo_id_or_path: str | os.PathLike) -> VLMConfig:
-    """The VLMConfig of a checkpoint (ours, the original's, or a transformers Idefics3 one),
-    without reading its weights."""
-    from nanovlm.sources import resolve
-    from nanovlm.weights.idefics3 import is_idefics3, idefics3_config
-
+    """The VLMConfig of a checkpoint (ours, the original's, or Idefics3), without its weights."""
     path = resolve(repo_id_or_path)
-    if is_idefics3(path):
-        from nanovlm.data.tokenizer import get_tokenizer
-
-        return idefics3_config(path, get_tokenizer(path).token_to_id)
-    return VLMConfig.from_json(os.path.join(checkpoint_directory(path), CONFIG_FILE))
+    return idefics3_config(path) if is_idefics3(path) else \
+        VLMConfig.from_json(os.path.join(checkpoint_directory(path), CONFIG_FILE))
 
 
 def read_checkpoint(directory: str) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a checkpoint directory, ours or the original's."""
-    from safetensors.torch import load_file
-
     cfg = VLMConfig.from_json(os.path.join(directory, CONFIG_FILE))
     return cfg, load_file(os.path.join(directory, WEIGHTS_FILE))
 
@@ -96,8 +78,6 @@ def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[s
     temporary directory renamed into place, so a crash never leaves a half-written checkpoint.
     `adapter` (LoRA settings, adapter tensors, tensors of modules trained whole) adds PEFT's
     adapter_config.json + adapter_model.safetensors (`nanovlm.weights.peft`)."""
-    from safetensors.torch import save_file
-
     with written_dir(os.fspath(directory)) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
@@ -105,8 +85,6 @@ def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[s
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if adapter is not None:
-            from nanovlm.weights.peft import write_adapter
-
             write_adapter(tmp, *adapter)
 
 
@@ -114,7 +92,7 @@ def push_checkpoint(repo_id: str, save: Callable[[str], None], private: bool = F
                     commit_message: str = "Upload nanovlm model"):
     """Upload the checkpoint directory `save(path)` writes to hub repo `repo_id` (created if
     needed; needs `huggingface_hub` and a login). Only ever called explicitly."""
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import create_repo, upload_folder  # optional: the [hf] extra
 
     repo_id = create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:

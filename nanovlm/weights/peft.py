@@ -1,20 +1,8 @@
 """LoRA adapters in PEFT's layout for transformers' `Idefics3ForConditionalGeneration`.
 
-A directory that `peft.PeftModel.from_pretrained(idefics3_model, directory)` loads:
-- `adapter_config.json`: PEFT's `LoraConfig` fields (`r`, `lora_alpha`, `lora_dropout`,
-  `target_modules` as the full module names, `modules_to_save`);
-- `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` (rank, in) and
-  `....lora_B.weight` (out, rank) per adapted module, and `base_model.model.<module>.weight` of
-  each module PEFT saves whole (the projector, trained fully under LoRA).
-
-The module names are transformers' (`model.text_model.layers.{i}.self_attn.q_proj`,
-`model.vision_model.encoder.layers.{i}.mlp.fc1`, ...; checked against the saved keys of
-`peft.get_peft_model(...).save_pretrained` in tests/test_lora.py). Our fused vision `qkv_proj`
-adapter holds one (A, B) pair per output slice (`nanovlm.models.lora`), written as the adapters
-of `q_proj`, `k_proj` and `v_proj`. `IDEFICS3_NAMES` (ours -> theirs) is read from the one
-Idefics3 key table (`nanovlm.weights.idefics3`).
-
-Works on state dicts and names only (`weights/` never imports `models/`).
+`adapter_config.json` (PEFT's `LoraConfig`) and `adapter_model.safetensors` (`lora_A` / `lora_B`
+per module, and the projector saved whole), named as the one Idefics3 key table names modules;
+our fused vision `qkv_proj` adapter is written as those of `q_proj`, `k_proj` and `v_proj`.
 """
 
 from __future__ import annotations
@@ -24,6 +12,7 @@ import os
 import re
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from nanovlm.weights.idefics3 import module_names
 
@@ -31,8 +20,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
-# The linear modules of ours that take adapters ({i}: the block); their transformers names come
-# from the Idefics3 key table (`nanovlm.weights.idefics3.module_names`), one per output slice.
+# Our linear modules that take adapters ({i}: the block), and their transformers names per output slice.
 TARGETABLE = ("decoder.blocks.{i}.attn.q_proj", "decoder.blocks.{i}.attn.k_proj", "decoder.blocks.{i}.attn.v_proj",
               "decoder.blocks.{i}.attn.out_proj", "decoder.blocks.{i}.mlp.gate_proj", "decoder.blocks.{i}.mlp.up_proj",
               "decoder.blocks.{i}.mlp.down_proj", "vision_encoder.blocks.{i}.attn.qkv_proj",
@@ -108,8 +96,6 @@ def adapter_config(settings: dict, adapter_modules: list[str], whole_modules: li
 def write_adapter(directory: str, settings: dict, adapters: dict[str, torch.Tensor],
                   whole: dict[str, torch.Tensor]) -> None:
     """adapter_config.json + adapter_model.safetensors into `directory` (an existing folder)."""
-    from safetensors.torch import save_file
-
     adapter_modules = sorted({k.rpartition(".")[0] for k in adapters})
     whole_modules = sorted({k.rpartition(".")[0] for k in whole})
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
@@ -125,8 +111,6 @@ def has_adapter(directory: str) -> bool:
 def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(settings: rank, alpha, dropout, modules (ours)), our adapter tensors) of a PEFT directory
     this module wrote (or any LoRA adapter of plain rank and scaling on these modules)."""
-    from safetensors.torch import load_file
-
     path = os.path.join(directory, ADAPTER_CONFIG)
     with open(path) as f:
         config = json.load(f)
