@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import numbers
 import os
 import types
@@ -453,7 +454,8 @@ class TrainConfig:
     eval_batch_size: int = setting(64, "questions answered together during accuracy checks", min=1)
     log_interval: int = setting(10, "steps between log lines and metrics.jsonl records", min=1)
     wandb: bool = setting(False, "mirror the metrics to Weights & Biases")
-    streaming: bool = setting(False, "read data files / hub data incrementally instead of with random access")
+    data_weights: str = setting("", "with data=A,B,...: each source's share of the samples, comma-separated "
+                                "(none: by size)")
     max_image_pixels: int = setting(64 * 1024 * 1024, "images with more pixels are skipped (decompression bombs)",
                                     min=1)
     recipe: RecipeConfig = group(RecipeConfig, "the from-scratch CPU recipe's settings")
@@ -462,12 +464,29 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.compile = _compile_setting(self.compile)
         check_fields(self)
+        self.source_weights()
         if self.lora.lora_rank:
             targets = lora_target_names(self.lora.lora_targets)
             for prefix, rate in (("lm_", "lr_language_backbone"), ("vit_", "lr_vision_backbone")):
                 named = [t for t in targets if t.startswith(prefix)]
                 _check(not named or getattr(self, rate) > 0, f"lora_targets adapts {', '.join(named)} but {rate} "
                        f"(the adapters' learning rate) is 0; set {rate} > 0 or leave those targets out.")
+
+    def source_weights(self) -> list[float]:
+        """data_weights as numbers, one per source of `data` (empty: none given)."""
+        if not str(self.data_weights or "").strip():
+            return []
+        try:
+            weights = [float(w) for w in str(self.data_weights).split(",")]
+        except ValueError:
+            raise ConfigError(f"data_weights must be numbers separated by commas (e.g. 2,1), got "
+                              f"{self.data_weights!r}.") from None
+        sources = [d for d in str(self.data or "").split(",") if d.strip()]
+        _check(len(weights) == len(sources), f"data_weights gives {len(weights)} weight(s) for {len(sources)} "
+               "source(s) in data; give one weight per source, in the order of data.")
+        _check(all(w > 0 and math.isfinite(w) for w in weights), f"data_weights must all be above 0, got "
+               f"{self.data_weights!r}; leave a source out of data instead of weighting it 0.")
+        return weights
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting by its flat name (the layout of a run folder's config.json)."""

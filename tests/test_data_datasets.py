@@ -10,7 +10,7 @@ from PIL import Image
 from nanovlm.config import IGNORE_INDEX, ConfigError, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator
 from nanovlm.data.datasets import (ConversationDataset, DataError, SampleError, SkipCounter,
-                                   StreamingConversationDataset, build_dataset, is_skip, make_loader)
+                                   build_dataset, is_skip, make_loader)
 from nanovlm.data.processors import get_tokenizer
 
 CFG = VLMConfig.from_preset("tiny")
@@ -233,51 +233,6 @@ def test_unknown_layout_and_missing_path(tmp_path, tok, monkeypatch):
         build_dataset(TrainConfig(data=str(path)), CFG, tok, split="test")
     with pytest.raises(DataError, match="offline mode forbids"):
         make(tok, "someone/some-dataset")  # tests run with HF_HUB_OFFLINE=1
-
-
-# ---------------------------------------------------------------------------- streaming
-def test_streaming_shards_and_resumes(tmp_path, tok):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n = 20
-    rows = {"images": [[] for _ in range(n)],
-            "texts": [[{"user": f"q{i}", "assistant": f"a{i}"}] for i in range(n)]}
-    rows["texts"][5] = [{"user": "q5", "assistant": ""}]
-    path = tmp_path / "s.parquet"
-    pq.write_table(pa.table(rows), path)
-    train = TrainConfig(data=str(path), streaming=True)
-
-    def ids(ds):
-        return [item["id"] for item in ds]
-
-    shards = [build_dataset(train, CFG, tok, rank=r, world_size=2) for r in range(2)]
-    assert all(isinstance(s, StreamingConversationDataset) for s in shards)
-    got = [ids(s) for s in shards]
-    assert sorted(got[0] + got[1]) == sorted(f"s.parquet row {k}" for k in range(n))
-    assert not set(got[0]) & set(got[1])
-    assert sum(is_skip(item) for s in shards for item in s) == 1
-
-    full = ids(shards[0])
-    shards[0].set_position(batches=3, batch_size=2)
-    assert ids(shards[0]) == full[6:]  # exactly the rest, shuffle included
-
-    # Through the loader, with two workers, stopped and resumed mid-epoch.
-    collate = VLMCollator(tok.pad_token_id, CFG.lm_max_length)
-
-    def loader():
-        return make_loader(build_dataset(train, CFG, tok), collate, global_batch_size=3, num_workers=2)
-
-    reference = [b["ids"] for b in loader()]
-    assert sorted(sum(reference, [])) == sorted(f"s.parquet row {k}" for k in range(n) if k != 5)
-    first = loader()
-    it = iter(first)
-    got = [next(it)["ids"] for _ in range(3)]
-    state = first.state_dict()
-    assert state["index"] == 3
-    resumed = loader()
-    resumed.load_state_dict(state)
-    assert got + [b["ids"] for b in resumed] == reference
 
 
 # ---------------------------------------------------------------------------- easy-VQA: records like any other

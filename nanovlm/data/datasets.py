@@ -1,6 +1,5 @@
-"""Datasets: the records of a split (`data/records.py`) -> processed samples, by random access
-(`ConversationDataset`) or streamed (`StreamingConversationDataset`), both through
-`SampleProcessor.sample`. A sample that cannot be used is a skip marker `{"skip", "id", "error"}`
+"""Datasets: the records of a split (`data/records.py`) -> processed samples by random access
+(`ConversationDataset`, through `SampleProcessor.sample`). A sample that cannot be used is a skip marker `{"skip", "id", "error"}`
 that collators drop and `SkipCounter` counts once (`strict`: it raises). `ShardedBatchSampler`
 and `ResumableLoader` make the order seeded, sharded and resumable.
 """
@@ -9,12 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
@@ -323,62 +321,12 @@ class ConversationDataset(Dataset):
         return info
 
 
-class StreamingConversationDataset(IterableDataset):
-    """Records read incrementally, buffer-shuffled, record k to shard k mod (ranks * workers); one
-    item per record (sample or skip marker), so `set_position` drops exactly the done batches."""
-
-    def __init__(self, records: Records, vlm_cfg, tokenizer, *, strict: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, independent_turns: bool = False, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
-        self.records, self.name, self.strict = records, records.name, strict
-        self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=records.base_dir,
-                                         max_image_pixels=max_image_pixels, independent_turns=independent_turns)
-        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
-        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_position(self, batches: int, batch_size: int) -> None:
-        self.skip_batches, self.batch_size = batches, batch_size
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        # In-order DataLoaders take batches from workers round-robin, starting with worker 0. On a
-        # resume at batch k, worker 0 must make batch k: it plays the part of worker k mod n.
-        worker = (worker + self.skip_batches) % n_workers
-        shards, shard = self.world_size * n_workers, self.rank * n_workers + worker
-        to_drop = max(0, -(-(self.skip_batches - worker) // n_workers)) * self.batch_size  # this worker's done batches
-        rng = random.Random(self.seed * 1_000_003 + self.epoch * 7919 + shard)
-        mine = (item for k, item in enumerate(self.records.items()) if k % shards == shard)
-        for n, (where, record) in enumerate(_buffer_shuffle(mine, self.shuffle_buffer, rng)):
-            if n >= to_drop:
-                yield self.processor.sample(lambda: [record], where, self.strict)
-
-
-def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """The items in a shuffled order, holding at most `size` of them at a time."""
-    buffer: list[Any] = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= max(size, 1):
-            j = rng.randrange(len(buffer))
-            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: int = 0, world_size: int = 1):
     """The dataset of `split` of what `train_cfg.data` names (see the module docstring)."""
     cfg = train_cfg
     records = open_records(cfg.data, split, cfg.image_folder)
     common = dict(strict=cfg.strict, max_image_pixels=cfg.max_image_pixels or DEFAULT_MAX_PIXELS,
                   independent_turns=cfg.independent_turns)
-    if cfg.streaming:
-        return StreamingConversationDataset(records, vlm_cfg, tokenizer, rank=rank, world_size=world_size,
-                                            seed=cfg.seed, **common)
     merging = {}
     if cfg.multi_turn and split == "train":  # samples too long for a packed row are never merged
         length = vlm_cfg.lm_max_length
@@ -391,10 +339,13 @@ def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: 
 # ---------------------------------------------------------------------------- sampling and loading
 class ShardedBatchSampler:
     """Seeded per-epoch shuffle cut into global batches, rank r of W taking the r-th slice of each
-    (together exactly the single-process batch); `index`: the batch the next pass starts at."""
+    (together exactly the single-process batch); `index`: the batch the next pass starts at.
+    `groups` + `counts` (a weighted mixture): each epoch draws `counts[k]` of the positions in
+    `groups[k]` (all of them before any repeats), from the seed and the epoch alone."""
 
     def __init__(self, n: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False):
+                 shuffle: bool = True, drop_last: bool = False, groups: Sequence[Sequence[int]] = (),
+                 counts: Sequence[int] = ()):
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}.")
         if not 0 <= rank < world_size:
@@ -402,6 +353,8 @@ class ShardedBatchSampler:
         if global_batch_size < world_size:
             raise ValueError(f"the global batch ({global_batch_size}) must hold at least one sample per rank "
                              f"({world_size} ranks).")
+        self.groups, self.counts = [list(g) for g in groups], list(counts)
+        n = sum(self.counts) if self.groups else n
         self.n, self.global_batch_size, self.rank, self.world_size = n, global_batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch = self.index = 0
@@ -416,10 +369,21 @@ class ShardedBatchSampler:
 
     def rank_batch(self, epoch: int, b: int) -> list[int]:
         if self._perm[0] != epoch:
-            self._perm = (epoch, torch.randperm(self.n, generator=self.epoch_generator(epoch)).tolist()
-                          if self.shuffle else list(range(self.n)))
+            self._perm = (epoch, self.order(epoch))
         g = self._perm[1][b * self.global_batch_size:(b + 1) * self.global_batch_size]
         return g[self.rank * len(g) // self.world_size:(self.rank + 1) * len(g) // self.world_size]
+
+    def order(self, epoch: int) -> list[int]:
+        """The positions of `epoch`, in the order they are trained."""
+        g = self.epoch_generator(epoch)
+        if not self.groups:
+            return torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        drawn = []
+        for members, count in zip(self.groups, self.counts):
+            repeats = -(-count // len(members))
+            drawn += [members[i] for i in torch.cat([torch.randperm(len(members), generator=g)
+                                                     for _ in range(repeats)])[:count].tolist()]
+        return [drawn[i] for i in torch.randperm(len(drawn), generator=g).tolist()] if self.shuffle else drawn
 
     def batches(self) -> list[list[int]]:
         """This rank's batches of the rest of the current epoch."""
@@ -443,26 +407,21 @@ class ShardedBatchSampler:
 
 class ResumableLoader:
     """Batches of a dataset, an epoch per pass; `state_dict()`: the position after the last batch
-    yielded, not the prefetched ones. A stream (`sampler=None`) keeps it in an empty sampler."""
+    yielded, not the prefetched ones."""
 
-    def __init__(self, dataset, sampler: ShardedBatchSampler | None, collate_fn: Callable, *, num_workers: int = 0,
-                 pin_memory: bool = False, batch_size: int = 1, seed: int = 0):
-        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
-        self.num_workers, self.pin_memory, self.batch_size = num_workers, pin_memory, batch_size
-        self.position = sampler if sampler is not None else ShardedBatchSampler(0, 1, seed=seed)
+    def __init__(self, dataset, sampler: ShardedBatchSampler, collate_fn: Callable, *, num_workers: int = 0,
+                 pin_memory: bool = False):
+        self.dataset, self.sampler, self.position, self.collate_fn = dataset, sampler, sampler, collate_fn
+        self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         p = self.position
-        common = dict(collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        if self.sampler is None:
-            self.dataset.set_epoch(p.epoch)
-            self.dataset.set_position(p.index, self.batch_size)
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, **common)
-        else:  # worker seeds from the epoch's generator: the global RNG stays as a resumed run needs it
-            loader = DataLoader(self.dataset, batch_sampler=p.batches(), generator=p.epoch_generator(p.epoch), **common)
+        # Worker seeds from the epoch's generator: the global RNG stays as a resumed run needs it.
+        loader = DataLoader(self.dataset, batch_sampler=p.batches(), generator=p.epoch_generator(p.epoch),
+                            collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
         for batch in loader:
             p.index += 1
             yield batch
@@ -482,11 +441,6 @@ class ResumableLoader:
 def make_loader(dataset, collate_fn: Callable, *, global_batch_size: int, rank: int = 0, world_size: int = 1,
                 seed: int = 0, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False):
     """The loader of a `build_dataset` dataset: `global_batch_size / world_size` samples a rank."""
-    if not isinstance(dataset, IterableDataset):
-        sampler = ShardedBatchSampler(len(dataset), global_batch_size, rank=rank, world_size=world_size, seed=seed,
-                                      drop_last=drop_last)
-        return ResumableLoader(dataset, sampler, collate_fn, num_workers=num_workers, pin_memory=pin_memory)
-    if global_batch_size % world_size:
-        raise ValueError(f"the global batch ({global_batch_size}) must divide evenly over {world_size} ranks.")
-    return ResumableLoader(dataset, None, collate_fn, num_workers=num_workers, pin_memory=pin_memory,
-                           batch_size=global_batch_size // world_size, seed=seed)
+    sampler = ShardedBatchSampler(len(dataset), global_batch_size, rank=rank, world_size=world_size, seed=seed,
+                                  drop_last=drop_last)
+    return ResumableLoader(dataset, sampler, collate_fn, num_workers=num_workers, pin_memory=pin_memory)

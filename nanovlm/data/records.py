@@ -162,6 +162,10 @@ class Records:
         self.parts, self.name, self.split, self.base_dir, self.files = parts, name, split, base_dir, list(files)
         self._ends: list[int] = []
 
+    def source_of(self, i: int) -> str:
+        """The source record `i` comes from (a mixture's member; else the source itself)."""
+        return self.name
+
     def _locate(self, i: int) -> tuple[_Part, int]:
         if not 0 <= i < len(self):
             raise IndexError(i)
@@ -189,6 +193,53 @@ class Records:
     def items(self) -> Iterator[tuple[str, Any]]:
         for part in self.parts:
             yield from part.items()
+
+
+class Mixture(Records):
+    """Several sources' records of one split, one after another (`data=A,B`). Each keeps its own
+    image folder: a record's relative image paths come out joined to its source's."""
+
+    def __init__(self, members: list[Records], name: str, split: str):
+        super().__init__([p for m in members for p in m.parts], name, split, None, [f for m in members for f in m.files])
+        self.members, self._owner = members, {id(p): m for m in members for p in m.parts}
+
+    def _member(self, i: int) -> Records:
+        return self._owner[id(self._locate(int(i))[0])]
+
+    def source_of(self, i: int) -> str:
+        return self._member(i).name
+
+    def __getitem__(self, i: int) -> Any:
+        return _rebase(super().__getitem__(i), self._member(i).base_dir)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for member in self.members:
+            for where, record in member.items():
+                yield where, _rebase(record, member.base_dir)
+
+
+def _rebase(record: Any, base_dir: str | None) -> Any:
+    """A record whose relative image paths are joined to `base_dir` (a copy; bytes stay as they are)."""
+    if not base_dir or not isinstance(record, dict):
+        return record
+    key = "image" if "image" in record else "images" if "images" in record else None
+    if key is None:
+        return record
+
+    def join(source: Any) -> Any:
+        if isinstance(source, dict) and not source.get("bytes") and isinstance(source.get("path"), str):
+            return {**source, "path": join(source["path"])}
+        if isinstance(source, str) and not os.path.isabs(os.path.expanduser(source)):
+            return os.path.join(base_dir, source)
+        return source
+
+    value = record[key]
+    return {**record, key: [join(v) for v in value] if isinstance(value, (list, tuple)) else join(value)}
+
+
+def mixture_sources(data: str) -> list[str]:
+    """The sources `data=A,B,...` names (one for a plain source)."""
+    return [s.strip() for s in str(data or "").split(",") if s.strip()]
 
 
 def from_list(records: list, name: str = "records", base_dir: str | None = None) -> Records:
@@ -247,7 +298,9 @@ def is_local(data: str) -> bool:
 
 
 def splits(data: str) -> list[str]:
-    """The splits a source offers."""
+    """The splits a source offers (a mixture: those any of its sources offers)."""
+    if len(mixture_sources(data)) > 1:
+        return list(dict.fromkeys(s for d in mixture_sources(data) for s in splits(d)))
     if data.lower() in PACKAGED:
         return list(PACKAGED[data.lower()].SPLITS)
     if is_local(data):
@@ -262,6 +315,8 @@ def splits(data: str) -> list[str]:
 
 def describe(data: str) -> str:
     """One line: the splits of a source and what each is read from."""
+    if len(mixture_sources(data)) > 1:
+        return " + ".join(describe(d) for d in mixture_sources(data))
     if data.lower() in PACKAGED:
         return f"{data} (packaged), splits {', '.join(PACKAGED[data.lower()].SPLITS)}"
     if not is_local(data):
@@ -281,8 +336,10 @@ def open_records(data: str, split: str = "train", image_folder: str | None = Non
     """The records of `split` of the source `data` names; `image_folder`: where relative image
     paths start (default: the data file's folder)."""
     data = str(data or "").strip()
-    if not data:
+    if not mixture_sources(data):
         raise DataError("no training data given; set data=easyvqa, a data file or directory, or a hub dataset name.")
+    if len(mixture_sources(data)) > 1:
+        return _mixture(mixture_sources(data), split, image_folder)
     if image_folder is not None and not os.path.isdir(image_folder):
         raise DataError(f"image folder {image_folder} does not exist.")
     if data.lower() in PACKAGED:
@@ -303,6 +360,20 @@ def open_records(data: str, split: str = "train", image_folder: str | None = Non
     records = Records([file_part(f, split) for f in files], name, split, base, files)
     check_layout(records)
     return records
+
+
+def _mixture(sources: list[str], split: str, image_folder: str | None) -> Mixture:
+    """The split from every source that has it; the train split from every source."""
+    if len(set(sources)) < len(sources):
+        raise DataError(f"data names {', '.join(s for s in dict.fromkeys(sources) if sources.count(s) > 1)} more than "
+                        "once; weight a source with data_weights instead.")
+    have = [d for d in sources if split == "train" or split in splits(d)]
+    if not have:
+        raise DataError(f"none of the sources {', '.join(sources)} has a {split!r} split.")
+    members = [open_records(d, split, image_folder) for d in have]
+    for d, member in zip(have, members):
+        member.name = d  # reports name each source as data= wrote it
+    return Mixture(members, ",".join(have), split)
 
 
 def _hub(name: str, split: str, image_folder: str | None) -> Records:

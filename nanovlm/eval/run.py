@@ -9,7 +9,7 @@ import os
 import torch
 
 from nanovlm.data.datasets import SkipCounter
-from nanovlm.data.records import PACKAGED, PACKAGED_NAMES, DataError, splits
+from nanovlm.data.records import PACKAGED, PACKAGED_NAMES, DataError, mixture_sources, splits
 from nanovlm.eval import vqa
 from nanovlm.fileio import atomic_write_json
 from nanovlm.models.quantization import check_quantize
@@ -84,7 +84,7 @@ def default_report_path(model: str, data: str, split: str | None, limit: int = 0
         path = os.path.abspath(path) if os.path.exists(path) else path
         return "-".join([p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".", "..")][-n:])
 
-    stem = os.path.splitext(tail(os.path.expanduser(data), 1))[0] or "data"
+    stem = "+".join(os.path.splitext(tail(os.path.expanduser(d), 1))[0] for d in mixture_sources(data)) or "data"
     return "-".join(filter(None, ["eval", tail(model, 2) or "model", stem, split, f"first{limit}" if limit else ""])) \
         + ".json"
 

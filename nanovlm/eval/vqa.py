@@ -73,7 +73,7 @@ def qa_items(data: str | Records, image_folder: str | None = None, split: str = 
         sources = [_resolve(s, image_folder or records.base_dir) for s in images]
         for t, (question, answer, kind) in enumerate(turns):
             items.append({"id": f"{records.where(int(i))} q{t + 1}", "images": sources, "question": question,
-                          "answer": answer, "type": kind})
+                          "answer": answer, "type": kind, "source": records.source_of(int(i))})
             if limit and len(items) >= limit:
                 return items
     return items
@@ -194,6 +194,7 @@ def score(items: Sequence[dict[str, Any]], predictions: Sequence[str | dict[str,
     """The report without timing: accuracy, breakdowns, and every item (see `evaluate`)."""
     by_type = {t: [0, 0] for t in ANSWER_TYPES} if any(it.get("type") is None for it in items) else {}
     by_question: dict[str, list[int]] = {}
+    by_source: dict[str, list[int]] = {}
     skipped: Counter[str] = Counter()
     skip_examples: dict[str, str] = {}
     rows, correct, n = [], 0, 0
@@ -208,13 +209,15 @@ def score(items: Sequence[dict[str, Any]], predictions: Sequence[str | dict[str,
             continue
         kind, ok = it.get("type") or answer_type(it["answer"]), normalize_answer(pred) == normalize_answer(it["answer"])
         n, correct = n + 1, correct + ok
-        for entry in (by_type.setdefault(kind, [0, 0]), by_question.setdefault(question_key(it["question"]), [0, 0])):
+        for entry in (by_type.setdefault(kind, [0, 0]), by_question.setdefault(question_key(it["question"]), [0, 0]),
+                      by_source.setdefault(it.get("source") or "", [0, 0])):
             entry[0] += ok
             entry[1] += 1
         rows.append({**row, "prediction": pred, "correct": ok, "type": kind})
     repeated = sorted(((q, c) for q, c in by_question.items() if c[1] >= 2), key=lambda qc: (-qc[1][1], qc[0]))
     return {"accuracy": correct / n if n else None, "n": n, "correct": correct,
             "per_type": {t: _rate(*c) for t, c in by_type.items()}, "per_question": {q: _rate(*c) for q, c in repeated},
+            "per_source": {s: _rate(*c) for s, c in by_source.items()} if len(by_source) > 1 else {},
             "skipped": dict(sorted(skipped.items())), "skip_examples": skip_examples, "items": rows}
 
 
@@ -261,6 +264,8 @@ def format_report(report: dict[str, Any], title: str | None = None, max_question
              f"{title}: accuracy {percent(report)} exact match after VQA normalisation"]
     types = " | ".join(f"{t} {percent(e)}" for t, e in report["per_type"].items() if e["n"])
     lines += [f"  by answer type: {types}"] if types else []
+    lines += ["  by source: " + " | ".join(f"{s} {percent(e)}" for s, e in report.get("per_source", {}).items()
+                                            if e["n"])] if report.get("per_source") else []
     asked = report["per_question"]
     if asked:
         shown = list(asked.items())[:max_questions]

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from torch.utils.data import IterableDataset, Subset
+from torch.utils.data import Subset
 
 from nanovlm.config import TrainConfig, VLMConfig
 from nanovlm.data.augment import ShiftedSamples
@@ -60,9 +60,7 @@ def validation_split(keys: Sequence[str], fraction: float, cap: int, seed: int) 
 def build_data(vlm_cfg: VLMConfig, cfg: TrainConfig, tokenizer, info: DistInfo, say=print) -> Data:
     """The data `cfg.data` names (and `val_data`, when given), through `make_data`."""
     dataset = build_dataset(cfg, vlm_cfg, tokenizer, split="train", rank=info.rank, world_size=info.world_size)
-    if isinstance(dataset, IterableDataset):
-        raise ValueError("streaming data is not supported by the training loop yet; set streaming=false.")
-    val_set = build_dataset(cfg.replace(data=cfg.val_data, streaming=False), vlm_cfg, tokenizer) if cfg.val_data \
+    val_set = build_dataset(cfg.replace(data=cfg.val_data, data_weights=""), vlm_cfg, tokenizer) if cfg.val_data \
         else None
     return make_data(dataset, build_collator(cfg, vlm_cfg, tokenizer), cfg, info, val_set=val_set, say=say)
 
@@ -75,13 +73,20 @@ def make_data(dataset, collate: Callable[[list], dict], cfg: TrainConfig, info: 
             cfg.val_data
     else:
         keys = dataset.group_keys() if hasattr(dataset, "group_keys") else [f"#{i}" for i in range(len(dataset))]
-        train_idx, val_idx = validation_split(keys, cfg.val_fraction, cfg.val_size, cfg.seed)
+        train_idx, val_idx = [], []
+        for members in _by_source(dataset):  # a mixture holds out a part of each source
+            t, v = validation_split([keys[i] for i in members], cfg.val_fraction,
+                                    math.ceil(cfg.val_size * len(members) / len(keys)), cfg.seed)
+            train_idx += [members[i] for i in t]
+            val_idx += [members[i] for i in v]
+        train_idx, val_idx = sorted(train_idx), sorted(val_idx)
         val_set = Subset(dataset, val_idx) if val_idx else None
         val_records, val_source = _records(dataset, val_idx), cfg.data
     batch, vision_batch = _fit_batch(dataset, train_idx, cfg, info.world_size, say)
     # Every rank gets a full micro-batch at every step: the short last batch of an epoch is dropped.
     sampler = ShardedBatchSampler(len(train_idx), batch * info.world_size, rank=info.rank, world_size=info.world_size,
-                                  seed=cfg.seed, shuffle=True, drop_last=True)
+                                  seed=cfg.seed, shuffle=True, drop_last=True,
+                                  **_weighted(dataset, train_idx, cfg.source_weights(), say))
     shift = cfg.recipe.image_shift
     train_set = ShiftedSamples(dataset, train_idx, shift, cfg.seed, sampler) if shift else Subset(dataset, train_idx)
     loader = ResumableLoader(train_set, sampler, collate, num_workers=cfg.num_workers,
@@ -113,6 +118,37 @@ def _fit_batch(dataset, train_idx: list[int], cfg: TrainConfig, world: int, say)
         say(f"{n} training samples: {' and '.join(fitted)}, so that an epoch holds {STEPS_PER_EPOCH} steps "
             "(fit_batch=false keeps them)")
     return batch, vision_batch
+
+
+def _by_source(dataset) -> list[list[int]]:
+    """The dataset's samples, grouped by the source they come from (one group for one source)."""
+    records = getattr(dataset, "records", None)
+    names = [m.name for m in getattr(records, "members", [])]
+    if len(names) < 2:
+        return [list(range(len(dataset)))]
+    groups: list[list[int]] = [[] for _ in names]
+    for i in range(len(dataset)):
+        groups[names.index(records.source_of(_records(dataset, [i])[0]))].append(i)
+    return [g for g in groups if g]
+
+
+def _weighted(dataset, train_idx: list[int], weights: list[float], say) -> dict[str, list]:
+    """The sampler's groups and per-epoch counts for `data_weights`: an epoch keeps the data's size,
+    each source drawing its weight's share of it."""
+    if not weights:
+        return {}
+    records = dataset.records
+    names = [m.name for m in getattr(records, "members", [records])]
+    groups: list[list[int]] = [[] for _ in names]
+    for pos, i in enumerate(train_idx):
+        groups[names.index(records.source_of(_records(dataset, [i])[0]))].append(pos)
+    if not all(groups):  # a source with no training sample (a mixture keeps only sources that have the split)
+        raise ValueError(f"data_weights: source {names[[bool(g) for g in groups].index(False)]} has no training "
+                         "sample left after the validation part; bring more data or leave it out.")
+    counts = [max(1, round(len(train_idx) * w / sum(weights))) for w in weights]
+    say("mixture: " + ", ".join(f"{n} {len(g)} samples, {c} a pass (weight {w:g})"
+                                for n, g, c, w in zip(names, groups, counts, weights)))
+    return {"groups": groups, "counts": counts}
 
 
 def _records(dataset, samples: Sequence[int]) -> list[int]:

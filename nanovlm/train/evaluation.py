@@ -51,6 +51,9 @@ def accuracy_fields(report: dict | None) -> dict[str, Any]:
     for kind, entry in (report.get("per_type") or {}).items():  # the task's question kinds
         if entry.get("n"):
             out[f"{name}_accuracy_{kind.replace('/', '_')}"] = entry["accuracy"]
+    for source, entry in (report.get("per_source") or {}).items():  # each source of a mixture
+        if entry.get("n"):
+            out[f"{name}_accuracy_source_{source}"] = entry["accuracy"]
     return out
 
 

@@ -80,8 +80,10 @@ def plot(records: list[dict], path: str) -> str:
     panels = [("vision stage: readout loss", [("warm-up", points("warmup_loss", "warmup_step"))], True)]
     panels += [("VLM training loss", [("train", points("train_loss")), ("validation", points("val_loss"))], True)]
     what = {n: next((r[f"{n}_what"] for r in records if f"{n}_what" in r), n) for n in names}
+    sources = sorted({k for r in records for k in r if "_accuracy_source_" in k})  # a mixture's sources
     panels += [("exact-match accuracy", [(f"{what[n]}{', final' if end else ''}", points(f"{n}_accuracy", final=end))
-                                         for n in names for end in (False, True)], False)] if names else []
+                                         for n in names for end in (False, True)]
+                + [(k.replace("_accuracy_source_", ": "), points(k)) for k in sources], False)] if names else []
     panels = [(title, [c for c in curves if c[1]], log) for title, curves, log in panels]
     panels = [panel for panel in panels if panel[1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
@@ -125,8 +127,9 @@ def summarize(run, final: dict | None, wall_s: float) -> dict:
     if report is not None:
         name, per_type = report["name"], report.get("per_type") or {}
         summary.update({f"{name}_accuracy": report["accuracy"], f"{name}_questions": report["n"]})
-        if per_type:
-            summary[f"{name}_accuracy_per_type"] = {k: e["accuracy"] for k, e in per_type.items() if e.get("n")}
+        for part, entries in (("type", per_type), ("source", report.get("per_source") or {})):
+            if entries:
+                summary[f"{name}_accuracy_per_{part}"] = {k: e["accuracy"] for k, e in entries.items() if e.get("n")}
         if report.get("wall_time_s") is not None:
             summary["eval_time_s"] = report["wall_time_s"]
     if state.best is not None:
