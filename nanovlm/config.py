@@ -36,6 +36,13 @@ def default_extra_tokens() -> dict[str, str]:
     return {"image_token": "<|image|>", "global_image_token": "<|global_image|>", **tiles}
 
 
+# Idefics3's (SmolVLM's) image tokens, and a model from scratch laid out as transformers, vLLM and
+# llama.cpp lay it out: tiles between fake tokens with row/column tags, the global view last.
+IDEFICS3_IMAGE_TOKENS = {"image_token": "<image>", "global_image_token": "<global-img>",
+                         "fake_image_token": "<fake_token_around_image>"}
+IDEFICS3_LAYOUT = dict(vlm_image_layout="idefics3", vlm_image_resample="lanczos", vlm_extra_tokens={
+    **IDEFICS3_IMAGE_TOKENS, **{f"r{r}c{c}": f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)}})
+
 # vit_hidden_act -> the `approximate` argument of torch's GELU (the names are transformers').
 VIT_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # The linear layers LoRA can adapt, and group names for several at once (`nanovlm.models.lora`).
@@ -271,7 +278,8 @@ class VLMConfig:
     mp_pixel_shuffle_factor: int = setting(2, "the projector merges factor x factor neighbouring patches", min=1)
     mp_image_token_length: int | None = setting(None, "tokens per tile (none: from the patch grid and shuffle)")
     # --- image processing ---
-    max_img_size: int = setting(224, "longest image side; larger images become tiles plus a global view", min=1)
+    max_img_size: int = setting(224, "longest image side; larger images become tiles plus a global view", min=0,
+                                note="(0: fitted to the training pictures when a run starts)")
     resize_to_max_side_len: bool = setting(False, "always resize the long side to max_img_size")
     # --- vision-language model ---
     vlm_extra_tokens: dict[str, str] = setting(default_extra_tokens, "tokens added to the tokenizer, name -> text")
@@ -557,10 +565,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
         "model": dict(
             vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
-            vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, vit_hidden_act="gelu",
+            vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5,
             lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2, lm_model_type="",
-            lm_init_std=0.08, lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=64,
-            lm_max_length=512, vlm_load_backbone_weights=False,
+            lm_init_std=0.08, lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=0,
+            lm_max_length=512, vlm_load_backbone_weights=False, **IDEFICS3_LAYOUT,
         ),
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=1e-3, batch_size=64,
                       max_training_steps=1000, max_epochs=40, max_train_time=900, eval_interval=400,

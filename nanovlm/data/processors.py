@@ -155,13 +155,14 @@ def get_image_processor(max_img_size: int, splitted_image_size: int, resize_to_m
 
 def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
     """The processor a VLMConfig implies (one tile per image without `vlm_image_splitting`)."""
-    if cfg.vlm_image_layout == "idefics3":
-        return Idefics3ImageProcessor(cfg.max_img_size, cfg.vit_img_size, cfg.vlm_image_splitting,
-                                      cfg.vlm_image_resample)
+    if cfg.vlm_image_layout == "idefics3":  # max_img_size 0 (not fitted to data yet): one tile
+        return Idefics3ImageProcessor(cfg.max_img_size or cfg.vit_img_size, cfg.vit_img_size,
+                                      cfg.vlm_image_splitting, cfg.vlm_image_resample)
     max_grid = 0  # the largest n such that every r{i}c{j} token for i, j <= n exists
     while all(f"r{i}c{j}" in cfg.vlm_extra_tokens for i in range(1, max_grid + 2) for j in range(1, max_grid + 2)):
         max_grid += 1
-    return get_image_processor(cfg.max_img_size if cfg.vlm_image_splitting else cfg.vit_img_size, cfg.vit_img_size,
+    return get_image_processor(cfg.max_img_size if cfg.vlm_image_splitting and cfg.max_img_size else cfg.vit_img_size,
+                               cfg.vit_img_size,
                                cfg.resize_to_max_side_len, max_grid=max_grid, resample=cfg.vlm_image_resample)
 
 
@@ -383,6 +384,7 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, cfg: Any, image_processor: ImageProcessor | None = None):
         self.tokenizer, self.mp, self.tile, self.layout = tokenizer, cfg.mp_image_token_length, cfg.vit_img_size, \
             cfg.vlm_image_layout
+        self.interleaved = cfg.vlm_extra_tokens_in_vocab
         self.image_processor = image_processor if image_processor is not None else image_processor_for(cfg)
         self.encoder = ChatEncoder(tokenizer, image_pattern=image_string_pattern(self.layout, tokenizer))
         self.image_token_id = tokenizer.image_token_id
@@ -449,8 +451,9 @@ class ChatRenderer:
                 content = pieces[0] + "".join(next(pending) + _after_image(p) for p in pieces[1:])
             elif not isinstance(content, str):
                 is_text = [isinstance(p, str) for p in content]
-                # Images after all the text (OpenAI's example) go where training puts unmarked ones.
-                if self.layout != "idefics3" and is_text == sorted(is_text, reverse=True):
+                # Images after all the text (OpenAI's example) go where training put unmarked ones,
+                # unless the tokenizer came with its image tokens: a SmolVLM, trained interleaved.
+                if not self.interleaved and is_text == sorted(is_text, reverse=True):
                     content = sorted(content, key=lambda p: isinstance(p, str))
                 content = "".join(p if isinstance(p, str) else next(pending) for p in content)
             if not placed and m["role"] == "user":  # no marked places: the images go before the first question

@@ -17,6 +17,9 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from nanovlm.data.images import ImageError, load_image
+from nanovlm.data.records import SampleError, open_records, record_to_chat
+
 STRONG = 64  # grey levels between a 3x3 neighbourhood's darkest and brightest pixel
 
 
@@ -31,6 +34,8 @@ def detail_lost(image: Image.Image, side: int) -> float:
     """Share of the strongly contrasted pixels whose contrast halves when the picture is shown
     with its long side at `side` pixels (0.0 when it is no larger)."""
     grey = image.convert("L")
+    if max(grey.size) > 4 * side:  # finer detail than 4 tiles' worth never decides the choice
+        grey.thumbnail((4 * side, 4 * side), Image.BOX)
     w, h = grey.size
     scale = side / max(w, h)
     if scale >= 1:
@@ -62,3 +67,18 @@ def fit_image_size(images: Iterable[Image.Image], tile: int, max_tiles: int = 3,
     rows = min(n, math.ceil(height * n * tile / max(width, height) / tile))
     return n * tile, (f"{seen} -> {cols}x{rows} tiles of {tile} px + a global view ({lost:.0%} of fine detail "
                       f"lost at one tile; max_img_size={n * tile})")
+
+
+def fit_to_data(data: str, image_folder: str | None, tile: int, n: int = 48) -> tuple[int, str]:
+    """`fit_image_size` over the first picture of up to `n` training records spread over `data`."""
+    records = open_records(data, "train", image_folder)
+    images: list[Image.Image] = []
+    for i in range(0, len(records), max(1, len(records) // n)):
+        try:
+            sources = record_to_chat(records[i])[0]
+            images += [load_image(sources[0], base_dir=records.base_dir)] if sources else []
+        except (SampleError, ImageError):  # counted where training reads them
+            continue
+        if len(images) >= n:
+            break
+    return fit_image_size(images, tile)

@@ -12,6 +12,7 @@ import shutil
 
 from nanovlm.config import DEFAULT_PRESET
 from nanovlm.data.datasets import check_data
+from nanovlm.data.resolution import fit_to_data
 from nanovlm.eval.tasks import resolve_task
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
@@ -39,6 +40,11 @@ def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, o
     info = dist.init()
     if info.is_main:
         print("data: " + " | validation: ".join(reads), flush=True)
+    if not vlm_cfg.max_img_size:  # the preset leaves the image size to the pictures (a resumed run saved it)
+        size, line = fit_to_data(train_cfg.data, train_cfg.image_folder, vlm_cfg.vit_img_size)
+        vlm_cfg = vlm_cfg.replace(max_img_size=size)
+        if info.is_main:
+            print(f"image size: {line} (max_img_size=N sets it)", flush=True)
     created = False
     try:
         if info.is_main:

@@ -16,7 +16,7 @@ import torch
 
 from tokenizers import Tokenizer
 
-from nanovlm.config import VLMConfig
+from nanovlm.config import IDEFICS3_LAYOUT, VLMConfig
 from nanovlm.weights import hf_llama, hf_siglip
 from nanovlm.weights.common import (Rule, SafetensorsTensors, WeightLoadError, convert, fuse, read_json,
                                     read_model_config)
@@ -41,9 +41,7 @@ KEYS = _keys()
 
 # The tokens of Idefics3's prompt layout, as vlm_extra_tokens names them; Idefics3Processor
 # knows row/column tags up to 6 x 6 (larger grids write theirs out as text).
-IDEFICS3_TOKENS = {"image_token": "<image>", "global_image_token": "<global-img>",
-                   "fake_image_token": "<fake_token_around_image>", "end_of_utterance_token": "<end_of_utterance>"}
-IDEFICS3_TOKENS.update({f"r{r}c{c}": f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)})
+IDEFICS3_TOKENS = {**IDEFICS3_LAYOUT["vlm_extra_tokens"], "end_of_utterance_token": "<end_of_utterance>"}
 
 # Idefics3VisionConfig's defaults, for config.json files that leave them out.
 _VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
