@@ -102,3 +102,18 @@ def test_train_and_eval_on_a_weighted_mixture(two_sources, tmp_path, capsys):
     assert main(["eval", "--model", str(out / "final"), "--data", f"{a},{b}", "--out", str(tmp_path / "e.json")]) == 0
     report = json.loads((tmp_path / "e.json").read_text())
     assert set(report["per_source"]) == {a, b} and report["n"] == sum(e["n"] for e in report["per_source"].values())
+
+
+def test_the_original_222m_recipe_is_a_config_file_of_cauldron_subsets():
+    from pathlib import Path
+
+    from nanovlm.data.records import mixture_sources
+    from nanovlm.train import settings
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "nanovlm-222m-cauldron.yaml"
+    vlm, train = settings.resolve("nanovlm-222m", str(recipe), ["batch_size=8"])
+    sources = mixture_sources(train.data)
+    assert len(sources) == len(set(sources)) == 45 and all(s.startswith("HuggingFaceM4/the_cauldron:") for s in sources)
+    assert (train.lr_mp, train.lr_vision_backbone, train.gradient_accumulation_steps) == (0.003, 5e-5, 4)
+    assert train.recipe.max_epochs == 5 and train.recipe.vision_warmup == "off" and train.batch_size == 8
+    assert vlm.vit_model_type == "google/siglip-base-patch16-224"
