@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "nanovlm"
-ENTRY_POINTS = {"from_pretrained", "_from_directory", "save_pretrained", "push_to_hub", "generate", "answer",
+ENTRY_POINTS = {"from_pretrained", "save_pretrained", "push_to_hub", "generate", "answer",
                 "tokenizer"}  # the property builds cfg.lm_tokenizer's tokenizer on first use
 MODELS_MAY_IMPORT = ("torch", "nanovlm.config", "nanovlm.runtime", "nanovlm.models")
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
 from nanovlm.models.language_model import LanguageModel
-from nanovlm.models.lora import adapter_files_payload, adapter_state, add_lora, is_adapter_parameter, target_of
+from nanovlm.models.lora import adapter_files_payload, is_adapter_parameter
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.quantization import check_quantize
@@ -233,48 +233,21 @@ class VisionLanguageModel(nn.Module):
         weights (PEFT's adapter files, `nanovlm.weights.peft`) are attached unmerged;
         `nanovlm.models.lora.merge_lora` folds them into the weights. `quantize="int8"`: run the
         language model on int8 weights (`quantize`)."""
-        from nanovlm.data.tokenizer import tokenizer_for
-        from nanovlm.sources import resolve
-        from nanovlm.weights.idefics3 import is_idefics3, load_idefics3
-        from nanovlm.weights.nanovlm import checkpoint_directory
+        from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
+        from nanovlm.weights.nanovlm import read_model
 
         check_quantize(quantize)  # a bad value fails before the weights load
-        path = resolve(repo_id_or_path, revision=revision)
-        if is_idefics3(path):
-            model = load_idefics3(cls, path)
-            model.tokenizer = tokenizer_for(model.cfg, path)
-        else:
-            model = cls._from_directory(checkpoint_directory(path, revision), require_tokenizer)
+        model, directory = read_model(cls, repo_id_or_path, revision)
+        try:
+            model.tokenizer = tokenizer_for(model.cfg, directory)
+        except (ValueError, OSError):
+            if require_tokenizer or has_tokenizer(directory):  # a checkpoint's own broken tokenizer: an error
+                raise
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         if check_quantize(quantize) != "none":
             model.quantize(quantize)
         return model.eval()
-
-    @classmethod
-    def _from_directory(cls, directory: str, require_tokenizer: bool) -> "VisionLanguageModel":
-        """A checkpoint directory of ours (or the original's), with its adapters and tokenizer."""
-        from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
-        from nanovlm.weights.common import check_state_dict
-        from nanovlm.weights.nanovlm import WEIGHTS_FILE, load_state, read_checkpoint
-        from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter
-
-        cfg, state = read_checkpoint(directory)
-        model = cls(cfg, load_backbone=False)
-        load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
-        if has_adapter(directory):  # LoRA adapters beside the weights (PEFT's layout): attached unmerged
-            settings, tensors = read_adapter(directory)
-            add_lora(model, settings["rank"], settings["alpha"], settings["dropout"],
-                     [target_of(m) for m in settings["modules"]])
-            check_state_dict(tensors, {k: tuple(v.shape) for k, v in adapter_state(model).items()},
-                             os.path.join(directory, ADAPTER_WEIGHTS))
-            model.load_state_dict(tensors, strict=False)
-        try:
-            model.tokenizer = tokenizer_for(cfg, directory)
-        except (ValueError, OSError):
-            if require_tokenizer or has_tokenizer(directory):  # a checkpoint's own broken tokenizer: an error
-                raise
-        return model
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload nanovlm model"):
         """Upload this model as a checkpoint directory (needs `huggingface_hub` and a login)."""
