@@ -111,3 +111,19 @@ def test_a_run_on_a_folder_scores_its_test_split_and_says_which_files_it_read(tm
     assert summary["test_questions"] == 2 and 0.0 <= summary["test_accuracy"] <= 1.0
     report = json.loads((out / "eval_test.json").read_text())
     assert {it["id"].split(" line")[0] for it in report["items"]} == {"test.jsonl"}
+
+
+def test_a_folder_with_a_validation_file_validates_on_it(tmp_path, capsys):
+    from nanovlm.train.run import run_training
+
+    folder = tmp_path / "mine"
+    os.makedirs(folder)
+    write_llava(str(folder / "train.jsonl"), 8, ["colour"], seed=3, one_per_record=True)
+    write_llava(str(folder / "validation.jsonl"), 3, ["colour"], seed=5, one_per_record=True)
+    out = tmp_path / "run"
+    run_training("tiny", None, str(out), overrides=[f"data={folder}", "max_training_steps=2", "batch_size=4",
+                                                     "eval_interval=0", "precision=fp32", "eval_task=val"])
+    assert f"validation: {folder / 'validation.jsonl'}" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["train"]["val_data"] == str(folder / "validation.jsonl")
+    report = json.loads((out / "eval_val.json").read_text())
+    assert {it["id"].split(" line")[0] for it in report["items"]} == {"validation.jsonl"}

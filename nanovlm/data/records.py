@@ -313,6 +313,15 @@ def splits(data: str) -> list[str]:
     return datasets.get_dataset_split_names(repo, subset or None)
 
 
+def validation_file(data: str) -> str | None:
+    """A local folder's one validation* file (what a run validates on when val_data is not given)."""
+    path = os.path.expanduser(str(data))
+    if len(mixture_sources(data)) != 1 or not os.path.isdir(path):
+        return None
+    files = local_splits(path).get("validation", [])
+    return files[0] if len(files) == 1 else None
+
+
 def describe(data: str) -> str:
     """One line: the splits of a source and what each is read from."""
     if len(mixture_sources(data)) > 1:
