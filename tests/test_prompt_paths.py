@@ -204,12 +204,12 @@ def test_inference_errors_name_the_question_and_the_fix(model):
 
 def test_images_after_the_text_go_first_unless_the_model_saw_them_interleaved(renderer, monkeypatch):
     """Images that only follow the text go before it, where training puts images no placeholder
-    marks; images among the text stay, as placeholders do; the idefics3 layout (SmolVLM, trained
-    on interleaved text and images) keeps every part where it stands."""
+    marks; images among the text stay, as placeholders do; a model whose tokenizer came with its
+    image tokens (a SmolVLM, trained on interleaved text and images) keeps every part where it stands."""
     monkeypatch.setattr(renderer, "image_strings", lambda grids: ["[A]", "[B]"])
     trailing = [{"role": "user", "content": ["one ", "two ", picture(8, 8), picture(8, 8)]}]
     among = [{"role": "user", "content": ["one ", picture(8, 8), "two ", picture(8, 8)]}]
     assert renderer.place_images(trailing, [(1, 1), (1, 1)])[0]["content"] == "[A][B]one two "
     assert renderer.place_images(among, [(1, 1), (1, 1)])[0]["content"] == "one [A]two [B]"
-    monkeypatch.setattr(renderer, "layout", "idefics3")
+    monkeypatch.setattr(renderer, "interleaved", True)
     assert renderer.place_images(trailing, [(1, 1), (1, 1)])[0]["content"] == "one two [A][B]"
