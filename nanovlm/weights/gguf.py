@@ -1,7 +1,5 @@
-"""Llama weights from a GGUF file (llama.cpp's format) -> our `LanguageModel`: the `llama.*`
-metadata must match the config; tensors are dequantized to fp32 (dimensions reversed); each
-head's q/k rows, interleaved for llama.cpp's RoPE, are put back in rotate-half order; no
-`output.weight` means a tied head.
+"""Llama weights from a GGUF file (llama.cpp's format) -> our `LanguageModel`: tensors dequantized
+to fp32, q/k rows put back from llama.cpp's interleaved RoPE order into rotate-half order.
 """
 
 from __future__ import annotations
