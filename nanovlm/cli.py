@@ -478,9 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).strip() or type(e).__name__
         if isinstance(e, (OSError,)) and getattr(e, "filename", None) and str(e.filename) not in message:
             message = f"{message}: {e.filename}"
-        from tqdm import tqdm
-
-        for bar in list(tqdm._instances):  # the sentence on a line of its own, not after a progress bar
+        loaded = sys.modules.get("tqdm")  # a progress bar exists only where tqdm was imported
+        for bar in list(loaded.tqdm._instances) if loaded else []:  # the sentence on a line of its own
             bar.close()
         print(f"nanovlm: error: {message}", file=sys.stderr)
         return 1

@@ -1,7 +1,5 @@
-"""The accuracy a training run measures (`eval_task`): `auto` scores the test split where the
-source offers one (`data=DIR` with test files, packaged data), else the held-out validation
-questions; `test` and `val` ask for one of them; `none` measures the loss only. A report
-carries `name` (the prefix of its metric fields) and `what` (a few words for logs)."""
+"""The accuracy a training run measures (`eval_task`): `auto` scores the data's test split where
+it has one, else the held-out validation questions; `test` / `val` ask for one; `none`: loss only."""
 
 from __future__ import annotations
 

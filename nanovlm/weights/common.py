@@ -177,8 +177,23 @@ def read_model_config(directory: str, family: str, kinds: tuple[str, ...], accep
     return config, config["model_type"]
 
 
-class SafetensorsTensors(Mapping):
-    """The tensors of a safetensors checkpoint (one file or a sharded index), read on access."""
+class Tensors(Mapping):
+    """A checkpoint's tensors by name (`_names`: name -> where it is), each read on access."""
+
+    _names: dict[str, Any]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class SafetensorsTensors(Tensors):
+    """The tensors of a safetensors checkpoint (one file or a sharded index)."""
 
     def __init__(self, directory: str):
         index = os.path.join(directory, "model.safetensors.index.json")
@@ -194,7 +209,7 @@ class SafetensorsTensors(Mapping):
             raise WeightLoadError(f"{directory} has neither model.safetensors nor model.safetensors.index.json; "
                                   "only safetensors checkpoints are read (no pickle .bin files).")
         self._handles: dict[str, Any] = {}
-        self._where: dict[str, str] = {}
+        self._names: dict[str, str] = {}
         for path in sorted(set(files.values())) if files else [single]:
             if not os.path.isfile(path):
                 raise WeightLoadError(f"shard {path} named by the index does not exist.")
@@ -202,19 +217,10 @@ class SafetensorsTensors(Mapping):
                 self._handles[path] = safe_open(path, framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
                 raise WeightLoadError(f"{path} is not a safetensors file ({e}).") from None
-            self._where.update({name: path for name in self._handles[path].keys()})
-        lost = sorted(n for n, p in (files or {}).items() if self._where.get(n) != p)
+            self._names.update({name: path for name in self._handles[path].keys()})
+        lost = sorted(n for n, p in (files or {}).items() if self._names.get(n) != p)
         if lost:
             raise WeightLoadError(f"the index of {directory} names tensors its shards lack: {', '.join(lost[:10])}.")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
-        return name in self._where
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
+        return self._handles[self._names[name]].get_tensor(name)

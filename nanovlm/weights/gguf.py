@@ -1,21 +1,18 @@
-"""Llama weights from a GGUF file (llama.cpp's format) -> our `LanguageModel`: the `llama.*`
-metadata must match the config; tensors are dequantized to fp32 (dimensions reversed); each
-head's q/k rows, interleaved for llama.cpp's RoPE, are put back in rotate-half order; no
-`output.weight` means a tied head.
+"""Llama weights from a GGUF file (llama.cpp's format) -> our `LanguageModel`: tensors dequantized
+to fp32, q/k rows put back from llama.cpp's interleaved RoPE order into rotate-half order.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from nanovlm.weights.common import (Transform, WeightLoadError, check_lm_architecture, convert, expand_blocks,
-                                    expected_shapes, f32_value, grow_rows, load_into, rule)
+from nanovlm.weights.common import (Tensors, Transform, WeightLoadError, check_lm_architecture, convert,
+                                    expand_blocks, expected_shapes, f32_value, grow_rows, load_into, rule)
 
 # ours <- GGUF's
 KEYS = {
@@ -77,16 +74,16 @@ def _open_gguf(path: str, mtime_ns: int, size: int, inode: int):
         raise WeightLoadError(f"{path} is not a GGUF file ({type(e).__name__}: {e}).") from None
 
 
-class GGUFTensors(Mapping):
-    """The tensors of a GGUF file by name, dequantized to fp32 torch tensors on access."""
+class GGUFTensors(Tensors):
+    """The tensors of a GGUF file by name, dequantized to fp32 on access."""
 
     def __init__(self, reader):
-        self._tensors = {t.name: t for t in reader.tensors}
+        self._names = {t.name: t for t in reader.tensors}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        t = self._names[name]
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
         try:
             values = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
@@ -94,15 +91,6 @@ class GGUFTensors(Mapping):
             raise WeightLoadError(f"tensor {name} is stored as {t.tensor_type.name}, which the gguf package "
                                   "cannot dequantize; use a file quantized differently (e.g. Q8_0, F16).") from None
         return torch.from_numpy(values)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
 
 
 def gguf_value(reader, key: str, default: Any = None) -> Any:

@@ -1,8 +1,6 @@
-"""Llama weights in the transformers layout (`LlamaForCausalLM`, sharded or not) -> our `LanguageModel`.
-
-Transformers keeps q/k rows in the rotate-half order our RoPE uses, so the table is a renaming;
-the one transform grows the vocabulary to `cfg.lm_vocab_size`. Biases, other activations and
-scaled RoPE are refused, naming the setting: our model would silently compute something else.
+"""Llama weights in the transformers layout (`LlamaForCausalLM`, sharded or not) -> our `LanguageModel`:
+a renaming (q/k rows are already in rotate-half order) plus the vocabulary grown to `lm_vocab_size`;
+biases, other activations and scaled RoPE are refused by name.
 """
 
 from __future__ import annotations

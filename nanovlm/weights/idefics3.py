@@ -1,8 +1,6 @@
 """Idefics3 / SmolVLM directories in the transformers layout <-> our `VisionLanguageModel`, both
-ways through one key table: a SigLIP tower (`hf_siglip`'s table), the pixel-shuffle connector's
-one linear layer, a Llama text model (`hf_llama`'s table). A key's kind: `copy`; `fuse` (q, k, v
-stacked); `positions` (rows in the order `Idefics3VisionEmbeddings` reads them for a full tile).
-The checkpoint's processor and tokenizer files fill in the rest of the config.
+ways through one key table (`hf_siglip`'s, the connector's linear layer, `hf_llama`'s); a key is
+copied, fused (q, k, v) or reordered (`positions`, as `Idefics3VisionEmbeddings` reads them).
 """
 
 from __future__ import annotations

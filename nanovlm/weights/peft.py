@@ -1,8 +1,5 @@
-"""LoRA adapters in PEFT's layout for transformers' `Idefics3ForConditionalGeneration`.
-
-`adapter_config.json` (PEFT's `LoraConfig`) and `adapter_model.safetensors` (`lora_A` / `lora_B`
-per module, and the projector saved whole), named as the one Idefics3 key table names modules;
-our fused vision `qkv_proj` adapter is written as those of `q_proj`, `k_proj` and `v_proj`.
+"""LoRA adapters in PEFT's layout for transformers' `Idefics3ForConditionalGeneration`, modules
+named by the Idefics3 key table; our fused vision `qkv_proj` adapter is written as q, k and v's.
 """
 
 from __future__ import annotations
