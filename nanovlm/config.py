@@ -456,7 +456,7 @@ class TrainConfig:
                                   below=1)
     val_size: int = setting(500, "at most this many held-out validation samples", min=0)
     val_data: str = setting("", "a separate validation file instead of a held-out part")
-    eval_task: str = setting("auto", "accuracy measured: auto (the data's test split, else val) | val | none")
+    eval_task: str = setting("auto", "accuracy measured: auto (the data's test split, else val) | test | val | none")
     eval_limit: int = setting(0, "questions of the final accuracy check (0: all of them)", min=0)
     eval_interval_limit: int = setting(500, "questions of each periodic accuracy check", min=0)
     eval_batch_size: int = setting(64, "questions answered together during accuracy checks", min=1)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from nanovlm.config import IGNORE_INDEX, VLMConfig  # noqa: F401  (IGNORE_INDEX: also read from here)
 from nanovlm.models.language_model import LanguageModel
-from nanovlm.models.lora import adapter_files_payload, is_adapter_parameter
+from nanovlm.models.lora import adapter_files_payload, adapter_state, add_lora, is_adapter_parameter, target_of
 from nanovlm.models.linear_cross_entropy import linear_cross_entropy, supervised_index as find_supervised
 from nanovlm.models.modality_projector import ModalityProjector
 from nanovlm.models.quantization import check_quantize
@@ -234,10 +234,16 @@ class VisionLanguageModel(nn.Module):
         `nanovlm.models.lora.merge_lora` folds them into the weights. `quantize="int8"`: run the
         language model on int8 weights (`quantize`)."""
         from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
-        from nanovlm.weights.nanovlm import read_model
+        from nanovlm.weights.nanovlm import check_state_dict, read_model
 
         check_quantize(quantize)  # a bad value fails before the weights load
-        model, directory = read_model(cls, repo_id_or_path, revision)
+        model, directory, adapter = read_model(cls, repo_id_or_path, revision)
+        if adapter is not None:  # LoRA adapters beside the weights (PEFT's layout): attached unmerged
+            settings, tensors, source = adapter
+            add_lora(model, settings["rank"], settings["alpha"], settings["dropout"],
+                     [target_of(m) for m in settings["modules"]])
+            check_state_dict(tensors, {k: tuple(v.shape) for k, v in adapter_state(model).items()}, source)
+            model.load_state_dict(tensors, strict=False)
         try:
             model.tokenizer = tokenizer_for(model.cfg, directory)
         except (ValueError, OSError):

@@ -18,7 +18,6 @@ from nanovlm.config import VLMConfig
 from nanovlm.fileio import written_dir
 from nanovlm.sources import resolve
 from nanovlm.weights.common import check_state_dict
-from nanovlm.models.lora import adapter_state, add_lora, target_of
 from nanovlm.weights.idefics3 import idefics3_config, is_idefics3, load_idefics3
 from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter, write_adapter
 
@@ -102,21 +101,16 @@ def push_checkpoint(repo_id: str, save: Callable[[str], None], private: bool = F
         return upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
 
 
-def read_model(cls: type, repo_id_or_path: str | os.PathLike, revision: str | None = None) -> tuple[Any, str]:
-    """(a `cls` with the weights, its directory): ours or the original nanoVLM's checkpoint with
-    the LoRA adapters saved beside it attached unmerged, or a transformers Idefics3 / SmolVLM one."""
+def read_model(cls: type, repo_id_or_path: str | os.PathLike, revision: str | None = None
+               ) -> tuple[Any, str, tuple | None]:
+    """(a `cls` with the weights, its directory, (adapter settings, tensors, file) or None): ours or
+    the original nanoVLM's checkpoint with the LoRA adapters saved beside it, or an Idefics3 one."""
     path = resolve(repo_id_or_path, revision=revision)
     if is_idefics3(path):
-        return load_idefics3(cls, path), path
+        return load_idefics3(cls, path), path, None
     directory = checkpoint_directory(path, revision)
     cfg, state = read_checkpoint(directory)
     model = cls(cfg, load_backbone=False)
     load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
-    if has_adapter(directory):
-        settings, tensors = read_adapter(directory)
-        add_lora(model, settings["rank"], settings["alpha"], settings["dropout"],
-                 [target_of(m) for m in settings["modules"]])
-        check_state_dict(tensors, {k: tuple(v.shape) for k, v in adapter_state(model).items()},
-                         os.path.join(directory, ADAPTER_WEIGHTS))
-        model.load_state_dict(tensors, strict=False)
-    return model, directory
+    adapter = (*read_adapter(directory), os.path.join(directory, ADAPTER_WEIGHTS)) if has_adapter(directory) else None
+    return model, directory, adapter
