@@ -2,8 +2,13 @@
 (names, shapes, tensor types and the metadata llama.cpp's converter writes for SmolVLM), the
 language model and its tokenizer read back by our own GGUF readers (so q/k row order, vocabulary
 and merges are checked against a reader we trust), the chat template as llama-cpp-python renders
-it, and every model llama.cpp cannot reproduce refused in one sentence with nothing written.
+it, every model llama.cpp cannot reproduce refused in one sentence with nothing written, and the
+decode benchmark's bad arguments named.
 (tests/interop runs the files in llama.cpp itself.)"""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -185,3 +190,11 @@ def test_unknown_outtype_and_pre_tokenizer_are_one_sentence(tmp_path, capsys):
     with pytest.raises(ValueError, match="^llama.cpp has no name for this tokenizer's pre-tokenizer; use a tokenizer"):
         save_gguf(model, tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--rows", "ours-fp32,nope"], "unknown row 'nope'"),
+                                           (["--new-tokens", "1"], "--new-tokens must be at least 2")])
+def test_the_decode_benchmark_names_a_bad_argument(argv, message):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "llamacpp_decode.py")
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"error: {message}"), proc.stderr
