@@ -41,7 +41,8 @@ test-slow: $(STAMP)
 # The exports run by the tools themselves: llama-cpp-python (its install compiles llama.cpp with
 # mtmd: minutes) and transformers give our greedy answers.
 test-interop: $(STAMP)
-	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(PY) -c "import llama_cpp" 2>/dev/null || (echo "compiling llama-cpp-python (minutes)" && \
+		$(PY) -m pip install -q llama-cpp-python==0.3.36)
 	$(VENV)/bin/pytest -q -m interop tests/interop
 
 # The chat-page test drives Debian's chromium through playwright (no browser download).

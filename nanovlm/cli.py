@@ -385,10 +385,11 @@ def _cmd_serve(args) -> int:
 # --------------------------------------------------------------------------------------- export
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", formatter_class=_Formatter, help="write a checkpoint for transformers or llama.cpp",
-                       description="Write a checkpoint as a transformers Idefics3 directory (AutoModelForImageTextToText "
-                                   "and AutoProcessor load it offline, vLLM serves it) or as llama.cpp's model.gguf + "
-                                   "mmproj.gguf. Either answers as the model does here; a model trained in a layout "
-                                   "the target cannot reproduce is refused, naming the settings to train it with.")
+                       description="Write a checkpoint as a transformers Idefics3 directory "
+                                   "(AutoModelForImageTextToText and AutoProcessor load it offline, vLLM serves it) "
+                                   "or as llama.cpp's model.gguf + mmproj.gguf. Either answers as the model does "
+                                   "here; a model trained in a layout the target cannot reproduce is refused, naming "
+                                   "the settings to train it with.")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (ours, nanoVLM's or Idefics3)")
     p.add_argument("--format", default="transformers", metavar="NAME",
                    help="transformers (an Idefics3ForConditionalGeneration directory) or gguf (llama.cpp)")

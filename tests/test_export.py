@@ -101,8 +101,9 @@ def test_a_model_in_our_own_layout_is_refused(tmp_path, capsys):
 def test_an_image_token_text_taken_by_another_token_is_refused(tmp_path):
     tokens = {**IDEFICS3_TOKENS, "image_token": "<|image|>", "spare": "<image>"}
     model = our_model(tmp_path, **{**IDEFICS3, "vlm_extra_tokens": tokens})
-    with pytest.raises(ValueError, match=r"^the tokenizer's <image> is not the model's image_token \(vlm_extra_tokens\), "
-                                         r"so the exported prompt could not place images; give <image> only that role.$"):
+    with pytest.raises(ValueError, match=r"^the tokenizer's <image> is not the model's image_token "
+                                         r"\(vlm_extra_tokens\), so the exported prompt could not place images; "
+                                         r"give <image> only that role.$"):
         save_transformers(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

@@ -2,8 +2,13 @@
 (names, shapes, tensor types and the metadata llama.cpp's converter writes for SmolVLM), the
 language model and its tokenizer read back by our own GGUF readers (so q/k row order, vocabulary
 and merges are checked against a reader we trust), the chat template as llama-cpp-python renders
-it, and every model llama.cpp cannot reproduce refused in one sentence with nothing written.
+it, every model llama.cpp cannot reproduce refused in one sentence with nothing written, and the
+decode benchmark's bad arguments named.
 (tests/interop runs the files in llama.cpp itself.)"""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,8 +31,9 @@ from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.weights.idefics3 import IDEFICS3_TOKENS
 
 # A tiny model llama.cpp can run: SmolVLM's layout, 64-px images cut into 32-px tiles.
-GGUF_READY = {"vlm_image_layout": "idefics3", "vlm_extra_tokens": dict(IDEFICS3_TOKENS), "vlm_image_resample": "lanczos",
-              "vit_pixel_mean": 0.5, "vit_pixel_std": 0.5, "max_img_size": 64, "lm_tie_weights": False}
+GGUF_READY = {"vlm_image_layout": "idefics3", "vlm_extra_tokens": dict(IDEFICS3_TOKENS),
+              "vlm_image_resample": "lanczos", "vit_pixel_mean": 0.5, "vit_pixel_std": 0.5, "max_img_size": 64,
+              "lm_tie_weights": False}
 
 
 def our_model(root, lora=False, **overrides):
@@ -76,7 +82,8 @@ def test_mmproj_holds_the_vision_tower_as_mtmd_reads_it(exported):
     root, model = exported
     cfg, vit = model.cfg, model.vision_encoder
     meta = fields(root / "f16" / "mmproj.gguf")
-    assert (meta["general.architecture"], meta["general.type"], meta["clip.projector_type"]) == ("clip", "mmproj", "idefics3")
+    kind = (meta["general.architecture"], meta["general.type"], meta["clip.projector_type"])
+    assert kind == ("clip", "mmproj", "idefics3")
     assert meta["clip.has_vision_encoder"] and meta["clip.use_gelu"]
     expected = {"image_size": 32, "patch_size": 8, "embedding_length": 32, "feed_forward_length": 128, "block_count": 2,
                 "attention.head_count": 2, "projection_dim": 64, "projector.scale_factor": 2, "preproc_image_size": 64}
@@ -117,7 +124,8 @@ def test_language_model_reads_back_through_our_gguf_reader(exported):
         assert meta["llama.rope.dimension_count"] == cfg.lm_head_dim and meta["llama.vocab_size"] == cfg.lm_vocab_size
         assert meta["tokenizer.ggml.eos_token_id"] == cfg.lm_eos_token_id and not meta["tokenizer.ggml.add_bos_token"]
         assert len(meta["tokenizer.ggml.tokens"]) == cfg.lm_vocab_size
-        assert {t.tensor_type.name for t in GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight"} == {outtype.upper()}
+        q = [t.tensor_type.name for t in GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight"]
+        assert q == [outtype.upper()]
         back = LanguageModel.from_pretrained(cfg.replace(lm_model_type=str(path)))
         theirs = dict(back.named_parameters())
         for name, ours in model.decoder.named_parameters():  # q and k rows back in rotate-half order
@@ -165,7 +173,8 @@ def test_a_model_llama_cpp_cannot_reproduce_is_refused(tmp_path, capsys, overrid
     our_model(tmp_path, **overrides)
     assert main(["export", "--model", str(tmp_path / "ours"), "--format", "gguf", "--out", str(tmp_path / "g")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("nanovlm: error: llama.cpp would not answer as this model does; train it with ") and needs in err
+    assert err.startswith("nanovlm: error: llama.cpp would not answer as this model does; train it with ")
+    assert needs in err
     assert err.count("\n") == 1 and not (tmp_path / "g").exists()
 
 
@@ -181,3 +190,11 @@ def test_unknown_outtype_and_pre_tokenizer_are_one_sentence(tmp_path, capsys):
     with pytest.raises(ValueError, match="^llama.cpp has no name for this tokenizer's pre-tokenizer; use a tokenizer"):
         save_gguf(model, tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--rows", "ours-fp32,nope"], "unknown row 'nope'"),
+                                           (["--new-tokens", "1"], "--new-tokens must be at least 2")])
+def test_the_decode_benchmark_names_a_bad_argument(argv, message):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "llamacpp_decode.py")
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"error: {message}"), proc.stderr

@@ -73,8 +73,9 @@ def _write_processor(directory: str, cfg: Any, template: str) -> None:
 
 def idefics3_config_dict(cfg: Any, ids: dict[str, int | None]) -> dict[str, Any]:
     """config.json of `Idefics3ForConditionalGeneration` for `cfg`."""
-    vision = {"model_type": "idefics3_vision", "hidden_size": cfg.vit_hidden_dim, "intermediate_size": cfg.vit_inter_dim,
-              "num_hidden_layers": cfg.vit_n_blocks, "num_attention_heads": cfg.vit_n_heads, "num_channels": 3,
+    vision = {"model_type": "idefics3_vision", "hidden_size": cfg.vit_hidden_dim,
+              "intermediate_size": cfg.vit_inter_dim, "num_hidden_layers": cfg.vit_n_blocks,
+              "num_attention_heads": cfg.vit_n_heads, "num_channels": 3,
               "image_size": cfg.vit_img_size, "patch_size": cfg.vit_patch_size, "hidden_act": cfg.vit_hidden_act,
               "layer_norm_eps": cfg.vit_ln_eps}
     text = {"model_type": "llama", "vocab_size": cfg.lm_vocab_size, "hidden_size": cfg.lm_hidden_dim,

@@ -62,13 +62,14 @@ def trained_model(root) -> str:
     for k in range(400):
         image, colour, shape = drawing(k)
         image.save(root / f"{k}.png")
-        records.append({"image": f"{k}.png", "conversations": [
-            {"from": "human", "value": f"<image>{QUESTIONS[k % 2]}"}, {"from": "gpt", "value": (colour, shape)[k % 2]}]})
+        records.append({"image": f"{k}.png", "conversations": [{"from": "human", "value": f"<image>{QUESTIONS[k % 2]}"},
+                                                               {"from": "gpt", "value": (colour, shape)[k % 2]}]})
     (root / "shapes.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     settings = {"vlm_image_layout": "idefics3", "vlm_extra_tokens": json.dumps(IDEFICS3_TOKENS),
                 "vlm_image_resample": "lanczos", "max_img_size": 64, "vit_pixel_mean": 0.5, "vit_pixel_std": 0.5,
                 "data": root / "shapes.jsonl", "max_training_steps": 300, "batch_size": 16, "eval_interval": 100}
-    assert main(["train", "--preset", "tiny", "--out", str(root / "run")] + [f"{k}={v}" for k, v in settings.items()]) == 0
+    args = ["train", "--preset", "tiny", "--out", str(root / "run")] + [f"{k}={v}" for k, v in settings.items()]
+    assert main(args) == 0
     return str(root / "run" / "final")
 
 
