@@ -548,8 +548,9 @@ class ChatRenderer:
     `<image: k>` tag when there are several): in a part list where it stands, but images that
     only follow the text go before it (the idefics3 layout, trained on interleaved text and
     images, keeps them there); in text at its `<image>` placeholder (one per image, in order);
-    and where no message marks a place, all images go in front of the first user message. The chat template is applied by one
-    `ChatEncoder`, whose piece cache makes re-encoding templated training data nearly free.
+    and where no message marks a place, all images go in front of the first user message. The
+    chat template is applied by one `ChatEncoder`, whose piece cache makes re-encoding templated
+    training data nearly free.
 
     `add_generation_prompt=True` ends the ids with the assistant prompt: an inference prompt is
     then, token for token, the start of the training sample that holds the same question and
