@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from PIL import Image
 
 from nanovlm.data.images import open_image
@@ -188,16 +189,11 @@ def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> to
 def load_images(entry, index: int) -> list[Image.Image]:
     """One question's images: None, a PIL image, a path, or a list of those -> list of PIL."""
     items = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
-    out = []
     for item in items:
-        if isinstance(item, (str, os.PathLike)):
-            out.append(open_image(item))
-        elif isinstance(item, Image.Image):
-            out.append(item.convert("RGB"))
-        else:
+        if not isinstance(item, (str, os.PathLike, Image.Image)):
             raise TypeError(f"question {index}: an image must be a PIL image or a file path, got "
                             f"{type(item).__name__}.")
-    return out
+    return [item.convert("RGB") if isinstance(item, Image.Image) else open_image(item) for item in items]
 
 
 _RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -250,15 +246,11 @@ def render_prompts(model, chats: Sequence[tuple[list[dict], list]]):
 def left_pad(rows: Sequence[Sequence[int]], model) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows -> (input_ids (B, T), attention_mask (B, T)), left-padded with the tokenizer's
     pad token (else EOS); the mask is 1 on real tokens."""
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else model.cfg.lm_eos_token_id
-    longest = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, longest - len(r):] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, longest - len(r):] = 1
-    return input_ids, attention_mask
+    pad = model.tokenizer.pad_token_id
+    rows = [torch.tensor(r, dtype=torch.long) for r in rows]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=model.cfg.lm_eos_token_id if pad is None else pad,
+                             padding_side="left")
+    return input_ids, pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
 
 
 def answer(model, images, questions, max_new_tokens: int = 32, greedy: bool = True, batch_size: int = 32,

@@ -5,7 +5,9 @@ in batches of prompts of several lengths, and leave rows for others to take: gre
 must equal the one-request reference, eager and compiled.
 """
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -126,6 +128,26 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model):
 
     alone = sample(False)
     assert len(alone) > 0 and alone == sample(True)
+
+
+def test_the_engine_keeps_one_cache_and_lets_finished_requests_go(model):
+    # What a long-running server holds stays bounded: one cache, allocated once; no finished request.
+    engine = Engine(model, max_batch_size=3)
+    finished = []
+    for i in range(12):
+        ids, tiles = _prompt(model, 3 + i % 7, 200 + i, image=i % 3 == 0)
+        h = engine.submit(GenerationRequest(ids, tiles, 4 + i % 5, temperature=0.5 * (i % 2), seed=i))
+        finished.append(weakref.ref(h))
+        if i == 0:
+            engine.run_once()
+            buffers = [t.data_ptr() for t in engine._cache.k + engine._cache.v]
+        del h
+    while not engine.idle:
+        engine.run_once()
+    assert engine.counters["requests"] == 12 and engine.counters["errors"] == 0
+    assert [t.data_ptr() for t in engine._cache.k + engine._cache.v] == buffers
+    gc.collect()
+    assert all(ref() is None for ref in finished), "the engine still holds finished requests"
 
 
 def test_done_event_and_length_limit(model):

@@ -211,6 +211,22 @@ def test_metrics_count_requests_tokens_and_latency(keyed):
     assert after[f"nanovlm_request_duration_seconds_sum{{{route}}}"] > 0
 
 
+def test_metrics_labels_stay_a_fixed_set_whatever_clients_send(keyed):
+    # A long-running server must not grow a series per path, model id or method a client invents.
+    def series():
+        return {k for k in _samples(_request(keyed, "GET", "/metrics")[2]) if k.startswith("nanovlm_requests_total")}
+
+    for path in ("/no/such/path", "/v1/models/no-such-model", "/metrics"):  # each label set seen once
+        _request(keyed, "GET", path)
+    before = series()
+    for i in range(20):
+        _request(keyed, "GET", f"/scan/{i}")
+        _request(keyed, "GET", f"/v1/models/invented-{i}")
+        _request(keyed, "BREW" if i % 2 else "PURGE", f"/x{i}")
+    grown = series() - before
+    assert len(grown) <= 1 and all('route="other",method="other"' in k for k in grown), grown
+
+
 # ------------------------------------------------------------------------------ drain on SIGTERM
 # The subprocess's engine waits before each decode step until SIGUSR1: the test decides when the
 # stream it started may go on, so SIGTERM lands mid-stream on any machine.

@@ -378,8 +378,9 @@ def _after_image(text: str) -> str:
 
 class ChatRenderer:
     """Messages (+ images) -> `RenderedChat`, the one place a prompt is laid out: each image's string
-    where it stands in a part list, at its `<image>` placeholder, or else before the first user
-    message. An inference prompt is, token for token, the start of the same question's sample."""
+    where it stands in a part list (images that only follow the text go before it, as training put
+    them), at its `<image>` placeholder, or else before the first user message. An inference prompt
+    is, token for token, the start of the same question's sample."""
 
     def __init__(self, tokenizer: Any, cfg: Any, image_processor: ImageProcessor | None = None):
         self.tokenizer, self.mp, self.tile, self.layout = tokenizer, cfg.mp_image_token_length, cfg.vit_img_size, \

@@ -85,8 +85,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class KVCache:
     """Static key/value cache: per layer, one preallocated (B, n_kv_heads, max_len, head_dim)
-    key and value buffer, written in place at each row's own slots. `length` counts the slots
-    `LanguageModel.forward` has filled (its cached calls go on from there).
+    key and value buffer, written in place at each row's own slots; `length`: those `forward` filled.
 
     One buffer per layer, not one (layers, ...) tensor: under `torch.compile` an in-place write
     into a view of a shared buffer is replayed on the whole buffer, so every layer of the
@@ -179,10 +178,9 @@ def build_attention_mask(segment_ids: torch.Tensor, q_len: int, position_ids: to
 
 
 def fuse_rows(linears: list[nn.Linear], quantize: str, current: tuple) -> tuple[torch.Tensor | None, ...]:
-    """(matrix, scales): the weights of `linears` stacked on the output axis, or (None, None)
-    where a layer carries adapters (it keeps its own path). Float: the matrix becomes the
-    storage of the layers' own parameters (the objects an optimizer holds), and `current`
-    stays while it still is. int8: a quantized copy with per-row scales, made once."""
+    """(matrix, scales): the weights of `linears` stacked on the output axis; (None, None) where
+    a layer has adapters. Float: the storage of the layers' own Parameters (kept while it still
+    is); int8: a quantized copy with per-row scales, made once."""
     if any(type(lin) is not nn.Linear for lin in linears):
         return None, None
     fused = current[0]
@@ -319,8 +317,7 @@ class LanguageModel(nn.Module):
         attention_mask: (B, T) long, a 0/1 padding mask or, in general, segment ids (0 =
         padding; packed rows number their documents 1, 2, ...); None when every token is real.
         position_ids: (B, T); by default derived from the segment ids (restarting at 0 in each
-        one). kv_cache: unpadded rows that go on from `kv_cache.length` (`decode_step`, which
-        generation calls directly, handles the rest).
+        one). kv_cache: unpadded rows going on from `kv_cache.length` (generation calls `decode_step`).
         Returns (logits or hidden states, kv_cache): logits (B, T, vocab) with lm_use_tokens,
         else final-normed hidden states (B, T, C) for the caller's head.
         """
@@ -360,14 +357,11 @@ class LanguageModel(nn.Module):
     def decode_step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache,
                     kv_len: int | None = None) -> torch.Tensor:
         """New tokens against the static cache, with no host reads: the one cached computation
-        (prefill and each decoded token; `torch.compile` captures it once, as gpt-fast's
-        `decode_one_token`).
-
+        (prefill and each token; compiled once, as gpt-fast's `decode_one_token`).
         x: (B, T_new, C) embeddings; input_pos: (B, T_new) long, each row's cache slots for them,
         which are also their positions (a row's tokens start at slot 0: padding goes after).
         kv_len: attend to the first kv_len slots only (eager: fewer keys); None: all of them
-        (one shape for every step). Returns final-normed hidden states (B, T_new, C).
-        """
+        (one shape for every step). Returns final-normed hidden states (B, T_new, C)."""
         cos, sin = self.rotary_embd(input_pos)
         slots = torch.arange(kv_cache.max_len if kv_len is None else kv_len, device=x.device)
         attn_mask = (slots <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T_new, kv_len): causal per row
@@ -378,13 +372,11 @@ class LanguageModel(nn.Module):
     @torch.inference_mode(False)  # called from generation's inference mode: the fused weights stay trainable
     @torch.no_grad()
     def prepare_for_inference(self, quantize: str | None = None) -> "LanguageModel":
-        """Fuse q/k/v and gate/up into one matmul each (half the calls of a decode step), and with
-        `quantize="int8"` run every block linear and the head on int8 weights (`quantization`);
-        None keeps the current mode. In place, idempotent and cheap to repeat: generation calls it.
-
-        The model still trains: the fused path runs only without autograd, and a fused float
-        matrix is the storage of the layers' own parameters (fused again when a recast or move
-        parted them). int8 copies are a snapshot for inference. The state dict does not change."""
+        """Fuse q/k/v and gate/up into one matmul each and, with `quantize="int8"`, run the block
+        linears and head on int8 weights (`quantization`); None keeps the mode. In place, idempotent
+        and cheap: generation calls it. The model still trains: the fused path runs only without
+        autograd, a fused float matrix is the storage of the layers' own Parameters (fused again
+        after a recast or move), int8 copies are an inference snapshot; the state dict is unchanged."""
         mode = self.quantization if quantize is None else check_quantize(quantize)
         if mode == "int8" and self.quantization != "int8":
             reason = int8_supported(self.token_embedding.weight.device)

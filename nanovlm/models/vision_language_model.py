@@ -3,17 +3,15 @@
 Images are encoded, projected to `mp_image_token_length` embeddings each, and written over the
 `<|image|>` placeholder tokens of the prompt (as in the current nanoVLM and Idefics3), so
 prompts decide where images go and a sample may hold several images or none. Pixels arrive in
-[0, 1] and are normalised in one place, `encode_images`. There is one loss path: the
-vocabulary projection and the cross-entropy at the supervised positions only, fused and chunked
-(`linear_cross_entropy`); the logits of those positions are computed besides when asked for.
-The training forward reads no tensor value back to the host (no `.item()`, no boolean
-indexing), so on an accelerator it never waits for the device and `torch.compile` sees one graph.
+[0, 1] and are normalised in one place, `encode_images`. One loss path: the vocabulary projection
+and cross-entropy at the supervised positions only, fused and chunked (`linear_cross_entropy`).
+The training forward reads no tensor back to the host (no `.item()`, no boolean indexing), so on
+an accelerator it never waits for the device and `torch.compile` sees one graph.
 
 State-dict names are the original nanoVLM's (`vision_encoder.*`, `MP.*`, `decoder.*`), so its
 checkpoint directories load unchanged. `from_pretrained`, `save_pretrained`, `push_to_hub`,
-`generate` and `answer` are thin entry points into `nanovlm.weights.nanovlm` (checkpoint files),
-`nanovlm.data.tokenizer` and `nanovlm.generation`, imported when called: this module imports only
-torch, `config` and the other model modules.
+`generate`, `answer` and `tokenizer` are entry points into `weights`, `data.tokenizer` and
+`generation`, imported when called: this module imports only torch, `config` and `models`.
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def tokenizer(self):
-        """The model's tokenizer: the one attached, else `cfg.lm_tokenizer`'s, built on first use
-        (as the original nanoVLM's model carries one); an error says why it cannot be built."""
+        """The tokenizer attached, else `cfg.lm_tokenizer`'s, built on first use (as the original's)."""
         if self._tokenizer is None:
             from nanovlm.data.tokenizer import tokenizer_for
 
@@ -136,14 +133,13 @@ class VisionLanguageModel(nn.Module):
                 targets: torch.Tensor | None = None, loss_reduction: str = "mean",
                 position_ids: torch.Tensor | None = None, return_logits: bool = True,
                 supervised_index: torch.Tensor | None = None):
-        """Returns (logits (B, T, vocab), loss): the same contract with and without targets.
+        """Returns (logits (B, T, vocab), loss): one contract; loss is None without targets.
 
-        loss is None without targets. With targets (B, T), aligned with the logits (targets[t]
-        is the token after position t; IGNORE_INDEX where unsupervised): the cross-entropy over
-        the supervised positions, averaged (`loss_reduction="mean"`) or summed (`"sum"`, for
-        exact averaging across micro-batches and ranks), computed from the hidden states of
-        those positions only (`linear_cross_entropy`). `return_logits=False` (training): logits
-        None, and the head never runs over every position.
+        targets (B, T), aligned with the logits (targets[t] is the token after position t;
+        IGNORE_INDEX where unsupervised): the cross-entropy over the supervised positions, averaged
+        or summed (`loss_reduction="sum"`: exact averaging across micro-batches and ranks), from
+        those positions' hidden states only (`linear_cross_entropy`). `return_logits=False`
+        (training): logits None; the head never runs over every position.
 
         attention_mask: (B, T), a 0/1 padding mask, or segment ids (0 padding, 1..k for the
         documents of a packed row; see `LanguageModel.forward`); None when every token is real.
@@ -173,9 +169,8 @@ class VisionLanguageModel(nn.Module):
     def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens: int = 32,
                  top_k: int = 50, top_p: float = 0.9, temperature: float = 0.5, greedy: bool = False,
                  compile: bool = False, **kwargs) -> torch.Tensor:
-        """New tokens only, (B, <= max_new_tokens); rows that ended are padded with EOS.
-        `compile=True`: the one-token step `torch.compile`d (the fast path; the first call per
-        shape compiles). See `nanovlm.generation.stream` for the options."""
+        """New tokens only, (B, <= max_new_tokens), ended rows padded with EOS. `compile=True`:
+        the decode step `torch.compile`d (the first call per shape compiles); see `generation.stream`."""
         from nanovlm.generation import generate
 
         return generate(self, input_ids, images, attention_mask, max_new_tokens=max_new_tokens, top_k=top_k,
@@ -188,10 +183,9 @@ class VisionLanguageModel(nn.Module):
         return answer(self, images, questions, max_new_tokens=max_new_tokens, greedy=greedy, **kwargs)
 
     def quantize(self, mode: str | None = "int8") -> "VisionLanguageModel":
-        """Run the language model's linear layers and head on int8 weights with per-channel
-        scales (`nanovlm.models.quantization`), in place; where this torch cannot run the int8
-        kernel, a warning says so and the weights stay float. "none": q/k/v and gate/up fusion
-        only (which `generate` does by itself). State dict and saving unchanged."""
+        """Run the language model's linear layers and head on int8 weights with per-channel scales
+        (`models.quantization`), in place (where this torch cannot, a warning; the weights stay float).
+        "none": q/k/v and gate/up fusion only, as `generate` does. State dict and saving unchanged."""
         self.decoder.prepare_for_inference(mode)
         return self
 
@@ -212,12 +206,10 @@ class VisionLanguageModel(nn.Module):
         one the config names is saved; when it cannot be built (offline), weights and config only."""
         from nanovlm.weights.nanovlm import write_checkpoint
 
-        tok = tokenizer
-        if tok is None:
-            try:
-                tok = self.tokenizer
-            except (ValueError, OSError):  # e.g. offline with a hub tokenizer: the files are optional
-                tok = None
+        try:
+            tok = self.tokenizer if tokenizer is None else tokenizer
+        except (ValueError, OSError):  # e.g. offline with a hub tokenizer: the files are optional
+            tok = None
         write_checkpoint(save_directory, self.cfg, self.state_dict_for_saving(), tok,
                          adapter=adapter_files_payload(self))  # LoRA adapters (+ projector), PEFT's layout
 

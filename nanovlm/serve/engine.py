@@ -72,10 +72,14 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}.")
         cfg = model.cfg
-        self.model, self.max_batch_size, self.max_queued, self.compile = model, max_batch_size, max_queued, compile
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.compile = compile
         limit = min(cfg.lm_max_length, cfg.lm_max_position_embeddings)
         self.context = limit if context is None else min(int(context), cfg.lm_max_position_embeddings)
-        self.prefill_token_budget, self.eos = prefill_token_budget, cfg.lm_eos_token_id
+        self.prefill_token_budget = prefill_token_budget
+        self.eos = cfg.lm_eos_token_id
         self._step_fn = step_function(model.decoder.prepare_for_inference(), compile)
         self._cache = None  # max_batch_size x context slots, allocated with the first request
         self._rows: list[Handle] = []

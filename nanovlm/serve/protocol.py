@@ -1,13 +1,10 @@
 """The OpenAI chat-completions protocol: request validation, response and error shapes.
 
-Everything a client can get wrong is raised as an `APIError` carrying the HTTP status and
-OpenAI's error object (`{"error": {"message", "type", "param", "code"}}`), with one sentence that
-says what to fix. Scalar fields are checked by one table (`FIELDS`: what each must be, strict
-JSON types: `true` is not a number, "5" is not an integer); messages part by part, so that an
-error names the exact part (`messages[1].content[0].image_url.url`), their images decoded under
-`Limits`. Unknown fields are ignored (clients send many); fields this server cannot honour in a
-way the client would notice (`n > 1`, `logprobs`, `tools`, JSON formats) are refused, not
-dropped. Images arrive as `data:` URLs; `http(s)` ones only with `--allow-remote-images`.
+A client's mistake is an `APIError`: the HTTP status, OpenAI's error object and one sentence saying
+what to fix. Scalar fields are checked by one table (`FIELDS`, strict JSON types), messages part by
+part so an error names the exact part. Unknown fields are ignored; fields this server cannot honour
+(`n > 1`, `logprobs`, `tools`, JSON formats) are refused, not dropped. Images arrive as `data:`
+URLs; `http(s)` ones only with `--allow-remote-images`.
 """
 
 from __future__ import annotations
@@ -336,18 +333,18 @@ class TextAssembler:
 
 
 # ------------------------------------------------------------------------------------ responses
-def now() -> int:
-    return int(time.time())
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _head(kind: str, model: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": kind, "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+
+
 def completion_body(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": now(), "model": model,
-            "system_fingerprint": None,
+    return {**_head("chat.completion", model),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                          "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
@@ -358,8 +355,7 @@ class Chunks:
     chunk carries the key `usage` (null until the last, usage-only chunk)."""
 
     def __init__(self, model: str, include_usage: bool):
-        self.head = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk", "created": now(),
-                     "model": model, "system_fingerprint": None}
+        self.head = _head("chat.completion.chunk", model)
         self.include_usage = include_usage
 
     def __call__(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:

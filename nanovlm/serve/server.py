@@ -1,16 +1,10 @@
 """The HTTP server: OpenAI-compatible chat completions, model list, health, metrics, the chat page.
 
-The stack vLLM and llama-cpp-python serve the OpenAI API with: an ASGI app (Starlette) run by
-uvicorn. One event loop answers every connection; images and tokenizing run in worker threads,
-decoding in the engine thread (`engine.py`), whose events come back through `_LoopQueue`.
-Streamed answers are server-sent events. Every failure is an OpenAI-shaped JSON error (malformed
-HTTP included): 4xx for what the client can fix, 500 (logged; the server goes on) for the rest.
-A client that leaves, waiting or mid-stream, cancels its request so the engine frees its row.
-
-One ASGI middleware (`_Gate`) holds the API key (`/v1/*` needs `Authorization: Bearer KEY`,
-else 401), the cap on requests in progress (one over it gets a JSON 503 after its request was
-read, so the client sees it) and the Prometheus counters. On SIGTERM or Ctrl-C the server
-drains: no new connections, requests in progress get `--drain-timeout` seconds, then exit 0.
+As vLLM and llama-cpp-python serve the OpenAI API: a Starlette app run by uvicorn. The event loop
+answers connections; images and tokenizing run in worker threads, decoding in the engine thread
+(`engine.py`). Every failure is an OpenAI-shaped JSON error: 4xx for what the client can fix, 500
+(logged; the server goes on) for the rest. A client that leaves cancels its request. `_Gate` holds
+the API key, the cap on requests in progress and the metrics; SIGTERM or Ctrl-C drains the server.
 """
 
 from __future__ import annotations
@@ -69,7 +63,7 @@ class App:
     limits: Limits = field(default_factory=Limits)
     allow_remote_images: bool = False
     api_key: str | None = None
-    created: int = field(default_factory=protocol.now)
+    created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
 
 
