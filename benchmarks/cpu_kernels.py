@@ -1,4 +1,4 @@
-"""The pieces of a CPU training step that the seventh round of docs/benchmarks.md made faster,
+"""The pieces of a CPU training step that were made faster (see git history of docs/),
 each timed the way it was before and the way `nanovlm train` runs it now (forward + backward,
 bf16 autocast, the shapes of one `easyvqa` step).
 

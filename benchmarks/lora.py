@@ -10,7 +10,7 @@ forward with the summed fused loss, backward, AdamW update, zero_grad; the first
 allocates the optimizer state) is not timed. Memory: on the CPU the process's peak RSS and how
 far it rose above the RSS once the model was built (activations, gradients, optimizer state);
 on CUDA the peak allocated memory. Prints a markdown table; the lead writes the numbers in
-docs/benchmarks.md.
+docs/results.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ cross-entropy, the model's second loss path until it kept one) against the fused
 (`return_logits=False`, the model's one loss path and what `nanovlm train` uses), and
 (`--compare vit-attention`) attention through PyTorch's fused kernel against the plain
 matmul-softmax path that CPU training uses (`nanovlm.models.attention`; the vision encoder's
-and, since the seventh round of docs/benchmarks.md, the language model's too).
+and the language model's).
 
     python benchmarks/train_step.py [--compare loss|vit-attention] [--preset easyvqa] [--rows 24]
         [--length 256] [--images-per-row 3] [--supervised-per-row 20] [--precision bf16] [--repeats 10]

@@ -11,9 +11,8 @@ Which kernel:
   softmax still sums in fp32), where the runtime switched a CPU training run to it
   (`nanovlm.runtime.cpu_training_attention`); the (B, heads, T, T) scores stay in q's dtype.
 - One query row under `torch.compile` on the CPU (the compiled decode step): multiply-and-sum
-  in fp32 (`_one_query`), which inductor turns into loops fused with their neighbours. SDPA's
-  CPU kernel took ~90 us a call for 1 query against 128 cached keys, 2.9 ms of a 17 ms token
-  of the 222M shape (30 calls); the loops read the layer's 98 KB of cache once.
+  in fp32 (`_one_query`), which inductor turns into loops fused with their neighbours: SDPA's CPU
+  kernel costs more per call than a one-query attention needs; the loops read the cache once.
 - `F.scaled_dot_product_attention` (SDPA) everywhere else: inference, longer rows, every
   other device.
 

@@ -6,7 +6,7 @@ read back by log-softmax, kept for backward and read again. Here each chunk of p
 its logits, its share of the loss, and the gradients for the hidden states and the head weight
 right away (d loss / d logits = softmax - one-hot); backward only scales them by the incoming
 gradient. Same matmuls as the plain path, no full logits tensor, no separate log-softmax
-backward (measured in docs/benchmarks.md).
+backward.
 
 The loss is the *sum* over positions, in fp32. Under autocast the matmuls run in the autocast
 dtype, as `nn.Linear` would. `supervised_index` picks the positions that have a target.
@@ -95,10 +95,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h: (n, C) hidden states, weight: (vocab, C) the head, targets: (n,) token ids (no ignore
     index: pass only the supervised positions). Without autograd (no_grad, or nothing that needs
     a gradient) only the loss is computed. `chunk_size` (positions per chunk): by default 128 on
-    CPU, and 1024 elsewhere (not measured: fewer, larger kernels for a GPU). On CPU, 128 was as
-    fast as 64 or faster, in alternating runs with 126 and 512 positions on the 49,152 x 576 head
-    and 480 on the 49,152 x 128 one: 123-124 against 137-159 ms for 126 x 576 (docs/benchmarks.md,
-    round six of the training step; an earlier, noisier measurement had favoured 64).
+    CPU (the fastest measured there), and 1024 elsewhere (fewer, larger kernels for a GPU).
     """
     if chunk_size is None:
         chunk_size = 128 if h.device.type == "cpu" else 1024

@@ -13,8 +13,8 @@ Design choices:
 - Quantizing keeps the float weights: it is a way of running a checkpoint, not a checkpoint
   format, so `save_pretrained` still writes the float weights (and a reload quantizes again).
   The int8 copies are non-persistent buffers.
-- Activations go through the kernel in bf16 (its fast path here: with fp32 activations the
-  same kernel ran ~10x slower on this CPU); the result comes back in the caller's dtype.
+- Activations go through the kernel in bf16 (its fast path; fp32 activations are far slower);
+  the result comes back in the caller's dtype.
 - The error of one weight is at most s_n / 2, so one output's error is at most
   s_n / 2 * sum_k |x_k| plus the bf16 rounding of x and of the output (`int8_error_bound`).
 """
@@ -45,8 +45,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # From this many rows on (a prefill, a batch of prompts), the int8 weight is widened to bf16 and
-# multiplied by ATen's bf16 matmul: 1.4-1.8x faster than `_weight_int8pack_mm` at 81 rows on this
-# CPU, about even at 32, 2-4x slower at 8 and fewer (docs/benchmarks.md, round five).
+# multiplied by ATen's bf16 matmul, which is faster there than `_weight_int8pack_mm`.
 DEQUANTIZE_ROWS = 32
 
 
@@ -84,8 +83,8 @@ def one_compiled_row(x: torch.Tensor) -> bool:
 def row_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """One row x (..., K) times weight (N, K)^T (float, or int8 with per-row scales) -> (..., N)
     in x's dtype, written as a multiply-and-sum in fp32 so that inductor generates one vectorized
-    loop that converts each weight as it streams past (no fp32 copy of the weight is made). On
-    this CPU that loop reads the weights ~1.5-2x faster than ATen's one-row matmul."""
+    loop that converts each weight as it streams past (no fp32 copy of the weight is made), faster
+    than ATen's one-row matmul."""
     y = (weight.float() * x.float()[..., None, :]).sum(-1)  # (..., N)
     if scales is not None:
         y = y * scales.float()

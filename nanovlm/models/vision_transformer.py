@@ -8,8 +8,7 @@ parameter names are those of the original nanoVLM so its checkpoints load unchan
 
 The patch embedding is a conv with kernel = stride = patch size in its parameters (`conv`,
 (C, 3, patch, patch), so SigLIP and nanoVLM weights load as they are) and one matmul of the
-flattened patches in its forward: the same numbers, ~3x faster to train on CPUs than the conv
-kernel (docs/benchmarks.md).
+flattened patches in its forward: the same numbers, faster to train on CPUs than the conv kernel.
 """
 
 from __future__ import annotations
