@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/nanovlm train --out runs/demo
+	$(VENV)/bin/nanovlm train --out runs/demo data=easyvqa
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
