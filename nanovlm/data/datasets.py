@@ -1,7 +1,7 @@
 """Datasets: the records of a split (`data/records.py`) -> processed samples by random access
-(`ConversationDataset`, through `SampleProcessor.sample`). A sample that cannot be used is a skip marker `{"skip", "id", "error"}`
-that collators drop and `SkipCounter` counts once (`strict`: it raises). `ShardedBatchSampler`
-and `ResumableLoader` make the order seeded, sharded and resumable.
+(`ConversationDataset`, through `SampleProcessor.sample`). A sample that cannot be used is a
+skip marker `{"skip", "id", "error"}` that collators drop and `SkipCounter` counts once
+(`strict`: it raises). `ShardedBatchSampler` and `ResumableLoader` make the order seeded, sharded and resumable.
 """
 
 from __future__ import annotations

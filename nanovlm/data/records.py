@@ -200,7 +200,8 @@ class Mixture(Records):
     image folder: a record's relative image paths come out joined to its source's."""
 
     def __init__(self, members: list[Records], name: str, split: str):
-        super().__init__([p for m in members for p in m.parts], name, split, None, [f for m in members for f in m.files])
+        files = [f for m in members for f in m.files]
+        super().__init__([p for m in members for p in m.parts], name, split, None, files)
         self.members, self._owner = members, {id(p): m for m in members for p in m.parts}
 
     def _member(self, i: int) -> Records:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from nanovlm.config import VLMConfig
 from nanovlm.models.attention import attention
-from nanovlm.models.quantization import InferenceLinear, Int8Linear, check_quantize, int8_supported, linear, quantize_rows
+from nanovlm.models.quantization import (InferenceLinear, Int8Linear, check_quantize, int8_supported, linear,
+                                         quantize_rows)
 from nanovlm.runtime import may_read_back
 
 

@@ -68,13 +68,15 @@ def build_data(vlm_cfg: VLMConfig, cfg: TrainConfig, tokenizer, info: DistInfo, 
 def make_data(dataset, collate: Callable[[list], dict], cfg: TrainConfig, info: DistInfo, val_set=None,
               say=print) -> Data:
     """A map-style dataset -> the resumable, rank-sharded training loader and the validation part."""
+    names, source = _sources(dataset)
     if val_set is not None:
         train_idx, val_records, val_source = list(range(len(dataset))), _records(val_set, range(len(val_set))), \
             cfg.val_data
     else:
         keys = dataset.group_keys() if hasattr(dataset, "group_keys") else [f"#{i}" for i in range(len(dataset))]
         train_idx, val_idx = [], []
-        for members in _by_source(dataset):  # a mixture holds out a part of each source
+        members_of = [[i for i, k in enumerate(source) if k == s] for s in range(len(names))]
+        for members in filter(None, members_of):  # a mixture holds out a part of each source
             t, v = validation_split([keys[i] for i in members], cfg.val_fraction,
                                     math.ceil(cfg.val_size * len(members) / len(keys)), cfg.seed)
             train_idx += [members[i] for i in t]
@@ -86,7 +88,7 @@ def make_data(dataset, collate: Callable[[list], dict], cfg: TrainConfig, info: 
     # Every rank gets a full micro-batch at every step: the short last batch of an epoch is dropped.
     sampler = ShardedBatchSampler(len(train_idx), batch * info.world_size, rank=info.rank, world_size=info.world_size,
                                   seed=cfg.seed, shuffle=True, drop_last=True,
-                                  **_weighted(dataset, train_idx, cfg.source_weights(), say))
+                                  **_weighted(train_idx, names, source, cfg.source_weights(), say))
     shift = cfg.recipe.image_shift
     train_set = ShiftedSamples(dataset, train_idx, shift, cfg.seed, sampler) if shift else Subset(dataset, train_idx)
     loader = ResumableLoader(train_set, sampler, collate, num_workers=cfg.num_workers,
@@ -120,28 +122,23 @@ def _fit_batch(dataset, train_idx: list[int], cfg: TrainConfig, world: int, say)
     return batch, vision_batch
 
 
-def _by_source(dataset) -> list[list[int]]:
-    """The dataset's samples, grouped by the source they come from (one group for one source)."""
+def _sources(dataset) -> tuple[list[str], list[int]]:
+    """The names of the data's sources and each sample's source (a single source: all 0)."""
     records = getattr(dataset, "records", None)
     names = [m.name for m in getattr(records, "members", [])]
     if len(names) < 2:
-        return [list(range(len(dataset)))]
-    groups: list[list[int]] = [[] for _ in names]
-    for i in range(len(dataset)):
-        groups[names.index(records.source_of(_records(dataset, [i])[0]))].append(i)
-    return [g for g in groups if g]
+        return [getattr(records, "name", "data")], [0] * len(dataset)
+    return names, [names.index(records.source_of(_records(dataset, [i])[0])) for i in range(len(dataset))]
 
 
-def _weighted(dataset, train_idx: list[int], weights: list[float], say) -> dict[str, list]:
+def _weighted(train_idx: list[int], names: list[str], source: list[int], weights: list[float], say) -> dict:
     """The sampler's groups and per-epoch counts for `data_weights`: an epoch keeps the data's size,
     each source drawing its weight's share of it."""
     if not weights:
         return {}
-    records = dataset.records
-    names = [m.name for m in getattr(records, "members", [records])]
     groups: list[list[int]] = [[] for _ in names]
     for pos, i in enumerate(train_idx):
-        groups[names.index(records.source_of(_records(dataset, [i])[0]))].append(pos)
+        groups[source[i]].append(pos)
     if not all(groups):  # a source with no training sample (a mixture keeps only sources that have the split)
         raise ValueError(f"data_weights: source {names[[bool(g) for g in groups].index(False)]} has no training "
                          "sample left after the validation part; bring more data or leave it out.")

@@ -62,9 +62,10 @@ def evaluate(run, limit: int, final: bool) -> dict:
     or its held-out questions) now; logs them and keeps the best checkpoint."""
     state, info, cfg = run.state, run.info, run.cfg
     val = validation_loss(run.model, run.data.val, run.data.collate, cfg.batch_size, info, run.amp)
-    report = task_report(run.task, run.model, data=cfg.data, val_source=run.data.val_source, val_records=run.data.val_records,
-                         image_folder=cfg.image_folder, limit=limit, batch_size=cfg.eval_batch_size, rank=info.rank,
-                         world_size=info.world_size, gather=lambda x: dist.gather_objects(x, info),
+    report = task_report(run.task, run.model, data=cfg.data, val_source=run.data.val_source,
+                         val_records=run.data.val_records, image_folder=cfg.image_folder, limit=limit,
+                         batch_size=cfg.eval_batch_size, rank=info.rank, world_size=info.world_size,
+                         gather=lambda x: dist.gather_objects(x, info),
                          autocast_dtype=run.amp["dtype"] if run.amp["enabled"] else None,
                          progress=final and run.bar is None and info.is_main)
     record = {"step": state.step, **({"val_loss": val} if val is not None else {}),

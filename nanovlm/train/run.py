@@ -33,8 +33,9 @@ def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, o
                 base = json.load(f)
     vlm_cfg, train_cfg = settings.resolve(preset, config_file, overrides, base=base)
     lora.check_run(vlm_cfg, train_cfg)
-    if not train_cfg.val_data and validation_file(train_cfg.data):  # the folder's own validation split
-        train_cfg = train_cfg.replace(val_data=validation_file(train_cfg.data))
+    own_validation = None if train_cfg.val_data else validation_file(train_cfg.data)
+    if own_validation:  # the folder's own validation split
+        train_cfg = train_cfg.replace(val_data=own_validation)
     reads = [check_data(d, train_cfg.image_folder, train_cfg.strict) for d in (train_cfg.data, train_cfg.val_data) if d]
     resolve_task(train_cfg.eval_task, train_cfg.data)  # an eval_task the data does not have: refused now
     if os.path.exists(out) and not os.path.isdir(out):
