@@ -11,10 +11,10 @@ from test_train_synthetic import ANSWERS, EOS, SyntheticVQA, final_weights, run_
     tiny_configs
 
 from nanovlm.models.vision_language_model import VisionLanguageModel
-from nanovlm.train.budget import fit_steps
 from nanovlm.train.data import validation_split
 from nanovlm.train.optim import Schedule
 from nanovlm.train.readout import Pairs, ReadoutHead, build_targets, collect_pairs, held_out_targets, sample_pairs
+from nanovlm.train.step import fit_steps
 from nanovlm.train.vision import MAX_EXTENSION, VisionStage, _extension, readout_accuracy
 
 FP32 = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}

@@ -1,7 +1,6 @@
 """Evaluation during and after training: the validation loss, the accuracy `eval_task` names, the best checkpoint.
 
-Reports are recorded under names that say what they measured and on how many questions
-(`<name>_accuracy`, `<name>_questions`, `<name>_what`).
+Reports are recorded as `<name>_accuracy`, `<name>_questions` and `<name>_what` (what was measured).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from nanovlm.eval.tasks import task_report
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train.data import to_device
+from nanovlm.train.step import summed_loss
 
 
 @torch.no_grad()
@@ -32,9 +32,7 @@ def validation_loss(model, val_set, collate, batch_size: int, info: dist.DistInf
             continue
         batch = to_device(batch, info.device)
         with torch.autocast(**amp):
-            _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
-                            loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False,
-                            supervised_index=batch.get("supervised_index"))
+            loss = summed_loss(model, batch)
         total += torch.stack([loss.double(), (batch["labels"] != IGNORE_INDEX).sum().double()])
     model.train(was_training)
     dist.all_reduce_sum(total, info)
@@ -58,8 +56,7 @@ def accuracy_fields(report: dict | None) -> dict[str, Any]:
 
 
 def evaluate(run, limit: int, final: bool) -> dict:
-    """Validation loss and the task's accuracy (`nanovlm.eval.tasks`: a test split the data ships with,
-    or its held-out questions) now; logs them and keeps the best checkpoint."""
+    """Validation loss and the task's accuracy (`nanovlm.eval.tasks`) now; logs them, keeps the best checkpoint."""
     state, info, cfg = run.state, run.info, run.cfg
     val = validation_loss(run.model, run.data.val, run.data.collate, cfg.batch_size, info, run.amp)
     report = task_report(run.task, run.model, data=cfg.data, val_source=run.data.val_source,
@@ -76,8 +73,7 @@ def evaluate(run, limit: int, final: bool) -> dict:
             run.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in record.items()
                                                      if k != "step" and not k.endswith("_what")))
-    # The best checkpoint: by held-out accuracy where the run measures it, else by validation
-    # loss (never by a test split: a test split only reports).
+    # The best checkpoint: by held-out accuracy where measured, else by validation loss (never by a test split).
     metric, value, higher = ("val_accuracy", record.get("val_accuracy"), True) if "val_accuracy" in record \
         else ("val_loss", val, False)
     best = state.best

@@ -1,8 +1,8 @@
 """A training run, which a single process and every torchrun rank run: `train`.
 
-`setup` builds the model and data of a new or resumed run, `train` runs the recipe's stages in
-order (`nanovlm.train.recipe`), `finish` writes the final model, evaluation, plot and summary.
-The machine-specific tuning is entered once, around it all (`nanovlm.runtime.prepare`).
+`setup` builds a new or resumed run, `train` runs the recipe's `stages` in order (the vision stage
+where `vision_warmup` asks, in a new run only; then the VLM stage), `finish` writes the final model,
+evaluation, plot and summary. The machine's tuning is entered once, around it all (`runtime.prepare`).
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train import lora
 from nanovlm.train.data import Data, build_data, make_data, total_steps_for
-from nanovlm.train.optim import fused_adamw_available
-from nanovlm.train.recipe import stages
-from nanovlm.train.report import format_summary, measure_matmul_peak, plot, summarize
 from nanovlm.train.evaluation import evaluate
+from nanovlm.train.optim import fused_adamw_available
+from nanovlm.train.report import format_summary, measure_matmul_peak, plot, summarize
+from nanovlm.train.vision import vision_stage
+from nanovlm.train.vlm import train_vlm
 from nanovlm.weights.nanovlm import load_state
 
-__all__ = ["Data", "RunState", "build_data", "make_data", "seed_everything", "train"]
+__all__ = ["Data", "RunState", "build_data", "make_data", "seed_everything", "train"]  # make_data: benchmarks
 
 
 @dataclass
@@ -81,6 +82,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def stages(run: Run) -> list[Callable[[Run], None]]:
+    return ([warm_up_vision] if run.cfg.recipe.vision_warmup != "off" and run.resume_from is None else []) + [train_vlm]
+
+
+def warm_up_vision(run: Run) -> None:
+    run.state.warmup = vision_stage(run.model, run.data, run.cfg.recipe, seed=run.cfg.seed, init_from=run.cfg.init_from,
+                                    tokenizer=run.tokenizer, amp=run.amp, fused=run.fused, say=run.say,
+                                    progress=run.progress and run.info.is_main, threads=run.threads)
 
 
 def train(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, *, resume: bool = False,

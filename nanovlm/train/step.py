@@ -1,9 +1,7 @@
-"""The trainer every stage runs on, and `fit`, the one training loop.
+"""The trainer every stage runs on, `fit` (the one training loop), and the time budget stages share.
 
-A stage brings its batches and its loss; `Trainer` does the step alike for all (as nanochat's
-stages share one engine): bf16 autocast where the hardware has it, AdamW (fused where torch has
-it) at its `Schedule`'s rates. torch.compile is on CUDA only by default; a compile that fails
-costs one notice and an eager redo.
+A stage brings its batches and its loss; `Trainer` does the step alike for all (as nanochat's stages
+share one engine). With `max_train_time`, steps are cut to fit once CALIBRATION_STEPS are timed.
 """
 
 from __future__ import annotations
@@ -16,9 +14,30 @@ import torch
 
 from nanovlm.config import IGNORE_INDEX
 from nanovlm.runtime import autocast_args
-from nanovlm.train.budget import CALIBRATION_STEPS, fit_steps
 from nanovlm.train.distributed import vision_zero_loss
 from nanovlm.train.optim import Schedule, clip_and_step
+
+CALIBRATION_STEPS = 20  # steps timed before a budget fixes the step count
+VISION_SHARE = 0.6  # of max_train_time, at most, for the vision stage
+
+
+def fit_steps(total: int, done: int, elapsed_s: float, budget_s: float) -> int:
+    """The steps that fit the budget after `done` took `elapsed_s` (within [done, total])."""
+    if done <= 0:
+        return total
+    return max(done, min(total, done + int((budget_s - elapsed_s) / (elapsed_s / done))))
+
+
+def stage_budget(max_train_time: float, spent_s: float, share: float = 1.0) -> float | None:
+    """Seconds a stage may take: `share` of the budget less what earlier stages spent (None: no budget)."""
+    return max_train_time * share - spent_s if max_train_time else None
+
+
+def summed_loss(model, batch: dict) -> torch.Tensor:
+    """The VLM's loss on a collated batch, summed over its supervised tokens."""
+    return model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"], loss_reduction="sum",
+                 position_ids=batch.get("position_ids"), return_logits=False,
+                 supervised_index=batch.get("supervised_index"))[1]
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
@@ -38,9 +57,7 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
 
 
 class Trainer:
-    """A model, the module a step calls (`runner`: the model, its DDP wrapper or their compiled
-    form), the optimizer and its schedule; `accumulate` + `update` make one step. `loss(runner,
-    batch)` is a micro-batch's summed loss: the VLM's by default, a stage's own otherwise."""
+    """Model, `runner` (it, its DDP wrapper or compiled form), optimizer, schedule and `loss(runner, batch)`."""
 
     def __init__(self, model, runner, optimizer, schedule: Schedule | None, amp: dict, max_grad_norm: float,
                  say: Callable[[str], None] = print, loss: Callable[[Any, dict], torch.Tensor] | None = None,
@@ -61,10 +78,7 @@ class Trainer:
                    autocast_args(precision, device), max_grad_norm, say, compiled=wanted, eager_runner=eager)
 
     def vlm_loss(self, runner, batch: dict) -> torch.Tensor:
-        _, loss_sum = runner(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"],
-                             loss_reduction="sum", position_ids=batch.get("position_ids"), return_logits=False,
-                             supervised_index=batch.get("supervised_index"))
-        return loss_sum + vision_zero_loss(self.model, batch)
+        return summed_loss(runner, batch) + vision_zero_loss(self.model, batch)
 
     def forward_backward(self, batch: dict, scale, no_sync: bool = False) -> torch.Tensor:
         """The summed loss of one micro-batch (detached); its gradient times `scale` is added."""
@@ -76,17 +90,15 @@ class Trainer:
         return loss_sum.detach()
 
     def accumulate(self, batches: list[dict], scale) -> list[torch.Tensor]:
-        """forward_backward over the micro-batches (the last one synchronises DDP). When the
-        compiled module fails to compile, the gradients are cleared, a notice says so, and the
-        micro-batches run again eagerly, as they do from then on."""
+        """forward_backward over the micro-batches; a failed compile says so and reruns them eagerly."""
         def run() -> list[torch.Tensor]:
             return [self.forward_backward(b, scale, no_sync=i < len(batches) - 1) for i, b in enumerate(batches)]
 
-        if not self.compiled:
-            return run()
         try:
             return run()
         except _compile_errors() as e:
+            if not self.compiled:
+                raise
             cause = getattr(e, "inner_exception", None) or e  # BackendCompilerFailed wraps the real error
             first = (str(cause).strip().splitlines() or [""])[0][:160]
             self.say(f"torch.compile failed ({type(cause).__name__}: {first}); training continues without it "
@@ -110,9 +122,7 @@ class Trainer:
 
 
 def fit(trainer: Trainer, stage, start: int, budget_s: float | None) -> int:
-    """Run `stage` on `trainer` from step `start` to the end of its schedule; returns the last step.
-    `stage.step` does a step's work, `stage.after` its bookkeeping; with a budget the steps are cut
-    once CALIBRATION_STEPS are timed; at the end `stage.more` may ask for another cycle."""
+    """Run `stage` (`step`, `after`, `more`: another cycle) from step `start` to the schedule's end; the last step."""
     schedule, t0, step = trainer.schedule, time.perf_counter(), start
     while step < schedule.total_steps:
         if budget_s is not None and step == start + CALIBRATION_STEPS:

@@ -18,11 +18,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from nanovlm.data.augment import sample_generator, shift_pixels, shift_tiles
-from nanovlm.train.budget import VISION_SHARE, stage_budget
 from nanovlm.train.optim import Schedule, build_optimizer, decay_groups
 from nanovlm.train.readout import (ReadoutData, ReadoutHead, build_targets, collect_pairs, held_out_targets,
                                    readout_loss, readout_right, special_ids)
-from nanovlm.train.step import Trainer, fit
+from nanovlm.train.step import VISION_SHARE, Trainer, fit, stage_budget
 
 WEIGHT_DECAY = 0.1
 MAX_PAIRS_PER_IMAGE = 8

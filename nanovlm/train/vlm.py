@@ -18,12 +18,11 @@ from nanovlm.config import IGNORE_INDEX
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train import lora
-from nanovlm.train.budget import stage_budget
 from nanovlm.train.data import n_samples, to_device
 from nanovlm.train.evaluation import evaluate
 from nanovlm.train.optim import Schedule, vlm_optimizer
 from nanovlm.train.report import FlopCounter, MetricsLog, batch_stats, measure_matmul_peak
-from nanovlm.train.step import Trainer, fit
+from nanovlm.train.step import Trainer, fit, stage_budget
 
 
 class VLMStage:
