@@ -1,8 +1,7 @@
-"""The `nanovlm` command line: train, generate, eval, serve, data.
+"""The `nanovlm` command line: train, generate, eval, serve, export, data.
 
-Each verb imports its own module lazily (config.py is plain data), so `nanovlm --help` is
-instant. A user error prints one sentence on stderr and exits 1 (a mistyped command line too:
-the sentence names what the verb accepts); `--debug` shows the traceback instead. Ctrl-C exits 130.
+Each verb imports its own module lazily, so `nanovlm --help` is instant. A user error (a mistyped command
+line too) prints one sentence on stderr and exits 1; `--debug` shows the traceback. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from nanovlm.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, TrainCo
 
 
 class UsageError(Exception):
-    """A command line that argparse cannot parse: one sentence, printed after the verb's name."""
+    """A command line argparse cannot parse: one sentence, printed after the verb's name."""
 
     def __init__(self, prog: str, sentence: str):
         super().__init__(sentence)
@@ -25,8 +24,7 @@ class UsageError(Exception):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows a default only where there is one to show: not `None`, an empty list, or the off
-    state of a flag, and not a second time when the help text already names it."""
+    """Shows a default only where there is one (not None, [], a flag's off state) and the help does not name it."""
 
     def _get_help_string(self, action):
         help = action.help or ""
@@ -41,11 +39,8 @@ _TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with every mistake turned into one sentence (a `UsageError`, exit 1) that names
-    what the verb accepts, instead of a usage block and exit 2.
-
-    Settings given as `key=value` after an option (`train --out x a=1 --resume b=2`) all land in
-    the verb's `key=value` list; argparse alone would reject the second group."""
+    """argparse, every mistake one sentence (a `UsageError`) naming what the verb accepts, not a usage block;
+    every `key=value` lands in the verb's settings, after options too (`train --out x a=1 --resume b=2`)."""
 
     _bad_choice = None  # the value _check_value last refused
 
@@ -260,34 +255,25 @@ def _cmd_generate(args) -> int:
         model = _load_text_model(args.lm, dtype)
         model.decoder.prepare_for_inference(quantize)
         ids, mask, tiles = model.encode_prompt(args.prompt), None, None
-    tok = model.tokenizer
-    kwargs = dict(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, compile=args.compile)
-    eos = model.cfg.lm_eos_token_id
-    produced: list[int] = []
-    printed = ""
-    for tokens, _ in generation.stream(model, ids, tiles, mask, **kwargs):
-        token = int(tokens[0])
-        if token == eos:
+    tok, produced, printed = model.tokenizer, [], ""
+    for tokens, _ in generation.stream(model, ids, tiles, mask, max_new_tokens=args.max_new_tokens,
+                                       greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                                       top_p=args.top_p, compile=args.compile):
+        if int(tokens[0]) == model.cfg.lm_eos_token_id:
             break
-        produced.append(token)
-        if args.stream:
-            text = tok.decode(produced)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(printed):])
-                sys.stdout.flush()
-                printed = text
-    text = tok.decode(produced).strip()
-    if args.stream:
-        sys.stdout.write(tok.decode(produced)[len(printed):] + "\n")
-    else:
-        print(text)
+        produced.append(int(tokens[0]))
+        # A trailing U+FFFD waits for the rest of a multi-byte character.
+        if args.stream and not (text := tok.decode(produced)).endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    text = tok.decode(produced)
+    print(text[len(printed):] if args.stream else text.strip())
     return 0
 
 
 def _load_text_model(source: str, dtype):
     """`--lm SOURCE`: the language model and tokenizer of one source, wrapped for the decode loop."""
-    from nanovlm.config import VLMConfig
     from nanovlm.data.tokenizer import get_tokenizer
     from nanovlm.generation import TextModel
     from nanovlm.models.language_model import LanguageModel
@@ -410,8 +396,6 @@ def _cmd_export(args) -> int:
 
 # ----------------------------------------------------------------------------------------- data
 def _add_data_parser(sub) -> None:
-    from nanovlm.config import DEFAULT_PRESET
-
     p = sub.add_parser("data", formatter_class=_Formatter, help="look at training data")
     dsub = p.add_subparsers(dest="data_verb", required=True, help="what to do with the data")
     pv = dsub.add_parser("preview", formatter_class=_Formatter,
@@ -435,7 +419,7 @@ def _cmd_data_preview(args) -> int:
 # ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanovlm", formatter_class=_Formatter,
-                                     description="nanovlm: train, ask, measure and serve small vision-language models.")
+                     description="nanovlm: train, ask, measure and serve small vision-language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"nanovlm {_version()}",
                         help="print the version and exit")
@@ -477,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = str(e).strip() or type(e).__name__
-        if isinstance(e, (OSError,)) and getattr(e, "filename", None) and str(e.filename) not in message:
+        if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in message:
             message = f"{message}: {e.filename}"
         loaded = sys.modules.get("tqdm")  # a progress bar exists only where tqdm was imported
         for bar in list(loaded.tqdm._instances) if loaded else []:  # the sentence on a line of its own

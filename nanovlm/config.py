@@ -1,10 +1,8 @@
 """Configuration: VLMConfig (the model blueprint), TrainConfig (the run), and PRESETS.
 
-Plain data, no torch import. Field names follow the nanoVLM tutorial and its checkpoints, so a
-`config.json` of the original project loads unchanged. Each setting is written once:
-`setting(default, help, **rule)` puts help and range or choices in the field's metadata, where
-`--help`, `--list-settings` and the checks read them. The recipe's and LoRA's knobs are groups
-TrainConfig holds (`recipe`, `lora`); users still type their flat names.
+Plain data, no torch import; field names follow the nanoVLM tutorial, so its `config.json` loads unchanged.
+`setting(default, help, **rule)` writes each setting once, for `--help`, `--list-settings` and the checks.
+TrainConfig holds the recipe's and LoRA's knobs as groups; users still type their flat names.
 """
 
 from __future__ import annotations
@@ -38,10 +36,9 @@ def default_extra_tokens() -> dict[str, str]:
 
 # Idefics3's (SmolVLM's) image tokens, and a model from scratch laid out as transformers, vLLM and
 # llama.cpp lay it out: tiles between fake tokens with row/column tags, the global view last.
-IDEFICS3_IMAGE_TOKENS = {"image_token": "<image>", "global_image_token": "<global-img>",
-                         "fake_image_token": "<fake_token_around_image>"}
 IDEFICS3_LAYOUT = dict(vlm_image_layout="idefics3", vlm_image_resample="lanczos", vlm_extra_tokens={
-    **IDEFICS3_IMAGE_TOKENS, **{f"r{r}c{c}": f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)}})
+    "image_token": "<image>", "global_image_token": "<global-img>", "fake_image_token": "<fake_token_around_image>",
+    **{f"r{r}c{c}": f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)}})
 
 # vit_hidden_act -> the `approximate` argument of torch's GELU (the names are transformers').
 VIT_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -51,6 +48,7 @@ LORA_TARGETS = ("lm_q", "lm_k", "lm_v", "lm_o", "lm_gate", "lm_up", "lm_down",
 LORA_TARGET_GROUPS = {"lm_attn": LORA_TARGETS[:4], "lm_mlp": LORA_TARGETS[4:7], "lm": LORA_TARGETS[:7],
                       "vit": LORA_TARGETS[7:], "all": LORA_TARGETS}
 COMPILE_SETTINGS = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -123,8 +121,7 @@ def _is_int(value: Any) -> bool:
 
 
 def check_value(name: str, value: Any, tp: Any, where: str = "") -> Any:
-    """A typed value for field `name` of type `tp`, as stored (ints, numpy's too, become int;
-    numbers in float fields float); a ConfigError naming the field, type and value otherwise."""
+    """`value` as field `name` of type `tp` stores it (numpy ints as int); a ConfigError naming it otherwise."""
     base, optional = _split_optional(tp)
     if value is None and optional:
         return None
@@ -245,8 +242,7 @@ class VLMConfig:
     vit_cls_flag: bool = setting(False, "the ViT returns one CLS vector per image instead of every patch")
     vit_hidden_act: str = setting("gelu_pytorch_tanh", "the MLP's GELU: gelu_pytorch_tanh (SigLIP's) or gelu (exact, "
                                   "faster on CPUs)", choices=tuple(VIT_ACTIVATIONS))
-    vit_model_type: str = setting("google/siglip-base-patch16-224", "pretrained ViT: a SigLIP directory or hub id "
-                                  "('': from scratch)")
+    vit_model_type: str = setting("google/siglip-base-patch16-224", "pretrained ViT: SigLIP dir or hub id ('': none)")
     vit_pixel_mean: float | None = setting(None, "the ViT reads (pixels - mean) / std (none: raw [0, 1] pixels)")
     vit_pixel_std: float | None = setting(None, "see vit_pixel_mean; set both or neither", gt=0)
     # --- language model ---
@@ -261,8 +257,7 @@ class VLMConfig:
     lm_n_heads: int = setting(9, "query heads per LM block (must divide lm_hidden_dim)", min=1)
     lm_n_kv_heads: int = setting(3, "key/value heads per LM block, grouped-query attention", min=1)
     lm_dropout: float = setting(0.0, "dropout probability inside the LM", min=0, below=1)
-    lm_init_std: float = setting(0.02, "init std of the LM blocks' projections (about lm_hidden_dim ** -0.5 for a "
-                                 "narrow LM)", gt=0)
+    lm_init_std: float = setting(0.02, "init std of the LM blocks' projections (~ lm_hidden_dim ** -0.5)", gt=0)
     lm_n_blocks: int = setting(30, "number of LM blocks", min=1)
     lm_attn_scaling: float = setting(1.0, "factor on the rotary cos/sin tables (1.0: plain RoPE)")
     lm_max_length: int = setting(1024, "longest token sequence in training and generation", min=1)
@@ -429,16 +424,14 @@ class TrainConfig:
     max_training_steps: int = setting(1000, "optimizer steps of the run", min=1)
     eval_interval: int = setting(200, "steps between validation checks (0: none during training)", min=0)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
-    compile: str = setting("auto", "torch.compile the training step: auto (on CUDA only) | on | off",
-                           choices=COMPILE_SETTINGS)
+    compile: str = setting("auto", "torch.compile the training step: auto (CUDA) | on | off", choices=COMPILE_SETTINGS)
     # --- added ---
     data: str = setting("", "training data: a packaged name, Cauldron parquet/arrow/dir/hub name, LLaVA .json(l)")
     image_folder: str | None = setting(None, "folder LLaVA image paths are relative to (none: the data file's)")
     seed: int = setting(0, "seed of the initialisation, the data order and the validation split")
     save_interval: int = setting(0, "steps between checkpoints (0: only at the end)", min=0)
     keep_last: int = setting(2, "step checkpoints kept besides the best one", min=0)
-    precision: str = setting("auto", "auto (bf16 where the hardware has fast bf16 matmuls), fp32 or bf16",
-                             choices=("auto", "fp32", "bf16"))
+    precision: str = setting("auto", "auto (bf16 where matmuls are fast in it), fp32 or bf16", choices=PRECISIONS)
     strict: bool = setting(False, "a broken sample is an error instead of a counted skip")
     weight_decay: float = setting(0.0, "AdamW weight decay (matrices only)", min=0)
     warmup_ratio: float = setting(0.05, "share of the steps with a linear learning-rate warm-up", min=0, below=1)
@@ -452,8 +445,7 @@ class TrainConfig:
     max_turns: int = setting(0, "most questions per merged sample (0: all of an image's)", min=0,
                              note="(0: all questions of an image)")
     independent_turns: bool = setting(False, "each question of a sample sees its image and itself only")
-    val_fraction: float = setting(0.05, "share of the samples held out (grouped by image) for validation", min=0,
-                                  below=1)
+    val_fraction: float = setting(0.05, "share of the samples held out (by image) for validation", min=0, below=1)
     val_size: int = setting(500, "at most this many held-out validation samples", min=0)
     val_data: str = setting("", "a separate validation file instead of a held-out part")
     eval_task: str = setting("auto", "accuracy measured: auto (the data's test split, else val) | test | val | none")
@@ -462,10 +454,8 @@ class TrainConfig:
     eval_batch_size: int = setting(64, "questions answered together during accuracy checks", min=1)
     log_interval: int = setting(10, "steps between log lines and metrics.jsonl records", min=1)
     wandb: bool = setting(False, "mirror the metrics to Weights & Biases")
-    data_weights: str = setting("", "with data=A,B,...: each source's share of the samples, comma-separated "
-                                "(none: by size)")
-    max_image_pixels: int = setting(64 * 1024 * 1024, "images with more pixels are skipped (decompression bombs)",
-                                    min=1)
+    data_weights: str = setting("", "with data=A,B,...: each source's share, comma-separated (none: by size)")
+    max_image_pixels: int = setting(64 * 1024 * 1024, "images with more pixels are skipped (bombs)", min=1)
     recipe: RecipeConfig = group(RecipeConfig, "the from-scratch CPU recipe's settings")
     lora: LoraConfig = group(LoraConfig, "LoRA's settings")
 
@@ -545,8 +535,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "train": dict(lr_mp=2e-3, lr_vision_backbone=5e-5, lr_language_backbone=5e-5),
     },
-    # nanoVLM-460M: SigLIP2-B/16-512 + SmolLM2-360M-Instruct, shuffle 4 -> 8x8 = 64 tokens (the
-    # original repository's config.py).
+    # nanoVLM-460M (the original repository's config.py): SigLIP2-B/16-512 + SmolLM2-360M, shuffle 4 -> 64 tokens.
     "nanovlm-460m": {
         "model": dict(
             vit_hidden_dim=768, vit_patch_size=16, vit_img_size=512, vit_n_heads=12, vit_n_blocks=12,
@@ -558,10 +547,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "train": dict(lr_mp=5e-3, lr_vision_backbone=5e-5, lr_language_backbone=5e-5),
     },
-    # The default, tuned on easy-VQA and drawn scenes for a 2-core CPU and 15 minutes: 64 px tiles,
-    # 8 px patches, 16 image tokens, both towers from scratch (7.2M parameters), the real SmolLM2
-    # tokenizer; the vision stage first, then at most 1,000 VLM steps of 64 samples packed into
-    # 256-token rows. Questions as independent branches: `answer()` asks them one at a time.
+    # The default, tuned on easy-VQA and drawn scenes for a 2-core CPU and 15 minutes: 64 px tiles, 16 image
+    # tokens, both towers from scratch (7.2M parameters), the vision stage, then VLM steps on 256-token rows.
+    # Questions as independent branches: `answer()` asks them one at a time.
     "small": {
         "model": dict(
             vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
@@ -576,8 +564,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       multi_turn=True, max_turns=3, independent_turns=True, vision_warmup="auto",
                       vision_warmup_epochs=28, vision_warmup_lr=1e-3, image_shift=0.05),
     },
-    # The packaged SmolLM2-135M-Instruct (GGUF) as a frozen language model, the small preset's ViT
-    # from scratch with its vision stage; the projector learns to feed SmolLM2.
+    # The packaged SmolLM2-135M-Instruct frozen, the small preset's ViT from scratch; the projector learns to feed it.
     "easyvqa-smollm2": {
         "model": dict(
             vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,

@@ -1,8 +1,7 @@
 """The machine seam: device and precision, and what a training run tunes for the machine.
 
-Models and trainer stay machine-neutral; `prepare`, the trainer's one entry, applies glibc's
-allocator tuning, the thread governor (`Threads`, reading /proc) and the CPU-training attention
-path. `may_read_back` says where a model's value checks may read a tensor back to the host.
+Models and trainer stay machine-neutral; `prepare`, the trainer's one entry, applies glibc's allocator
+tuning, the thread governor (`Threads`, reading /proc) and the CPU-training attention path.
 """
 
 from __future__ import annotations
@@ -60,17 +59,15 @@ def autocast_args(precision: str, device: torch.device) -> dict:
 
 
 def may_read_back(t: torch.Tensor) -> bool:
-    """Whether a value check may read `t` back to the host: on the CPU, and elsewhere outside
-    autograd and torch.compile (never a sync inside an accelerator's training step)."""
+    """Whether a value check may read `t` back to the host (never a sync in an accelerator's training step)."""
     if torch.compiler.is_compiling():
         return False
     return t.device.type == "cpu" or not torch.is_grad_enabled()
 
 
 def cpu_training_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether attention takes the CPU-training path (two matmuls and a softmax): inside `prepare`
-    on a CPU, for queries autograd records, against at most PLAIN_MAX_TOKENS keys (the fused CPU
-    kernel's backward is slow on short rows)."""
+    """Whether attention takes the plain path (two matmuls, a softmax): in `prepare` on a CPU, for queries
+    autograd records, against at most PLAIN_MAX_TOKENS keys (the fused CPU backward is slow on short rows)."""
     return (_cpu_training and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
             and k.shape[-2] <= PLAIN_MAX_TOKENS)
 
@@ -88,8 +85,7 @@ def cpu_training_path() -> Iterator[None]:
 
 @contextlib.contextmanager
 def prepare(device: torch.device, threads: int = 0, say: Callable[[str], None] = print) -> Iterator:
-    """The trainer's one entry: on a CPU, the allocator, the thread count (`Threads`, yielded) and
-    the CPU-training attention path for the run inside; elsewhere nothing (yields None)."""
+    """On a CPU: the allocator, the thread count (`Threads`, yielded) and the CPU-training attention path."""
     if device.type != "cpu":
         yield None
         return
@@ -105,9 +101,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 @functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed large blocks for reuse instead of unmapping them, so a CPU
-    training step's large temporaries are not page-faulted in and zeroed again every step (the
-    price: the process keeps its peak step's memory). Linux/glibc only, once; returns whether it applied."""
+    """Have glibc keep freed large blocks, so a CPU step's temporaries are not page-faulted in and zeroed
+    again every step (the price: the process keeps its peak step's memory); returns whether it applied."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -124,13 +119,6 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _stat_fields(pid: int | str) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state first)."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    return stat[stat.rindex(")") + 2:].split()
 
 
 def _own_tree(pid: int) -> set[int]:
@@ -159,7 +147,9 @@ def _competing_ticks() -> dict[int, int] | None:
         if not name.isdigit() or int(name) in own:
             continue
         try:
-            fields = _stat_fields(name)
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(")") + 2:].split()  # after the command name: state first
             if int(fields[16]) <= mine:
                 ticks[int(name)] = int(fields[11]) + int(fields[12])
         except (OSError, ValueError, IndexError):
@@ -168,8 +158,7 @@ def _competing_ticks() -> dict[int, int] | None:
 
 
 class CpuShare:
-    """How many cores other programs of this one's priority or above used since the last look
-    (None where unknown): their CPU ticks over the wall time between two looks."""
+    """Cores that programs of this one's priority or above used since the last look (None: unknown)."""
 
     def __init__(self):
         self._last = (_competing_ticks(), time.monotonic())
@@ -185,10 +174,8 @@ class CpuShare:
 
 
 class Threads:
-    """The intra-op thread count of a CPU process that shares its machine fairly: spinning OpenMP
-    threads of two programs on the same cores slow both many times over. `requested` > 0 fixes the
-    count; 0 takes `OMP_NUM_THREADS` (torchrun sets it), else the cores others leave free, measured
-    now and at every `adjust()`."""
+    """A thread count that shares the CPU fairly (two programs' spinning OpenMP threads slow both many
+    times over): `requested`, else `OMP_NUM_THREADS`, else the cores others leave free, at each `adjust()`."""
 
     def __init__(self, requested: int = 0, say: Callable[[str], None] = print, share: CpuShare | None = None,
                  sample_s: float = 0.3):

@@ -1,9 +1,8 @@
 """Checkpoints a run resumes from exactly, written so that a kill at any instant is harmless.
 
-A step checkpoint is a model directory plus `trainer_state.json` (step, data position, metrics,
-python/numpy RNG) and `trainer_state.pt` (optimizer, torch RNG; loaded weights_only). Each is
-assembled in a hidden directory, flushed and renamed into place; `--resume` checks what it finds
-and falls back to the newest sound one (`latest_good_checkpoint`).
+A step checkpoint is a model directory plus `trainer_state.json` (step, data position, metrics, RNG)
+and `trainer_state.pt` (optimizer, torch RNG; loaded weights_only), assembled in a hidden directory,
+flushed and renamed into place; `--resume` takes the newest sound one (`latest_good_checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovlm.fileio import atomic_write_json, make_temp_dir_beside, replace_dir
+from nanovlm.fileio import atomic_write_json, make_temp_dir_beside, written_dir
 from nanovlm.weights.common import check_state_dict
 from nanovlm.weights.nanovlm import load_state
 
@@ -60,7 +59,7 @@ def set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------------------------ writing
 def _fsync_tree(directory: str) -> None:
-    """Flush every file (and the directory) so the rename that follows publishes complete data."""
+    """Flush every file and the directory, so the rename that follows publishes complete data."""
     for path in [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names] + [directory]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -77,8 +76,7 @@ def trainable_tensors(model) -> dict[str, torch.Tensor]:
 def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict | None,
                trainable_only: bool = False) -> None:
     """Assemble a checkpoint in a temporary directory beside `final`, then rename it into place."""
-    tmp = make_temp_dir_beside(final)
-    try:
+    with written_dir(final) as tmp:
         if trainable_only:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(model.cfg.to_dict(), f, indent=2)
@@ -92,16 +90,11 @@ def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict |
             with open(os.path.join(tmp, STATE_JSON), "w") as f:
                 json.dump(state, f)
         _fsync_tree(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state: dict, rng_states: list[dict],
                     keep_last: int = 2) -> str:
-    """Write `checkpoints/step_XXXXXX/` (rank 0 only) and drop all but the newest `keep_last`;
-    `state` is JSON-able, `rng_states` holds one entry per rank."""
+    """Write `checkpoints/step_XXXXXX/` (rank 0; `rng_states`: one per rank) and keep the newest `keep_last`."""
     path = step_dir(run_dir, step)
     tensors = {"optimizer": optimizer.state_dict(), "rng": rng_states}
     lora = bool(getattr(model, "lora_settings", None))
@@ -116,8 +109,7 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
 
 
 def _remove(path: str) -> None:
-    """Delete a directory so that a kill midway never leaves a half-deleted one under its name:
-    rename it to a hidden temporary name first (atomic), then delete."""
+    """Delete a directory (renamed away first, so that a kill never leaves a half-deleted one in place)."""
     trash = make_temp_dir_beside(path)
     os.rmdir(trash)
     os.rename(path, trash)
@@ -153,9 +145,8 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 def latest_good_checkpoint(run_dir: str, say: Callable[[str], None] = print) -> str | None:
-    """The newest step checkpoint whose files are sound, saying in one line of each newer one what
-    is wrong with it; None when the run has no step checkpoint at all. Raises ValueError (one
-    sentence naming every checkpoint and its fault) when it has some and none is sound."""
+    """The newest sound step checkpoint (a line says what is wrong with each newer one); None without any;
+    a ValueError naming every checkpoint and its fault when none is sound."""
     found = list_checkpoints(run_dir)
     damaged = []
     for path in reversed(found):
@@ -173,9 +164,8 @@ def latest_good_checkpoint(run_dir: str, say: Callable[[str], None] = print) -> 
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """What makes the step checkpoint `path` unusable, in a few words, or None when it is sound:
-    what can be checked without reading the tensors (every file there, the JSON files parse, the
-    safetensors file as long as its header says, the torch.save archive's index, at its end)."""
+    """What makes the step checkpoint `path` unusable, in a few words (None: sound), checked without reading
+    the tensors: every file there, the JSON parses, the safetensors size, the torch.save archive's index."""
     weights = TRAINABLE_FILE if os.path.isfile(os.path.join(path, TRAINABLE_FILE)) else "model.safetensors"
     checks = (("config.json", _json_problem), (STATE_JSON, _json_problem), (weights, _safetensors_problem),
               (STATE_PT, _torch_archive_problem))
@@ -203,8 +193,7 @@ def _json_problem(path: str) -> str | None:
 
 
 def _safetensors_problem(path: str) -> str | None:
-    """The layout: 8 bytes (little-endian header length n), n bytes of JSON (name -> dtype, shape,
-    data_offsets into the data that follows), then the data, ending at the largest offset."""
+    """8 bytes (header length n), n bytes of JSON (name -> dtype, shape, data_offsets), data up to the last offset."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -239,8 +228,7 @@ def _torch_archive_problem(path: str) -> str | None:
 
 
 def recover(run_dir: str) -> None:
-    """Tidy after a kill: drop half-written temporary directories, and put back a checkpoint that
-    a kill caught between the two renames of a replacement."""
+    """Tidy after a kill: drop temporary directories, put back one a kill caught between two renames."""
     root = os.path.join(run_dir, "checkpoints")
     for path in glob.glob(os.path.join(root, "*.old-*")) + glob.glob(os.path.join(run_dir, "final.old-*")):
         original = path.rsplit(".old-", 1)[0]
@@ -264,9 +252,8 @@ def clear(run_dir: str) -> None:
 
 def load_checkpoint(path: str, model, optimizer=None, rank: int = 0,
                     check: Callable[[dict], None] | None = None) -> dict:
-    """Restore the model (and the optimizer and this rank's RNG when given) from a step checkpoint;
-    returns its JSON state. `check(state)` runs on that state before anything loads. A LoRA
-    checkpoint's tensors load into the trainable parameters of a base built beforehand."""
+    """Restore the model (the optimizer and this rank's RNG when given; a LoRA checkpoint's tensors into the
+    base built beforehand); returns the JSON state, which `check(state)` sees before anything loads."""
     with open(os.path.join(path, STATE_JSON)) as f:
         state = json.load(f)
     if check is not None:

@@ -1,9 +1,8 @@
 """The training run's data: the loader, the held-out validation part, and sizes fitted to the data.
 
-The validation part is chosen deterministically from the training data: samples grouped by
-image (records sharing a picture stay on one side), groups ordered by a hash of (seed, key), so
-every rank and every `--resume` makes the same choice. With `fit_batch`, small data lowers the
-batch sizes so that an epoch holds STEPS_PER_EPOCH steps.
+The validation part: samples grouped by image (records sharing a picture stay on one side), groups
+ordered by a hash of (seed, key), so every rank and every `--resume` makes the same choice. With
+`fit_batch`, small data lowers the batch sizes so that an epoch holds STEPS_PER_EPOCH steps.
 """
 
 from __future__ import annotations
@@ -70,8 +69,8 @@ def make_data(dataset, collate: Callable[[list], dict], cfg: TrainConfig, info: 
     """A map-style dataset -> the resumable, rank-sharded training loader and the validation part."""
     names, source = _sources(dataset)
     if val_set is not None:
-        train_idx, val_records, val_source = list(range(len(dataset))), _records(val_set, range(len(val_set))), \
-            cfg.val_data
+        train_idx, val_records = list(range(len(dataset))), _records(val_set, range(len(val_set)))
+        val_source = cfg.val_data
     else:
         keys = dataset.group_keys() if hasattr(dataset, "group_keys") else [f"#{i}" for i in range(len(dataset))]
         train_idx, val_idx = [], []
@@ -100,8 +99,7 @@ def make_data(dataset, collate: Callable[[list], dict], cfg: TrainConfig, info: 
 
 
 def _fit_batch(dataset, train_idx: list[int], cfg: TrainConfig, world: int, say) -> tuple[int, int]:
-    """(batch_size, vision_warmup_batch_size) for the data: lowered with `fit_batch` where an
-    epoch would hold fewer than STEPS_PER_EPOCH steps; one sentence where nothing fits."""
+    """(batch_size, vision_warmup_batch_size), lowered with `fit_batch` so that an epoch holds STEPS_PER_EPOCH."""
     n, fit = len(train_idx), cfg.recipe.fit_batch
     batch = min(cfg.batch_size, n // (STEPS_PER_EPOCH * world)) if fit else cfg.batch_size
     vision_batch = min(cfg.recipe.vision_warmup_batch_size, max(1, n // STEPS_PER_EPOCH)) if fit \
@@ -132,8 +130,7 @@ def _sources(dataset) -> tuple[list[str], list[int]]:
 
 
 def _weighted(train_idx: list[int], names: list[str], source: list[int], weights: list[float], say) -> dict:
-    """The sampler's groups and per-epoch counts for `data_weights`: an epoch keeps the data's size,
-    each source drawing its weight's share of it."""
+    """The sampler's groups and per-epoch counts: each source draws its weight's share of the data's size."""
     if not weights:
         return {}
     groups: list[list[int]] = [[] for _ in names]

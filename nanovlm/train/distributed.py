@@ -1,7 +1,5 @@
-"""Several processes: torchrun's environment -> a process group, and the few collectives we use.
-
-nccl on CUDA, gloo on CPU; each process takes its own slice of every global batch. A single
-plain process skips all of it.
+"""Several processes: torchrun's environment -> a process group (nccl on CUDA, gloo on CPU), and the
+few collectives we use; a single plain process skips all of it.
 """
 
 from __future__ import annotations
@@ -85,18 +83,16 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
 # ----------------------------------------------------- every rank joins every gradient all-reduce
 def stand_in_batch(cfg, image_token_id: int) -> dict:
-    """One blank image and no supervised token. Under DDP, a rank whose micro-batch lost every
-    sample to skips trains on this instead, so that all parameters still join the gradient
-    all-reduce (with zero gradients) and the collective does not hang."""
+    """One blank image and no target: under DDP, what a rank whose micro-batch lost every sample trains on,
+    so that every parameter joins the gradient all-reduce and the collective does not hang."""
     ids = torch.full((1, cfg.mp_image_token_length + 1), image_token_id, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
             "images": [torch.zeros(1, 3, cfg.vit_img_size, cfg.vit_img_size)]}
 
 
 def vision_zero_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor | float:
-    """0 x the projector's output for one blank image when `batch` holds no image (text-only
-    samples), else 0: the vision tower and projector still get (zero) gradients, so under DDP
-    every rank all-reduces the same parameters, and one process steps as many do."""
+    """0 x the projector's output on a blank image for a batch without images (else 0): the vision tower
+    still gets (zero) gradients, so every DDP rank all-reduces the same parameters."""
     images = batch.get("images")
     has = images.numel() > 0 if isinstance(images, torch.Tensor) else any(
         img is not None and img.numel() > 0 for img in images or ())

@@ -1,7 +1,6 @@
 """LoRA training runs (`lora_rank` > 0): adapters on frozen towers, the projector trained whole.
 
-Step checkpoints hold only what trains plus a reference to the base (its settings and a SHA-256
-of every frozen tensor); `--resume` rebuilds the base, checks the digest and loads the rest.
+Step checkpoints hold what trains plus the base's settings and SHA-256; `--resume` rebuilds and checks it.
 """
 
 from __future__ import annotations

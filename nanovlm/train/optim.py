@@ -1,7 +1,7 @@
 """AdamW with matrix-only weight decay, the learning-rate schedule, and the clipped step: every stage's.
 
-As in nanoVLM, the VLM stage gives the projector, the vision and the language backbone a rate
-each (0 freezes that part). The schedule: linear warm-up, the full rate, a cosine decay.
+As in nanoVLM, the projector and each backbone get a rate (0 freezes that part). The schedule: linear
+warm-up, the full rate, a cosine decay.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ def decay_groups(name: str, params: list, lr: float, weight_decay: float) -> lis
 
 
 def param_groups(model: nn.Module, rates: dict[str, float], weight_decay: float, lora: bool = False) -> list[dict]:
-    """The VLM's AdamW groups, one rate per part (`rates`: PARTS -> rate); freezes parts whose rate
-    is 0. With `lora` only the adapters train in the two towers; the projector trains whole."""
+    """The VLM's AdamW groups, a rate per part (0: frozen); with `lora`, only the towers' adapters train."""
     if lora and not any(is_adapter_parameter(n) for n, _ in model.named_parameters()):
         raise ValueError("lora_rank > 0 but the model has no LoRA adapters; add them first "
                          "(nanovlm.models.lora.add_lora).")
@@ -72,9 +71,8 @@ def vlm_optimizer(model: nn.Module, cfg, fused: bool) -> torch.optim.AdamW:
 
 
 class Schedule:
-    """Linear warm-up over `warmup_share` of the steps, the full rate, then a cosine decay to
-    `min_lr_ratio` over the last `decay_share` of them. `total_steps` may be cut (a time budget):
-    the decay stretches over the new count. `cycle` starts the same shape again at a step."""
+    """Linear warm-up over `warmup_share` of the steps, the full rate, a cosine decay to `min_lr_ratio` over the
+    last `decay_share`; a cut `total_steps` stretches the decay, `cycle` starts the shape again at a step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, steps: int, warmup_share: float,
                  decay_share: float = 1.0, min_lr_ratio: float = 0.0):
@@ -105,9 +103,8 @@ class Schedule:
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
-    """Clip the gradients of `params` to `max_norm` (when > 0) and step; returns the norm before
-    clipping (a tensor, no host sync), or None. A fused AdamW takes the clip as its `grad_scale`:
-    clip_grad_norm_'s arithmetic without a separate pass over every gradient."""
+    """Clip to `max_norm` (> 0) and step; returns the norm before clipping (a tensor, no sync) or None.
+    A fused AdamW takes the clip as its `grad_scale`: no separate pass over every gradient."""
     if max_norm <= 0:
         optimizer.step()
         return None

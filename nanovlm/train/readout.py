@@ -1,9 +1,8 @@
 """The vision stage's readout: what a from-scratch vision encoder first learns to answer.
 
-One replaceable piece: `build_targets` makes targets from the training samples' (image,
-question, answer) triples (`answers`: one class per repeated answer, when they cover most
-questions; else `words`: the answer's tokens as a bag of words); `ReadoutHead` reads the
-patches keyed by the question; `readout_loss` / `readout_right` score its logits.
+`build_targets` makes targets from the samples' (image, question, answer) triples (`answers`: a class per
+repeated answer, when they cover most questions; else `words`: a bag of answer tokens); `ReadoutHead`
+reads the patches keyed by the question; `readout_loss` / `readout_right` score its logits.
 """
 
 from __future__ import annotations
@@ -59,9 +58,8 @@ class Pairs:
 
 
 def sample_pairs(sample: dict, drop_ids: set[int]) -> list[tuple[list[int], tuple[int, ...]]]:
-    """(question token ids, answer token ids) of each supervised answer of a processed sample:
-    the answer is a supervised span (labels[t] is token t + 1), the question what stands between
-    the previous answer and it; special tokens (`drop_ids`) are left out of both."""
+    """(question ids, answer ids) of each supervised span of a sample (the question: what precedes it since the
+    previous answer), `drop_ids` left out of both."""
     ids, sup = sample["input_ids"].tolist(), (sample["labels"] != IGNORE_INDEX).tolist() + [False]
     out, prev_end, start = [], 0, None
     for t, s in enumerate(sup):
@@ -86,8 +84,7 @@ def special_ids(tokenizer: Any, cfg) -> set[int]:
 
 def collect_pairs(dataset, indices: Sequence[int], drop_ids: set[int], pairs: Pairs | None = None,
                   is_skip: Callable[[Any], bool] = lambda s: "skip" in s) -> Pairs:
-    """Every (image, question, answer) of `dataset[i]` for i in `indices`; one image per distinct
-    set of pixels, however many samples hold it."""
+    """Every (image, question, answer) of `dataset[i]` for i in `indices`; one image per distinct set of pixels."""
     pairs = pairs or Pairs()
     for i in indices:
         sample = dataset[i]
@@ -105,9 +102,9 @@ def collect_pairs(dataset, indices: Sequence[int], drop_ids: set[int], pairs: Pa
     return pairs
 
 
-def _encode_targets(pairs: Pairs, mode: str, index: dict) -> tuple[list[int], torch.Tensor]:
-    """(kept pairs, targets): a class index per pair (answers), or 0/1 per known word (words);
-    pairs without a known answer / word are left out."""
+def _encode_targets(pairs: Pairs, mode: str, classes: list) -> tuple[list[int], torch.Tensor]:
+    """(kept pairs, targets): a class index (answers) or 0/1 per known word (words); the rest left out."""
+    index = {(a if mode == "answers" else a[0]): c for c, a in enumerate(classes)}
     if mode == "answers":
         keep = [p for p, a in enumerate(pairs.answers) if a in index]
         return keep, torch.tensor([index[pairs.answers[p]] for p in keep], dtype=torch.long)
@@ -151,14 +148,13 @@ def build_targets(pairs: Pairs, mode: str = "auto") -> ReadoutData | str:
         classes = [(w,) for w, c in words.most_common(MAX_CLASSES) if c >= 2]
         if len(classes) < 2:
             return "the answers repeat fewer than two words"
-    keep, targets = _encode_targets(pairs, mode, {(a if mode == "answers" else a[0]): c for c, a in enumerate(classes)})
+    keep, targets = _encode_targets(pairs, mode, classes)
     return _readout_data(pairs, keep, targets, mode=mode, classes=classes, question_vocab=vocab, coverage=coverage)
 
 
 def held_out_targets(pairs: Pairs, train: ReadoutData) -> ReadoutData | None:
     """Held-out pairs in the training targets' terms (classes and question vocabulary)."""
-    index = {(a if train.mode == "answers" else a[0]): c for c, a in enumerate(train.classes)}
-    keep, targets = _encode_targets(pairs, train.mode, index)
+    keep, targets = _encode_targets(pairs, train.mode, train.classes)
     if not keep:
         return None
     return _readout_data(pairs, keep, targets, mode=train.mode, classes=train.classes,
@@ -166,9 +162,8 @@ def held_out_targets(pairs: Pairs, train: ReadoutData) -> ReadoutData | None:
 
 
 class QuestionBlock(nn.Module):
-    """One pre-norm self-attention + MLP block over a question's tokens (word order matters:
-    "is the circle left of the square?"). Attention as two matmuls: SDPA's fused CPU backward
-    is slow on such short rows."""
+    """A pre-norm attention + MLP block over a question's tokens (word order matters: "is the circle left of
+    the square?"); attention as two matmuls (SDPA's fused CPU backward is slow on such short rows)."""
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
