@@ -150,7 +150,6 @@ class _Parser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
 
-# ---------------------------------------------------------------------------------------- train
 def _add_train_parser(sub) -> None:
     width = max(len(name) for name in PRESETS)
     presets = "\n".join(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
@@ -161,9 +160,7 @@ def _add_train_parser(sub) -> None:
                     "config file, and key=value overrides (VLMConfig or TrainConfig field names, e.g.\n"
                     "batch_size=16 lm_n_blocks=6 data=path/to/data.jsonl). Several processes:\n"
                     "torchrun --nproc-per-node N -m nanovlm train ...\n\n"
-                    f"presets (--preset NAME):\n{presets}\n\n"
-                    "nanovlm train [--preset NAME] --list-settings prints every key=value setting with its type,\n"
-                    "the value a run under that preset starts from, and its meaning.")
+                    f"presets (--preset NAME):\n{presets}")
     p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
                    help=f"the starting settings, one of: {', '.join(PRESETS)}")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -172,7 +169,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the newest checkpoint in --out")
     p.add_argument("--list-settings", action="store_true",
-                   help="print every setting (type, value under the preset, meaning) and the presets, then exit")
+                   help="print every key=value setting (type, value under the preset, meaning), the presets; exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="settings that replace the preset's and the config file's (VLMConfig or TrainConfig fields)")
     p.set_defaults(func=_cmd_train)
@@ -190,7 +187,6 @@ def _cmd_train(args) -> int:
                         overrides=args.overrides)
 
 
-# ------------------------------------------------------------------------------------- generate
 QUANTIZE_HELP = ("none, or int8: the language model's linear layers on int8 weights with one scale per output "
                  "channel (about half the bytes of bf16 read per token: faster batch-1 decoding on CPU)")
 
@@ -285,7 +281,6 @@ def _load_text_model(source: str, dtype):
     return TextModel(LanguageModel.from_pretrained(cfg).to(dtype).eval(), tokenizer)
 
 
-# ----------------------------------------------------------------------------------------- eval
 def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", formatter_class=_Formatter, help="measure a model on a task or on your own data",
                        description="Evaluate a checkpoint on a benchmark (--task) or on your own questions "
@@ -295,8 +290,8 @@ def _add_eval_parser(sub) -> None:
     # Neither is an argparse choice or group: eval/run.py checks them, so that each mistake is one sentence.
     p.add_argument("--task", default=None, metavar="NAME", help="packaged data: easyvqa (the easy-VQA questions)")
     p.add_argument("--data", default=None, metavar="FILE",
-                   help="your own questions, in any layout training reads: a Cauldron parquet / arrow file, a "
-                        "LLaVA .json / .jsonl file, or a folder of them (files named by split: train*, test*)")
+                   help="your own questions in a layout training reads (Cauldron parquet / arrow, LLaVA .json(l), "
+                        "or a folder of them, files named by split: train*, test*)")
     p.add_argument("--image-folder", default=None, metavar="DIR",
                    help="where a LLaVA file's image paths start (default: the data file's folder)")
     p.add_argument("--split", default=None,
@@ -318,7 +313,6 @@ def _cmd_eval(args) -> int:
                     quantize=args.quantize)
 
 
-# ---------------------------------------------------------------------------------------- serve
 SERVE_EXAMPLE = """example requests (an image as a data URL; text and image parts in either order):
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
     "model": "default", "max_tokens": 16, "messages": [{"role": "user", "content": [
@@ -347,16 +341,14 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="requests decoded together")
     p.add_argument("--quantize", default="none", metavar="MODE", help=QUANTIZE_HELP)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the decode step (one shape for every batch; the first request waits "
-                        "for the compile)")
+                   help="torch.compile the decode step (one shape for all; the first request waits for it)")
     p.add_argument("--allow-remote-images", action=argparse.BooleanOptionalAction, default=False,
                    help="fetch http(s) image URLs on the server")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every /v1/* request (401 without it); "
                         "default: the NANOVLM_API_KEY environment variable, else no key")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM or Ctrl-C, how long requests in progress (streams included) may take to "
-                        "finish before the server exits")
+                   help="on SIGTERM or Ctrl-C, how long requests in progress may take to finish before exiting")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -368,14 +360,11 @@ def _cmd_serve(args) -> int:
                  allow_remote_images=args.allow_remote_images, compile=args.compile)
 
 
-# --------------------------------------------------------------------------------------- export
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", formatter_class=_Formatter, help="write a checkpoint for transformers or llama.cpp",
-                       description="Write a checkpoint as a transformers Idefics3 directory "
-                                   "(AutoModelForImageTextToText and AutoProcessor load it offline, vLLM serves it) "
-                                   "or as llama.cpp's model.gguf + mmproj.gguf. Either answers as the model does "
-                                   "here; a model trained in a layout the target cannot reproduce is refused, naming "
-                                   "the settings to train it with.")
+                       description="Write a checkpoint as a transformers Idefics3 directory (AutoModelForImageText"
+                                   "ToText and AutoProcessor load it, vLLM serves it) or as llama.cpp's model.gguf + "
+                                   "mmproj.gguf; a layout the target cannot reproduce is refused, naming settings.")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (ours, nanoVLM's or Idefics3)")
     p.add_argument("--format", default="transformers", metavar="NAME",
                    help="transformers (an Idefics3ForConditionalGeneration directory) or gguf (llama.cpp)")
@@ -394,7 +383,6 @@ def _cmd_export(args) -> int:
                       outtype=args.outtype)
 
 
-# ----------------------------------------------------------------------------------------- data
 def _add_data_parser(sub) -> None:
     p = sub.add_parser("data", formatter_class=_Formatter, help="look at training data")
     dsub = p.add_subparsers(dest="data_verb", required=True, help="what to do with the data")
@@ -416,7 +404,6 @@ def _cmd_data_preview(args) -> int:
     return run_preview(preset=args.preset, overrides=args.overrides, out=args.out, n=args.num)
 
 
-# ----------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanovlm", formatter_class=_Formatter,
                      description="nanovlm: train, ask, measure and serve small vision-language models.")

@@ -97,8 +97,7 @@ def warm_up_vision(run: Run) -> None:
 def train(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, *, resume: bool = False,
           info: dist.DistInfo | None = None, data: Data | None = None, tokenizer=None, progress: bool = True,
           final_eval: bool = True) -> dict:
-    """Train, checkpoint, evaluate; returns the summary (also written to run_dir/summary.json).
-    `data` and `tokenizer` default to what the configs name (tests pass small stand-ins)."""
+    """Train, checkpoint, evaluate; returns summary.json's summary (`data`, `tokenizer`: the configs' by default)."""
     t_session, info = time.perf_counter(), info or dist.DistInfo()
     say = Printer(info)
     with runtime.prepare(info.device, cfg.recipe.threads, say) as threads:
@@ -133,8 +132,7 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
 
 
 def _initial_model(vlm_cfg: VLMConfig, source: str):
-    """`init_from`: the checkpoint's model, rebuilt for `vlm_cfg` where settings on top changed it
-    (every tensor must still fit: a missing or mis-shaped one is an error naming it)."""
+    """`init_from`'s model, rebuilt for `vlm_cfg` where settings on top changed it (every tensor must fit)."""
     model = VisionLanguageModel.from_pretrained(source, require_tokenizer=True).float()
     if model.cfg == vlm_cfg:
         return model

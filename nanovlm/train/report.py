@@ -1,7 +1,7 @@
 """Watching a run: metrics (JSONL, TensorBoard, wandb), the loss plot, the summary, FLOPs and MFU.
 
-MFU compares the FLOPs the model needs (from its shapes and the real token counts; a step costs
-3x a forward) with a matmul peak measured on the spot: on a shared CPU a datasheet says little.
+MFU compares the FLOPs the model needs (shapes x real token counts; a step is 3x a forward) with a matmul
+peak measured on the spot: on a shared CPU a datasheet says little.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from nanovlm.config import IGNORE_INDEX, VLMConfig
 
 
 class MetricsLog:
-    """Append-only metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard
-    (where installed: otherwise one line says how to get it) and wandb (when asked). Rank 0 only."""
+    """`metrics.jsonl` (a JSON object a line), mirrored to TensorBoard (where installed) and wandb (when asked)."""
 
     def __init__(self, run_dir: str, records: list[dict] | None = None, tensorboard: bool = True,
                  wandb_config: dict | None = None, say=print):
@@ -64,8 +63,7 @@ class MetricsLog:
 
 
 def plot(records: list[dict], path: str) -> str:
-    """The run at a glance as a PNG: the vision stage's loss, the VLM stage's train and validation
-    loss, and each accuracy the run measured (periodic checks as a line, the final one as a star)."""
+    """The run at a glance as a PNG: the stages' losses and each accuracy measured (the final one a star)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,9 +155,8 @@ def _linear_params(module: torch.nn.Module, kind: type = torch.nn.Linear) -> int
 
 
 class FlopCounter:
-    """Forward FLOPs of the VLM from batch statistics: 2 x (matrix parameters) per token, plus
-    attention (QK^T and AV: 4 x T x dim per token, half of it masked by causality in the decoder),
-    plus the vocabulary head on supervised positions only (as the model computes it)."""
+    """Forward FLOPs from batch statistics: 2 x matrix parameters per token, attention (4 x T x dim per token,
+    half masked in the decoder), and the head on supervised positions only (as the model computes it)."""
 
     def __init__(self, model, cfg: VLMConfig):
         self.cfg, vit = cfg, model.vision_encoder
@@ -175,8 +172,7 @@ class FlopCounter:
 
 
 def batch_stats(batch: dict) -> tuple[int, int, float, int]:
-    """(images, real tokens, sum of squared sequence lengths, supervised tokens) of a collated batch
-    (CPU tensors: no device sync); packed rows count each segment's length."""
+    """(images, real tokens, sum of squared sequence (segment) lengths, supervised tokens) of a CPU batch."""
     mask, images = batch["attention_mask"], batch.get("images")
     n_images = sum(int(x.shape[0]) for x in images) if isinstance(images, (list, tuple)) else (
         int(images.shape[0]) if isinstance(images, torch.Tensor) else 0)
@@ -187,8 +183,7 @@ def batch_stats(batch: dict) -> tuple[int, int, float, int]:
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """FLOP/s of an n x n matmul (4,096 on CUDA, 1,024 elsewhere) on this device and dtype,
-    measured now (the best of a few runs)."""
+    """FLOP/s of an n x n matmul (4,096 on CUDA, 1,024 elsewhere) on this device and dtype, the best of a few."""
     n, iters = (4096, 10) if device.type == "cuda" else (1024, 2)
     g = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (and resume) untouched
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))

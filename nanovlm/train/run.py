@@ -74,9 +74,7 @@ def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, o
 
 
 def _remove_refused_run(out: str) -> None:
-    """The run folder this call created, removed again when the run stopped before it trained
-    anything worth keeping (bad data content, a vision stage the data cannot have, ...). A folder
-    holding a checkpoint, a final model or a logged metric stays, as does one that existed before."""
+    """The run folder this call created, removed when the run stopped with no checkpoint, final model or metric."""
     kept = (ckpt.list_checkpoints(out) or os.path.isdir(os.path.join(out, "checkpoints", "best"))
             or os.path.isdir(os.path.join(out, "final")))
     metrics = os.path.join(out, "metrics.jsonl")

@@ -1,7 +1,6 @@
 """A run's settings: preset < config file (YAML/JSON) < `key=value`, and `--list-settings`.
 
-Every key and value is checked against VLMConfig's and TrainConfig's fields before a config is
-built, so a typo fails with a sentence naming it (and the names it may have meant).
+Every key and value is checked against the config fields first: a typo fails naming it and its likely meaning.
 """
 
 from __future__ import annotations
@@ -121,8 +120,7 @@ def _shown(value: Any, width: int = 36) -> str:
 
 def describe_settings(preset: str = DEFAULT_PRESET, config_file: str | None = None,
                       overrides: list[str] | None = None) -> str:
-    """Every setting with its type, the value a run under `preset` (and a config file and
-    overrides) starts from, and its meaning; then the presets: `nanovlm train --list-settings`."""
+    """`nanovlm train --list-settings`: each setting's type, starting value and meaning; then the presets."""
     vlm, train = resolve(preset, config_file, overrides)
     values = to_dict(vlm, train)
     layers = _layers(preset, config_file, overrides, None)

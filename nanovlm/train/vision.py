@@ -1,10 +1,9 @@
-"""The vision stage: a from-scratch vision encoder first learns to answer the data's questions
-through a readout of its own (`nanovlm.train.readout`); only the encoder goes on.
+"""The vision stage: a from-scratch vision encoder first learns to answer the data's questions through a
+readout of its own (`nanovlm.train.readout`); only the encoder goes on.
 
-nanoVLM starts from a pretrained SigLIP; through the language model alone an encoder trained
-from scratch learns slowly. The stage runs on the shared trainer, optimizer, schedule and time
-budget; its own: several questions per image pass, shifted tiles, and more cycles while the
-readout is below its target. A resumed run skips it (the checkpoint holds the encoder).
+nanoVLM starts from a pretrained SigLIP; through the language model alone a new encoder learns slowly.
+The stage runs on the shared trainer; its own: several questions per image, shifted tiles, and more
+cycles while the readout is below its target. A resumed run skips it (the checkpoint holds the encoder).
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ def _by_image(data: ReadoutData) -> list[torch.Tensor]:
 
 def _pairs_for(image_idx: torch.Tensor, by_image: list[torch.Tensor], cap: int,
                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) indices of up to `cap` questions of each chosen image (-1: none), and their mask;
-    a random `cap` of them where an image has more (the first, without a generator)."""
+    """(B, P) indices of up to `cap` questions of each image (-1: none; random where more), and their mask."""
     own = []
     for k in image_idx.tolist():
         pairs = by_image[k]
@@ -172,8 +170,7 @@ class VisionStage:
             self.bar.update(1)
 
     def more(self, step: int, elapsed_s: float) -> int:
-        """Another cycle's steps when one has ended unlearned (0: none): at most the planned
-        steps, within MAX_EXTENSION x them in all and the budget, and at least a quarter of them."""
+        """Another cycle's steps when one ended unlearned (0: none; see `_extension`)."""
         self.planned = step if self.cycles == 1 else self.planned
         more = _extension(self.scores, self.planned, step, elapsed_s, self.budget_s) if self.extend else 0
         if more:
@@ -192,7 +189,8 @@ def _window_accuracy(scores: list[tuple[int, int]], window: int) -> float:
 
 def _extension(scores: list[tuple[int, int]], planned: int, step: int, elapsed_s: float,
                budget_s: float | None) -> int:
-    """See VisionStage.more: 0 once the last tenth's accuracy reaches EXTEND_BELOW."""
+    """At most the planned steps, within MAX_EXTENSION x them and the budget, at least a quarter of them;
+    0 once the last tenth's accuracy reaches EXTEND_BELOW."""
     window = max(1, planned // 10)
     if len(scores) < window or _window_accuracy(scores, window) >= EXTEND_BELOW:
         return 0
@@ -204,8 +202,7 @@ def _extension(scores: list[tuple[int, int]], planned: int, step: int, elapsed_s
 
 def vision_stage(model, data, recipe, *, seed: int, init_from: str, tokenizer, amp: dict, fused: bool,
                  say: Callable[[str], None], progress: bool, threads=None) -> dict:
-    """The stage of a new run as `recipe.vision_warmup` asks (auto | answers | words); returns its
-    summary, or {"skipped": why} after a one-line notice."""
+    """The stage as `recipe.vision_warmup` asks; returns its summary, or {"skipped": why} after a notice."""
     vcfg, mode = model.cfg, recipe.vision_warmup
     why = (f"the model starts from {init_from}" if mode == "auto" and init_from else
            f"the vision encoder starts from pretrained weights ({vcfg.vit_model_type})"

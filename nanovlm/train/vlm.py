@@ -1,8 +1,7 @@
 """The VLM stage: the whole model trained on the data's conversations, resumable step by step.
 
-The loss is the sum of token losses over the supervised tokens of the whole global batch (all
-micro-batches, all ranks): the gradient of one big batch, not a mean of means. A checkpoint
-(`save`) restores everything, so a resumed run repeats what the uninterrupted one would.
+The loss sums over the supervised tokens of the whole global batch (all micro-batches and ranks): one big
+batch's gradient, not a mean of means. A resumed run (`save`) repeats what the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from nanovlm.train.step import Trainer, fit, stage_budget
 
 
 class VLMStage:
-    """What the VLM stage adds to `fit`: its micro-batches and their token counts, logs,
-    evaluations and checkpoints."""
+    """What the VLM stage adds to `fit`: micro-batches and their counts, logs, evaluations, checkpoints."""
 
     name = "VLM stage"
 
