@@ -362,9 +362,9 @@ def _cmd_serve(args) -> int:
 
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", formatter_class=_Formatter, help="write a checkpoint for transformers or llama.cpp",
-                       description="Write a checkpoint as a transformers Idefics3 directory (AutoModelForImageText"
-                                   "ToText and AutoProcessor load it, vLLM serves it) or as llama.cpp's model.gguf + "
-                                   "mmproj.gguf; a layout the target cannot reproduce is refused, naming settings.")
+                       description="Write a checkpoint as a transformers Idefics3 directory (Auto classes load "
+                                   "it, vLLM serves it) or as llama.cpp's model.gguf + mmproj.gguf; a layout the "
+                                   "target cannot reproduce is refused, naming the settings to train with.")
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (ours, nanoVLM's or Idefics3)")
     p.add_argument("--format", default="transformers", metavar="NAME",
                    help="transformers (an Idefics3ForConditionalGeneration directory) or gguf (llama.cpp)")
