@@ -50,9 +50,8 @@ class _Parser(argparse.ArgumentParser):
         settings = self._settings_action()
         if settings is not None:
             later = [a for a in extras if not a.startswith("-") and "=" in a]
-            if later:
-                setattr(namespace, settings.dest, list(getattr(namespace, settings.dest, None) or []) + later)
-                extras = [a for a in extras if a not in later]
+            setattr(namespace, settings.dest, list(getattr(namespace, settings.dest, None) or []) + later)
+            extras = [a for a in extras if a not in later]
         if extras:
             self._unknown(extras[0], args)
         return namespace, extras
@@ -144,9 +143,7 @@ class _Parser(argparse.ArgumentParser):
 
     def _check_value(self, action, value):
         # Remember the rejected value: the sentence names it (argparse's message is not structured).
-        self._bad_choice = None
-        if action.choices is not None and value not in action.choices:
-            self._bad_choice = value
+        self._bad_choice = value if action.choices is not None and value not in action.choices else None
         super()._check_value(action, value)
 
 

@@ -126,13 +126,11 @@ def check_value(name: str, value: Any, tp: Any, where: str = "") -> Any:
     if value is None and optional:
         return None
     origin = typing.get_origin(base) or base
-    if origin is bool and isinstance(value, bool):
-        return value
     if origin is int and _is_int(value):
         return int(value)
     if origin is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
-    if origin is str and isinstance(value, str):
+    if origin in (bool, str) and isinstance(value, origin):
         return value
     if origin is dict and isinstance(value, dict):
         key_t, value_t = typing.get_args(base) or (Any, Any)
@@ -306,17 +304,16 @@ class VLMConfig:
                "must be even for rotary embeddings.")
         _check(self.vlm_image_token_id is not None or not self.vlm_extra_tokens_in_vocab,
                "vlm_extra_tokens_in_vocab needs vlm_image_token_id: the id of the image token in the tokenizer.")
-        n_extra = len(self.vlm_extra_tokens)
-        for name, value in self._derived().items():
+        derived = self._derived()
+        for name, value in derived.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        tokens = self._derived()["mp_image_token_length"]
+        tokens, needed, n_extra = derived["mp_image_token_length"], derived["lm_vocab_size"], len(self.vlm_extra_tokens)
         _check(self.mp_image_token_length == tokens, f"mp_image_token_length is {self.mp_image_token_length} but "
                f"the image gives ({grid} / {self.mp_pixel_shuffle_factor})^2 = {tokens} tokens; leave it unset to "
                "derive it.")
         _check(self.extra_token_amount == n_extra,
                f"extra_token_amount is {self.extra_token_amount} but vlm_extra_tokens has {n_extra} entries.")
-        needed = self._derived()["lm_vocab_size"]
         _check(self.lm_vocab_size >= needed, f"lm_vocab_size ({self.lm_vocab_size}) is smaller than "
                f"lm_base_vocab_size + extra tokens ({self.lm_base_vocab_size} + {n_extra} = {needed}).")
         _check(self.lm_max_length <= self.lm_max_position_embeddings, f"lm_max_length ({self.lm_max_length}) "
