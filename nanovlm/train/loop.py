@@ -29,7 +29,7 @@ from nanovlm.train.data import Data, build_data, make_data, total_steps_for
 from nanovlm.train.evaluation import evaluate
 from nanovlm.train.optim import fused_adamw_available
 from nanovlm.train.report import format_summary, measure_matmul_peak, plot, summarize
-from nanovlm.train.vision import vision_stage
+from nanovlm.train.vision import warm_up_vision
 from nanovlm.train.vlm import train_vlm
 from nanovlm.weights.nanovlm import load_state
 
@@ -86,12 +86,6 @@ def seed_everything(seed: int) -> None:
 
 def stages(run: Run) -> list[Callable[[Run], None]]:
     return ([warm_up_vision] if run.cfg.recipe.vision_warmup != "off" and run.resume_from is None else []) + [train_vlm]
-
-
-def warm_up_vision(run: Run) -> None:
-    run.state.warmup = vision_stage(run.model, run.data, run.cfg.recipe, seed=run.cfg.seed, init_from=run.cfg.init_from,
-                                    tokenizer=run.tokenizer, amp=run.amp, fused=run.fused, say=run.say,
-                                    progress=run.progress and run.info.is_main, threads=run.threads)
 
 
 def train(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, *, resume: bool = False,

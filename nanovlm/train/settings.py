@@ -137,15 +137,14 @@ def describe_settings(preset: str = DEFAULT_PRESET, config_file: str | None = No
     groups += [(f"{f.metadata['help']} (TrainConfig.{f.name})", f.metadata["group"], "train")
                for f in TrainConfig.__dataclass_fields__.values() if "group" in f.metadata]
     for title, cls, section in groups:
-        rows = []
+        rows = [("name", "type", "value", "meaning")]
         for name, (_, f) in setting_fields(cls).items():
             if cls is TrainConfig and name not in TrainConfig.__dataclass_fields__:
                 continue  # a group's settings: listed under the group
             mark = " *" if name in by_preset and name not in by_user else " +" if name in by_user else ""
             rows.append((name, f.type, _shown(values[section][name]) + mark, f.metadata["help"]))
-        widths = [max(len(r[k]) for r in rows + [("name", "type", "value")]) for k in range(3)]
-        lines += ["", f"{title}:", "  " + "  ".join(h.ljust(w) for h, w in zip(("name", "type", "value"), widths))
-                  + "  meaning"]
+        widths = [max(len(r[k]) for r in rows) for k in range(3)]
+        lines += ["", f"{title}:"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows]
     width = max(len(name) for name in PRESETS)
     lines += ["", "presets (--preset NAME):"]

@@ -200,16 +200,20 @@ def _extension(scores: list[tuple[int, int]], planned: int, step: int, elapsed_s
     return more if more >= max(1, planned // 4) else 0
 
 
-def vision_stage(model, data, recipe, *, seed: int, init_from: str, tokenizer, amp: dict, fused: bool,
-                 say: Callable[[str], None], progress: bool, threads=None) -> dict:
-    """The stage as `recipe.vision_warmup` asks; returns its summary, or {"skipped": why} after a notice."""
+def warm_up_vision(run) -> None:
+    """The stage as `vision_warmup` asks; its summary, or {"skipped": why} after a notice, in `run.state.warmup`."""
+    run.state.warmup = _vision_stage(run)
+
+
+def _vision_stage(run) -> dict:
+    model, data, recipe, say, init_from = run.model, run.data, run.cfg.recipe, run.say, run.cfg.init_from
     vcfg, mode = model.cfg, recipe.vision_warmup
     why = (f"the model starts from {init_from}" if mode == "auto" and init_from else
            f"the vision encoder starts from pretrained weights ({vcfg.vit_model_type})"
            if mode == "auto" and vcfg.vlm_load_backbone_weights and vcfg.vit_model_type else
            "the training data cannot be read sample by sample" if not hasattr(data.source, "__getitem__") else None)
     t0 = time.perf_counter()
-    drop = special_ids(tokenizer, vcfg)
+    drop = special_ids(run.tokenizer, vcfg)
     targets = why or build_targets(collect_pairs(data.source, data.train_indices or range(len(data.source)), drop),
                                    mode)
     if isinstance(targets, str):
@@ -223,11 +227,12 @@ def vision_stage(model, data, recipe, *, seed: int, init_from: str, tokenizer, a
 
     def log(record: dict) -> None:  # every 50 steps
         curve.append((record["warmup_step"], record["warmup_loss"]))
-        if threads is not None:
-            threads.adjust()
+        if run.threads is not None:
+            run.threads.adjust()
 
-    stage = VisionStage(model, targets, steps, recipe.vision_warmup_lr, recipe.vision_warmup_batch_size, seed=seed,
-                        amp=amp, fused=fused, say=say, progress=progress, shift=recipe.image_shift, log=log,
+    stage = VisionStage(model, targets, steps, recipe.vision_warmup_lr, recipe.vision_warmup_batch_size,
+                        seed=run.cfg.seed, amp=run.amp, fused=run.fused, say=say, log=log,
+                        progress=run.progress and run.info.is_main, shift=recipe.image_shift,
                         extend=recipe.vision_warmup_extend and not recipe.vision_warmup_steps,
                         budget_s=stage_budget(recipe.max_train_time, 0.0, VISION_SHARE))
     result = stage.run(held)
