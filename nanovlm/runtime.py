@@ -60,9 +60,7 @@ def autocast_args(precision: str, device: torch.device) -> dict:
 
 def may_read_back(t: torch.Tensor) -> bool:
     """Whether a value check may read `t` back to the host (never a sync in an accelerator's training step)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or not torch.is_grad_enabled()
+    return not torch.compiler.is_compiling() and (t.device.type == "cpu" or not torch.is_grad_enabled())
 
 
 def cpu_training_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -95,10 +93,6 @@ def prepare(device: torch.device, threads: int = 0, say: Callable[[str], None] =
         yield governor
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
 @functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
     """Have glibc keep freed large blocks, so a CPU step's temporaries are not page-faulted in and zeroed
@@ -109,10 +103,10 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    # glibc's M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1), from malloc.h
+    return bool(mallopt(-3, 1 << 30)) and bool(mallopt(-1, 2**31 - 1))
 
 
-# --------------------------------------------------------------------------- CPU threads
 def cpu_cores() -> int:
     """Cores this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -137,8 +131,7 @@ def _own_tree(pid: int) -> set[int]:
 
 
 def _competing_ticks() -> dict[int, int] | None:
-    """User + system ticks, by pid, of every other process at this one's priority or above
-    (niced programs yield the CPU, so they do not count); None without /proc."""
+    """CPU ticks by pid of the other processes at this one's priority or above (niced ones yield); None: no /proc."""
     if not os.path.isdir("/proc/self/task"):
         return None
     own, mine = _own_tree(os.getpid()), os.nice(0)
