@@ -83,16 +83,14 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
 # ----------------------------------------------------- every rank joins every gradient all-reduce
 def stand_in_batch(cfg, image_token_id: int) -> dict:
-    """One blank image and no target: under DDP, what a rank whose micro-batch lost every sample trains on,
-    so that every parameter joins the gradient all-reduce and the collective does not hang."""
+    """A blank image, no target: what a DDP rank trains on when skips emptied its micro-batch (no hung all-reduce)."""
     ids = torch.full((1, cfg.mp_image_token_length + 1), image_token_id, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
             "images": [torch.zeros(1, 3, cfg.vit_img_size, cfg.vit_img_size)]}
 
 
 def vision_zero_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor | float:
-    """0 x the projector's output on a blank image for a batch without images (else 0): the vision tower
-    still gets (zero) gradients, so every DDP rank all-reduces the same parameters."""
+    """0 x the projector's output on a blank image when a batch has none: every DDP rank reduces the same parameters."""
     images = batch.get("images")
     has = images.numel() > 0 if isinstance(images, torch.Tensor) else any(
         img is not None and img.numel() > 0 for img in images or ())

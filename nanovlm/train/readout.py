@@ -58,8 +58,7 @@ class Pairs:
 
 
 def sample_pairs(sample: dict, drop_ids: set[int]) -> list[tuple[list[int], tuple[int, ...]]]:
-    """(question ids, answer ids) of each supervised span of a sample (the question: what precedes it since the
-    previous answer), `drop_ids` left out of both."""
+    """(question ids, answer ids) of each supervised span of a sample (the question: what precedes it)."""
     ids, sup = sample["input_ids"].tolist(), (sample["labels"] != IGNORE_INDEX).tolist() + [False]
     out, prev_end, start = [], 0, None
     for t, s in enumerate(sup):
@@ -162,8 +161,8 @@ def held_out_targets(pairs: Pairs, train: ReadoutData) -> ReadoutData | None:
 
 
 class QuestionBlock(nn.Module):
-    """A pre-norm attention + MLP block over a question's tokens (word order matters: "is the circle left of
-    the square?"); attention as two matmuls (SDPA's fused CPU backward is slow on such short rows)."""
+    """A pre-norm attention + MLP block over a question's tokens, attention as two matmuls (SDPA's fused CPU
+    backward is slow on such short rows); word order matters: "is the circle left of the square?"."""
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
