@@ -25,15 +25,11 @@ def check_run(vlm_cfg: VLMConfig, cfg: TrainConfig) -> None:
 def prepare(model, vlm_cfg: VLMConfig, lora: LoraConfig, seed: int) -> dict:
     """Add the adapters `lora` asks for (in place) and return the base reference they train on."""
     add_lora(model, lora.lora_rank, lora.lora_scale_alpha, lora.lora_dropout, lora_target_names(lora.lora_targets))
+    base = {k: v for k, v in model.state_dict_for_saving().items()  # what does not train: the base
+            if not k.startswith("MP.") and not is_adapter_parameter(k)}
     return {"vit_model_type": vlm_cfg.vit_model_type, "lm_model_type": vlm_cfg.lm_model_type,
             "vlm_load_backbone_weights": vlm_cfg.vlm_load_backbone_weights, "seed": seed,
-            "sha256": digest(frozen_tensors(model))}
-
-
-def frozen_tensors(model) -> dict[str, torch.Tensor]:
-    """Every tensor of the model that does not train once the adapters are added: the base."""
-    state = model.state_dict_for_saving()
-    return {k: v for k, v in state.items() if not k.startswith("MP.") and not is_adapter_parameter(k)}
+            "sha256": digest(base)}
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
