@@ -19,19 +19,15 @@ from nanovlm.weights.nanovlm import checkpoint_config
 _SECTIONS = {"model": VLMConfig, "train": TrainConfig}
 
 
-def close_names(key: str, known: list[str], n: int = 4) -> list[str]:
-    """Settings a mistyped `key` may have meant: names it begins, names holding it as a word, close spellings."""
-    found = [k for k in known if k.startswith(key + "_")] + [k for k in known if key in k.split("_")]
-    found += difflib.get_close_matches(key, known, n=1)
-    return list(dict.fromkeys(found))[:n]
-
-
 def _owner(key: str) -> str:
-    """'model' or 'train' for a known key; ConfigError naming the key (and close names) otherwise."""
+    """'model' or 'train' for a known key; ConfigError naming the key and what it may have meant otherwise."""
     for section, cls in _SECTIONS.items():
         if key in field_types(cls):
             return section
-    close = [f"'{k}'" for k in close_names(key, [k for cls in _SECTIONS.values() for k in field_types(cls)])]
+    known = [k for cls in _SECTIONS.values() for k in field_types(cls)]
+    # Names it begins, names holding it as a word, a close spelling.
+    found = [k for k in known if k.startswith(key + "_")] + [k for k in known if key in k.split("_")]
+    close = [f"'{k}'" for k in dict.fromkeys(found + difflib.get_close_matches(key, known, n=1))][:4]
     hint = f" Did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}?" if close else ""
     raise ConfigError(f"unknown setting {key!r}: it is neither a VLMConfig nor a TrainConfig field.{hint}")
 
