@@ -76,7 +76,7 @@ def test_a_model_a_run_folder_and_an_eval_report_are_readable_by_others(tmp_path
 
     run = tmp_path / "run"
     os.makedirs(run)
-    ckpt.write_run_config(str(run), {"model": {}, "train": {}})
+    atomic_write_json(run / "config.json", {"model": {}, "train": {}})
     run_synthetic(run, max_training_steps=4, save_interval=2, eval_interval=2)
     assert ckpt.list_checkpoints(str(run)) and (run / "final").is_dir() and (run / "checkpoints" / "best").is_dir()
     assert_tree_modes(run, umask)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovlm.fileio import atomic_write_json, make_temp_dir_beside, written_dir
+from nanovlm.fileio import make_temp_dir_beside, written_dir
 from nanovlm.weights.common import check_state_dict
 from nanovlm.weights.nanovlm import load_state
 
@@ -271,7 +271,3 @@ def load_checkpoint(path: str, model, optimizer=None, rank: int = 0,
         rngs = tensors["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     return state
-
-
-def write_run_config(run_dir: str, config: dict) -> None:
-    atomic_write_json(os.path.join(run_dir, "config.json"), config)

@@ -15,6 +15,7 @@ from nanovlm.data.datasets import check_data
 from nanovlm.data.records import validation_file
 from nanovlm.data.resolution import fit_to_data
 from nanovlm.eval.tasks import resolve_task
+from nanovlm.fileio import atomic_write_json
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train import lora, settings
@@ -60,7 +61,7 @@ def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, o
                       "(use --resume to continue it instead).", flush=True)
                 ckpt.clear(out)
             ckpt.recover(out)
-            ckpt.write_run_config(out, settings.to_dict(vlm_cfg, train_cfg))
+            atomic_write_json(os.path.join(out, "config.json"), settings.to_dict(vlm_cfg, train_cfg))
         dist.barrier(info)
         try:
             train(vlm_cfg, train_cfg, out, resume=resume, info=info)
