@@ -380,8 +380,7 @@ class RecipeConfig:
                                  note="(a share of the tile's side)")
     max_train_time: float = setting(0.0, "seconds for all stages; step counts are cut to fit", min=0,
                                     note="seconds (0: no limit)")
-    max_epochs: float = setting(0.0, "at most this many passes over the training samples", min=0,
-                                note="(0: no epoch budget)")
+    max_epochs: float = setting(0.0, "at most this many passes over the samples", min=0, note="(0: no epoch budget)")
     fit_batch: bool = setting(True, "on small data, lower the batch sizes so that an epoch holds 4 steps")
     threads: int = setting(0, "CPU threads (0: the cores others leave free; N: bit-exact repeats)", min=0,
                            note="(0: the cores other programs leave free)")
