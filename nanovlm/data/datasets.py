@@ -191,8 +191,7 @@ def check_records(records: Records, base_dir: str | None = None) -> SkipCounter:
             ChatRenderer.check_images(messages, len(images), required)
             for s in images:
                 path = s.get("path") if isinstance(s, dict) and not s.get("bytes") else s
-                if isinstance(path, str) and not os.path.isfile(os.path.join(base_dir or "", path)):
-                    path = os.path.join(base_dir or '', path)
+                if isinstance(path, str) and not os.path.isfile(path := os.path.join(base_dir or "", path)):
                     raise SampleError("missing_image", f"image file {path} does not exist.")
         except (SampleError, RenderError) as e:
             skips.skip(e.reason, getattr(e, "detail", str(e)), where)
@@ -266,17 +265,19 @@ def _text_length(renderer: ChatRenderer, messages: list[dict[str, Any]]) -> int:
 
 # ---------------------------------------------------------------------------- datasets
 class ConversationDataset(Dataset):
-    """Map-style dataset over one split's records; `merge_turns` (not None): see `merge_plan`."""
+    """Map-style dataset over one split's records; `multi_turn` on the train split: see `merge_plan`."""
 
-    def __init__(self, records: Records, vlm_cfg, tokenizer, *, strict: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, independent_turns: bool = False,
-                 merge_turns: int | None = None, max_length: int | None = None):
-        self.records, self.name, self.strict = records, records.name, strict
+    def __init__(self, records: Records, vlm_cfg, tokenizer, train_cfg, split: str = "train"):
+        cfg, self.records, self.strict = train_cfg, records, train_cfg.strict
         self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=records.base_dir,
-                                         max_image_pixels=max_image_pixels, independent_turns=independent_turns)
+                                         max_image_pixels=cfg.max_image_pixels or DEFAULT_MAX_PIXELS,
+                                         independent_turns=cfg.independent_turns)
         self.plan = None
-        if merge_turns is not None:
-            samples = merge_plan(records, self.processor, merge_turns, max_length or vlm_cfg.lm_max_length)
+        if cfg.multi_turn and split == "train":  # samples too long for a packed row are never merged
+            length = vlm_cfg.lm_max_length
+            if cfg.packing and cfg.pack_length:
+                length = min(cfg.pack_length, length)
+            samples = merge_plan(records, self.processor, cfg.max_turns, length)
             self.plan = samples if len(samples) < len(records) else None
 
     def __len__(self) -> int:
@@ -323,17 +324,8 @@ class ConversationDataset(Dataset):
 
 def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: int = 0, world_size: int = 1):
     """The dataset of `split` of what `train_cfg.data` names (see the module docstring)."""
-    cfg = train_cfg
-    records = open_records(cfg.data, split, cfg.image_folder)
-    common = dict(strict=cfg.strict, max_image_pixels=cfg.max_image_pixels or DEFAULT_MAX_PIXELS,
-                  independent_turns=cfg.independent_turns)
-    merging = {}
-    if cfg.multi_turn and split == "train":  # samples too long for a packed row are never merged
-        length = vlm_cfg.lm_max_length
-        if cfg.packing and cfg.pack_length:
-            length = min(cfg.pack_length, length)
-        merging = {"merge_turns": cfg.max_turns, "max_length": length}
-    return ConversationDataset(records, vlm_cfg, tokenizer, **common, **merging)
+    return ConversationDataset(open_records(train_cfg.data, split, train_cfg.image_folder), vlm_cfg, tokenizer,
+                               train_cfg, split)
 
 
 # ---------------------------------------------------------------------------- sampling and loading
@@ -411,14 +403,14 @@ class ResumableLoader:
 
     def __init__(self, dataset, sampler: ShardedBatchSampler, collate_fn: Callable, *, num_workers: int = 0,
                  pin_memory: bool = False):
-        self.dataset, self.sampler, self.position, self.collate_fn = dataset, sampler, sampler, collate_fn
+        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
         self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        p = self.position
+        p = self.sampler
         # Worker seeds from the epoch's generator: the global RNG stays as a resumed run needs it.
         loader = DataLoader(self.dataset, batch_sampler=p.batches(), generator=p.epoch_generator(p.epoch),
                             collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
@@ -432,15 +424,8 @@ class ResumableLoader:
             yield from self
 
     def state_dict(self) -> dict[str, int]:
-        return self.position.state_dict()
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position.load_state_dict(state)
+        self.sampler.load_state_dict(state)
 
-
-def make_loader(dataset, collate_fn: Callable, *, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                seed: int = 0, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False):
-    """The loader of a `build_dataset` dataset: `global_batch_size / world_size` samples a rank."""
-    sampler = ShardedBatchSampler(len(dataset), global_batch_size, rank=rank, world_size=world_size, seed=seed,
-                                  drop_last=drop_last)
-    return ResumableLoader(dataset, sampler, collate_fn, num_workers=num_workers, pin_memory=pin_memory)

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from nanovlm.config import CHATML_TEMPLATE, IGNORE_INDEX
+from nanovlm.data import tokenizer as _tokenizer
 from nanovlm.data.images import load_image, to_rgb
-from nanovlm.data.tokenizer import get_tokenizer  # noqa: F401  (re-exported: the public import path)
 
+get_tokenizer = _tokenizer.get_tokenizer  # the public import path (SPEC)
 IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a message's text (LLaVA data)
 MAX_GRID = 8  # the default extra tokens name tiles <row_1_col_1> .. <row_8_col_8>
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}  # vlm_image_resample -> PIL filter
@@ -147,10 +148,7 @@ class Idefics3ImageProcessor(_Tiles):
         return (tiles_uint8.double() * (1 / 255)).float()
 
 
-def get_image_processor(max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
-                        max_grid: int = MAX_GRID, resample: str = "bicubic") -> ImageProcessor:
-    """The image processor of the original nanoVLM; see `ImageProcessor`."""
-    return ImageProcessor(max_img_size, splitted_image_size, resize_to_max_side_len, max_grid, resample)
+get_image_processor = ImageProcessor  # the original nanoVLM's name for it
 
 
 def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
@@ -161,9 +159,8 @@ def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
     max_grid = 0  # the largest n such that every r{i}c{j} token for i, j <= n exists
     while all(f"r{i}c{j}" in cfg.vlm_extra_tokens for i in range(1, max_grid + 2) for j in range(1, max_grid + 2)):
         max_grid += 1
-    return get_image_processor(cfg.max_img_size if cfg.vlm_image_splitting and cfg.max_img_size else cfg.vit_img_size,
-                               cfg.vit_img_size,
-                               cfg.resize_to_max_side_len, max_grid=max_grid, resample=cfg.vlm_image_resample)
+    return ImageProcessor(cfg.max_img_size if cfg.vlm_image_splitting and cfg.max_img_size else cfg.vit_img_size,
+                          cfg.vit_img_size, cfg.resize_to_max_side_len, max_grid, cfg.vlm_image_resample)
 
 
 # ---------------------------------------------------------------------------- image strings
@@ -191,8 +188,7 @@ def _image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: 
 
 
 def idefics3_image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: int) -> str:
-    """One image's text as Idefics3Processor writes it: fake token, `<row_r_col_c>` and image tokens
-    per tile, a newline after each row, then the `<global-img>` view between fake tokens."""
+    """One image's text as Idefics3Processor writes it (tiles row by row, then the global view)."""
     try:
         fake, glob = tokenizer.fake_image_token, tokenizer.global_image_token
     except AttributeError:
@@ -221,9 +217,8 @@ def image_string_pattern(layout: str, tokenizer: Any) -> re.Pattern:
 # ---------------------------------------------------------------------------- chat -> ids, labels
 class ChatEncoder:
     """Messages -> (input_ids, shifted labels), supervising each answer and the end-of-turn after it.
-    Rendered once with the template; the text between answers tokenized in whole pieces (as at
-    inference), each answer alone (as generated). A template of typed parts (SmolVLM's) gets each
-    image string as an image part, its marker replaced by the string again."""
+    The text between answers is tokenized in whole pieces (as at inference), each answer alone (as
+    generated). A template of typed parts (SmolVLM's) gets each image string as an image part."""
 
     def __init__(self, tokenizer: Any, cache_size: int = 200_000, image_pattern: re.Pattern | None = None):
         self.tokenizer, self._image_pattern, self._cache_size = tokenizer, image_pattern, cache_size
@@ -289,8 +284,7 @@ class ChatEncoder:
 
     def encode_supervised(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
                           cache: bool = True) -> tuple[list[int], list[bool]]:
-        """(input ids, supervised flag per token); with `add_generation_prompt` the ids end with
-        the assistant prompt (an inference prompt). Raises ValueError if the template hides a message."""
+        """(input ids, supervised flag per token). Raises ValueError if the template hides a message."""
         text = self._render(messages, add_generation_prompt)
         pieces: list[tuple[str, bool]] = []  # (text, is assistant content)
         cursor = piece_start = 0
@@ -325,8 +319,7 @@ class ChatEncoder:
 
 
 def shift_labels(input_ids: Sequence[int], supervised: Sequence[bool]) -> list[int]:
-    """The one place labels are shifted: labels[t] = input_ids[t + 1] where that token is
-    supervised, else IGNORE_INDEX (and IGNORE_INDEX at the last position)."""
+    """The one place labels are shifted: labels[t] = input_ids[t + 1] if supervised, else IGNORE_INDEX."""
     labels = [nxt if sup else IGNORE_INDEX for nxt, sup in zip(input_ids[1:], supervised[1:])]
     labels.append(IGNORE_INDEX)
     return labels[:len(input_ids)]
@@ -361,8 +354,7 @@ class RenderError(ValueError):
 
 @dataclass
 class RenderedChat:
-    """labels are shifted (all IGNORE_INDEX for an inference prompt); tiles are in their image
-    tokens' order; position_ids are a `share_prefix` sample's (`independent_turns`), or None."""
+    """labels are shifted; tiles in their image tokens' order; position_ids: see `share_prefix`, or None."""
 
     input_ids: list[int]
     labels: list[int]
@@ -464,21 +456,6 @@ class ChatRenderer:
             raise RenderError("image_placeholder_mismatch", "the sample has images but no user turn to hold them.")
         return out
 
-    def encode(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
-               independent_turns: bool = False) -> tuple[list[int], list[int], list[int] | None]:
-        """Text messages (images placed) -> (input_ids, labels, position_ids or None); `independent_turns`:
-        each question/answer pair as if asked alone after the first question's images (`share_prefix`)."""
-        try:
-            branches = self._branches(messages) if independent_turns else None
-            if branches is not None:
-                return share_prefix([self.encoder.encode_lists(b) for b in branches])
-            ids, supervised = self.encoder.encode_supervised(messages, add_generation_prompt,
-                                                             cache=not add_generation_prompt)
-        except ValueError as e:
-            raise RenderError("chat_template", str(e)) from e
-        labels = [IGNORE_INDEX] * len(ids) if add_generation_prompt else shift_labels(ids, supervised)
-        return ids, labels, None
-
     def _branches(self, messages: list[dict[str, str]]) -> list[list[dict[str, str]]] | None:
         roles = [m["role"] for m in messages]
         if len(messages) < 4 or roles != ["user", "assistant"] * (len(messages) // 2):
@@ -491,29 +468,33 @@ class ChatRenderer:
         questions = [first] + [first[:end] + m["content"] for m in messages[2::2]]  # each after the images
         return [[{"role": "user", "content": q}, a] for q, a in zip(questions, messages[1::2])]
 
-    def check_image_tokens(self, input_ids: Sequence[int], n_tiles: int) -> None:
-        """A RenderError unless the ids hold exactly the image tokens the tiles fill."""
-        n = list(input_ids).count(self.image_token_id)
-        if n != n_tiles * self.mp:
-            raise RenderError("image_token_mismatch",
-                              f"the prompt holds {n} image tokens where {n_tiles} tile(s) x {self.mp} were expected; "
-                              f"remove the reserved image token {self.tokenizer.image_token!r} from the text.")
-
     def lay_out(self, messages: Sequence[dict[str, Any]], tiles: torch.Tensor, grids: Sequence[tuple[int, int]], *,
                 placeholders_required: bool = False, add_generation_prompt: bool = False,
                 independent_turns: bool = False) -> RenderedChat:
-        """Messages and their processed images (tiles, grid per image) -> RenderedChat."""
-        placed = self.place_images(messages, grids, placeholders_required)
-        ids, labels, positions = self.encode(placed, add_generation_prompt=add_generation_prompt,
-                                             independent_turns=independent_turns)
-        self.check_image_tokens(ids, tiles.shape[0])
+        """Messages and their processed images (tiles, grid per image) -> RenderedChat; `independent_turns`:
+        each question/answer pair as if asked alone after the first question's images (`share_prefix`)."""
+        placed, positions = self.place_images(messages, grids, placeholders_required), None
+        try:
+            branches = self._branches(placed) if independent_turns else None
+            if branches is not None:
+                ids, labels, positions = share_prefix([self.encoder.encode_lists(b) for b in branches])
+            else:
+                ids, supervised = self.encoder.encode_supervised(placed, add_generation_prompt,
+                                                                 cache=not add_generation_prompt)
+                labels = [IGNORE_INDEX] * len(ids) if add_generation_prompt else shift_labels(ids, supervised)
+        except ValueError as e:
+            raise RenderError("chat_template", str(e)) from e
+        n, n_tiles = ids.count(self.image_token_id), tiles.shape[0]
+        if n != n_tiles * self.mp:  # the text held the reserved image token
+            raise RenderError("image_token_mismatch",
+                              f"the prompt holds {n} image tokens where {n_tiles} tile(s) x {self.mp} were expected; "
+                              f"remove the reserved image token {self.tokenizer.image_token!r} from the text.")
         return RenderedChat(ids, labels, tiles, list(grids), positions)
 
     def render(self, messages: Sequence[dict[str, Any]], images: Sequence[Any] = (), *,
                placeholders_required: bool = False, add_generation_prompt: bool = False,
                independent_turns: bool = False) -> RenderedChat:
-        """Messages and their images -> RenderedChat. `images` are the images that text messages
-        place; images inside part lists come from the parts. A RenderError says what does not fit."""
+        """Messages and their images (or images inside part lists) -> RenderedChat, or a RenderError."""
         inline = [p for m in messages if not isinstance(m["content"], str) for p in m["content"]
                   if not isinstance(p, str)]
         if inline and len(images):
