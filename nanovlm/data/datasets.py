@@ -94,8 +94,7 @@ def _strip_placeholders(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def merge_chats(chats: Sequence[tuple[list, list[dict[str, Any]], bool]]) -> tuple[list, list[dict[str, Any]], bool]:
-    """Chats about one image -> one: the first chat's image and placeholder, then every later
-    chat's turns without theirs."""
+    """Chats about one image -> one: the first chat's image and placeholder, then the later chats' turns."""
     images, messages, required = chats[0]
     return images, list(messages) + [m for _, more, _ in chats[1:] for m in _strip_placeholders(more)], required
 
@@ -199,8 +198,7 @@ def check_records(records: Records, base_dir: str | None = None) -> SkipCounter:
 
 
 def check_data(data: str, image_folder: str | None = None, strict: bool = False) -> str:
-    """Before a run builds anything: the train split opens (`strict`: every record passes
-    `check_records`). Returns the line saying what is read."""
+    """The line saying what a run reads, once the train split opens (`strict`: and passes `check_records`)."""
     records = open_records(data, "train", image_folder)
     if strict:
         skips = check_records(records)

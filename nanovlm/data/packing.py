@@ -33,8 +33,7 @@ def filter_samples(samples: Sequence[dict[str, Any]], max_length: int | None, st
 
 def fill_rows(samples: Sequence[dict[str, Any]], plan: Sequence[Sequence[int]], length: int, pad_token_id: int,
               left_pad: bool = False) -> dict[str, torch.Tensor]:
-    """Rows of `length` tokens, row r holding `samples[i] for i in plan[r]` in order (`left_pad`: at its end);
-    `attention_mask` is each token's segment (1, 2, ... in the row; 0: padding)."""
+    """Rows of `length` tokens, row r holding the samples `plan[r]` in order; `attention_mask`: segment ids."""
     shape = (len(plan), length)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     segments, labels = torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)
@@ -57,8 +56,7 @@ def fill_rows(samples: Sequence[dict[str, Any]], plan: Sequence[Sequence[int]], 
 
 def plan_packs(lengths: Sequence[int], n_images: Sequence[int], pack_length: int,
                max_images_per_pack: int = 0) -> list[list[int]]:
-    """First-fit-decreasing: lists of sample indices, each fitting `pack_length` tokens and (cap
-    > 0) `max_images_per_pack` tiles; ties keep the input order, each row lists its samples in order."""
+    """First-fit-decreasing: lists of sample indices, each within `pack_length` tokens and (> 0) image tiles."""
     rows: list[list[int]] = []
     room: list[int] = []
     images: list[int] = []

@@ -37,10 +37,35 @@ def _cut(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 class _Tiles:
-    """`proc(pil_image) -> (tiles (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`; picklable for workers."""
+    """`proc(pil_image) -> (tiles (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`; picklable for workers.
+    The picture is resized (`resized_size`), cut at `target_size` into row-major tiles, plus a global view."""
+
+    global_first = True  # the original: the whole picture first; Idefics3: the tiled picture last
 
     def _resize(self, image: Image.Image, width: int, height: int) -> Image.Image:
         return image if image.size == (width, height) else image.resize((width, height), self.resample)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(n_rows, n_cols) for an image of this size, without touching pixels."""
+        w, h = self.target_size(*self.resized_size(width, height))
+        return h // self.tile, w // self.tile
+
+    def largest_grid(self) -> tuple[int, int]:
+        return self.grid(self.max_side, self.max_side)
+
+    def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        image, t = to_rgb(image), self.tile
+        image = self._resize(image, *self.resized_size(*image.size))
+        w, h = self.target_size(*image.size)
+        tiled = self._resize(image, w, h)
+        tiles = _cut(_to_uint8_chw(tiled), t)
+        if len(tiles) > 1:
+            view = _to_uint8_chw(self._resize(image if self.global_first else tiled, t, t)).unsqueeze(0)
+            tiles = torch.cat([view, tiles] if self.global_first else [tiles, view])
+        return tiles, (h // t, w // t)
 
     def normalize(self, tiles_uint8: torch.Tensor) -> torch.Tensor:
         return tiles_uint8.float().div_(255.0)
@@ -72,40 +97,26 @@ class ImageProcessor(_Tiles):
         target_short = min(max(t, math.ceil(short * target_long / long / t) * t), target_long)
         return (target_long, target_short) if width >= height else (target_short, target_long)
 
-    def grid(self, width: int, height: int) -> tuple[int, int]:
-        """(n_rows, n_cols) for an image of this size, without touching pixels."""
-        w, h = self.target_size(width, height)
-        return h // self.tile, w // self.tile
-
-    def largest_grid(self) -> tuple[int, int]:
-        return (self.max_side // self.tile,) * 2
-
-    def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        image, t = to_rgb(image), self.tile
-        w, h = self.target_size(*image.size)
-        tiles = _cut(_to_uint8_chw(self._resize(image, w, h)), t)
-        if len(tiles) > 1:  # the global view first
-            tiles = torch.cat([_to_uint8_chw(self._resize(image, t, t)).unsqueeze(0), tiles])
-        return tiles, (h // t, w // t)
-
 
 class Idefics3ImageProcessor(_Tiles):
     """transformers' `Idefics3ImageProcessor`: the longest edge to `longest_edge` (the other side
     rounded up to even), with splitting both sides up to whole tiles, row-major, then the global view."""
 
+    global_first = False
+
     def __init__(self, longest_edge: int, tile: int, splitting: bool = True, resample: str = "lanczos"):
         if longest_edge <= 0 or tile <= 0:
             raise ValueError(f"image sizes must be positive, got longest_edge={longest_edge}, tile={tile}.")
-        self.longest_edge, self.tile, self.splitting = int(longest_edge), int(tile), bool(splitting)
+        self.max_side, self.tile, self.splitting = int(longest_edge), int(tile), bool(splitting)
         self.resample = PIL_FILTERS[resample]
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         aspect = width / height
         if width >= height:
-            width, height = self.longest_edge, int(self.longest_edge / aspect)
+            width, height = self.max_side, int(self.max_side / aspect)
             height += height % 2
         else:
-            width, height = int(self.longest_edge * aspect), self.longest_edge
+            width, height = int(self.max_side * aspect), self.max_side
             width += width % 2
         width, height = max(width, 1), max(height, 1)
         aspect = width / height
@@ -115,34 +126,15 @@ class Idefics3ImageProcessor(_Tiles):
             width, height = int(IDEFICS3_MAX_SIDE * aspect), IDEFICS3_MAX_SIDE
         return max(width, 1), max(height, 1)
 
-    def tiled_size(self, width: int, height: int) -> tuple[int, int]:
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
         t, aspect = self.tile, width / height
+        if not self.splitting:
+            return t, t
         if width >= height:
             width = math.ceil(width / t) * t
             return width, math.ceil(int(width / aspect) / t) * t
         height = math.ceil(height / t) * t
         return math.ceil(int(height * aspect) / t) * t, height
-
-    def grid(self, width: int, height: int) -> tuple[int, int]:
-        if not self.splitting:
-            return 1, 1
-        w, h = self.tiled_size(*self.resized_size(width, height))
-        return h // self.tile, w // self.tile
-
-    def largest_grid(self) -> tuple[int, int]:
-        return self.grid(self.longest_edge, self.longest_edge)
-
-    def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        t, image = self.tile, to_rgb(image)
-        image = self._resize(image, *self.resized_size(*image.size))
-        if not self.splitting:
-            return _to_uint8_chw(self._resize(image, t, t)).unsqueeze(0), (1, 1)
-        w, h = self.tiled_size(*image.size)
-        image = self._resize(image, w, h)
-        tiles = _cut(_to_uint8_chw(image), t)
-        if len(tiles) > 1:  # the global view last
-            tiles = torch.cat([tiles, _to_uint8_chw(self._resize(image, t, t)).unsqueeze(0)])
-        return tiles, (h // t, w // t)
 
     def normalize(self, tiles_uint8: torch.Tensor) -> torch.Tensor:
         return (tiles_uint8.double() * (1 / 255)).float()
@@ -363,11 +355,6 @@ class RenderedChat:
     position_ids: list[int] | None = None
 
 
-def _after_image(text: str) -> str:
-    """The text after a placeholder, less the one line break that sets the placeholder apart."""
-    return text[2:] if text.startswith("\r\n") else text[1:] if text.startswith("\n") else text
-
-
 class ChatRenderer:
     """Messages (+ images) -> `RenderedChat`, the one place a prompt is laid out: each image's string
     where it stands in a part list (images that only follow the text go before it, as training put
@@ -385,8 +372,7 @@ class ChatRenderer:
 
     @staticmethod
     def check_images(messages: Sequence[dict[str, Any]], n_images: int, placeholders_required: bool = False) -> int:
-        """How many places the messages mark for images; a RenderError where they cannot take
-        `n_images` images. `placeholders_required`: every image must have its place (LLaVA)."""
+        """How many places the messages mark for images; a RenderError where `n_images` do not fit."""
         n_slots = 0
         for m in messages:
             content = m["content"]
@@ -439,9 +425,9 @@ class ChatRenderer:
         for m in messages:
             content = m["content"]
             if n_slots and isinstance(content, str):
-                # LLaVA's "<image>\nQ": the newline only lays out the placeholder.
+                # LLaVA's "<image>\nQ": the one line break after a placeholder only lays it out.
                 pieces = content.split(IMAGE_PLACEHOLDER)
-                content = pieces[0] + "".join(next(pending) + _after_image(p) for p in pieces[1:])
+                content = pieces[0] + "".join(next(pending) + re.sub(r"^\r?\n", "", p) for p in pieces[1:])
             elif not isinstance(content, str):
                 is_text = [isinstance(p, str) for p in content]
                 # Images after all the text (OpenAI's example) go where training put unmarked ones,
@@ -471,8 +457,7 @@ class ChatRenderer:
     def lay_out(self, messages: Sequence[dict[str, Any]], tiles: torch.Tensor, grids: Sequence[tuple[int, int]], *,
                 placeholders_required: bool = False, add_generation_prompt: bool = False,
                 independent_turns: bool = False) -> RenderedChat:
-        """Messages and their processed images (tiles, grid per image) -> RenderedChat; `independent_turns`:
-        each question/answer pair as if asked alone after the first question's images (`share_prefix`)."""
+        """Messages and their processed images -> RenderedChat; `independent_turns`: see `share_prefix`."""
         placed, positions = self.place_images(messages, grids, placeholders_required), None
         try:
             branches = self._branches(placed) if independent_turns else None

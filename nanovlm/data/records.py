@@ -342,8 +342,7 @@ def _local(data: str) -> dict[str, list[str]]:
 
 
 def open_records(data: str, split: str = "train", image_folder: str | None = None) -> Records:
-    """The records of `split` of the source `data` names; `image_folder`: where relative image
-    paths start (default: the data file's folder)."""
+    """The records of `split` of `data`; relative image paths start at `image_folder` (default: the data's)."""
     data = str(data or "").strip()
     if not mixture_sources(data):
         raise DataError("no training data given; set data=easyvqa, a data file or directory, or a hub dataset name.")

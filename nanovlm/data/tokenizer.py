@@ -157,8 +157,7 @@ def _gguf_tokenizer(path: str, mtime_ns: int, size: int) -> tuple[str, dict[str,
 
 def get_tokenizer(name_or_path: str, extra_tokens: dict[str, str] | None = None,
                   chat_template: str | None = None) -> VLMTokenizer:
-    """A tokenizer from a transformers directory, a .gguf file, `packaged:smollm2-135m` or a hub id,
-    with `extra_tokens` appended and `chat_template` (if given) replacing the source's own."""
+    """A tokenizer from a directory, a .gguf file, `packaged:smollm2-135m` or a hub id, with `extra_tokens`."""
     if not name_or_path:
         raise TokenizerError("no tokenizer given; set lm_tokenizer to a directory, a .gguf file or "
                              f"{PACKAGED_SMOLLM2}.")

@@ -156,8 +156,7 @@ class NanoVLM(lmms):
 
 
 class NanoVLMChat(NanoVLM):
-    """The same model for lmms-eval's chat requests (`doc_to_messages`): text and image parts
-    keep their order in each message; images go where they stand."""
+    """The same model for lmms-eval's chat requests (`doc_to_messages`): images go where they stand."""
 
     is_simple = False
 
