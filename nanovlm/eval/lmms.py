@@ -81,7 +81,6 @@ class NanoVLM(lmms):
     def eot_token_id(self) -> int:
         return self.model.cfg.lm_eos_token_id
 
-    # ------------------------------------------------------------------ requests -> chats
     def _doc(self, task: str, split: str, doc_id: int) -> dict:
         return self.task_dict[task][split][doc_id]
 
@@ -91,7 +90,6 @@ class NanoVLM(lmms):
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
         return [{"role": "user", "content": context}], load_images(_only_images(visuals), doc_id), gen_kwargs, context
 
-    # ------------------------------------------------------------------ generation
     def generate_until(self, requests: Sequence[Instance]) -> list[str]:
         """Answers batched among requests with the same generation settings, cut at the first `until` string."""
         chats = [self._chat(r) for r in requests]
@@ -120,7 +118,6 @@ class NanoVLM(lmms):
         raise NotImplementedError("the nanovlm lmms-eval model does not run multi-round tasks yet; "
                                   "choose tasks whose output_type is generate_until or loglikelihood.")
 
-    # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
         """(log P(continuation | prompt), whether greedy decoding gives it) per request, scored in fp32."""
         rows, tiles, n_cont = [], [], []
