@@ -365,7 +365,7 @@ def open_records(data: str, split: str = "train", image_folder: str | None = Non
     base = image_folder or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     name, files = os.path.basename(os.path.normpath(path)), by_split[split]
     records = Records([file_part(f, split) for f in files], name, split, base)
-    check_layout(records, files[0])
+    check_layout(records, files)
     return records
 
 
@@ -401,14 +401,14 @@ def _hub(name: str, split: str, image_folder: str | None) -> Records:
     return Records([_Part(f"{name}:{split}", "hub", load, stream)], name, split, image_folder)
 
 
-def check_layout(records: Records, first_file: str) -> None:
+def check_layout(records: Records, files: list[str]) -> None:
     """Fail early, with the columns named, when the first record matches no known layout."""
     try:
         first = next(records.items(), (None, None))[1]  # reads no more than the first record
     except DataError:
         raise
     except Exception as e:  # pyarrow and OS errors: the whole file is unreadable
-        raise DataError(f"cannot read {first_file} ({type(e).__name__}: {e}).") from e
+        raise DataError(f"cannot read {files[0] if files else records.name} ({type(e).__name__}: {e}).") from e
     if first is None:
         raise DataError(f"{records.name} holds no records.")
     keys = set(first) if isinstance(first, dict) else None
