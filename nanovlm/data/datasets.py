@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from nanovlm.data.processors import IMAGE_PLACEHOLDER, ChatRenderer, RenderError
-from nanovlm.data.records import (DataError, Records, SampleError, describe, image_key, open_records,
-                                  record_to_chat, source_key)
+from nanovlm.data.records import DataError, Records, SampleError, describe, open_records, record_to_chat, source_key
 
 CACHE_BYTES = 512 << 20  # decoded tiles kept per process: a run passes over small data many times
 
@@ -291,11 +290,12 @@ class ConversationDataset(Dataset):
                                      self.strict)
 
     def group_keys(self) -> list[str]:
-        """One key per sample: its images' identity (`image_key`), or the sample itself."""
+        """One key per sample: its images' identity (`source_key`s, nothing decoded), or the sample itself."""
         keys = []
         for i in range(len(self)):
             try:
-                key = image_key(self.records[self.records_of(i)[0]])
+                images = record_to_chat(self.records[self.records_of(i)[0]])[0]
+                key = "|".join(filter(None, map(source_key, images)))
             except Exception:  # noqa: BLE001 - an unreadable record is its own group
                 key = None
             keys.append(key or f"#{i}")

@@ -457,15 +457,6 @@ def record_to_chat(record: Any) -> tuple[list[Any], list[dict[str, Any]], bool]:
     return _as_list(record.get("images", record.get("image"))), messages, False
 
 
-def image_key(record: Any) -> str | None:
-    """A record's images' identity without decoding them: a validation split keeps records that share one together."""
-    try:
-        images = record_to_chat(record)[0]
-    except SampleError:
-        return None
-    return "|".join(filter(None, map(source_key, images))) or None
-
-
 def source_key(source: Any) -> str | None:
     """An image source's identity: its path, or a hash of its bytes (None for a PIL image)."""
     if isinstance(source, dict):
