@@ -14,8 +14,7 @@ from typing import Any, Iterator
 
 
 def current_umask() -> int:
-    """The process's umask, read from /proc where Linux shows it (`os.umask` reads it only by
-    setting it, which races with other threads creating files)."""
+    """The process's umask, from /proc where Linux shows it (`os.umask` sets it to read it: a race)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
@@ -26,9 +25,7 @@ def current_umask() -> int:
 
 
 def apply_umask_modes(directory: str | os.PathLike) -> None:
-    """Give `directory` and everything below it the modes the umask allows (files keep being
-    executable if they were): for trees built under private temporary names, and for files
-    that libraries write 0600 (safetensors does)."""
+    """Give `directory` and everything below it the modes the umask allows (executables stay executable)."""
     dmode, fmode = 0o777 & ~current_umask(), 0o666 & ~current_umask()
     os.chmod(directory, dmode)
     for root, dirs, files in os.walk(directory):
@@ -69,8 +66,7 @@ def make_temp_dir_beside(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def written_dir(path: str | os.PathLike) -> Iterator[str]:
-    """`with written_dir(OUT) as tmp:` write into `tmp`; on leaving it replaces OUT whole
-    (`replace_dir`), or on an error it is removed: OUT is never half written."""
+    """`with written_dir(OUT) as tmp:` write into `tmp`, which then replaces OUT whole (or, on an error, goes)."""
     tmp = make_temp_dir_beside(path)
     try:
         yield tmp
@@ -81,8 +77,7 @@ def written_dir(path: str | os.PathLike) -> Iterator[str]:
 
 
 def replace_dir(src: str, dst: str | os.PathLike) -> None:
-    """Move directory `src` to `dst`, replacing an existing one: the old one is renamed away
-    first, so at every instant one complete directory exists. `src` gets the umask's modes."""
+    """Move directory `src` (given the umask's modes) to `dst`; an old `dst` is renamed away first."""
     apply_umask_modes(src)
     dst = os.fspath(dst).rstrip("/")
     if not os.path.isdir(dst):

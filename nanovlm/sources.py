@@ -54,8 +54,7 @@ def looks_like_path(value: str) -> bool:
 
 def resolve(value: str | os.PathLike, *, allow_patterns: list[str] | None = None,
             revision: str | None = None) -> str:
-    """A local directory or file for `value` (see the module docstring). A hub download fetches
-    only `allow_patterns` (all files when None) at `revision`."""
+    """A local directory or file for `value`; a hub download fetches `allow_patterns` (None: all) at `revision`."""
     value = os.fspath(value)
     if value == PACKAGED_SMOLLM2:
         return packaged_smollm2_path()

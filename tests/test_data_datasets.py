@@ -9,8 +9,8 @@ from PIL import Image
 
 from nanovlm.config import IGNORE_INDEX, ConfigError, TrainConfig, VLMConfig
 from nanovlm.data.collators import VLMCollator
-from nanovlm.data.datasets import (ConversationDataset, DataError, SampleError, SkipCounter,
-                                   build_dataset, is_skip, make_loader)
+from nanovlm.data.datasets import (ConversationDataset, DataError, ResumableLoader, SampleError,
+                                   ShardedBatchSampler, SkipCounter, build_dataset, is_skip)
 from nanovlm.data.processors import get_tokenizer
 
 CFG = VLMConfig.from_preset("tiny")
@@ -108,7 +108,8 @@ def test_llava_jsonl_and_image_folder(tmp_path, tok):
     assert ds_default_folder[0]["skip"] == "missing_image"
 
     # Worker processes (each opens its own file handle); skips travel in the batches.
-    loader = make_loader(ds, VLMCollator(tok.pad_token_id, CFG.lm_max_length), global_batch_size=4, num_workers=2)
+    loader = ResumableLoader(ds, ShardedBatchSampler(len(ds), 4), VLMCollator(tok.pad_token_id, CFG.lm_max_length),
+                             num_workers=2)
     batches = list(loader) + list(loader)  # two epochs
     assert sum(b["input_ids"].shape[0] for b in batches) == 6
     counter = SkipCounter()

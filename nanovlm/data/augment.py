@@ -1,12 +1,9 @@
-"""Training-time image augmentation that keeps the answers true: a shift of a few pixels.
+"""Training-time image augmentation that keeps the answers true: each tile shifted a few pixels.
 
-A model trained from scratch on a few thousand pictures learns them by heart. Moving each
-training tile by a random offset of a few pixels (the border filled with its edge pixels)
-changes every patch the encoder sees without changing what the picture shows: counts, colours,
-shapes and (for offsets well below the objects' distance to a boundary) positions stay true.
-Flips, crops and colour jitter would not: "left of", "how many" and "what colour" questions
-change answer under them. A sample's offsets come from the seed, the epoch and the sample's
-index in the data alone, so any number of processes, and a resumed run, draw the same ones.
+A shift (the border filled with edge pixels) changes every patch the encoder sees, not what the
+picture shows; flips, crops and colour jitter would change "left of", "how many" or "what colour"
+answers. Offsets come from the seed, the epoch and the sample's index alone, so any number of
+processes, and a resumed run, draw the same ones.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 def shift_tiles(tiles: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Each tile of (n, C, S, S) moved by its own random whole-pixel offset in [-max_shift,
-    max_shift] along each axis, the uncovered border filled with the edge pixels; any dtype."""
+    """Each tile of (n, C, S, S) moved by its own random offset in [-max_shift, max_shift] per axis."""
     if max_shift <= 0 or tiles.shape[0] == 0:
         return tiles
     n, _, H, W = tiles.shape
@@ -38,8 +34,7 @@ def shift_tiles(tiles: torch.Tensor, max_shift: int, generator: torch.Generator)
 
 
 class ShiftedSamples(Dataset):
-    """`dataset[indices[k]]` with its tiles shifted by up to `share` of their side, drawn from
-    (seed, the epoch `sampler` is drawing, the sample's index in `dataset`)."""
+    """`dataset[indices[k]]` with its tiles shifted by up to `share` of their side."""
 
     def __init__(self, dataset, indices, share: float, seed: int, sampler):
         self.dataset, self.indices, self.share, self.seed, self.sampler = dataset, list(indices), share, seed, sampler

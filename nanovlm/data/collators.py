@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
-
-from nanovlm.config import IGNORE_INDEX
-from nanovlm.data.packing import PackingCollator, filter_samples, sample_positions
-from nanovlm.models.linear_cross_entropy import supervised_index
+from nanovlm.data.packing import PackingCollator, fill_rows, filter_samples
 
 
 class VLMCollator:
@@ -22,22 +18,9 @@ class VLMCollator:
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         kept, skips = filter_samples(samples, self.max_length, self.strict)
-        B, T = len(kept), max((len(s["input_ids"]) for s in kept), default=0)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((B, T), dtype=torch.long) if any("position_ids" in s for s in kept) else None
-        for b, s in enumerate(kept):
-            n = len(s["input_ids"])
-            input_ids[b, T - n:], attention_mask[b, T - n:], labels[b, T - n:] = s["input_ids"], 1, s["labels"]
-            if positions is not None:
-                positions[b, T - n:] = sample_positions(s)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "supervised_index": supervised_index(labels), "images": [s["images"] for s in kept],
-                 "skips": skips, "ids": [s.get("id") for s in kept]}
-        if positions is not None:
-            batch["position_ids"] = positions
-        return batch
+        length = max((len(s["input_ids"]) for s in kept), default=0)
+        batch = fill_rows(kept, [[b] for b in range(len(kept))], length, self.pad_token_id, left_pad=True)
+        return {**batch, "images": [s["images"] for s in kept], "skips": skips, "ids": [s.get("id") for s in kept]}
 
 
 def build_collator(train_cfg, vlm_cfg, tokenizer):

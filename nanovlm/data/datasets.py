@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from nanovlm.config import IGNORE_INDEX
 from nanovlm.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from nanovlm.data.processors import IMAGE_PLACEHOLDER, ChatRenderer, RenderError
-from nanovlm.data.records import (DataError, Records, SampleError, describe, image_key, open_records,
-                                  record_to_chat, source_key)
+from nanovlm.data.records import DataError, Records, SampleError, describe, open_records, record_to_chat, source_key
 
 CACHE_BYTES = 512 << 20  # decoded tiles kept per process: a run passes over small data many times
 
@@ -94,8 +93,7 @@ def _strip_placeholders(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def merge_chats(chats: Sequence[tuple[list, list[dict[str, Any]], bool]]) -> tuple[list, list[dict[str, Any]], bool]:
-    """Chats about one image -> one: the first chat's image and placeholder, then every later
-    chat's turns without theirs."""
+    """Chats about one image -> one: the first chat's image and placeholder, then the later chats' turns."""
     images, messages, required = chats[0]
     return images, list(messages) + [m for _, more, _ in chats[1:] for m in _strip_placeholders(more)], required
 
@@ -191,8 +189,7 @@ def check_records(records: Records, base_dir: str | None = None) -> SkipCounter:
             ChatRenderer.check_images(messages, len(images), required)
             for s in images:
                 path = s.get("path") if isinstance(s, dict) and not s.get("bytes") else s
-                if isinstance(path, str) and not os.path.isfile(os.path.join(base_dir or "", path)):
-                    path = os.path.join(base_dir or '', path)
+                if isinstance(path, str) and not os.path.isfile(path := os.path.join(base_dir or "", path)):
                     raise SampleError("missing_image", f"image file {path} does not exist.")
         except (SampleError, RenderError) as e:
             skips.skip(e.reason, getattr(e, "detail", str(e)), where)
@@ -200,8 +197,7 @@ def check_records(records: Records, base_dir: str | None = None) -> SkipCounter:
 
 
 def check_data(data: str, image_folder: str | None = None, strict: bool = False) -> str:
-    """Before a run builds anything: the train split opens (`strict`: every record passes
-    `check_records`). Returns the line saying what is read."""
+    """The line saying what a run reads, once the train split opens (`strict`: and passes `check_records`)."""
     records = open_records(data, "train", image_folder)
     if strict:
         skips = check_records(records)
@@ -266,17 +262,19 @@ def _text_length(renderer: ChatRenderer, messages: list[dict[str, Any]]) -> int:
 
 # ---------------------------------------------------------------------------- datasets
 class ConversationDataset(Dataset):
-    """Map-style dataset over one split's records; `merge_turns` (not None): see `merge_plan`."""
+    """Map-style dataset over one split's records; `multi_turn` on the train split: see `merge_plan`."""
 
-    def __init__(self, records: Records, vlm_cfg, tokenizer, *, strict: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, independent_turns: bool = False,
-                 merge_turns: int | None = None, max_length: int | None = None):
-        self.records, self.name, self.strict = records, records.name, strict
+    def __init__(self, records: Records, vlm_cfg, tokenizer, train_cfg, split: str = "train"):
+        cfg, self.records, self.strict = train_cfg, records, train_cfg.strict
         self.processor = SampleProcessor(vlm_cfg, tokenizer, base_dir=records.base_dir,
-                                         max_image_pixels=max_image_pixels, independent_turns=independent_turns)
+                                         max_image_pixels=cfg.max_image_pixels or DEFAULT_MAX_PIXELS,
+                                         independent_turns=cfg.independent_turns)
         self.plan = None
-        if merge_turns is not None:
-            samples = merge_plan(records, self.processor, merge_turns, max_length or vlm_cfg.lm_max_length)
+        if cfg.multi_turn and split == "train":  # samples too long for a packed row are never merged
+            length = vlm_cfg.lm_max_length
+            if cfg.packing and cfg.pack_length:
+                length = min(cfg.pack_length, length)
+            samples = merge_plan(records, self.processor, cfg.max_turns, length)
             self.plan = samples if len(samples) < len(records) else None
 
     def __len__(self) -> int:
@@ -292,11 +290,12 @@ class ConversationDataset(Dataset):
                                      self.strict)
 
     def group_keys(self) -> list[str]:
-        """One key per sample: its images' identity (`image_key`), or the sample itself."""
+        """One key per sample: its images' identity (`source_key`s, nothing decoded), or the sample itself."""
         keys = []
         for i in range(len(self)):
             try:
-                key = image_key(self.records[self.records_of(i)[0]])
+                images = record_to_chat(self.records[self.records_of(i)[0]])[0]
+                key = "|".join(filter(None, map(source_key, images)))
             except Exception:  # noqa: BLE001 - an unreadable record is its own group
                 key = None
             keys.append(key or f"#{i}")
@@ -323,17 +322,8 @@ class ConversationDataset(Dataset):
 
 def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: int = 0, world_size: int = 1):
     """The dataset of `split` of what `train_cfg.data` names (see the module docstring)."""
-    cfg = train_cfg
-    records = open_records(cfg.data, split, cfg.image_folder)
-    common = dict(strict=cfg.strict, max_image_pixels=cfg.max_image_pixels or DEFAULT_MAX_PIXELS,
-                  independent_turns=cfg.independent_turns)
-    merging = {}
-    if cfg.multi_turn and split == "train":  # samples too long for a packed row are never merged
-        length = vlm_cfg.lm_max_length
-        if cfg.packing and cfg.pack_length:
-            length = min(cfg.pack_length, length)
-        merging = {"merge_turns": cfg.max_turns, "max_length": length}
-    return ConversationDataset(records, vlm_cfg, tokenizer, **common, **merging)
+    return ConversationDataset(open_records(train_cfg.data, split, train_cfg.image_folder), vlm_cfg, tokenizer,
+                               train_cfg, split)
 
 
 # ---------------------------------------------------------------------------- sampling and loading
@@ -411,14 +401,14 @@ class ResumableLoader:
 
     def __init__(self, dataset, sampler: ShardedBatchSampler, collate_fn: Callable, *, num_workers: int = 0,
                  pin_memory: bool = False):
-        self.dataset, self.sampler, self.position, self.collate_fn = dataset, sampler, sampler, collate_fn
+        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
         self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        p = self.position
+        p = self.sampler
         # Worker seeds from the epoch's generator: the global RNG stays as a resumed run needs it.
         loader = DataLoader(self.dataset, batch_sampler=p.batches(), generator=p.epoch_generator(p.epoch),
                             collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
@@ -432,15 +422,7 @@ class ResumableLoader:
             yield from self
 
     def state_dict(self) -> dict[str, int]:
-        return self.position.state_dict()
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position.load_state_dict(state)
-
-
-def make_loader(dataset, collate_fn: Callable, *, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                seed: int = 0, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False):
-    """The loader of a `build_dataset` dataset: `global_batch_size / world_size` samples a rank."""
-    sampler = ShardedBatchSampler(len(dataset), global_batch_size, rank=rank, world_size=world_size, seed=seed,
-                                  drop_last=drop_last)
-    return ResumableLoader(dataset, sampler, collate_fn, num_workers=num_workers, pin_memory=pin_memory)
+        self.sampler.load_state_dict(state)

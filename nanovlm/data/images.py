@@ -25,8 +25,7 @@ class ImageError(ValueError):
 
 
 def load_image(source: Any, *, base_dir: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A PIL image, encoded bytes, a path (relative to `base_dir`) or a `datasets` Image dict
-    (`{"bytes", "path"}`) -> an RGB image."""
+    """A PIL image, encoded bytes, a path (relative to `base_dir`) or a `{"bytes", "path"}` dict -> RGB."""
     if isinstance(source, Image.Image):
         _check_size(source, max_pixels, "image")
         try:

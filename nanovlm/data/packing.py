@@ -31,17 +31,32 @@ def filter_samples(samples: Sequence[dict[str, Any]], max_length: int | None, st
     return kept, skips
 
 
-def sample_positions(sample: dict[str, Any]) -> torch.Tensor:
-    """A sample's own `position_ids`, or 0, 1, 2, ... (the positions it gets alone)."""
-    if "position_ids" in sample:
-        return torch.as_tensor(sample["position_ids"])
-    return torch.arange(len(sample["input_ids"]))
+def fill_rows(samples: Sequence[dict[str, Any]], plan: Sequence[Sequence[int]], length: int, pad_token_id: int,
+              left_pad: bool = False) -> dict[str, torch.Tensor]:
+    """Rows of `length` tokens, row r holding the samples `plan[r]` in order; `attention_mask`: segment ids."""
+    shape = (len(plan), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    segments, labels = torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long) if any("position_ids" in s for s in samples) else None
+    for r, row in enumerate(plan):
+        at = length - sum(len(samples[i]["input_ids"]) for i in row) if left_pad else 0
+        for seg, i in enumerate(row, start=1):
+            s, n = samples[i], len(samples[i]["input_ids"])
+            # labels are shifted within each sample: its last label is IGNORE_INDEX
+            input_ids[r, at:at + n], segments[r, at:at + n], labels[r, at:at + n] = s["input_ids"], seg, s["labels"]
+            if positions is not None:  # a sample's own position_ids, or the 0, 1, 2, ... it gets alone
+                positions[r, at:at + n] = torch.as_tensor(s["position_ids"]) if "position_ids" in s else torch.arange(n)
+            at += n
+    batch = {"input_ids": input_ids, "attention_mask": segments, "labels": labels,
+             "supervised_index": supervised_index(labels)}
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch
 
 
 def plan_packs(lengths: Sequence[int], n_images: Sequence[int], pack_length: int,
                max_images_per_pack: int = 0) -> list[list[int]]:
-    """First-fit-decreasing: lists of sample indices, each fitting `pack_length` tokens and (cap
-    > 0) `max_images_per_pack` tiles; ties keep the input order, each row lists its samples in order."""
+    """First-fit-decreasing: lists of sample indices, each within `pack_length` tokens and (> 0) image tiles."""
     rows: list[list[int]] = []
     room: list[int] = []
     images: list[int] = []
@@ -75,24 +90,6 @@ class PackingCollator:
         kept, skips = filter_samples(samples, self.pack_length, self.strict)
         plan = plan_packs([len(s["input_ids"]) for s in kept], [s["images"].shape[0] for s in kept],
                           self.pack_length, self.max_images_per_pack)
-        shape = (len(plan), self.pack_length)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        segments, labels = torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros(shape, dtype=torch.long) if any("position_ids" in s for s in kept) else None
-        for r, row in enumerate(plan):
-            at = 0
-            for seg, i in enumerate(row, start=1):
-                n = len(kept[i]["input_ids"])
-                # labels are shifted within each sample: its last label is IGNORE_INDEX
-                input_ids[r, at:at + n], segments[r, at:at + n], labels[r, at:at + n] = \
-                    kept[i]["input_ids"], seg, kept[i]["labels"]
-                if positions is not None:
-                    positions[r, at:at + n] = sample_positions(kept[i])
-                at += n
-        batch = {"input_ids": input_ids, "attention_mask": segments, "labels": labels,
-                 "supervised_index": supervised_index(labels), "skips": skips,
-                 "images": [torch.cat([kept[i]["images"] for i in row]) for row in plan],  # in their tokens' order
-                 "ids": [[kept[i].get("id") for i in row] for row in plan]}
-        if positions is not None:
-            batch["position_ids"] = positions
-        return batch
+        batch = fill_rows(kept, plan, self.pack_length, self.pad_token_id)
+        return {**batch, "skips": skips, "ids": [[kept[i].get("id") for i in row] for row in plan],
+                "images": [torch.cat([kept[i]["images"] for i in row]) for row in plan]}  # in their tokens' order

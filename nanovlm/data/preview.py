@@ -72,45 +72,30 @@ def preview(data, out_png: str, n: int = 8, *, vlm_cfg=None, train_cfg=None, tok
         if verbose:
             print(f"data: {describe(data)}")
         data = build_dataset(train_cfg, vlm_cfg, tokenizer or tokenizer_for(vlm_cfg), split=split)
-    rng, skips, lengths = random.Random(seed), SkipCounter(), []
-    if hasattr(data, "__len__"):
-        total = len(data)
-        shown = [data.describe(i) | ({"skip": x["skip"], "error": x["error"]} if is_skip(x := data[i]) else {})
-                 for i in rng.sample(range(total), min(n, total))]
-        counted = range(total) if total <= max_count else sorted(rng.sample(range(total), max_count))
-        items = (data[i] for i in counted)
-    else:  # a stream: the first samples
-        total, shown, items = None, [], (item for _, item in zip(range(max_count), data))
-    n_counted = 0
-    for item in items:
-        n_counted += 1
+    rng, skips, lengths, total = random.Random(seed), SkipCounter(), [], len(data)
+    shown = [data.describe(i) | ({"skip": x["skip"], "error": x["error"]} if is_skip(x := data[i]) else {})
+             for i in rng.sample(range(total), min(n, total))]
+    counted = range(total) if total <= max_count else sorted(rng.sample(range(total), max_count))
+    for item in (data[i] for i in counted):
         if is_skip(item):
             skips.skip(item["skip"], item["error"], item["id"])
         elif len(item["input_ids"]) > vlm_cfg.lm_max_length:
             skips.skip("too_long", f"{len(item['input_ids'])} tokens", item["id"])
         else:
             lengths.append(len(item["input_ids"]))
-            if total is None and len(shown) < n:
-                shown.append({"id": item["id"]})
     _draw(shown, out_png)
-    stats = {"samples": n_counted if total is None else total, "counted": n_counted,
+    stats = {"samples": total, "counted": len(counted),
              "tokens_mean": sum(lengths) / len(lengths) if lengths else 0.0, "tokens_max": max(lengths, default=0),
              "skips": skips.as_dict(), "skip_examples": dict(skips.examples), "out": out_png}
     if verbose:
-        _say(stats, data, total, max_count, skips)
+        _say(stats, data, skips)
     return stats
 
 
-def _say(stats: dict[str, Any], data, total: int | None, max_count: int, skips: SkipCounter) -> None:
-    n_counted, over = stats["counted"], ""
-    if total is not None and total != n_counted:
-        print(f"samples: {total}")
-        over = f" (in {n_counted} of them drawn at random; max_count={total} measures all)"
-    elif total is None and n_counted >= max_count:
-        print(f"samples: at least {n_counted} (streamed data: only the first {n_counted} read)")
-        over = f" (in the first {n_counted})"
-    else:
-        print(f"samples: {n_counted}")
+def _say(stats: dict[str, Any], data, skips: SkipCounter) -> None:
+    total, counted = stats["samples"], stats["counted"]
+    print(f"samples: {total}")
+    over = f" (in {counted} of them drawn at random; max_count={total} measures all)" if counted != total else ""
     if getattr(data, "plan", None) is not None:
         print(f"  made of {len(data.records)} records: those that share an image are one sample "
               "(multi_turn=false keeps them apart)")

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from nanovlm.config import CHATML_TEMPLATE, IGNORE_INDEX
+from nanovlm.data import tokenizer as _tokenizer
 from nanovlm.data.images import load_image, to_rgb
-from nanovlm.data.tokenizer import get_tokenizer  # noqa: F401  (re-exported: the public import path)
 
+get_tokenizer = _tokenizer.get_tokenizer  # the public import path (SPEC)
 IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a message's text (LLaVA data)
 MAX_GRID = 8  # the default extra tokens name tiles <row_1_col_1> .. <row_8_col_8>
 PIL_FILTERS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}  # vlm_image_resample -> PIL filter
@@ -36,10 +37,35 @@ def _cut(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 class _Tiles:
-    """`proc(pil_image) -> (tiles (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`; picklable for workers."""
+    """`proc(pil_image) -> (tiles (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`; picklable for workers.
+    The picture is resized (`resized_size`), cut at `target_size` into row-major tiles, plus a global view."""
+
+    global_first = True  # the original: the whole picture first; Idefics3: the tiled picture last
 
     def _resize(self, image: Image.Image, width: int, height: int) -> Image.Image:
         return image if image.size == (width, height) else image.resize((width, height), self.resample)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(n_rows, n_cols) for an image of this size, without touching pixels."""
+        w, h = self.target_size(*self.resized_size(width, height))
+        return h // self.tile, w // self.tile
+
+    def largest_grid(self) -> tuple[int, int]:
+        return self.grid(self.max_side, self.max_side)
+
+    def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        image, t = to_rgb(image), self.tile
+        image = self._resize(image, *self.resized_size(*image.size))
+        w, h = self.target_size(*image.size)
+        tiled = self._resize(image, w, h)
+        tiles = _cut(_to_uint8_chw(tiled), t)
+        if len(tiles) > 1:
+            view = _to_uint8_chw(self._resize(image if self.global_first else tiled, t, t)).unsqueeze(0)
+            tiles = torch.cat([view, tiles] if self.global_first else [tiles, view])
+        return tiles, (h // t, w // t)
 
     def normalize(self, tiles_uint8: torch.Tensor) -> torch.Tensor:
         return tiles_uint8.float().div_(255.0)
@@ -71,40 +97,26 @@ class ImageProcessor(_Tiles):
         target_short = min(max(t, math.ceil(short * target_long / long / t) * t), target_long)
         return (target_long, target_short) if width >= height else (target_short, target_long)
 
-    def grid(self, width: int, height: int) -> tuple[int, int]:
-        """(n_rows, n_cols) for an image of this size, without touching pixels."""
-        w, h = self.target_size(width, height)
-        return h // self.tile, w // self.tile
-
-    def largest_grid(self) -> tuple[int, int]:
-        return (self.max_side // self.tile,) * 2
-
-    def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        image, t = to_rgb(image), self.tile
-        w, h = self.target_size(*image.size)
-        tiles = _cut(_to_uint8_chw(self._resize(image, w, h)), t)
-        if len(tiles) > 1:  # the global view first
-            tiles = torch.cat([_to_uint8_chw(self._resize(image, t, t)).unsqueeze(0), tiles])
-        return tiles, (h // t, w // t)
-
 
 class Idefics3ImageProcessor(_Tiles):
     """transformers' `Idefics3ImageProcessor`: the longest edge to `longest_edge` (the other side
     rounded up to even), with splitting both sides up to whole tiles, row-major, then the global view."""
 
+    global_first = False
+
     def __init__(self, longest_edge: int, tile: int, splitting: bool = True, resample: str = "lanczos"):
         if longest_edge <= 0 or tile <= 0:
             raise ValueError(f"image sizes must be positive, got longest_edge={longest_edge}, tile={tile}.")
-        self.longest_edge, self.tile, self.splitting = int(longest_edge), int(tile), bool(splitting)
+        self.max_side, self.tile, self.splitting = int(longest_edge), int(tile), bool(splitting)
         self.resample = PIL_FILTERS[resample]
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         aspect = width / height
         if width >= height:
-            width, height = self.longest_edge, int(self.longest_edge / aspect)
+            width, height = self.max_side, int(self.max_side / aspect)
             height += height % 2
         else:
-            width, height = int(self.longest_edge * aspect), self.longest_edge
+            width, height = int(self.max_side * aspect), self.max_side
             width += width % 2
         width, height = max(width, 1), max(height, 1)
         aspect = width / height
@@ -114,43 +126,21 @@ class Idefics3ImageProcessor(_Tiles):
             width, height = int(IDEFICS3_MAX_SIDE * aspect), IDEFICS3_MAX_SIDE
         return max(width, 1), max(height, 1)
 
-    def tiled_size(self, width: int, height: int) -> tuple[int, int]:
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
         t, aspect = self.tile, width / height
+        if not self.splitting:
+            return t, t
         if width >= height:
             width = math.ceil(width / t) * t
             return width, math.ceil(int(width / aspect) / t) * t
         height = math.ceil(height / t) * t
         return math.ceil(int(height * aspect) / t) * t, height
 
-    def grid(self, width: int, height: int) -> tuple[int, int]:
-        if not self.splitting:
-            return 1, 1
-        w, h = self.tiled_size(*self.resized_size(width, height))
-        return h // self.tile, w // self.tile
-
-    def largest_grid(self) -> tuple[int, int]:
-        return self.grid(self.longest_edge, self.longest_edge)
-
-    def tiles_uint8(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        t, image = self.tile, to_rgb(image)
-        image = self._resize(image, *self.resized_size(*image.size))
-        if not self.splitting:
-            return _to_uint8_chw(self._resize(image, t, t)).unsqueeze(0), (1, 1)
-        w, h = self.tiled_size(*image.size)
-        image = self._resize(image, w, h)
-        tiles = _cut(_to_uint8_chw(image), t)
-        if len(tiles) > 1:  # the global view last
-            tiles = torch.cat([tiles, _to_uint8_chw(self._resize(image, t, t)).unsqueeze(0)])
-        return tiles, (h // t, w // t)
-
     def normalize(self, tiles_uint8: torch.Tensor) -> torch.Tensor:
         return (tiles_uint8.double() * (1 / 255)).float()
 
 
-def get_image_processor(max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
-                        max_grid: int = MAX_GRID, resample: str = "bicubic") -> ImageProcessor:
-    """The image processor of the original nanoVLM; see `ImageProcessor`."""
-    return ImageProcessor(max_img_size, splitted_image_size, resize_to_max_side_len, max_grid, resample)
+get_image_processor = ImageProcessor  # the original nanoVLM's name for it
 
 
 def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
@@ -161,9 +151,8 @@ def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
     max_grid = 0  # the largest n such that every r{i}c{j} token for i, j <= n exists
     while all(f"r{i}c{j}" in cfg.vlm_extra_tokens for i in range(1, max_grid + 2) for j in range(1, max_grid + 2)):
         max_grid += 1
-    return get_image_processor(cfg.max_img_size if cfg.vlm_image_splitting and cfg.max_img_size else cfg.vit_img_size,
-                               cfg.vit_img_size,
-                               cfg.resize_to_max_side_len, max_grid=max_grid, resample=cfg.vlm_image_resample)
+    return ImageProcessor(cfg.max_img_size if cfg.vlm_image_splitting and cfg.max_img_size else cfg.vit_img_size,
+                          cfg.vit_img_size, cfg.resize_to_max_side_len, max_grid, cfg.vlm_image_resample)
 
 
 # ---------------------------------------------------------------------------- image strings
@@ -191,8 +180,7 @@ def _image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: 
 
 
 def idefics3_image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: int) -> str:
-    """One image's text as Idefics3Processor writes it: fake token, `<row_r_col_c>` and image tokens
-    per tile, a newline after each row, then the `<global-img>` view between fake tokens."""
+    """One image's text as Idefics3Processor writes it (tiles row by row, then the global view)."""
     try:
         fake, glob = tokenizer.fake_image_token, tokenizer.global_image_token
     except AttributeError:
@@ -221,9 +209,8 @@ def image_string_pattern(layout: str, tokenizer: Any) -> re.Pattern:
 # ---------------------------------------------------------------------------- chat -> ids, labels
 class ChatEncoder:
     """Messages -> (input_ids, shifted labels), supervising each answer and the end-of-turn after it.
-    Rendered once with the template; the text between answers tokenized in whole pieces (as at
-    inference), each answer alone (as generated). A template of typed parts (SmolVLM's) gets each
-    image string as an image part, its marker replaced by the string again."""
+    The text between answers is tokenized in whole pieces (as at inference), each answer alone (as
+    generated). A template of typed parts (SmolVLM's) gets each image string as an image part."""
 
     def __init__(self, tokenizer: Any, cache_size: int = 200_000, image_pattern: re.Pattern | None = None):
         self.tokenizer, self._image_pattern, self._cache_size = tokenizer, image_pattern, cache_size
@@ -289,8 +276,7 @@ class ChatEncoder:
 
     def encode_supervised(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
                           cache: bool = True) -> tuple[list[int], list[bool]]:
-        """(input ids, supervised flag per token); with `add_generation_prompt` the ids end with
-        the assistant prompt (an inference prompt). Raises ValueError if the template hides a message."""
+        """(input ids, supervised flag per token). Raises ValueError if the template hides a message."""
         text = self._render(messages, add_generation_prompt)
         pieces: list[tuple[str, bool]] = []  # (text, is assistant content)
         cursor = piece_start = 0
@@ -325,8 +311,7 @@ class ChatEncoder:
 
 
 def shift_labels(input_ids: Sequence[int], supervised: Sequence[bool]) -> list[int]:
-    """The one place labels are shifted: labels[t] = input_ids[t + 1] where that token is
-    supervised, else IGNORE_INDEX (and IGNORE_INDEX at the last position)."""
+    """The one place labels are shifted: labels[t] = input_ids[t + 1] if supervised, else IGNORE_INDEX."""
     labels = [nxt if sup else IGNORE_INDEX for nxt, sup in zip(input_ids[1:], supervised[1:])]
     labels.append(IGNORE_INDEX)
     return labels[:len(input_ids)]
@@ -361,19 +346,13 @@ class RenderError(ValueError):
 
 @dataclass
 class RenderedChat:
-    """labels are shifted (all IGNORE_INDEX for an inference prompt); tiles are in their image
-    tokens' order; position_ids are a `share_prefix` sample's (`independent_turns`), or None."""
+    """labels are shifted; tiles in their image tokens' order; position_ids: see `share_prefix`, or None."""
 
     input_ids: list[int]
     labels: list[int]
     tiles: torch.Tensor
     grids: list[tuple[int, int]] = field(default_factory=list)
     position_ids: list[int] | None = None
-
-
-def _after_image(text: str) -> str:
-    """The text after a placeholder, less the one line break that sets the placeholder apart."""
-    return text[2:] if text.startswith("\r\n") else text[1:] if text.startswith("\n") else text
 
 
 class ChatRenderer:
@@ -393,8 +372,7 @@ class ChatRenderer:
 
     @staticmethod
     def check_images(messages: Sequence[dict[str, Any]], n_images: int, placeholders_required: bool = False) -> int:
-        """How many places the messages mark for images; a RenderError where they cannot take
-        `n_images` images. `placeholders_required`: every image must have its place (LLaVA)."""
+        """How many places the messages mark for images; a RenderError where `n_images` do not fit."""
         n_slots = 0
         for m in messages:
             content = m["content"]
@@ -447,9 +425,9 @@ class ChatRenderer:
         for m in messages:
             content = m["content"]
             if n_slots and isinstance(content, str):
-                # LLaVA's "<image>\nQ": the newline only lays out the placeholder.
+                # LLaVA's "<image>\nQ": the one line break after a placeholder only lays it out.
                 pieces = content.split(IMAGE_PLACEHOLDER)
-                content = pieces[0] + "".join(next(pending) + _after_image(p) for p in pieces[1:])
+                content = pieces[0] + "".join(next(pending) + re.sub(r"^\r?\n", "", p) for p in pieces[1:])
             elif not isinstance(content, str):
                 is_text = [isinstance(p, str) for p in content]
                 # Images after all the text (OpenAI's example) go where training put unmarked ones,
@@ -464,21 +442,6 @@ class ChatRenderer:
             raise RenderError("image_placeholder_mismatch", "the sample has images but no user turn to hold them.")
         return out
 
-    def encode(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
-               independent_turns: bool = False) -> tuple[list[int], list[int], list[int] | None]:
-        """Text messages (images placed) -> (input_ids, labels, position_ids or None); `independent_turns`:
-        each question/answer pair as if asked alone after the first question's images (`share_prefix`)."""
-        try:
-            branches = self._branches(messages) if independent_turns else None
-            if branches is not None:
-                return share_prefix([self.encoder.encode_lists(b) for b in branches])
-            ids, supervised = self.encoder.encode_supervised(messages, add_generation_prompt,
-                                                             cache=not add_generation_prompt)
-        except ValueError as e:
-            raise RenderError("chat_template", str(e)) from e
-        labels = [IGNORE_INDEX] * len(ids) if add_generation_prompt else shift_labels(ids, supervised)
-        return ids, labels, None
-
     def _branches(self, messages: list[dict[str, str]]) -> list[list[dict[str, str]]] | None:
         roles = [m["role"] for m in messages]
         if len(messages) < 4 or roles != ["user", "assistant"] * (len(messages) // 2):
@@ -491,29 +454,32 @@ class ChatRenderer:
         questions = [first] + [first[:end] + m["content"] for m in messages[2::2]]  # each after the images
         return [[{"role": "user", "content": q}, a] for q, a in zip(questions, messages[1::2])]
 
-    def check_image_tokens(self, input_ids: Sequence[int], n_tiles: int) -> None:
-        """A RenderError unless the ids hold exactly the image tokens the tiles fill."""
-        n = list(input_ids).count(self.image_token_id)
-        if n != n_tiles * self.mp:
-            raise RenderError("image_token_mismatch",
-                              f"the prompt holds {n} image tokens where {n_tiles} tile(s) x {self.mp} were expected; "
-                              f"remove the reserved image token {self.tokenizer.image_token!r} from the text.")
-
     def lay_out(self, messages: Sequence[dict[str, Any]], tiles: torch.Tensor, grids: Sequence[tuple[int, int]], *,
                 placeholders_required: bool = False, add_generation_prompt: bool = False,
                 independent_turns: bool = False) -> RenderedChat:
-        """Messages and their processed images (tiles, grid per image) -> RenderedChat."""
-        placed = self.place_images(messages, grids, placeholders_required)
-        ids, labels, positions = self.encode(placed, add_generation_prompt=add_generation_prompt,
-                                             independent_turns=independent_turns)
-        self.check_image_tokens(ids, tiles.shape[0])
+        """Messages and their processed images -> RenderedChat; `independent_turns`: see `share_prefix`."""
+        placed, positions = self.place_images(messages, grids, placeholders_required), None
+        try:
+            branches = self._branches(placed) if independent_turns else None
+            if branches is not None:
+                ids, labels, positions = share_prefix([self.encoder.encode_lists(b) for b in branches])
+            else:
+                ids, supervised = self.encoder.encode_supervised(placed, add_generation_prompt,
+                                                                 cache=not add_generation_prompt)
+                labels = [IGNORE_INDEX] * len(ids) if add_generation_prompt else shift_labels(ids, supervised)
+        except ValueError as e:
+            raise RenderError("chat_template", str(e)) from e
+        n, n_tiles = ids.count(self.image_token_id), tiles.shape[0]
+        if n != n_tiles * self.mp:  # the text held the reserved image token
+            raise RenderError("image_token_mismatch",
+                              f"the prompt holds {n} image tokens where {n_tiles} tile(s) x {self.mp} were expected; "
+                              f"remove the reserved image token {self.tokenizer.image_token!r} from the text.")
         return RenderedChat(ids, labels, tiles, list(grids), positions)
 
     def render(self, messages: Sequence[dict[str, Any]], images: Sequence[Any] = (), *,
                placeholders_required: bool = False, add_generation_prompt: bool = False,
                independent_turns: bool = False) -> RenderedChat:
-        """Messages and their images -> RenderedChat. `images` are the images that text messages
-        place; images inside part lists come from the parts. A RenderError says what does not fit."""
+        """Messages and their images (or images inside part lists) -> RenderedChat, or a RenderError."""
         inline = [p for m in messages if not isinstance(m["content"], str) for p in m["content"]
                   if not isinstance(p, str)]
         if inline and len(images):

@@ -158,8 +158,8 @@ def file_part(path: str, split: str = "train") -> _Part:
 class Records:
     """The records of one split of a source, over its files in order (see the module docstring)."""
 
-    def __init__(self, parts: list[_Part], name: str, split: str, base_dir: str | None = None, files=()):
-        self.parts, self.name, self.split, self.base_dir, self.files = parts, name, split, base_dir, list(files)
+    def __init__(self, parts: list[_Part], name: str, split: str, base_dir: str | None = None):
+        self.parts, self.name, self.split, self.base_dir = parts, name, split, base_dir
         self._ends: list[int] = []
 
     def source_of(self, i: int) -> str:
@@ -200,8 +200,7 @@ class Mixture(Records):
     image folder: a record's relative image paths come out joined to its source's."""
 
     def __init__(self, members: list[Records], name: str, split: str):
-        files = [f for m in members for f in m.files]
-        super().__init__([p for m in members for p in m.parts], name, split, None, files)
+        super().__init__([p for m in members for p in m.parts], name, split)
         self.members, self._owner = members, {id(p): m for m in members for p in m.parts}
 
     def _member(self, i: int) -> Records:
@@ -343,8 +342,7 @@ def _local(data: str) -> dict[str, list[str]]:
 
 
 def open_records(data: str, split: str = "train", image_folder: str | None = None) -> Records:
-    """The records of `split` of the source `data` names; `image_folder`: where relative image
-    paths start (default: the data file's folder)."""
+    """The records of `split` of `data`; relative image paths start at `image_folder` (default: the data's)."""
     data = str(data or "").strip()
     if not mixture_sources(data):
         raise DataError("no training data given; set data=easyvqa, a data file or directory, or a hub dataset name.")
@@ -365,10 +363,9 @@ def open_records(data: str, split: str = "train", image_folder: str | None = Non
         raise DataError(f"{data} has no {split!r} split" + (" (a single file is the train split); hold out training "
                         "samples with val_size instead." if single else f"; it has splits {', '.join(by_split)}."))
     base = image_folder or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
-    files = by_split[split]
-    name = os.path.basename(os.path.normpath(path))
-    records = Records([file_part(f, split) for f in files], name, split, base, files)
-    check_layout(records)
+    name, files = os.path.basename(os.path.normpath(path)), by_split[split]
+    records = Records([file_part(f, split) for f in files], name, split, base)
+    check_layout(records, files)
     return records
 
 
@@ -401,18 +398,17 @@ def _hub(name: str, split: str, image_folder: str | None) -> Records:
         return iter(ds.decode(False) if hasattr(ds, "decode") else ds)  # images stay bytes: load_image decodes
 
     load = lambda: datasets.load_dataset(repo, subset or None, split=split).with_format("arrow")[:]  # noqa: E731
-    return Records([_Part(f"{name}:{split}", "hub", load, stream)], name, split, image_folder, [f"{repo} ({split})"])
+    return Records([_Part(f"{name}:{split}", "hub", load, stream)], name, split, image_folder)
 
 
-def check_layout(records: Records) -> None:
+def check_layout(records: Records, files: list[str]) -> None:
     """Fail early, with the columns named, when the first record matches no known layout."""
     try:
         first = next(records.items(), (None, None))[1]  # reads no more than the first record
     except DataError:
         raise
     except Exception as e:  # pyarrow and OS errors: the whole file is unreadable
-        raise DataError(f"cannot read {records.files[0] if records.files else records.name} "
-                        f"({type(e).__name__}: {e}).") from e
+        raise DataError(f"cannot read {files[0] if files else records.name} ({type(e).__name__}: {e}).") from e
     if first is None:
         raise DataError(f"{records.name} holds no records.")
     keys = set(first) if isinstance(first, dict) else None
@@ -433,13 +429,12 @@ def record_to_chat(record: Any) -> tuple[list[Any], list[dict[str, Any]], bool]:
         raise record
     if not isinstance(record, dict):
         raise SampleError("bad_record", f"a record must be a JSON object / dict, got {type(record).__name__}.")
-    kind = record.get("answer_type")
-    if "conversations" in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not turns:
-            raise SampleError("empty_text", "the record has no conversation turns.")
-        messages = []
-        for turn in turns:
+    kind, messages = record.get("answer_type"), []
+    key = next((k for k in ("conversations", "texts") if k in record), None)
+    if key is not None and (not isinstance(record[key], list) or not record[key]):
+        raise SampleError("empty_text", f"the record has no {'conversation turns' if key == 'conversations' else key}.")
+    if key == "conversations":
+        for turn in record["conversations"]:
             if not isinstance(turn, dict):
                 raise SampleError("bad_record", f"a conversation turn must be an object, got {type(turn).__name__}.")
             role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
@@ -448,31 +443,18 @@ def record_to_chat(record: Any) -> tuple[list[Any], list[dict[str, Any]], bool]:
                                                 "(expected human or gpt).")
             messages.append({"role": role, "content": turn.get("value", turn.get("content")), "answer_type": kind})
         return _as_list(record.get("image", record.get("images"))), messages, True
-    if "texts" in record:
-        texts = record["texts"]
-        if not isinstance(texts, list) or not texts:
-            raise SampleError("empty_text", "the record has no texts.")
-        messages = []
-        for t in texts:
+    if key == "texts":
+        for t in record["texts"]:
             if not isinstance(t, dict) or "user" not in t or "assistant" not in t:
                 raise SampleError("bad_record", "each entry of texts must be an object with user and assistant.")
             messages += [{"role": "user", "content": t["user"]},
                          {"role": "assistant", "content": t["assistant"], "answer_type": t.get("answer_type", kind)}]
-        return _as_list(record.get("images", record.get("image"))), messages, False
-    if "question" in record and "answer" in record:
+    elif "question" in record and "answer" in record:
         messages = [{"role": "user", "content": record["question"]},
                     {"role": "assistant", "content": record["answer"], "answer_type": kind}]
-        return _as_list(record.get("images", record.get("image"))), messages, False
-    raise SampleError("bad_record", f"the record has keys {sorted(record)}; {LAYOUTS}.")
-
-
-def image_key(record: Any) -> str | None:
-    """A record's images' identity without decoding them: a validation split keeps records that share one together."""
-    try:
-        images = record_to_chat(record)[0]
-    except SampleError:
-        return None
-    return "|".join(filter(None, map(source_key, images))) or None
+    else:
+        raise SampleError("bad_record", f"the record has keys {sorted(record)}; {LAYOUTS}.")
+    return _as_list(record.get("images", record.get("image"))), messages, False
 
 
 def source_key(source: Any) -> str | None:

@@ -1,11 +1,9 @@
 """The image size a run from scratch trains at, fitted to its pictures.
 
-One tile is cheap and enough for pictures whose detail survives being shrunk to it (a shape, a
-colour); small letters and digits do not survive it. A picture keeps its detail when its thin
-strokes keep their contrast: shrink it so its long side is one tile, grow it back, and count the
-strongly contrasted pixels whose neighbourhood lost half its contrast. When a sample of the
-training pictures loses more than `tolerance` of them, the run keeps the pictures' own long side
-in whole tiles (nanoVLM's tiles plus a global view), at most `max_tiles` tiles a side.
+One tile is enough for pictures whose detail survives being shrunk to it (a shape, a colour), not
+for small letters. Shrink a picture to one tile, grow it back, and count the strongly contrasted
+pixels whose neighbourhood lost half its contrast: past `tolerance`, the run keeps the pictures'
+own long side in whole tiles (nanoVLM's tiles plus a global view), at most `max_tiles` a side.
 """
 
 from __future__ import annotations
@@ -31,8 +29,7 @@ def _contrast(image: Image.Image, k: int) -> np.ndarray:
 
 
 def detail_lost(image: Image.Image, side: int) -> float:
-    """Share of the strongly contrasted pixels whose contrast halves when the picture is shown
-    with its long side at `side` pixels (0.0 when it is no larger)."""
+    """Share of the strongly contrasted pixels whose contrast halves with the long side at `side` pixels."""
     grey = image.convert("L")
     if max(grey.size) > 4 * side:  # finer detail than 4 tiles' worth never decides the choice
         grey.thumbnail((4 * side, 4 * side), Image.BOX)

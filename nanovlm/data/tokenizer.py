@@ -124,13 +124,6 @@ def _gguf_pre_tokenizer(pre: str):
     raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: smollm, gpt2, llama-bpe).")
 
 
-def _from_gguf(path: str) -> VLMTokenizer:
-    """Each call gets a fresh tokenizer from the one rebuilt (in seconds) per file version."""
-    st = os.stat(path)
-    serialized, kwargs = _gguf_tokenizer(os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    return VLMTokenizer(Tokenizer.from_str(serialized), **kwargs)
-
-
 @functools.lru_cache(maxsize=1)
 def _gguf_tokenizer(path: str, mtime_ns: int, size: int) -> tuple[str, dict[str, Any]]:
     try:
@@ -164,8 +157,7 @@ def _gguf_tokenizer(path: str, mtime_ns: int, size: int) -> tuple[str, dict[str,
 
 def get_tokenizer(name_or_path: str, extra_tokens: dict[str, str] | None = None,
                   chat_template: str | None = None) -> VLMTokenizer:
-    """A tokenizer from a transformers directory, a .gguf file, `packaged:smollm2-135m` or a hub id,
-    with `extra_tokens` appended and `chat_template` (if given) replacing the source's own."""
+    """A tokenizer from a directory, a .gguf file, `packaged:smollm2-135m` or a hub id, with `extra_tokens`."""
     if not name_or_path:
         raise TokenizerError("no tokenizer given; set lm_tokenizer to a directory, a .gguf file or "
                              f"{PACKAGED_SMOLLM2}.")
@@ -173,7 +165,9 @@ def get_tokenizer(name_or_path: str, extra_tokens: dict[str, str] | None = None,
     if os.path.isdir(source):
         tok = _from_directory(source)
     elif source.endswith(".gguf") and os.path.isfile(source):
-        tok = _from_gguf(source)
+        st = os.stat(source)  # each call a fresh tokenizer from the one rebuilt (in seconds) per file version
+        serialized, kwargs = _gguf_tokenizer(os.path.realpath(source), st.st_mtime_ns, st.st_size)
+        tok = VLMTokenizer(Tokenizer.from_str(serialized), **kwargs)
     else:
         raise TokenizerError(f"{source} is neither a tokenizer directory nor a .gguf file.")
     tok.chat_template = chat_template or tok.chat_template
@@ -187,9 +181,8 @@ def has_tokenizer(directory: str) -> bool:
 
 
 def tokenizer_for(cfg: Any, directory: str | None = None) -> VLMTokenizer:
-    """The tokenizer of a model: the one saved in its checkpoint `directory`, else the one
-    `cfg.lm_tokenizer` names, with the config's extra tokens and chat template; its turns end
-    with the token the model stops at (`lm_eos_token_id`: Idefics3's `<end_of_utterance>`)."""
+    """The tokenizer saved in a checkpoint `directory`, else `cfg.lm_tokenizer`'s, set up as `cfg` says;
+    its turns end with the token the model stops at (`lm_eos_token_id`: Idefics3's `<end_of_utterance>`)."""
     tok = get_tokenizer(directory if directory and has_tokenizer(directory) else cfg.lm_tokenizer,
                         cfg.vlm_extra_tokens, cfg.lm_chat_template)
     tok.eos_token = tok._tok.id_to_token(cfg.lm_eos_token_id) or tok.eos_token

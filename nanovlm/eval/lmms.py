@@ -24,23 +24,7 @@ from nanovlm.models.vision_language_model import VisionLanguageModel
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_new_tokens")
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(str(device))
-    except RuntimeError as e:
-        raise ValueError(f"device={device!r} is not a torch device; give cpu, cuda or cuda:N.") from e
-
-
-def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    if dtype in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if str(dtype) not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}.")
-    return DTYPES[str(dtype)]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tiff", ".webp")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -70,12 +54,19 @@ class NanoVLM(lmms):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("the nanovlm lmms-eval model runs in one process; launch lmms-eval without "
                              "accelerate / torchrun (--device picks the GPU).")
-        self._device = _resolve_device(device)
+        try:
+            self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu") \
+                if device in (None, "", "auto") else torch.device(str(device))
+        except RuntimeError as e:
+            raise ValueError(f"device={device!r} is not a torch device; give cpu, cuda or cuda:N.") from e
         self.batch_size_per_gpu = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        if dtype in (None, "", "auto"):  # bf16 on a GPU that has it
+            dtype = "bf16" if self._device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}.")
         self.model = VisionLanguageModel.from_pretrained(str(pretrained), require_tokenizer=True,
-                                                         dtype=_resolve_dtype(dtype, self._device),
-                                                         device=self._device)
+                                                         dtype=DTYPES[str(dtype)], device=self._device)
         self.tokenizer = self.model.tokenizer
 
     @property
@@ -90,21 +81,17 @@ class NanoVLM(lmms):
     def eot_token_id(self) -> int:
         return self.model.cfg.lm_eos_token_id
 
-    # ------------------------------------------------------------------ requests -> chats
     def _doc(self, task: str, split: str, doc_id: int) -> dict:
         return self.task_dict[task][split][doc_id]
 
     def _chat(self, request: Instance) -> tuple[list[dict], list, dict, str]:
-        """(messages, PIL images, gen_kwargs, context) of a generate_until request: the task's
-        text as one user turn with the images of `doc_to_visual`, as `answer()` asks it."""
+        """(messages, PIL images, gen_kwargs, context) of a generate_until request, as `answer()` asks it."""
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
         return [{"role": "user", "content": context}], load_images(_only_images(visuals), doc_id), gen_kwargs, context
 
-    # ------------------------------------------------------------------ generation
     def generate_until(self, requests: Sequence[Instance]) -> list[str]:
-        """Greedy (or sampled, with a task's temperature > 0) answers, batched `batch_size` at a
-        time among requests with the same generation settings, cut at the first `until` string."""
+        """Answers batched among requests with the same generation settings, cut at the first `until` string."""
         chats = [self._chat(r) for r in requests]
         settings = [generation_settings(g, self.max_new_tokens) for _, _, g, _ in chats]
         groups: dict[tuple, list[int]] = {}
@@ -131,10 +118,8 @@ class NanoVLM(lmms):
         raise NotImplementedError("the nanovlm lmms-eval model does not run multi-round tasks yet; "
                                   "choose tasks whose output_type is generate_until or loglikelihood.")
 
-    # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
-        """(log P(continuation | prompt), whether greedy decoding gives it) per request: the prompt as
-        `answer()` lays it out, the continuation's plain encoding after it, scored in fp32."""
+        """(log P(continuation | prompt), whether greedy decoding gives it) per request, scored in fp32."""
         rows, tiles, n_cont = [], [], []
         for r in requests:
             context, continuation, doc_to_visual, doc_id, task, split = r.args
@@ -168,8 +153,7 @@ class NanoVLM(lmms):
 
 
 class NanoVLMChat(NanoVLM):
-    """The same model for lmms-eval's chat requests (`doc_to_messages`): text and image parts
-    keep their order in each message; images go where they stand."""
+    """The same model for lmms-eval's chat requests (`doc_to_messages`): images go where they stand."""
 
     is_simple = False
 
@@ -190,19 +174,14 @@ def _only_images(visuals: Any) -> list:
         return []
     items = list(visuals) if isinstance(visuals, (list, tuple)) else [visuals]
     for v in items:
-        if isinstance(v, dict) or (isinstance(v, str) and not _is_image_path(v)):
+        if isinstance(v, dict) or (isinstance(v, str) and not v.lower().endswith(IMAGE_SUFFIXES)):
             raise ValueError(f"the task gives a {type(v).__name__} visual ({str(v)[:60]!r}); the nanovlm model "
                              "reads images (PIL or image files) and text only.")
     return items
 
 
-def _is_image_path(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tiff", ".webp"}
-
-
 def _message(message: Any) -> dict:
-    """An lmms-eval chat message (a dict or its pydantic model) -> our `{"role", "content"}`,
-    content a string or a list of parts (text strings and RGB PIL images)."""
+    """An lmms-eval chat message (a dict or its pydantic model) -> `{"role", "content"}` (text and PIL parts)."""
     if not isinstance(message, dict):
         message = message.model_dump()
     content = message["content"]

@@ -10,7 +10,6 @@ import os
 import re
 import time
 import unicodedata
-from collections import Counter
 from typing import Any, Callable, Sequence
 
 import torch
@@ -147,8 +146,7 @@ def answer_budget(model, items: Sequence[dict[str, Any]], margin: int = 4, cap: 
 def predict(model, items: Sequence[dict[str, Any]], batch_size: int = 64, max_new_tokens: int | None = None,
             autocast_dtype=None, on_batch: Callable[[int], None] | None = None,
             images: _Images | None = None) -> list[str | dict[str, str]]:
-    """Greedy answers for `items`, in order; an item whose image cannot be read gets
-    `{"skip": reason, "error": message}` instead."""
+    """Greedy answers for `items`; an unreadable image's item gets `{"skip": reason, "error": message}`."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}.")
     max_new_tokens = max_new_tokens or answer_budget(model, items)
@@ -195,16 +193,13 @@ def score(items: Sequence[dict[str, Any]], predictions: Sequence[str | dict[str,
     by_type = {t: [0, 0] for t in ANSWER_TYPES} if any(it.get("type") is None for it in items) else {}
     by_question: dict[str, list[int]] = {}
     by_source: dict[str, list[int]] = {}
-    skipped: Counter[str] = Counter()
-    skip_examples: dict[str, str] = {}
-    rows, correct, n = [], 0, 0
+    rows, correct, n, skips = [], 0, 0, SkipCounter()
     for it, pred in zip(items, predictions):
         row = {"id": it["id"], "question": it["question"], "reference": it["answer"],
                "images": [s if isinstance(s, str) else s.get("path") if isinstance(s, dict) else
                           getattr(s, "filename", None) or None for s in it["images"]]}
         if isinstance(pred, dict):  # an image that could not be read: not scored
-            skipped[pred["skip"]] += 1
-            skip_examples.setdefault(pred["skip"], f"{it['id']}: {pred['error']}")
+            skips.skip(pred["skip"], pred["error"], it["id"])
             rows.append({**row, "prediction": None, "correct": None, "skipped": pred["skip"]})
             continue
         kind, ok = it.get("type") or answer_type(it["answer"]), normalize_answer(pred) == normalize_answer(it["answer"])
@@ -218,24 +213,13 @@ def score(items: Sequence[dict[str, Any]], predictions: Sequence[str | dict[str,
     return {"accuracy": correct / n if n else None, "n": n, "correct": correct,
             "per_type": {t: _rate(*c) for t, c in by_type.items()}, "per_question": {q: _rate(*c) for q, c in repeated},
             "per_source": {s: _rate(*c) for s, c in by_source.items()} if len(by_source) > 1 else {},
-            "skipped": dict(sorted(skipped.items())), "skip_examples": skip_examples, "items": rows}
-
-
-def merge_shards(preds: list, n: int, world_size: int, gather: Callable[[Any], list] | None) -> list:
-    """Each rank answered items rank::world_size; all of them back in item order, on every rank."""
-    if world_size <= 1:
-        return preds
-    merged = [None] * n
-    for r, shard in enumerate(gather(preds) if gather is not None else [preds]):
-        merged[r::world_size] = shard
-    return merged
+            "skipped": skips.as_dict(), "skip_examples": dict(skips.examples), "items": rows}
 
 
 def evaluate(model, items: Sequence[dict[str, Any]], batch_size: int = 64, max_new_tokens: int | None = None,
              progress: bool = False, *, rank: int = 0, world_size: int = 1,
              gather: Callable[[Any], list] | None = None, autocast_dtype=None) -> dict[str, Any]:
-    """Answer and score `items` (`score`'s report plus timing); each rank answers items
-    rank::world_size and `gather` (an all-gather of objects) gives every rank the same report."""
+    """`score`'s report plus timing; each rank answers items rank::world_size, `gather` all-gathers them."""
     items = list(items)
     max_new_tokens = max_new_tokens or answer_budget(model, items)  # from all items: every rank the same
     mine = items[rank::world_size]
@@ -248,7 +232,12 @@ def evaluate(model, items: Sequence[dict[str, Any]], batch_size: int = 64, max_n
     finally:
         if bar is not None:
             bar.close()
-    report = score(items, merge_shards(preds, len(items), world_size, gather))
+    if world_size > 1:  # each rank answered items rank::world_size: all of them back in order, on every rank
+        merged = [None] * len(items)
+        for r, shard in enumerate(gather(preds) if gather is not None else [preds]):
+            merged[r::world_size] = shard
+        preds = merged
+    report = score(items, preds)
     wall = time.perf_counter() - t0
     return {**report, "max_new_tokens": max_new_tokens, "images_decoded": images.decoded, "wall_time_s": round(wall, 3),
             "questions_per_s": round(len(items) / wall, 2) if wall > 0 else None}
