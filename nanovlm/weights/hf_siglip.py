@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from nanovlm.config import VIT_ACTIVATIONS
 from nanovlm.sources import resolve
-from nanovlm.weights.common import (HF_PATTERNS, SafetensorsTensors, WeightLoadError, check_architecture,
-                                    convert, expand_blocks, expected_shapes, fuse, read_model_config, rule)
+from nanovlm.weights.common import (HF_PATTERNS, Rule, WeightLoadError, check_architecture, expand_blocks, fuse,
+                                    load_checked, read_model_config, safetensors_tensors)
 
 _ATTN = "encoder.layers.{i}.self_attn"
 
@@ -91,10 +91,8 @@ def table(cfg: Any, naflex: bool, prefix: str) -> dict:
         "blocks.{i}.attn.qkv_proj.weight": fuse,
         "blocks.{i}.attn.qkv_proj.bias": fuse,
     }
-    rules = {}
-    for ours, theirs in KEYS.items():
-        names = (theirs,) if isinstance(theirs, str) else theirs
-        rules[ours] = rule(*(prefix + n for n in names), transform=transforms.get(ours))
+    rules = {ours: Rule(tuple(prefix + n for n in ((theirs,) if isinstance(theirs, str) else theirs)),
+                        transforms.get(ours)) for ours, theirs in KEYS.items()}
     return expand_blocks(rules, cfg.vit_n_blocks)
 
 
@@ -160,7 +158,7 @@ def load_siglip_vision(cls: type, cfg: Any):
     if wrong:
         raise WeightLoadError(f"cannot load {directory}: {'; '.join(wrong)}.")
 
-    tensors = SafetensorsTensors(directory)
+    tensors = safetensors_tensors(directory)
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
 
     def ignore(name: str) -> bool:
@@ -169,7 +167,4 @@ def load_siglip_vision(cls: type, cfg: Any):
         rest = name[len(prefix):]
         return rest.startswith("head.") or rest.endswith("position_ids")
 
-    model = cls(cfg)
-    state = convert(tensors, table(cfg, naflex, prefix), expected_shapes(model), directory, ignore)
-    model.load_state_dict(state, strict=True)
-    return model.float()  # train/eval mode as constructed, like the VLM that holds it
+    return load_checked(cls(cfg), tensors, table(cfg, naflex, prefix), directory, ignore)

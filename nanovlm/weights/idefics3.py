@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 
 from nanovlm.config import IDEFICS3_LAYOUT, VLMConfig
 from nanovlm.weights import hf_llama, hf_siglip
-from nanovlm.weights.common import (Rule, SafetensorsTensors, WeightLoadError, convert, fuse, read_json,
-                                    read_model_config)
+from nanovlm.weights.common import (Rule, WeightLoadError, fuse, load_checked, read_json, read_model_config,
+                                    safetensors_tensors)
 
 VISION, CONNECTOR, TEXT = "model.vision_model.", "model.connector.", "model.text_model."
 
@@ -230,12 +230,10 @@ def load_idefics3(cls: type, directory: str):
     """A `cls` (VisionLanguageModel) with an Idefics3 directory's weights, fp32 on the CPU."""
     cfg = idefics3_config(directory)
     model = cls(cfg, load_backbone=False)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict_for_saving().items()}
 
     def ignore(name: str) -> bool:
         tied_head = cfg.lm_tie_weights and name == "lm_head.weight"
         return name.endswith(("position_ids", "rotary_emb.inv_freq")) or tied_head
 
-    state = convert(SafetensorsTensors(directory), table(cfg), expected, directory, ignore)  # every tensor checked
-    model.load_state_dict(state, strict=False)  # strict but for a tied head: it is the embedding
-    return model.float()
+    return load_checked(model, safetensors_tensors(directory), table(cfg), directory, ignore,
+                        model.state_dict_for_saving())
