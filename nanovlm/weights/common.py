@@ -1,7 +1,7 @@
 """What every foreign-format reader shares: a key table (ours <- theirs) of `Rule`s, each naming
 the file's tensor(s) and a named transform; `convert` lists every missing, unexpected and
 mis-shaped tensor in one `WeightLoadError`. Rows added for extra tokens start as the mean of the
-checkpoint's (Hewitt, "Initializing new word embeddings", 2021): no seed, outputs nearly unchanged.
+checkpoint's (Hewitt, "Initializing new word embeddings", 2021).
 """
 
 from __future__ import annotations
@@ -69,8 +69,7 @@ def fuse(*parts: torch.Tensor) -> torch.Tensor:
 
 
 def grow_rows(n_rows: int) -> Transform:
-    """Append rows up to `n_rows`, each the mean of the existing rows (see the module docstring);
-    more rows than asked pass unchanged, for the shape check to report."""
+    """Append rows up to `n_rows`, each the mean of the existing rows (more pass, for the shape check)."""
 
     def transform(weight: torch.Tensor) -> torch.Tensor:
         extra = n_rows - weight.shape[0]
@@ -106,8 +105,7 @@ def convert(tensors: Mapping[str, torch.Tensor], table: Mapping[str, Rule], expe
 
 def load_checked(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], table: Mapping[str, Rule], source: str,
                  ignore: Callable[[str], bool] = lambda name: False, expected: Mapping | None = None):
-    """`model` in fp32 with the file's tensors `convert`ed into it; `expected` (name -> tensor):
-    its state dict by default, a tied head left out (it is the embedding, loaded with it)."""
+    """`model` (fp32) with the file's tensors `convert`ed in; `expected`: its state dict but a tied head."""
     if expected is None:
         tied = getattr(model, "lm_tie_weights", False)
         expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "head.weight")}
@@ -119,8 +117,7 @@ def load_checked(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], ta
 def load_llama(cls: type, cfg: Any, found: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                keys: Mapping[str, str], source: str, transforms: Mapping[str, Transform] | None = None,
                ignore: Callable[[str], bool] = lambda name: False):
-    """A `cls(cfg)` (LanguageModel) from a Llama key table (ours <- theirs, `{i}` per block): the
-    architecture `found` checked first, the vocabulary grown, a tied head left out."""
+    """A `cls(cfg)` from a Llama key table (ours <- theirs): `found` checked, the vocabulary grown."""
     check_lm_architecture(found, cfg, source)
     grow = grow_rows(cfg.lm_vocab_size)
     transforms = {"token_embedding.weight": grow, "head.weight": grow, **(transforms or {})}
@@ -130,8 +127,7 @@ def load_llama(cls: type, cfg: Any, found: Mapping[str, Any], tensors: Mapping[s
 
 
 def check_architecture(found: Mapping[str, Any], cfg: Any, source: str, at_least: tuple[str, ...] = ()) -> None:
-    """The checkpoint's architecture (config field -> value) against `cfg`, every difference in one
-    error; fields in `at_least` only need cfg >= checkpoint."""
+    """The checkpoint's fields against `cfg`, every difference in one error (`at_least`: cfg >= checkpoint)."""
     wrong = []
     for name, value in found.items():
         ours = getattr(cfg, name)

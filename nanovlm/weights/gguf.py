@@ -79,7 +79,9 @@ def gguf_value(reader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def _metadata(reader, path: str) -> dict[str, Any]:
+def gguf_llama_config(path: str) -> dict[str, Any]:
+    """The `lm_*` fields of a llama GGUF file."""
+    reader = open_gguf(path)
     arch = gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise WeightLoadError(f"{path} holds a {arch!r} model; only GGUF files of the 'llama' architecture "
@@ -90,11 +92,6 @@ def _metadata(reader, path: str) -> dict[str, Any]:
     missing = [f"llama.{k}" for k in required if k not in meta]
     if missing:
         raise WeightLoadError(f"{path} lacks the metadata {', '.join(missing)}.")
-    return meta
-
-
-def _config(reader, path: str) -> dict[str, Any]:
-    meta = _metadata(reader, path)
     names = {t.name for t in reader.tensors}
     heads = meta["attention.head_count"]
     kv_heads = meta.get("attention.head_count_kv", heads)
@@ -132,15 +129,10 @@ def _config(reader, path: str) -> dict[str, Any]:
     }
 
 
-def gguf_llama_config(path: str) -> dict[str, Any]:
-    """The `lm_*` fields of a llama GGUF file."""
-    return _config(open_gguf(path), path)
-
-
 def load_gguf_llama(cls: type, cfg: Any, path: str):
     """A `cls(cfg)` with the (dequantized, fp32) weights of a llama GGUF file."""
-    reader = open_gguf(path)
+    found, reader = gguf_llama_config(path), open_gguf(path)  # the reader is cached
     transforms = {"blocks.{i}.attn.q_proj.weight": unpermute_rope_rows(cfg.lm_n_heads),
                   "blocks.{i}.attn.k_proj.weight": unpermute_rope_rows(cfg.lm_n_kv_heads)}
     tensors = Tensors({t.name: t for t in reader.tensors}, _dequantized)
-    return load_llama(cls, cfg, _config(reader, path), tensors, KEYS, path, transforms)
+    return load_llama(cls, cfg, found, tensors, KEYS, path, transforms)

@@ -70,8 +70,7 @@ def resize_positions(grid: int, naflex: bool):
 
 
 def patch_linear_to_conv(patch: int, channels: int):
-    """NaFlex's linear patch embedding (D, patch * patch * C), inputs in (row, column, channel)
-    order -> the equivalent conv weight (D, C, patch, patch); a conv weight passes unchanged."""
+    """NaFlex's linear patch embedding (D, patch * patch * C), (row, column, channel) order -> a conv weight."""
 
     def transform(weight: torch.Tensor) -> torch.Tensor:
         if weight.dim() == 4:
@@ -139,8 +138,7 @@ def _resolve_vision(name: str) -> str:
 
 # --------------------------------------------------------------------------- loading
 def load_siglip_vision(cls: type, cfg: Any):
-    """A `cls(cfg)` (ViT) with the SigLIP vision weights `cfg.vit_model_type` names, fp32 on the CPU.
-    `cfg.vit_img_size` may differ from the checkpoint's: the position grid is resized."""
+    """A `cls(cfg)` (ViT) with the SigLIP weights `cfg.vit_model_type` names (any vit_img_size), fp32."""
     directory = _resolve_vision(cfg.vit_model_type)
     vision, naflex = _vision_config(directory)
     found = _vit_fields(vision, naflex)

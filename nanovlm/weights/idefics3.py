@@ -51,8 +51,7 @@ RESAMPLE_CODES = {1: "lanczos", 3: "bicubic"}
 
 # --------------------------------------------------------------------------- names
 def expanded_keys(cfg: Any) -> dict[str, tuple[tuple[str, ...], str]]:
-    """KEYS written out per block (the vision tower's and the text model's own counts); a tied
-    head is the embedding, so it has no entry."""
+    """KEYS written out per block of each tower; a tied head (it is the embedding) has no entry."""
     out = {}
     for ours, (names, kind) in KEYS.items():
         if cfg.lm_tie_weights and ours == "decoder.head.weight":
@@ -64,9 +63,7 @@ def expanded_keys(cfg: Any) -> dict[str, tuple[tuple[str, ...], str]]:
 
 
 def module_names(ours: str) -> list[str]:
-    """One of our module names -> transformers' module name(s), e.g.
-    `decoder.blocks.3.attn.q_proj` -> [`model.text_model.layers.3.self_attn.q_proj`] and the
-    fused `vision_encoder.blocks.0.attn.qkv_proj` -> its q, k and v projections."""
+    """One of our module names -> transformers' module name(s) (three for a fused qkv_proj)."""
     indices = re.findall(r"\.(\d+)\.", ours)
     template = re.sub(r"\.\d+\.", ".{i}.", ours, count=1)
     for suffix in (".weight", ""):
@@ -80,8 +77,7 @@ def module_names(ours: str) -> list[str]:
 
 # --------------------------------------------------------------------------- transforms
 def tile_position_ids(grid: int) -> torch.Tensor:
-    """The position row `Idefics3VisionEmbeddings` reads for each patch of a full tile, computed
-    as it computes them (float32 fractional coordinates bucketed by `torch.bucketize`)."""
+    """The position row `Idefics3VisionEmbeddings` reads for each patch of a full tile, computed as it does."""
     boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
     coords = torch.arange(grid, dtype=torch.float32) * (1.0 / torch.tensor(grid))
     buckets = torch.bucketize(torch.clamp(coords, max=1.0 - 1e-6), boundaries, right=True)  # (grid,)
@@ -144,9 +140,7 @@ def _optional_json(directory: str, name: str) -> dict[str, Any]:
 
 
 def processor_files(directory: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
-    """(image processor settings, processor settings, chat template) from the files transformers
-    4 (preprocessor_config.json, chat_template.json) or 5 (processor_config.json with the image
-    processor inside, chat_template.jinja) writes; the tokenizer_config's template last."""
+    """(image processor settings, processor settings, chat template) from the files transformers 4 or 5 writes."""
     processor = _optional_json(directory, "processor_config.json")
     image = _optional_json(directory, "preprocessor_config.json") or processor.get("image_processor") or {}
     template = processor.get("chat_template")
