@@ -31,15 +31,11 @@ _DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
              "tie_word_embeddings": False, "hidden_act": "silu", "rope_theta": 10000.0}
 
 
-def _read_config(directory: str) -> dict[str, Any]:
-    config, _ = read_model_config(directory, "Llama", ("llama",),
-                                  "Llama-architecture language models (model_type 'llama', e.g. SmolLM2)")
-    return {**_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-
-
 def hf_llama_config(directory: str) -> dict[str, Any]:
     """The `lm_*` fields of a transformers Llama directory."""
-    return llama_fields(_read_config(directory), directory)
+    config, _ = read_model_config(directory, "Llama", ("llama",),
+                                  "Llama-architecture language models (model_type 'llama', e.g. SmolLM2)")
+    return llama_fields(config, directory)
 
 
 def llama_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
