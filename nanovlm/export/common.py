@@ -17,8 +17,7 @@ from nanovlm.weights.idefics3 import IDEFICS3_TOKENS
 # The image tokens whose text Idefics3Processor and mtmd write: ours are renamed to it (same ids).
 IMAGE_TOKEN_ROLES = ("image_token", "global_image_token", "fake_image_token")
 
-# Turns typed content parts into the text a template for string content reads: text parts as
-# they are, any other part as MARKER (the text the reader expands into an image).
+# Typed content parts as the text a template for strings reads: any part but text becomes MARKER.
 PARTS_AS_TEXT = (
     "{%- set parts_as_text = namespace(messages=[]) -%}\n"
     "{%- for message in messages -%}\n"

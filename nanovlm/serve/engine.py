@@ -85,7 +85,6 @@ class Engine:
         self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "decode_steps": 0,
                          "decode_rows": 0, "prefills": 0, "errors": 0}
 
-    # ------------------------------------------------------------------------------ public
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="nanovlm-engine", daemon=True)
         self._thread.start()
@@ -126,7 +125,6 @@ class Engine:
         c["mean_batch"] = round(c["decode_rows"] / c["decode_steps"], 2) if c["decode_steps"] else 0.0
         return c
 
-    # ------------------------------------------------------------------------------ the loop
     def _run(self) -> None:
         while True:
             with self._cond:

@@ -40,15 +40,13 @@ KEYS = {
     "layer_norm.bias": "post_layernorm.bias",
 }
 
-# SiglipVisionConfig's / Siglip2VisionConfig's defaults, for config.json files that leave them out
-# (the google/siglip-* configs do).
+# SiglipVisionConfig's / Siglip2VisionConfig's defaults, for config.json files that leave them out.
 _DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
              "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
              "layer_norm_eps": 1e-6, "num_patches": 256}
 _KINDS = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
 
 
-# --------------------------------------------------------------------------- named transforms
 def resize_positions(grid: int, naflex: bool):
     """(N, D) learned positions of a square grid -> (1, grid * grid, D)."""
 
@@ -95,7 +93,6 @@ def table(cfg: Any, naflex: bool, prefix: str) -> dict:
     return expand_blocks(rules, cfg.vit_n_blocks)
 
 
-# --------------------------------------------------------------------------- config
 def _vision_config(directory: str) -> tuple[dict[str, Any], bool]:
     """-> (vision config with defaults filled in, is NaFlex)."""
     if not os.path.isdir(directory):
@@ -136,7 +133,6 @@ def _resolve_vision(name: str) -> str:
     return resolve(name, allow_patterns=HF_PATTERNS)
 
 
-# --------------------------------------------------------------------------- loading
 def load_siglip_vision(cls: type, cfg: Any):
     """A `cls(cfg)` (ViT) with the SigLIP weights `cfg.vit_model_type` names (any vit_img_size), fp32."""
     directory = _resolve_vision(cfg.vit_model_type)

@@ -37,8 +37,7 @@ def _keys() -> dict[str, tuple[tuple[str, ...], str]]:
 
 KEYS = _keys()
 
-# The tokens of Idefics3's prompt layout, as vlm_extra_tokens names them; Idefics3Processor
-# knows row/column tags up to 6 x 6 (larger grids write theirs out as text).
+# The tokens of Idefics3's prompt layout, as vlm_extra_tokens names them.
 IDEFICS3_TOKENS = {**IDEFICS3_LAYOUT["vlm_extra_tokens"], "end_of_utterance_token": "<end_of_utterance>"}
 
 # Idefics3VisionConfig's defaults, for config.json files that leave them out.
@@ -49,7 +48,6 @@ _VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_
 RESAMPLE_CODES = {1: "lanczos", 3: "bicubic"}
 
 
-# --------------------------------------------------------------------------- names
 def expanded_keys(cfg: Any) -> dict[str, tuple[tuple[str, ...], str]]:
     """KEYS written out per block of each tower; a tied head (it is the embedding) has no entry."""
     out = {}
@@ -75,7 +73,6 @@ def module_names(ours: str) -> list[str]:
                    "decoder.blocks.0.attn.q_proj or vision_encoder.blocks.0.attn.qkv_proj.")
 
 
-# --------------------------------------------------------------------------- transforms
 def tile_position_ids(grid: int) -> torch.Tensor:
     """The position row `Idefics3VisionEmbeddings` reads for each patch of a full tile, computed as it does."""
     boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
@@ -121,7 +118,6 @@ def to_transformers(cfg: Any, state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-# --------------------------------------------------------------------------- the config
 def is_idefics3(directory: str) -> bool:
     """Whether a local directory holds a transformers Idefics3 model (config.json model_type)."""
     path = os.path.join(directory, "config.json")
@@ -219,7 +215,6 @@ def idefics3_config(directory: str) -> VLMConfig:
     return cfg
 
 
-# --------------------------------------------------------------------------- loading
 def load_idefics3(cls: type, directory: str):
     """A `cls` (VisionLanguageModel) with an Idefics3 directory's weights, fp32 on the CPU."""
     cfg = idefics3_config(directory)

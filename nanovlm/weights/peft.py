@@ -53,7 +53,6 @@ def from_idefics3_name(module: str) -> tuple[str, int]:
     return ours.replace("{i}", i), s
 
 
-# ------------------------------------------------------------------------------------ writing
 def peft_tensors(adapters: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PEFT's state dict from our adapter tensors (`<module>.lora_A` / `.lora_B`, one row per output
     slice) and the weights of modules saved whole (`MP.proj.weight`)."""
@@ -98,7 +97,6 @@ def write_adapter(directory: str, settings: dict, adapters: dict[str, torch.Tens
     save_file(peft_tensors(adapters, whole), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-# ------------------------------------------------------------------------------------ reading
 def has_adapter(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG))
 
