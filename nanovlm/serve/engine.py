@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanovlm.generation import prefill, sample_next, step_function
 
@@ -176,9 +177,8 @@ class Engine:
         """The new prompts, right-padded, into rows n..n+m-1; their first tokens."""
         model, device = self.model, self.model.device
         lengths = [len(h.request.input_ids) for h in handles]
-        ids = torch.full((len(handles), max(lengths)), self.eos, dtype=torch.long)
-        for i, h in enumerate(handles):
-            ids[i, :lengths[i]] = torch.tensor(h.request.input_ids)
+        ids = pad_sequence([torch.tensor(h.request.input_ids, dtype=torch.long) for h in handles], batch_first=True,
+                           padding_value=self.eos)  # (m, T), right-padded
         images = [h.request.tiles for h in handles]
         try:
             if self._cache is None:
