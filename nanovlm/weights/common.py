@@ -117,8 +117,10 @@ def load_checked(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], ta
 def load_llama(cls: type, cfg: Any, found: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                keys: Mapping[str, str], source: str, transforms: Mapping[str, Transform] | None = None,
                ignore: Callable[[str], bool] = lambda name: False):
-    """A `cls(cfg)` from a Llama key table (ours <- theirs): `found` checked, the vocabulary grown."""
-    check_lm_architecture(found, cfg, source)
+    """A `cls(cfg)` from a Llama key table (ours <- theirs): `found` checked (cfg may extend the
+    vocabulary, not cut it), the vocabulary grown."""
+    arch = {k: v for k, v in found.items() if k not in ("lm_base_vocab_size", "lm_max_position_embeddings")}
+    check_architecture({**arch, "lm_vocab_size": found["lm_base_vocab_size"]}, cfg, source, at_least=("lm_vocab_size",))
     grow = grow_rows(cfg.lm_vocab_size)
     transforms = {"token_embedding.weight": grow, "head.weight": grow, **(transforms or {})}
     table = {ours: Rule((theirs,), transforms.get(ours)) for ours, theirs in keys.items()
@@ -142,12 +144,6 @@ def check_architecture(found: Mapping[str, Any], cfg: Any, source: str, at_least
     if wrong:
         raise WeightLoadError(f"the config does not match {source}: {'; '.join(wrong)}. "
                               "Set these fields to the checkpoint's values.")
-
-
-def check_lm_architecture(found: Mapping[str, Any], cfg: Any, source: str) -> None:
-    """A language model's fields against cfg: all equal, but cfg may extend the vocabulary (not cut it)."""
-    arch = {k: v for k, v in found.items() if k not in ("lm_base_vocab_size", "lm_max_position_embeddings")}
-    check_architecture({**arch, "lm_vocab_size": found["lm_base_vocab_size"]}, cfg, source, at_least=("lm_vocab_size",))
 
 
 def f32_value(x: float) -> float:
