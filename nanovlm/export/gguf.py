@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -65,20 +65,12 @@ def save_gguf(model: Any, out: str | os.PathLike, outtype: str = "f16") -> None:
         else:
             mmproj[name] = tensor
     with written_dir(os.fspath(out)) as tmp:
-        writer = _writer(os.path.join(tmp, FILES[0]), "llama", gguf.GGUFType.MODEL, ftype)
-        _lm_metadata(writer, cfg, model.tokenizer, tokenizer, pre)
-        _add_tensors(writer, _gguf_names(lm, gguf.MODEL_ARCH.LLAMA, cfg.lm_n_blocks, cfg), qtype)
-        writer = _writer(os.path.join(tmp, FILES[1]), "clip", gguf.GGUFType.MMPROJ, ftype)
-        _mmproj_metadata(writer, cfg)
-        _add_tensors(writer, _gguf_names(mmproj, gguf.MODEL_ARCH.MMPROJ, cfg.vit_n_blocks, cfg), qtype)
-
-
-def _writer(path: str, arch: str, kind: str, ftype: gguf.LlamaFileType) -> gguf.GGUFWriter:
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_type(kind)
-    writer.add_name("nanovlm")
-    writer.add_file_type(ftype)
-    return writer
+        _write_file(os.path.join(tmp, FILES[0]), "llama", gguf.GGUFType.MODEL, ftype, qtype,
+                    _gguf_names(lm, gguf.MODEL_ARCH.LLAMA, cfg.lm_n_blocks, cfg),
+                    lambda writer: _lm_metadata(writer, cfg, model.tokenizer, tokenizer, pre))
+        _write_file(os.path.join(tmp, FILES[1]), "clip", gguf.GGUFType.MMPROJ, ftype, qtype,
+                    _gguf_names(mmproj, gguf.MODEL_ARCH.MMPROJ, cfg.vit_n_blocks, cfg),
+                    lambda writer: _mmproj_metadata(writer, cfg))
 
 
 def permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -99,7 +91,14 @@ def _gguf_names(tensors: dict[str, torch.Tensor], arch: gguf.MODEL_ARCH, n_block
     return out
 
 
-def _add_tensors(writer: gguf.GGUFWriter, tensors: dict[str, torch.Tensor], qtype: Q) -> None:
+def _write_file(path: str, arch: str, kind: str, ftype: gguf.LlamaFileType, qtype: Q, tensors: dict[str, torch.Tensor],
+                add_metadata: Callable[[gguf.GGUFWriter], None]) -> None:
+    """One GGUF file: its header, `add_metadata`'s keys and `tensors` (see the module docstring for the types)."""
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_type(kind)
+    writer.add_name("nanovlm")
+    writer.add_file_type(ftype)
+    add_metadata(writer)
     for name, tensor in tensors.items():
         data = tensor.numpy()
         if data.ndim == 1 or name in F32_NAMES:
