@@ -1,12 +1,9 @@
 """Generation: sampling, the one decode loop, streaming, and `answer`.
 
-One path, as in gpt-fast: the prompt is prefilled into a static KV cache, then every token is
-one `LanguageModel.decode_step` over it, positions and cache slots as tensors. A row's tokens
-start at slot 0 (a left-padded batch is laid out with its padding last), so it decodes exactly
-as it would alone; it stops at EOS (later tokens are EOS padding), the loop once every row has.
-`compile=True` runs the one-token step `torch.compile`d over the whole (bucketed) cache: one
-shape, compiled once per decoder and cache shape. The server's batching runs the same step.
-The calls prepare the model themselves (fused q/k/v and gate/up): the fast path is the default.
+As gpt-fast: the prompt is prefilled into a static KV cache, then each token is one
+`LanguageModel.decode_step`, positions as tensors. A row's tokens start at slot 0 (padding
+last), so it decodes exactly as it would alone. `compile=True` runs the one-token step
+`torch.compile`d over the whole (bucketed) cache; the server's batching runs the same step.
 """
 
 from __future__ import annotations
@@ -29,8 +26,7 @@ from nanovlm.data.processors import ChatRenderer, RenderedChat, RenderError
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Keep the `top_k` largest logits and the smallest set whose probability reaches `top_p`;
-    the rest become -inf. (B, V) -> (B, V)."""
+    """(B, V) -> (B, V): all but the `top_k` largest and the smallest set reaching `top_p` set to -inf."""
     if top_k and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,8 +61,7 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: 
 
 # ---------------------------------------------------------------------- the decode step
 def prefill(decoder, embeds: torch.Tensor, lengths: torch.Tensor, cache) -> torch.Tensor:
-    """Prompts into cache slots 0..T-1: embeddings (B, T, C), each row's `lengths` (B,) real
-    tokens first. Returns the logits (B, vocab) after each row's last real token."""
+    """Prompts (B, T, C), `lengths` (B,) real tokens first, into slots 0..T-1 -> the last real token's logits."""
     B, T, _ = embeds.shape
     hidden = decoder.decode_step(embeds, torch.arange(T, device=embeds.device).expand(B, T), cache, T)
     return decoder.head(hidden[torch.arange(B, device=embeds.device), lengths - 1])
@@ -88,8 +83,7 @@ COMPILE_OPTIONS = {"cpu": {"realize_reads_threshold": 0, "realize_opcount_thresh
 
 
 def step_function(decoder, compile: bool):
-    """`decode_one_token` for `decoder` as `step(tokens, input_pos, cache, kv_len)`: eager, or
-    compiled once per decoder layout (the compiled step ignores kv_len: one shape)."""
+    """`decode_one_token` for `decoder`: eager, or compiled once per `_layout` (ignoring kv_len: one shape)."""
     eager = functools.partial(decode_one_token, decoder)
     if not compile:
         return eager
@@ -123,9 +117,8 @@ def step_function(decoder, compile: bool):
 
 
 def _layout(decoder) -> tuple:
-    """What the skipped module guards would check: every module's type and every parameter's and
-    buffer's storage, dtype and shape. A change (`prepare_for_inference`, `.to(...)`, a swapped
-    layer) compiles a new step; weights loaded in place keep it."""
+    """What the skipped module guards would check: module types, tensor storages, dtypes and shapes
+    (a `.to(...)` or swapped layer compiles a new step; weights loaded in place keep it)."""
     tensors = itertools.chain(decoder.named_parameters(), decoder.named_buffers())
     return (tuple((name, type(m)) for name, m in decoder.named_modules()),
             tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.device) for name, t in tensors))
@@ -140,12 +133,8 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
            max_new_tokens: int = 32, top_k: int = 50, top_p: float = 0.9, temperature: float = 0.5,
            greedy: bool = False, eos_token_id: int | None = None, generator: torch.Generator | None = None,
            compile: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens (B,), finished (B,) bool) once per decoded step.
-
-    input_ids (B, T) left-padded where `attention_mask` (B, T) is 0. A finished row keeps
-    yielding EOS; stops after `max_new_tokens` steps or when every row has ended. `compile`:
-    the one-token step `torch.compile`d (the first call per shape compiles; where compiling
-    fails, a warning and eager steps)."""
+    """Yield (tokens (B,), finished (B,) bool) per step for input_ids (B, T) left-padded where
+    `attention_mask` is 0; a finished row yields EOS, the loop ends once every row has."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     eos = model.cfg.lm_eos_token_id if eos_token_id is None else eos_token_id
     device, limit = model.device, model.cfg.lm_max_position_embeddings
@@ -177,8 +166,7 @@ def stream(model, input_ids: torch.Tensor, images=None, attention_mask: torch.Te
 
 
 def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> torch.Tensor:
-    """New tokens only: LongTensor (B, n) with n <= max_new_tokens; ended rows padded with EOS.
-    The options are `stream`'s."""
+    """`stream`'s tokens as one LongTensor (B, n <= max_new_tokens); ended rows padded with EOS."""
     steps = [tokens for tokens, _ in stream(model, input_ids, images, attention_mask, **kwargs)]
     if not steps:
         return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=model.device)
@@ -200,8 +188,7 @@ _RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def prompt_renderer(model) -> ChatRenderer:
-    """The model's `ChatRenderer` (the one prompt layout of training and inference), built once
-    per model and tokenizer."""
+    """The model's `ChatRenderer` (training's prompt layout), built once per model and tokenizer."""
     renderer = _RENDERERS.get(model)
     if renderer is None or renderer.tokenizer is not model.tokenizer:
         renderer = _RENDERERS[model] = ChatRenderer(model.tokenizer, model.cfg)
@@ -214,11 +201,8 @@ def render_chat(model, messages: list[dict], images: Sequence = ()) -> RenderedC
 
 
 def build_prompts(model, images: Sequence, questions: Sequence[str]):
-    """Tokenised, left-padded prompts and their image tiles for `answer`-style calls: each
-    question a user turn with its images, exactly as training lays out the same question (the
-    images before it, or at its `<image>` placeholders when it has one per image).
-
-    Returns (input_ids (B, T), attention_mask (B, T), images: list of (n_i, 3, S, S))."""
+    """(input_ids (B, T), attention_mask (B, T), tiles: list of (n_i, 3, S, S)): each question a
+    user turn with its images, left-padded, laid out as training lays out the same question."""
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} image entries for {len(questions)} questions; give one entry "
                          "(an image, a list of images, or None) per question.")
@@ -244,8 +228,7 @@ def render_prompts(model, chats: Sequence[tuple[list[dict], list]]):
 
 
 def left_pad(rows: Sequence[Sequence[int]], model) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows -> (input_ids (B, T), attention_mask (B, T)), left-padded with the tokenizer's
-    pad token (else EOS); the mask is 1 on real tokens."""
+    """Token rows -> (input_ids (B, T), attention_mask (B, T)), left-padded with the pad token (else EOS)."""
     pad = model.tokenizer.pad_token_id
     rows = [torch.tensor(r, dtype=torch.long) for r in rows]
     input_ids = pad_sequence(rows, batch_first=True, padding_value=model.cfg.lm_eos_token_id if pad is None else pad,

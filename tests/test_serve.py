@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 
 from nanovlm import VLMConfig, VisionLanguageModel  # noqa: E402
 from nanovlm.serve.protocol import Limits  # noqa: E402
-from nanovlm.serve.server import model_name_for, start_server  # noqa: E402
+from nanovlm.serve.server import make_server, model_name_for  # noqa: E402
 
 LIMITS = Limits(max_body_bytes=256 * 1024, max_images=2, max_image_pixels=128 * 128, max_tokens_cap=64)
 NAME = "tiny-test"
@@ -50,7 +50,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     model = VisionLanguageModel.from_pretrained(checkpoint)
-    srv = start_server(model, port=0, max_batch_size=8, limits=LIMITS, model_name=NAME)
+    srv = make_server(model, port=0, max_batch_size=8, limits=LIMITS, model_name=NAME).start()
     yield srv
     srv.close()
 
@@ -314,7 +314,7 @@ def test_bad_requests_get_clear_4xx_errors(server, case):
 
 def test_served_model_names_are_accepted_and_the_first_is_reported(checkpoint):
     model = VisionLanguageModel.from_pretrained(checkpoint)
-    with start_server(model, port=0, model_name=("my-vlm", "alias"), limits=LIMITS) as srv:
+    with make_server(model, port=0, model_name=("my-vlm", "alias"), limits=LIMITS).start() as srv:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in c.models.list().data] == ["my-vlm"]
         for name in ("my-vlm", "alias", "default"):
@@ -519,7 +519,7 @@ def test_connections_over_the_limit_get_503(checkpoint, monkeypatch):
     """The cap counts requests in progress; the one over it is answered after its request was
     read (item 1 of issue 18: the old server could reset it), by raw HTTP and the openai client."""
     model = VisionLanguageModel.from_pretrained(checkpoint)
-    srv = start_server(model, port=0, max_batch_size=2, limits=Limits(max_connections=2), model_name=NAME)
+    srv = make_server(model, port=0, max_batch_size=2, limits=Limits(max_connections=2), model_name=NAME).start()
     gate = Gate(monkeypatch, srv.app.engine)
     results = []
     try:

@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai")
 
 from nanovlm import VLMConfig, VisionLanguageModel  # noqa: E402
 from nanovlm.serve.protocol import Limits  # noqa: E402
-from nanovlm.serve.server import start_server  # noqa: E402
+from nanovlm.serve.server import make_server  # noqa: E402
 from test_serve import varied_checkpoint  # noqa: E402
 
 NAME = "tiny-http"
@@ -41,8 +41,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed(checkpoint):
-    srv = start_server(VisionLanguageModel.from_pretrained(checkpoint), port=0, max_batch_size=4, model_name=NAME,
-                       api_key=KEY, limits=Limits(max_tokens_cap=32))
+    srv = make_server(VisionLanguageModel.from_pretrained(checkpoint), port=0, max_batch_size=4, model_name=NAME,
+                      api_key=KEY, limits=Limits(max_tokens_cap=32)).start()
     yield srv
     srv.close()
 

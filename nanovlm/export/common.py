@@ -1,10 +1,7 @@
-"""What both exports share: the settings a target must be able to reproduce, the tokenizer under
-Idefics3's token names, the pixel normalisation and a chat template that reads typed parts.
-
-transformers' `Idefics3Processor` and llama.cpp's mtmd lay an image out the one way SmolVLM
-does (tiles between `<fake_token_around_image>`, the global view last), so a model answers there
-as it does here only when it was trained in the idefics3 image layout; any setting a target
-cannot reproduce is refused, named, before anything is written.
+"""What both exports share: the settings a target must reproduce, the tokenizer under Idefics3's
+token names, the pixel normalisation and a chat template that reads typed parts. transformers
+and llama.cpp lay images out only as SmolVLM does, so other settings are refused, named,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -20,8 +17,7 @@ from nanovlm.weights.idefics3 import IDEFICS3_TOKENS
 # The image tokens whose text Idefics3Processor and mtmd write: ours are renamed to it (same ids).
 IMAGE_TOKEN_ROLES = ("image_token", "global_image_token", "fake_image_token")
 
-# Turns typed content parts into the text a template for string content reads: text parts as
-# they are, any other part as MARKER (the text the reader expands into an image).
+# Typed content parts as the text a template for strings reads: any part but text becomes MARKER.
 PARTS_AS_TEXT = (
     "{%- set parts_as_text = namespace(messages=[]) -%}\n"
     "{%- for message in messages -%}\n"
@@ -61,8 +57,7 @@ def check_exportable(cfg: Any, fmt: str) -> None:
 
 
 def export_tokenizer(cfg: Any, tok: Any) -> Tokenizer:
-    """The model's tokenizer with its image tokens under the texts Idefics3Processor and mtmd
-    write (`<image>`, `<global-img>`, `<fake_token_around_image>`), each at the model's id."""
+    """The model's tokenizer with its image tokens renamed to Idefics3's texts, each at the model's id."""
     data = json.loads(tok._tok.to_str())
     extra = cfg.vlm_extra_tokens
     renames = {extra[role]: IDEFICS3_TOKENS[role] for role in IMAGE_TOKEN_ROLES
@@ -95,6 +90,5 @@ def reads_parts(template: str) -> bool:
 
 
 def template_with_parts(template: str, marker: str) -> str:
-    """`template` when it reads typed content parts, else `template` behind PARTS_AS_TEXT, so
-    that string content and a list of parts both work."""
+    """`template` when it reads typed content parts, else `template` behind PARTS_AS_TEXT."""
     return template if reads_parts(template) else PARTS_AS_TEXT.replace("MARKER", marker) + template

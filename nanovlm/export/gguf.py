@@ -1,20 +1,15 @@
 """`nanovlm export --format gguf`: the two files llama.cpp runs a vision model from, as its
-converter (convert_hf_to_gguf.py: LlamaModel, and SmolVLMModel for the mmproj) writes SmolVLM:
-- `model.gguf`: the language model, arch `llama`, with the tokenizer (byte-level BPE, `gpt2`,
-  its pre-tokenizer by llama.cpp's name) and the chat template inside; q and k rows in
-  llama.cpp's interleaved RoPE order (`nanovlm.weights.gguf` reads them back);
-- `mmproj.gguf`: the vision encoder and projector, arch `clip`, projector type `idefics3`,
-  whose images mtmd lays out as Idefics3Processor does.
-Tensor names are gguf's own map of transformers' Idefics3 names (`weights.idefics3.to_transformers`).
-Norms, biases and the vision embeddings stay F32 as the converter keeps them; other weights
-are F16, or Q8_0 (the gguf package's quantizer) where a row holds whole blocks.
+convert_hf_to_gguf.py writes SmolVLM: `model.gguf` (arch `llama`, tokenizer and chat template
+inside, q/k rows in llama.cpp's interleaved RoPE order) and `mmproj.gguf` (arch `clip`, projector
+type `idefics3`). Tensor names are gguf's map of transformers' Idefics3 names; norms, biases and
+the vision embeddings stay F32, other weights are F16 or Q8_0 (where a row holds whole blocks).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -56,8 +51,7 @@ MARKER_AS_IMAGE = (
 
 
 def save_gguf(model: Any, out: str | os.PathLike, outtype: str = "f16") -> None:
-    """Write `model` (a VisionLanguageModel with its tokenizer, adapters merged) to the directory
-    `out` as model.gguf + mmproj.gguf, weights in `outtype` (f16 or q8_0)."""
+    """Write `model` (adapters merged) to the directory `out` as model.gguf + mmproj.gguf in `outtype`."""
     cfg = model.cfg
     check_exportable(cfg, "gguf")
     tokenizer = export_tokenizer(cfg, model.tokenizer)
@@ -71,20 +65,12 @@ def save_gguf(model: Any, out: str | os.PathLike, outtype: str = "f16") -> None:
         else:
             mmproj[name] = tensor
     with written_dir(os.fspath(out)) as tmp:
-        writer = _writer(os.path.join(tmp, FILES[0]), "llama", gguf.GGUFType.MODEL, ftype)
-        _lm_metadata(writer, cfg, model.tokenizer, tokenizer, pre)
-        _add_tensors(writer, _gguf_names(lm, gguf.MODEL_ARCH.LLAMA, cfg.lm_n_blocks, cfg), qtype)
-        writer = _writer(os.path.join(tmp, FILES[1]), "clip", gguf.GGUFType.MMPROJ, ftype)
-        _mmproj_metadata(writer, cfg)
-        _add_tensors(writer, _gguf_names(mmproj, gguf.MODEL_ARCH.MMPROJ, cfg.vit_n_blocks, cfg), qtype)
-
-
-def _writer(path: str, arch: str, kind: str, ftype: gguf.LlamaFileType) -> gguf.GGUFWriter:
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_type(kind)
-    writer.add_name("nanovlm")
-    writer.add_file_type(ftype)
-    return writer
+        _write_file(os.path.join(tmp, FILES[0]), "llama", gguf.GGUFType.MODEL, ftype, qtype,
+                    _gguf_names(lm, gguf.MODEL_ARCH.LLAMA, cfg.lm_n_blocks, cfg),
+                    lambda writer: _lm_metadata(writer, cfg, model.tokenizer, tokenizer, pre))
+        _write_file(os.path.join(tmp, FILES[1]), "clip", gguf.GGUFType.MMPROJ, ftype, qtype,
+                    _gguf_names(mmproj, gguf.MODEL_ARCH.MMPROJ, cfg.vit_n_blocks, cfg),
+                    lambda writer: _mmproj_metadata(writer, cfg))
 
 
 def permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -99,15 +85,20 @@ def _gguf_names(tensors: dict[str, torch.Tensor], arch: gguf.MODEL_ARCH, n_block
     names = gguf.get_tensor_name_map(arch, n_blocks)
     out = {}
     for name, tensor in tensors.items():
-        if name.endswith("q_proj.weight") and arch == gguf.MODEL_ARCH.LLAMA:
-            tensor = permute_rope_rows(tensor, cfg.lm_n_heads)
-        elif name.endswith("k_proj.weight") and arch == gguf.MODEL_ARCH.LLAMA:
-            tensor = permute_rope_rows(tensor, cfg.lm_n_kv_heads)
+        if arch == gguf.MODEL_ARCH.LLAMA and name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = permute_rope_rows(tensor, cfg.lm_n_heads if "q_proj" in name else cfg.lm_n_kv_heads)
         out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor
     return out
 
 
-def _add_tensors(writer: gguf.GGUFWriter, tensors: dict[str, torch.Tensor], qtype: Q) -> None:
+def _write_file(path: str, arch: str, kind: str, ftype: gguf.LlamaFileType, qtype: Q, tensors: dict[str, torch.Tensor],
+                add_metadata: Callable[[gguf.GGUFWriter], None]) -> None:
+    """One GGUF file: its header, `add_metadata`'s keys and `tensors` (see the module docstring for the types)."""
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_type(kind)
+    writer.add_name("nanovlm")
+    writer.add_file_type(ftype)
+    add_metadata(writer)
     for name, tensor in tensors.items():
         data = tensor.numpy()
         if data.ndim == 1 or name in F32_NAMES:
@@ -135,8 +126,7 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
 
 
 def vocabulary(tokenizer: Tokenizer, n_rows: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) of a byte-level BPE tokenizer, padded to `n_rows` tokens as
-    the converter pads a vocabulary smaller than the embedding."""
+    """(tokens, token types, merges) of a byte-level BPE tokenizer, padded to `n_rows` as the converter pads."""
     data = json.loads(tokenizer.to_str())
     added = {t["id"]: t["special"] for t in data["added_tokens"]}
     tokens, types = [], []

@@ -1,12 +1,7 @@
-"""`nanovlm export --format transformers`: a transformers Idefics3 directory.
-
-What `AutoModelForImageTextToText` and `AutoProcessor` load offline (and vLLM serves):
-config.json (`Idefics3Config`), model.safetensors (our tensors under transformers' names: the
-key table of `nanovlm.weights.idefics3`, read backwards), generation_config.json,
-preprocessor_config.json + processor_config.json (`Idefics3ImageProcessor` / `Idefics3Processor`),
-tokenizer.json + tokenizer_config.json and chat_template.jinja, all written to a temporary
-directory renamed into place. transformers' processor then gives our very ids and pixels, and
-a loaded checkpoint (a SmolVLM) round-trips bit for bit.
+"""`nanovlm export --format transformers`: the Idefics3 directory `AutoModelForImageTextToText`
+and `AutoProcessor` load offline: our tensors under transformers' names (`weights.idefics3`'s key
+table read backwards), its config, processor, tokenizer and template files. transformers'
+processor then gives our very ids and pixels; a loaded SmolVLM round-trips bit for bit.
 """
 
 from __future__ import annotations
@@ -24,9 +19,7 @@ from nanovlm.weights.peft import write_adapter
 
 
 def save_transformers(model: Any, out: str | os.PathLike, adapters: tuple | None = None) -> None:
-    """Write `model` (a VisionLanguageModel with its tokenizer) to `out` as a transformers
-    Idefics3 directory; `adapters` (`nanovlm.models.lora.adapter_files_payload`) adds PEFT's
-    adapter files."""
+    """Write `model` to `out` as an Idefics3 directory; `adapters` (`lora.adapter_files_payload`) adds PEFT's."""
     cfg, tok = model.cfg, model.tokenizer
     check_exportable(cfg, "transformers")
     tokenizer = export_tokenizer(cfg, tok)
@@ -55,8 +48,7 @@ def _write_json(directory: str, name: str, data: dict[str, Any]) -> None:
 
 
 def _write_processor(directory: str, cfg: Any, template: str) -> None:
-    """preprocessor_config.json and processor_config.json, as transformers 4 writes them (5 reads
-    them); a model that reads raw [0, 1] pixels gets no normalisation."""
+    """preprocessor_config.json, processor_config.json (as transformers 4 writes them) and the template."""
     resample = {name: code for code, name in RESAMPLE_CODES.items()}[cfg.vlm_image_resample]
     mean, std = pixel_mean_std(cfg)
     _write_json(directory, "preprocessor_config.json", {

@@ -1,5 +1,4 @@
-"""`nanovlm export`: load a checkpoint, fold LoRA adapters in where the format needs it, and
-write it in the format asked for."""
+"""`nanovlm export`: load a checkpoint, fold LoRA adapters in where asked or needed, write it."""
 
 from __future__ import annotations
 
@@ -16,10 +15,7 @@ EXPORT_MARKERS = ("config.json", "model.gguf")
 
 
 def run_export(model_dir: str, fmt: str, out: str, merge_lora: bool = False, outtype: str | None = None) -> int:
-    """`nanovlm export`: load `model_dir`, write `out` in format `fmt`; prints where it went.
-    For transformers, LoRA adapters are written beside the base weights in PEFT's layout
-    (`peft.PeftModel.from_pretrained(model, OUT)` attaches them), or folded in with
-    `merge_lora`; GGUF always has them folded in."""
+    """`nanovlm export`: `model_dir` to `out` in format `fmt`, LoRA adapters in PEFT's files or merged."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose transformers or gguf.")
     if outtype is not None and fmt != "gguf":

@@ -1,13 +1,10 @@
 """The batching engine: one thread owns the model and decodes every running request together.
 
-Continuous batching (Orca's scheme, vLLM's scheduler without paging) on `generate`'s decode
-path: one static KV cache of `max_batch_size` rows x `context` slots. Running requests hold rows
-0..n-1 (one that ends or whose client left hands its row to the last), each with its own slots
-from 0, so a row computes exactly what it would alone. Between two steps the waiting requests
-are prefilled together (right-padded) into the next free rows. Eager steps run the n busy rows;
-compiled ones (`compile=True`) every row, one shape. A sampled request draws from its own
-seeded generator, so its tokens do not depend on its batch. Requests come in through `submit`,
-tokens go out through their `Handle`; text, stop strings and HTTP live in the server.
+Continuous batching (Orca's scheme, vLLM's without paging) on `generate`'s decode step: one
+static KV cache of `max_batch_size` rows x `context` slots; running requests hold rows 0..n-1,
+each from slot 0, so a row computes what it would alone (a finished row hands its place to the
+last). Waiting requests are prefilled together between two steps; each sampled request draws
+from its own seeded generator. Requests come in through `submit`, tokens go out by `Handle`.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanovlm.generation import prefill, sample_next, step_function
 
@@ -43,10 +41,8 @@ class GenerationRequest:
 
 
 class Handle:
-    """A submitted request: read its events, or cancel it (the engine then frees its row). Events:
-    ("token", id), ("done", "stop" (EOS) | "length", n_generated), ("error", message), put into
-    `events` (anything with a thread-safe `put`; by default a queue that `get` reads). While it
-    runs, the engine keeps its decode state here: the slot of its next token, `pos`, and so on."""
+    """A submitted request and its decode state. Events ("token", id), ("done", "stop" | "length", n),
+    ("error", message) go to `events` (anything with a thread-safe `put`; by default read by `get`)."""
 
     def __init__(self, request: GenerationRequest, events: Any = None):
         self.request = request
@@ -55,7 +51,7 @@ class Handle:
         self.pos, self.token, self.generated, self.done = len(request.input_ids), -1, 0, False
         self.generator: torch.Generator | None = None
 
-    def cancel(self) -> None:  # from any thread: the engine reads the flag between two steps
+    def cancel(self) -> None:  # from any thread: the engine frees the row between two steps
         self.cancelled = True
 
     def get(self, timeout: float | None = None):
@@ -90,7 +86,6 @@ class Engine:
         self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "decode_steps": 0,
                          "decode_rows": 0, "prefills": 0, "errors": 0}
 
-    # ------------------------------------------------------------------------------ public
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="nanovlm-engine", daemon=True)
         self._thread.start()
@@ -131,7 +126,6 @@ class Engine:
         c["mean_batch"] = round(c["decode_rows"] / c["decode_steps"], 2) if c["decode_steps"] else 0.0
         return c
 
-    # ------------------------------------------------------------------------------ the loop
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -146,8 +140,7 @@ class Engine:
         self._waiting.clear()
 
     def run_once(self) -> None:
-        """One scheduler iteration: admit waiting requests into free rows, then one decode step.
-        The engine thread's body; tests call it directly to drive the engine step by step."""
+        """One scheduler iteration: admit waiting requests into free rows, then one decode step."""
         with self._cond:
             new = self._take_waiting()
         try:
@@ -184,9 +177,8 @@ class Engine:
         """The new prompts, right-padded, into rows n..n+m-1; their first tokens."""
         model, device = self.model, self.model.device
         lengths = [len(h.request.input_ids) for h in handles]
-        ids = torch.full((len(handles), max(lengths)), self.eos, dtype=torch.long)
-        for i, h in enumerate(handles):
-            ids[i, :lengths[i]] = torch.tensor(h.request.input_ids)
+        ids = pad_sequence([torch.tensor(h.request.input_ids, dtype=torch.long) for h in handles], batch_first=True,
+                           padding_value=self.eos)  # (m, T), right-padded
         images = [h.request.tiles for h in handles]
         try:
             if self._cache is None:

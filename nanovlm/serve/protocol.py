@@ -1,10 +1,8 @@
 """The OpenAI chat-completions protocol: request validation, response and error shapes.
 
-A client's mistake is an `APIError`: the HTTP status, OpenAI's error object and one sentence saying
-what to fix. Scalar fields are checked by one table (`FIELDS`, strict JSON types), messages part by
-part so an error names the exact part. Unknown fields are ignored; fields this server cannot honour
-(`n > 1`, `logprobs`, `tools`, JSON formats) are refused, not dropped. Images arrive as `data:`
-URLs; `http(s)` ones only with `--allow-remote-images`.
+A client's mistake is an `APIError` with one sentence saying what to fix. Scalar fields are
+checked by one table (`FIELDS`), messages part by part; unknown fields are ignored, fields this
+server cannot honour (`n > 1`, `logprobs`, `tools`, JSON formats) refused.
 """
 
 from __future__ import annotations
@@ -292,12 +290,8 @@ def _describe(v: Any) -> str:
 
 # ---------------------------------------------------------------------- text with stop strings
 class TextAssembler:
-    """Token ids -> text deltas, honouring `stop` strings.
-
-    The whole sequence is re-decoded after each token (byte-level BPE pieces can be half a UTF-8
-    character; a trailing U+FFFD means "wait for the next token"). Text that could be the start
-    of a stop string is held back until it is either completed (generation stops and the stop
-    string is cut off) or ruled out."""
+    """Token ids -> text deltas, honouring `stop` strings: the sequence is re-decoded per token (a
+    trailing U+FFFD waits for the rest of a character); text that may start a stop string waits too."""
 
     def __init__(self, tokenizer, stop: list[str] = ()):
         self.tokenizer, self.stop = tokenizer, list(stop)
@@ -351,8 +345,7 @@ def completion_body(model: str, text: str, finish_reason: str, prompt_tokens: in
 
 
 class Chunks:
-    """The chunks of one streamed answer: one id and creation time; with `include_usage` every
-    chunk carries the key `usage` (null until the last, usage-only chunk)."""
+    """The chunks of one streamed answer (with `include_usage`: `usage` null until the last chunk)."""
 
     def __init__(self, model: str, include_usage: bool):
         self.head = _head("chat.completion.chunk", model)

@@ -1,10 +1,8 @@
 """The HTTP server: OpenAI-compatible chat completions, model list, health, metrics, the chat page.
 
-As vLLM and llama-cpp-python serve the OpenAI API: a Starlette app run by uvicorn. The event loop
-answers connections; images and tokenizing run in worker threads, decoding in the engine thread
-(`engine.py`). Every failure is an OpenAI-shaped JSON error: 4xx for what the client can fix, 500
-(logged; the server goes on) for the rest. A client that leaves cancels its request. `_Gate` holds
-the API key, the cap on requests in progress and the metrics; SIGTERM or Ctrl-C drains the server.
+As vLLM serves the OpenAI API: a Starlette app run by uvicorn; images and tokenizing run in
+worker threads, decoding in the engine thread. Every failure is an OpenAI-shaped JSON error (4xx
+for the client's, 500 logged); a client that leaves cancels its request; SIGTERM drains.
 """
 
 from __future__ import annotations
@@ -125,8 +123,7 @@ async def chat(app: App, request: Request) -> Response:
 
 
 def chat_prompt(model, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
-    """Parsed chat messages -> (prompt ids, image tiles or None), laid out as training lays them
-    out (`generation.render_chat`). Raises APIError."""
+    """Parsed chat messages -> (prompt ids, image tiles or None), as `generation.render_chat` lays them out."""
     try:
         chat = render_chat(model, messages)
     except RenderError as e:
@@ -199,8 +196,7 @@ async def _watch_disconnect(request: Request, handle, queue: asyncio.Queue) -> N
 
 
 async def _pieces(app: App, parsed: protocol.ChatRequest, queue: asyncio.Queue):
-    """The answer as it comes: text deltas (str), then ("done", finish_reason, n_tokens); or the
-    engine's ("error", message), or the disconnect watcher's ("gone",)."""
+    """Text deltas, then ("done", finish_reason, n_tokens); or ("error", message) or ("gone",)."""
     text, n_tokens = protocol.TextAssembler(app.engine.model.tokenizer, parsed.stop), 0
     while True:
         event = await queue.get()
@@ -305,8 +301,7 @@ def build_app(app: App):
 
 class _Gate:
     """ASGI middleware: metrics around everything, then the API key on /v1/*, then the cap on
-    requests in progress. Refusals are ordinary responses: uvicorn reads the rest of the request,
-    so the client reads the answer instead of a reset."""
+    requests in progress (refusals are ordinary responses, so the client reads them)."""
 
     def __init__(self, asgi, app: App):
         self.asgi, self.app = asgi, app
@@ -370,8 +365,7 @@ class _Protocol(H11Protocol):
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server, whose SIGTERM / Ctrl-C starts the drain and ends with exit code 0 (uvicorn
-    would re-raise the signal once shut down: here the drain is the whole answer to it)."""
+    """uvicorn's server, whose SIGTERM / Ctrl-C drains and exits 0 (uvicorn would re-raise the signal)."""
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -396,8 +390,7 @@ class _Uvicorn(uvicorn.Server):
 
 # ------------------------------------------------------------------------------------ running
 class RunningServer:
-    """A server on a listening socket: `start()` runs it from a background thread (tests,
-    benchmarks, notebooks), `run()` on this one until a signal drains it (`nanovlm serve`)."""
+    """A server on a listening socket: `start()` runs it in a thread, `run()` here until a signal drains it."""
 
     def __init__(self, server: _Uvicorn, sock: socket.socket, app: App):
         self.server, self.sock, self.app = server, sock, app
@@ -438,8 +431,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = 0, *, max_batch_size
                 allow_remote_images: bool = False, limits: Limits | None = None,
                 model_name: str | Sequence[str] = "nanovlm", context: int | None = None, api_key: str | None = None,
                 drain_timeout: float = 5.0, compile: bool = False) -> RunningServer:
-    """A server for an in-memory model on host:port (0: a free port), its engine started.
-    `model_name`: the name(s) clients may send as `model` (the first is reported; "default" too)."""
+    """A server for an in-memory model on host:port (0: a free port) answering to `model_name`(s) and "default"."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -461,11 +453,6 @@ def make_server(model, host: str = "127.0.0.1", port: int = 0, *, max_batch_size
     return RunningServer(_Uvicorn(config), sock, app)
 
 
-def start_server(model, host: str = "127.0.0.1", port: int = 0, **options) -> RunningServer:
-    """`make_server(...)` running in a background thread."""
-    return make_server(model, host, port, **options).start()
-
-
 def model_name_for(model_dir: str) -> str:
     """The name clients send as `model` by default: the checkpoint folder (`run/final` for a run's final/)."""
     path = os.path.normpath(os.path.abspath(model_dir))
@@ -476,8 +463,7 @@ def model_name_for(model_dir: str) -> str:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, served_model_name: Sequence[str] = (),
           dtype: str = "auto", quantize: str = "none", api_key: str | None = None, drain_timeout: float = 30.0,
           **options) -> int:
-    """`nanovlm serve`: load a checkpoint and serve it until Ctrl-C or SIGTERM, then drain. `options`
-    are `make_server`'s (max_batch_size, allow_remote_images, limits, compile). Returns the exit code."""
+    """`nanovlm serve`: serve a checkpoint until Ctrl-C or SIGTERM drains it; the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be 0 or more seconds, got {drain_timeout:g}.")

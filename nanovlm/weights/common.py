@@ -1,7 +1,7 @@
 """What every foreign-format reader shares: a key table (ours <- theirs) of `Rule`s, each naming
 the file's tensor(s) and a named transform; `convert` lists every missing, unexpected and
 mis-shaped tensor in one `WeightLoadError`. Rows added for extra tokens start as the mean of the
-checkpoint's (Hewitt, "Initializing new word embeddings", 2021): no seed, outputs nearly unchanged.
+checkpoint's (Hewitt, "Initializing new word embeddings", 2021).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ class WeightLoadError(ValueError):
     """Weights do not fit the model; the message lists every problem."""
 
 
-def check_state_dict(state: Mapping[str, Any], expected_shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """Raise WeightLoadError listing every missing, unexpected and mis-shaped key."""
+def check_state_dict(state: Mapping[str, Any], expected_shapes: Mapping[str, tuple[int, ...]], source: str,
+                     also: tuple[str, ...] = ()) -> None:
+    """Raise WeightLoadError listing every missing, unexpected and mis-shaped key (and the `also` problems)."""
     missing = sorted(k for k in expected_shapes if k not in state)
     unexpected = sorted(k for k in state if k not in expected_shapes)
     misshaped = sorted(f"{k}: file has {tuple(state[k].shape)}, model needs {tuple(expected_shapes[k])}"
@@ -37,8 +38,8 @@ def check_state_dict(state: Mapping[str, Any], expected_shapes: Mapping[str, tup
     problems = [f"{what} tensors: {sep.join(shown(names))}"
                 for what, names, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
                                          ("mis-shaped", misshaped, "; ")) if names]
-    if problems:
-        raise WeightLoadError(f"cannot load {source}: " + " | ".join(problems)
+    if problems or also:
+        raise WeightLoadError(f"cannot load {source}: " + " | ".join([*problems, *also])
                               + ". Check that the config matches the checkpoint.")
 
 
@@ -48,10 +49,6 @@ class Rule:
 
     sources: tuple[str, ...]
     transform: Transform | None = None
-
-
-def rule(*sources: str, transform: Transform | None = None) -> Rule:
-    return Rule(tuple(sources), transform)
 
 
 def expand_blocks(table: Mapping[str, Rule], n_blocks: int) -> dict[str, Rule]:
@@ -72,8 +69,7 @@ def fuse(*parts: torch.Tensor) -> torch.Tensor:
 
 
 def grow_rows(n_rows: int) -> Transform:
-    """Append rows up to `n_rows`, each the mean of the existing rows (see the module docstring);
-    more rows than asked pass unchanged, for the shape check to report."""
+    """Append rows up to `n_rows`, each the mean of the existing rows (more pass, for the shape check)."""
 
     def transform(weight: torch.Tensor) -> torch.Tensor:
         extra = n_rows - weight.shape[0]
@@ -103,33 +99,37 @@ def convert(tensors: Mapping[str, torch.Tensor], table: Mapping[str, Rule], expe
             problems.append(f"{ours} (from {', '.join(r.sources)}): {e}")
             expected.pop(ours, None)
     state.update({name: torch.empty(0) for name in tensors if name not in used and not ignore(name)})
-    also = f" Also: {'; '.join(problems)}." if problems else ""
-    try:
-        check_state_dict(state, expected, source)
-    except WeightLoadError as e:
-        raise WeightLoadError(f"{e}{also}") from None
-    if problems:
-        raise WeightLoadError(f"cannot load {source}: {'; '.join(problems)}. "
-                              "Check that the config matches the checkpoint.")
+    check_state_dict(state, expected, source, also=("; ".join(problems),) if problems else ())
     return state
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a converted, checked state dict into `model` (strict; a tied head shares the embedding)."""
-    if model.lm_tie_weights:
-        state = {**state, "head.weight": state["token_embedding.weight"]}
-    model.load_state_dict(state, strict=True)
+def load_checked(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], table: Mapping[str, Rule], source: str,
+                 ignore: Callable[[str], bool] = lambda name: False, expected: Mapping | None = None):
+    """`model` (fp32) with the file's tensors `convert`ed in; `expected`: its state dict but a tied head."""
+    if expected is None:
+        tied = getattr(model, "lm_tie_weights", False)
+        expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "head.weight")}
+    state = convert(tensors, table, {k: tuple(v.shape) for k, v in expected.items()}, source, ignore)
+    model.load_state_dict(state, strict=False)  # `convert` has checked every name and shape
+    return model.float()  # train/eval mode as constructed, like the VLM that holds it
 
 
-def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Our state-dict names and shapes; a tied head is the embedding, so it is not expected."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if not (getattr(model, "lm_tie_weights", False) and k == "head.weight")}
+def load_llama(cls: type, cfg: Any, found: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+               keys: Mapping[str, str], source: str, transforms: Mapping[str, Transform] | None = None,
+               ignore: Callable[[str], bool] = lambda name: False):
+    """A `cls(cfg)` from a Llama key table (ours <- theirs): `found` checked (cfg may extend the
+    vocabulary, not cut it), the vocabulary grown."""
+    arch = {k: v for k, v in found.items() if k not in ("lm_base_vocab_size", "lm_max_position_embeddings")}
+    check_architecture({**arch, "lm_vocab_size": found["lm_base_vocab_size"]}, cfg, source, at_least=("lm_vocab_size",))
+    grow = grow_rows(cfg.lm_vocab_size)
+    transforms = {"token_embedding.weight": grow, "head.weight": grow, **(transforms or {})}
+    table = {ours: Rule((theirs,), transforms.get(ours)) for ours, theirs in keys.items()
+             if not (cfg.lm_tie_weights and ours == "head.weight")}
+    return load_checked(cls(cfg), tensors, expand_blocks(table, cfg.lm_n_blocks), source, ignore)
 
 
 def check_architecture(found: Mapping[str, Any], cfg: Any, source: str, at_least: tuple[str, ...] = ()) -> None:
-    """The checkpoint's architecture (config field -> value) against `cfg`, every difference in one
-    error; fields in `at_least` only need cfg >= checkpoint."""
+    """The checkpoint's fields against `cfg`, every difference in one error (`at_least`: cfg >= checkpoint)."""
     wrong = []
     for name, value in found.items():
         ours = getattr(cfg, name)
@@ -144,12 +144,6 @@ def check_architecture(found: Mapping[str, Any], cfg: Any, source: str, at_least
     if wrong:
         raise WeightLoadError(f"the config does not match {source}: {'; '.join(wrong)}. "
                               "Set these fields to the checkpoint's values.")
-
-
-def check_lm_architecture(found: Mapping[str, Any], cfg: Any, source: str) -> None:
-    """A language model's fields against cfg: all equal, but cfg may extend the vocabulary (not cut it)."""
-    arch = {k: v for k, v in found.items() if k not in ("lm_base_vocab_size", "lm_max_position_embeddings")}
-    check_architecture({**arch, "lm_vocab_size": found["lm_base_vocab_size"]}, cfg, source, at_least=("lm_vocab_size",))
 
 
 def f32_value(x: float) -> float:
@@ -178,9 +172,13 @@ def read_model_config(directory: str, family: str, kinds: tuple[str, ...], accep
 
 
 class Tensors(Mapping):
-    """A checkpoint's tensors by name (`_names`: name -> where it is), each read on access."""
+    """A checkpoint's tensors by name, each read on access as `read(name, where)` (`names`: name -> where)."""
 
-    _names: dict[str, Any]
+    def __init__(self, names: dict[str, Any], read: Callable[[str, Any], torch.Tensor]):
+        self._names, self._read = names, read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._read(name, self._names[name])
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
         return name in self._names
@@ -192,35 +190,30 @@ class Tensors(Mapping):
         return len(self._names)
 
 
-class SafetensorsTensors(Tensors):
+def safetensors_tensors(directory: str) -> Tensors:
     """The tensors of a safetensors checkpoint (one file or a sharded index)."""
-
-    def __init__(self, directory: str):
-        index = os.path.join(directory, "model.safetensors.index.json")
-        single = os.path.join(directory, "model.safetensors")
-        if os.path.isfile(index):
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise WeightLoadError(f"{index} has no weight_map; it is not a safetensors index.")
-            files = {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
-        elif os.path.isfile(single):
-            files = None
-        else:
-            raise WeightLoadError(f"{directory} has neither model.safetensors nor model.safetensors.index.json; "
-                                  "only safetensors checkpoints are read (no pickle .bin files).")
-        self._handles: dict[str, Any] = {}
-        self._names: dict[str, str] = {}
-        for path in sorted(set(files.values())) if files else [single]:
-            if not os.path.isfile(path):
-                raise WeightLoadError(f"shard {path} named by the index does not exist.")
-            try:
-                self._handles[path] = safe_open(path, framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise WeightLoadError(f"{path} is not a safetensors file ({e}).") from None
-            self._names.update({name: path for name in self._handles[path].keys()})
-        lost = sorted(n for n, p in (files or {}).items() if self._names.get(n) != p)
-        if lost:
-            raise WeightLoadError(f"the index of {directory} names tensors its shards lack: {', '.join(lost[:10])}.")
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._handles[self._names[name]].get_tensor(name)
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightLoadError(f"{index} has no weight_map; it is not a safetensors index.")
+        files = {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
+    elif os.path.isfile(single):
+        files = None
+    else:
+        raise WeightLoadError(f"{directory} has neither model.safetensors nor model.safetensors.index.json; "
+                              "only safetensors checkpoints are read (no pickle .bin files).")
+    handles: dict[str, Any] = {}
+    for path in sorted(set(files.values())) if files else [single]:
+        if not os.path.isfile(path):
+            raise WeightLoadError(f"shard {path} named by the index does not exist.")
+        try:
+            handle = safe_open(path, framework="pt")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightLoadError(f"{path} is not a safetensors file ({e}).") from None
+        handles.update({name: (path, handle) for name in handle.keys()})
+    lost = sorted(n for n, p in (files or {}).items() if handles.get(n, ("",))[0] != p)
+    if lost:
+        raise WeightLoadError(f"the index of {directory} names tensors its shards lack: {', '.join(lost[:10])}.")
+    return Tensors(handles, lambda name, where: where[1].get_tensor(name))

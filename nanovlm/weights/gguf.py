@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanovlm.weights.common import (Tensors, Transform, WeightLoadError, check_lm_architecture, convert,
-                                    expand_blocks, expected_shapes, f32_value, grow_rows, load_into, rule)
+from nanovlm.weights.common import Tensors, Transform, WeightLoadError, f32_value, load_llama
 
 # ours <- GGUF's
 KEYS = {
@@ -45,19 +44,6 @@ def unpermute_rope_rows(n_heads: int) -> Transform:
     return transform
 
 
-def table(cfg: Any) -> dict:
-    grow = grow_rows(cfg.lm_vocab_size)
-    transforms = {
-        "token_embedding.weight": grow,
-        "head.weight": grow,
-        "blocks.{i}.attn.q_proj.weight": unpermute_rope_rows(cfg.lm_n_heads),
-        "blocks.{i}.attn.k_proj.weight": unpermute_rope_rows(cfg.lm_n_kv_heads),
-    }
-    keys = {k: v for k, v in KEYS.items() if not (cfg.lm_tie_weights and k == "head.weight")}
-    return expand_blocks({ours: rule(theirs, transform=transforms.get(ours)) for ours, theirs in keys.items()},
-                         cfg.lm_n_blocks)
-
-
 def open_gguf(path: str):
     """A GGUFReader for `path`; the last two are kept: parsing the tokenizer strings takes seconds."""
     st = os.stat(path)
@@ -74,23 +60,17 @@ def _open_gguf(path: str, mtime_ns: int, size: int, inode: int):
         raise WeightLoadError(f"{path} is not a GGUF file ({type(e).__name__}: {e}).") from None
 
 
-class GGUFTensors(Tensors):
-    """The tensors of a GGUF file by name, dequantized to fp32 on access."""
+def _dequantized(name: str, t) -> torch.Tensor:
+    """One tensor of a GGUF file (a ReaderTensor), dequantized to fp32."""
+    from gguf.quants import dequantize
 
-    def __init__(self, reader):
-        self._names = {t.name: t for t in reader.tensors}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        t = self._names[name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
-        try:
-            values = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        except NotImplementedError:
-            raise WeightLoadError(f"tensor {name} is stored as {t.tensor_type.name}, which the gguf package "
-                                  "cannot dequantize; use a file quantized differently (e.g. Q8_0, F16).") from None
-        return torch.from_numpy(values)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
+    try:
+        values = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    except NotImplementedError:
+        raise WeightLoadError(f"tensor {name} is stored as {t.tensor_type.name}, which the gguf package "
+                              "cannot dequantize; use a file quantized differently (e.g. Q8_0, F16).") from None
+    return torch.from_numpy(values)
 
 
 def gguf_value(reader, key: str, default: Any = None) -> Any:
@@ -99,7 +79,9 @@ def gguf_value(reader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def _metadata(reader, path: str) -> dict[str, Any]:
+def gguf_llama_config(path: str) -> dict[str, Any]:
+    """The `lm_*` fields of a llama GGUF file."""
+    reader = open_gguf(path)
     arch = gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise WeightLoadError(f"{path} holds a {arch!r} model; only GGUF files of the 'llama' architecture "
@@ -110,11 +92,6 @@ def _metadata(reader, path: str) -> dict[str, Any]:
     missing = [f"llama.{k}" for k in required if k not in meta]
     if missing:
         raise WeightLoadError(f"{path} lacks the metadata {', '.join(missing)}.")
-    return meta
-
-
-def _config(reader, path: str) -> dict[str, Any]:
-    meta = _metadata(reader, path)
     names = {t.name for t in reader.tensors}
     heads = meta["attention.head_count"]
     kv_heads = meta.get("attention.head_count_kv", heads)
@@ -152,16 +129,10 @@ def _config(reader, path: str) -> dict[str, Any]:
     }
 
 
-def gguf_llama_config(path: str) -> dict[str, Any]:
-    """The `lm_*` fields of a llama GGUF file."""
-    return _config(open_gguf(path), path)
-
-
 def load_gguf_llama(cls: type, cfg: Any, path: str):
     """A `cls(cfg)` with the (dequantized, fp32) weights of a llama GGUF file."""
-    reader = open_gguf(path)
-    check_lm_architecture(_config(reader, path), cfg, path)
-    model = cls(cfg)
-    state = convert(GGUFTensors(reader), table(cfg), expected_shapes(model), path)
-    load_into(model, state)
-    return model.float()  # train/eval mode as constructed, like the VLM that holds it
+    found, reader = gguf_llama_config(path), open_gguf(path)  # the reader is cached
+    transforms = {"blocks.{i}.attn.q_proj.weight": unpermute_rope_rows(cfg.lm_n_heads),
+                  "blocks.{i}.attn.k_proj.weight": unpermute_rope_rows(cfg.lm_n_kv_heads)}
+    tensors = Tensors({t.name: t for t in reader.tensors}, _dequantized)
+    return load_llama(cls, cfg, found, tensors, KEYS, path, transforms)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanovlm.weights.common import (SafetensorsTensors, WeightLoadError, check_lm_architecture, convert,
-                                    expand_blocks, expected_shapes, grow_rows, load_into, read_model_config,
-                                    rule)
+from nanovlm.weights.common import WeightLoadError, load_llama, read_model_config, safetensors_tensors
 
 # ours <- transformers'
 KEYS = {
@@ -33,23 +31,11 @@ _DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
              "tie_word_embeddings": False, "hidden_act": "silu", "rope_theta": 10000.0}
 
 
-def table(cfg: Any) -> dict:
-    grow = grow_rows(cfg.lm_vocab_size)
-    transforms = {"token_embedding.weight": grow, "head.weight": grow}
-    keys = {k: v for k, v in KEYS.items() if not (cfg.lm_tie_weights and k == "head.weight")}
-    return expand_blocks({ours: rule(theirs, transform=transforms.get(ours)) for ours, theirs in keys.items()},
-                         cfg.lm_n_blocks)
-
-
-def _read_config(directory: str) -> dict[str, Any]:
-    config, _ = read_model_config(directory, "Llama", ("llama",),
-                                  "Llama-architecture language models (model_type 'llama', e.g. SmolLM2)")
-    return {**_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-
-
 def hf_llama_config(directory: str) -> dict[str, Any]:
     """The `lm_*` fields of a transformers Llama directory."""
-    return llama_fields(_read_config(directory), directory)
+    config, _ = read_model_config(directory, "Llama", ("llama",),
+                                  "Llama-architecture language models (model_type 'llama', e.g. SmolLM2)")
+    return llama_fields(config, directory)
 
 
 def llama_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -89,15 +75,10 @@ def llama_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
 
 def load_hf_llama(cls: type, cfg: Any, directory: str):
     """A `cls(cfg)` with the weights of a transformers Llama directory, fp32 on the CPU."""
-    found = hf_llama_config(directory)
-    check_lm_architecture(found, cfg, directory)
-    tensors = SafetensorsTensors(directory)
-    model = cls(cfg)
 
     def ignore(name: str) -> bool:
         # Old checkpoints stored the RoPE frequencies; a tied checkpoint may still carry lm_head.
         return name.endswith("rotary_emb.inv_freq") or (cfg.lm_tie_weights and name == "lm_head.weight")
 
-    state = convert(tensors, table(cfg), expected_shapes(model), directory, ignore)
-    load_into(model, state)
-    return model.float()  # train/eval mode as constructed, like the VLM that holds it
+    return load_llama(cls, cfg, hf_llama_config(directory), safetensors_tensors(directory), KEYS, directory,
+                      ignore=ignore)

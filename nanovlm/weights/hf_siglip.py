@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from nanovlm.config import VIT_ACTIVATIONS
 from nanovlm.sources import resolve
-from nanovlm.weights.common import (HF_PATTERNS, SafetensorsTensors, WeightLoadError, check_architecture,
-                                    convert, expand_blocks, expected_shapes, fuse, read_model_config, rule)
+from nanovlm.weights.common import (HF_PATTERNS, Rule, WeightLoadError, check_architecture, expand_blocks, fuse,
+                                    load_checked, read_model_config, safetensors_tensors)
 
 _ATTN = "encoder.layers.{i}.self_attn"
 
@@ -40,15 +40,13 @@ KEYS = {
     "layer_norm.bias": "post_layernorm.bias",
 }
 
-# SiglipVisionConfig's / Siglip2VisionConfig's defaults, for config.json files that leave them out
-# (the google/siglip-* configs do).
+# SiglipVisionConfig's / Siglip2VisionConfig's defaults, for config.json files that leave them out.
 _DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
              "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
              "layer_norm_eps": 1e-6, "num_patches": 256}
 _KINDS = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
 
 
-# --------------------------------------------------------------------------- named transforms
 def resize_positions(grid: int, naflex: bool):
     """(N, D) learned positions of a square grid -> (1, grid * grid, D)."""
 
@@ -70,8 +68,7 @@ def resize_positions(grid: int, naflex: bool):
 
 
 def patch_linear_to_conv(patch: int, channels: int):
-    """NaFlex's linear patch embedding (D, patch * patch * C), inputs in (row, column, channel)
-    order -> the equivalent conv weight (D, C, patch, patch); a conv weight passes unchanged."""
+    """NaFlex's linear patch embedding (D, patch * patch * C), (row, column, channel) order -> a conv weight."""
 
     def transform(weight: torch.Tensor) -> torch.Tensor:
         if weight.dim() == 4:
@@ -91,14 +88,11 @@ def table(cfg: Any, naflex: bool, prefix: str) -> dict:
         "blocks.{i}.attn.qkv_proj.weight": fuse,
         "blocks.{i}.attn.qkv_proj.bias": fuse,
     }
-    rules = {}
-    for ours, theirs in KEYS.items():
-        names = (theirs,) if isinstance(theirs, str) else theirs
-        rules[ours] = rule(*(prefix + n for n in names), transform=transforms.get(ours))
+    rules = {ours: Rule(tuple(prefix + n for n in ((theirs,) if isinstance(theirs, str) else theirs)),
+                        transforms.get(ours)) for ours, theirs in KEYS.items()}
     return expand_blocks(rules, cfg.vit_n_blocks)
 
 
-# --------------------------------------------------------------------------- config
 def _vision_config(directory: str) -> tuple[dict[str, Any], bool]:
     """-> (vision config with defaults filled in, is NaFlex)."""
     if not os.path.isdir(directory):
@@ -139,10 +133,8 @@ def _resolve_vision(name: str) -> str:
     return resolve(name, allow_patterns=HF_PATTERNS)
 
 
-# --------------------------------------------------------------------------- loading
 def load_siglip_vision(cls: type, cfg: Any):
-    """A `cls(cfg)` (ViT) with the SigLIP vision weights `cfg.vit_model_type` names, fp32 on the CPU.
-    `cfg.vit_img_size` may differ from the checkpoint's: the position grid is resized."""
+    """A `cls(cfg)` (ViT) with the SigLIP weights `cfg.vit_model_type` names (any vit_img_size), fp32."""
     directory = _resolve_vision(cfg.vit_model_type)
     vision, naflex = _vision_config(directory)
     found = _vit_fields(vision, naflex)
@@ -160,7 +152,7 @@ def load_siglip_vision(cls: type, cfg: Any):
     if wrong:
         raise WeightLoadError(f"cannot load {directory}: {'; '.join(wrong)}.")
 
-    tensors = SafetensorsTensors(directory)
+    tensors = safetensors_tensors(directory)
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
 
     def ignore(name: str) -> bool:
@@ -169,7 +161,4 @@ def load_siglip_vision(cls: type, cfg: Any):
         rest = name[len(prefix):]
         return rest.startswith("head.") or rest.endswith("position_ids")
 
-    model = cls(cfg)
-    state = convert(tensors, table(cfg, naflex, prefix), expected_shapes(model), directory, ignore)
-    model.load_state_dict(state, strict=True)
-    return model.float()  # train/eval mode as constructed, like the VLM that holds it
+    return load_checked(cls(cfg), tensors, table(cfg, naflex, prefix), directory, ignore)

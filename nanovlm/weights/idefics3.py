@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 
 from nanovlm.config import IDEFICS3_LAYOUT, VLMConfig
 from nanovlm.weights import hf_llama, hf_siglip
-from nanovlm.weights.common import (Rule, SafetensorsTensors, WeightLoadError, convert, fuse, read_json,
-                                    read_model_config)
+from nanovlm.weights.common import (Rule, WeightLoadError, fuse, load_checked, read_json, read_model_config,
+                                    safetensors_tensors)
 
 VISION, CONNECTOR, TEXT = "model.vision_model.", "model.connector.", "model.text_model."
 
@@ -37,8 +37,7 @@ def _keys() -> dict[str, tuple[tuple[str, ...], str]]:
 
 KEYS = _keys()
 
-# The tokens of Idefics3's prompt layout, as vlm_extra_tokens names them; Idefics3Processor
-# knows row/column tags up to 6 x 6 (larger grids write theirs out as text).
+# The tokens of Idefics3's prompt layout, as vlm_extra_tokens names them.
 IDEFICS3_TOKENS = {**IDEFICS3_LAYOUT["vlm_extra_tokens"], "end_of_utterance_token": "<end_of_utterance>"}
 
 # Idefics3VisionConfig's defaults, for config.json files that leave them out.
@@ -49,10 +48,8 @@ _VISION_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_
 RESAMPLE_CODES = {1: "lanczos", 3: "bicubic"}
 
 
-# --------------------------------------------------------------------------- names
 def expanded_keys(cfg: Any) -> dict[str, tuple[tuple[str, ...], str]]:
-    """KEYS written out per block (the vision tower's and the text model's own counts); a tied
-    head is the embedding, so it has no entry."""
+    """KEYS written out per block of each tower; a tied head (it is the embedding) has no entry."""
     out = {}
     for ours, (names, kind) in KEYS.items():
         if cfg.lm_tie_weights and ours == "decoder.head.weight":
@@ -64,9 +61,7 @@ def expanded_keys(cfg: Any) -> dict[str, tuple[tuple[str, ...], str]]:
 
 
 def module_names(ours: str) -> list[str]:
-    """One of our module names -> transformers' module name(s), e.g.
-    `decoder.blocks.3.attn.q_proj` -> [`model.text_model.layers.3.self_attn.q_proj`] and the
-    fused `vision_encoder.blocks.0.attn.qkv_proj` -> its q, k and v projections."""
+    """One of our module names -> transformers' module name(s) (three for a fused qkv_proj)."""
     indices = re.findall(r"\.(\d+)\.", ours)
     template = re.sub(r"\.\d+\.", ".{i}.", ours, count=1)
     for suffix in (".weight", ""):
@@ -78,10 +73,8 @@ def module_names(ours: str) -> list[str]:
                    "decoder.blocks.0.attn.q_proj or vision_encoder.blocks.0.attn.qkv_proj.")
 
 
-# --------------------------------------------------------------------------- transforms
 def tile_position_ids(grid: int) -> torch.Tensor:
-    """The position row `Idefics3VisionEmbeddings` reads for each patch of a full tile, computed
-    as it computes them (float32 fractional coordinates bucketed by `torch.bucketize`)."""
+    """The position row `Idefics3VisionEmbeddings` reads for each patch of a full tile, computed as it does."""
     boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
     coords = torch.arange(grid, dtype=torch.float32) * (1.0 / torch.tensor(grid))
     buckets = torch.bucketize(torch.clamp(coords, max=1.0 - 1e-6), boundaries, right=True)  # (grid,)
@@ -125,7 +118,6 @@ def to_transformers(cfg: Any, state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-# --------------------------------------------------------------------------- the config
 def is_idefics3(directory: str) -> bool:
     """Whether a local directory holds a transformers Idefics3 model (config.json model_type)."""
     path = os.path.join(directory, "config.json")
@@ -144,9 +136,7 @@ def _optional_json(directory: str, name: str) -> dict[str, Any]:
 
 
 def processor_files(directory: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
-    """(image processor settings, processor settings, chat template) from the files transformers
-    4 (preprocessor_config.json, chat_template.json) or 5 (processor_config.json with the image
-    processor inside, chat_template.jinja) writes; the tokenizer_config's template last."""
+    """(image processor settings, processor settings, chat template) from the files transformers 4 or 5 writes."""
     processor = _optional_json(directory, "processor_config.json")
     image = _optional_json(directory, "preprocessor_config.json") or processor.get("image_processor") or {}
     template = processor.get("chat_template")
@@ -225,17 +215,14 @@ def idefics3_config(directory: str) -> VLMConfig:
     return cfg
 
 
-# --------------------------------------------------------------------------- loading
 def load_idefics3(cls: type, directory: str):
     """A `cls` (VisionLanguageModel) with an Idefics3 directory's weights, fp32 on the CPU."""
     cfg = idefics3_config(directory)
     model = cls(cfg, load_backbone=False)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict_for_saving().items()}
 
     def ignore(name: str) -> bool:
         tied_head = cfg.lm_tie_weights and name == "lm_head.weight"
         return name.endswith(("position_ids", "rotary_emb.inv_freq")) or tied_head
 
-    state = convert(SafetensorsTensors(directory), table(cfg), expected, directory, ignore)  # every tensor checked
-    model.load_state_dict(state, strict=False)  # strict but for a tied head: it is the embedding
-    return model.float()
+    return load_checked(model, safetensors_tensors(directory), table(cfg), directory, ignore,
+                        model.state_dict_for_saving())

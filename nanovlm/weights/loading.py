@@ -14,6 +14,10 @@ from nanovlm.weights.gguf import gguf_llama_config, load_gguf_llama
 from nanovlm.weights.hf_llama import hf_llama_config, load_hf_llama
 
 
+# kind -> (its `lm_*` fields, its loader)
+READERS = {"gguf": (gguf_llama_config, load_gguf_llama), "hf": (hf_llama_config, load_hf_llama)}
+
+
 def _resolve_lm(name: str) -> tuple[str, str]:
     """-> ("gguf" | "hf", local path)."""
     if not name:
@@ -31,15 +35,10 @@ def _resolve_lm(name: str) -> tuple[str, str]:
 def load_language_model(cls: type, cfg: Any):
     """A `cls` (LanguageModel) with the weights `cfg.lm_model_type` names, fp32 on the CPU."""
     kind, path = _resolve_lm(cfg.lm_model_type)
-    if kind == "gguf":
-        return load_gguf_llama(cls, cfg, path)
-    return load_hf_llama(cls, cfg, path)
+    return READERS[kind][1](cls, cfg, path)
 
 
 def config_from_source(name: str) -> dict[str, Any]:
-    """The `lm_*` architecture fields of a language-model source (HF directory, .gguf file,
-    `packaged:smollm2-135m`, or a hub id when online), ready for `VLMConfig(**fields)`."""
+    """The `lm_*` architecture fields of a language-model source, ready for `VLMConfig(**fields)`."""
     kind, path = _resolve_lm(name)
-    if kind == "gguf":
-        return gguf_llama_config(path)
-    return hf_llama_config(path)
+    return READERS[kind][0](path)

@@ -1,7 +1,6 @@
 """Checkpoint directories of nanovlm and of the original nanoVLM: config.json + model.safetensors
-(+ tokenizer and PEFT adapter files). Both use the original's tensor names; its saved RoPE
-frequencies are dropped, and a tied head may be stored under either name. The model is taken
-duck-typed (`cfg`, `state_dict_for_saving()`, `load_state_dict()`): `weights/` imports no `models/`.
+(+ tokenizer and PEFT adapter files), both in the original's tensor names; its saved RoPE
+frequencies are dropped, and a tied head may be stored under either name.
 """
 
 from __future__ import annotations
@@ -24,13 +23,9 @@ from nanovlm.weights.peft import ADAPTER_WEIGHTS, has_adapter, read_adapter, wri
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-_NON_LEARNED_KEYS = ("decoder.rotary_embd.inv_freq",)
-
 
 def checkpoint_directory(repo_id_or_path: str | os.PathLike, revision: str | None = None) -> str:
-    """The local checkpoint directory a `--model` / `from_pretrained` value names (a hub repo is
-    downloaded when online); every file it must hold is checked (an Idefics3 directory's by
-    `weights.idefics3`)."""
+    """The local checkpoint directory a `--model` / `from_pretrained` value names, its files checked."""
     directory = resolve(repo_id_or_path, revision=revision)
     if not os.path.isdir(directory):
         raise ValueError(f"{directory} is a file; --model / from_pretrained expects a checkpoint directory "
@@ -52,32 +47,22 @@ def checkpoint_config(repo_id_or_path: str | os.PathLike) -> VLMConfig:
         VLMConfig.from_json(os.path.join(checkpoint_directory(path), CONFIG_FILE))
 
 
-def read_checkpoint(directory: str) -> tuple[VLMConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) of a checkpoint directory, ours or the original's."""
-    cfg = VLMConfig.from_json(os.path.join(directory, CONFIG_FILE))
-    return cfg, load_file(os.path.join(directory, WEIGHTS_FILE))
-
-
 def load_state(model: Any, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strictly load a nanoVLM-layout state dict into `model`; every problem is listed, none is skipped."""
-    state = {k: v for k, v in state.items() if k not in _NON_LEARNED_KEYS}
+    state = {k: v for k, v in state.items() if k != "decoder.rotary_embd.inv_freq"}
     tied = model.cfg.lm_tie_weights
     if tied and "decoder.token_embedding.weight" not in state and "decoder.head.weight" in state:
         state["decoder.token_embedding.weight"] = state["decoder.head.weight"]
     if tied:
         state.pop("decoder.head.weight", None)
-    expected = model.state_dict_for_saving()
-    check_state_dict(state, {k: tuple(v.shape) for k, v in expected.items()}, source)
-    # head.weight is absent when tied (it is the embedding); everything else was checked above.
-    model.load_state_dict(state, strict=False)
+    check_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict_for_saving().items()}, source)
+    model.load_state_dict(state, strict=False)  # checked above; a tied head is the embedding
 
 
 def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[str, torch.Tensor],
                      tokenizer=None, adapter: tuple | None = None) -> None:
-    """Write config.json, model.safetensors and the tokenizer files (when given) atomically: a
-    temporary directory renamed into place, so a crash never leaves a half-written checkpoint.
-    `adapter` (LoRA settings, adapter tensors, tensors of modules trained whole) adds PEFT's
-    adapter_config.json + adapter_model.safetensors (`nanovlm.weights.peft`)."""
+    """Write config.json, model.safetensors, the tokenizer files (when given) and `adapter` (`peft.write_adapter`'s
+    arguments) atomically: a temporary directory renamed into place."""
     with written_dir(os.fspath(directory)) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
@@ -90,8 +75,7 @@ def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[s
 
 def push_checkpoint(repo_id: str, save: Callable[[str], None], private: bool = False,
                     commit_message: str = "Upload nanovlm model"):
-    """Upload the checkpoint directory `save(path)` writes to hub repo `repo_id` (created if
-    needed; needs `huggingface_hub` and a login). Only ever called explicitly."""
+    """Upload the checkpoint directory `save(path)` writes to hub repo `repo_id` (created if needed)."""
     from huggingface_hub import create_repo, upload_folder  # optional: the [hf] extra
 
     repo_id = create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
@@ -103,14 +87,12 @@ def push_checkpoint(repo_id: str, save: Callable[[str], None], private: bool = F
 
 def read_model(cls: type, repo_id_or_path: str | os.PathLike, revision: str | None = None
                ) -> tuple[Any, str, tuple | None]:
-    """(a `cls` with the weights, its directory, (adapter settings, tensors, file) or None): ours or
-    the original nanoVLM's checkpoint with the LoRA adapters saved beside it, or an Idefics3 one."""
+    """(a `cls` with the weights, its directory, (adapter settings, tensors, file) or None) of any checkpoint."""
     path = resolve(repo_id_or_path, revision=revision)
     if is_idefics3(path):
         return load_idefics3(cls, path), path, None
     directory = checkpoint_directory(path, revision)
-    cfg, state = read_checkpoint(directory)
-    model = cls(cfg, load_backbone=False)
-    load_state(model, state, source=os.path.join(directory, WEIGHTS_FILE))
+    model = cls(VLMConfig.from_json(os.path.join(directory, CONFIG_FILE)), load_backbone=False)
+    load_state(model, load_file(os.path.join(directory, WEIGHTS_FILE)), source=os.path.join(directory, WEIGHTS_FILE))
     adapter = (*read_adapter(directory), os.path.join(directory, ADAPTER_WEIGHTS)) if has_adapter(directory) else None
     return model, directory, adapter

@@ -26,39 +26,36 @@ TARGETABLE = ("decoder.blocks.{i}.attn.q_proj", "decoder.blocks.{i}.attn.k_proj"
 IDEFICS3_NAMES: dict[str, tuple[str, ...]] = {
     ours: tuple(n.replace(".0.", ".{i}.", 1) if "{i}" in ours else n for n in module_names(ours.replace("{i}", "0")))
     for ours in TARGETABLE}
+_OURS = {theirs: (ours, s) for ours, names in IDEFICS3_NAMES.items() for s, theirs in enumerate(names)}
 
 
-def _pattern(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
-
-
-_OURS = [(_pattern(ours), theirs) for ours, theirs in IDEFICS3_NAMES.items()]
-_THEIRS = [(_pattern(t), ours, s) for ours, theirs in IDEFICS3_NAMES.items() for s, t in enumerate(theirs)]
+def _template(module: str) -> tuple[str, str]:
+    """A module name with its block index as `{i}`, and the index ("" for none)."""
+    m = re.search(r"\.(\d+)\.", module)
+    return (f"{module[:m.start()]}.{{i}}.{module[m.end():]}", m.group(1)) if m else (module, "")
 
 
 def idefics3_names(module: str) -> tuple[str, ...]:
     """transformers Idefics3 module name(s) of one of our linear modules (three for a fused qkv)."""
-    for pattern, theirs in _OURS:
-        m = pattern.fullmatch(module)
-        if m:
-            return tuple(t.replace("{i}", m.group(1)) if m.groups() else t for t in theirs)
-    raise ValueError(f"{module} has no Idefics3 counterpart; PEFT adapters exist for the linear layers of "
-                     f"{', '.join(IDEFICS3_NAMES)}.")
+    template, i = _template(module)
+    if template not in IDEFICS3_NAMES:
+        raise ValueError(f"{module} has no Idefics3 counterpart; PEFT adapters exist for the linear layers of "
+                         f"{', '.join(IDEFICS3_NAMES)}.")
+    return tuple(t.replace("{i}", i) for t in IDEFICS3_NAMES[template])
 
 
 def from_idefics3_name(module: str) -> tuple[str, int]:
     """(our module name, output slice) of a transformers Idefics3 module name."""
-    for pattern, ours, s in _THEIRS:
-        m = pattern.fullmatch(module)
-        if m:
-            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), s
-    raise ValueError(f"{module} is not a module of ours in the Idefics3 layout (see nanovlm.weights.peft).")
+    template, i = _template(module)
+    if template not in _OURS:
+        raise ValueError(f"{module} is not a module of ours in the Idefics3 layout (see nanovlm.weights.peft).")
+    ours, s = _OURS[template]
+    return ours.replace("{i}", i), s
 
 
-# ------------------------------------------------------------------------------------ writing
 def peft_tensors(adapters: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PEFT's state dict from our adapter tensors (`<module>.lora_A` (slices, rank, in), `.lora_B`
-    (slices, out / slices, rank)) and the weights of modules saved whole (`MP.proj.weight`)."""
+    """PEFT's state dict from our adapter tensors (`<module>.lora_A` / `.lora_B`, one row per output
+    slice) and the weights of modules saved whole (`MP.proj.weight`)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in adapters.items():
         module, _, kind = key.rpartition(".")
@@ -100,14 +97,12 @@ def write_adapter(directory: str, settings: dict, adapters: dict[str, torch.Tens
     save_file(peft_tensors(adapters, whole), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-# ------------------------------------------------------------------------------------ reading
 def has_adapter(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG))
 
 
 def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(settings: rank, alpha, dropout, modules (ours)), our adapter tensors) of a PEFT directory
-    this module wrote (or any LoRA adapter of plain rank and scaling on these modules)."""
+    """(settings: rank, alpha, dropout, modules, our adapter tensors) of a plain-LoRA PEFT directory."""
     path = os.path.join(directory, ADAPTER_CONFIG)
     with open(path) as f:
         config = json.load(f)

@@ -20,7 +20,7 @@ CHROMIUM = os.environ.get("NANOVLM_CHROMIUM", "/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from nanovlm import VLMConfig, VisionLanguageModel
-    from nanovlm.serve.server import start_server
+    from nanovlm.serve.server import make_server
 
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig.from_preset("tiny"), load_backbone=False)
@@ -30,7 +30,7 @@ def server(tmp_path_factory):
                 p.normal_(0, 0.2)
     path = tmp_path_factory.mktemp("browser") / "tiny"
     model.save_pretrained(path)
-    srv = start_server(VisionLanguageModel.from_pretrained(path), port=0, model_name="tiny-browser")
+    srv = make_server(VisionLanguageModel.from_pretrained(path), port=0, model_name="tiny-browser").start()
     yield srv
     srv.close()
 
