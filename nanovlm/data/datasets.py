@@ -320,7 +320,7 @@ class ConversationDataset(Dataset):
         return info
 
 
-def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train", *, rank: int = 0, world_size: int = 1):
+def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train"):
     """The dataset of `split` of what `train_cfg.data` names (see the module docstring)."""
     return ConversationDataset(open_records(train_cfg.data, split, train_cfg.image_folder), vlm_cfg, tokenizer,
                                train_cfg, split)

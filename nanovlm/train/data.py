@@ -58,7 +58,7 @@ def validation_split(keys: Sequence[str], fraction: float, cap: int, seed: int) 
 
 def build_data(vlm_cfg: VLMConfig, cfg: TrainConfig, tokenizer, info: DistInfo, say=print) -> Data:
     """The data `cfg.data` names (and `val_data`, when given), through `make_data`."""
-    dataset = build_dataset(cfg, vlm_cfg, tokenizer, split="train", rank=info.rank, world_size=info.world_size)
+    dataset = build_dataset(cfg, vlm_cfg, tokenizer, split="train")
     val_set = build_dataset(cfg.replace(data=cfg.val_data, data_weights=""), vlm_cfg, tokenizer) if cfg.val_data \
         else None
     return make_data(dataset, build_collator(cfg, vlm_cfg, tokenizer), cfg, info, val_set=val_set, say=say)
