@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from PIL import Image
 
-from nanovlm.data.images import open_image
+from nanovlm.data.images import load_image
 from nanovlm.data.processors import ChatRenderer, RenderedChat, RenderError
 
 
@@ -181,7 +181,7 @@ def load_images(entry, index: int) -> list[Image.Image]:
         if not isinstance(item, (str, os.PathLike, Image.Image)):
             raise TypeError(f"question {index}: an image must be a PIL image or a file path, got "
                             f"{type(item).__name__}.")
-    return [item.convert("RGB") if isinstance(item, Image.Image) else open_image(item) for item in items]
+    return [item.convert("RGB") if isinstance(item, Image.Image) else load_image(item) for item in items]
 
 
 _RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -55,9 +55,6 @@ def load_image(source: Any, *, base_dir: str | None = None, max_pixels: int = DE
                                   f"got {type(source).__name__}.")
 
 
-open_image = load_image  # generation.py's name for it
-
-
 def _decode(fp, name: str, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
