@@ -41,7 +41,3 @@ def task_report(task: str, model, *, data: str, val_source: Any = None, val_reco
     report = vqa.evaluate(model, items, batch_size=batch_size, progress=progress, rank=rank, world_size=world_size,
                           gather=gather, autocast_dtype=autocast_dtype)
     return {**report, "name": name, "what": what}
-
-
-def format_report(report: dict[str, Any]) -> str:
-    return vqa.format_report(report, title=report["what"])

@@ -19,7 +19,8 @@ import torch
 from nanovlm import runtime
 from nanovlm.config import TrainConfig, VLMConfig
 from nanovlm.data.tokenizer import tokenizer_for
-from nanovlm.eval.tasks import format_report, resolve_task
+from nanovlm.eval import vqa
+from nanovlm.eval.tasks import resolve_task
 from nanovlm.fileio import atomic_write_json
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train import checkpoint as ckpt
@@ -151,7 +152,7 @@ def finish(run: Run, final_eval: bool, t_session: float) -> dict:
     if info.is_main:
         if final is not None and final["report"] is not None:
             atomic_write_json(os.path.join(run.run_dir, f"eval_{final['report']['name']}.json"), final["report"])
-            run.say(format_report(final["report"]))
+            run.say(vqa.format_report(final["report"], title=final["report"]["what"]))
         run.log.close()
         plot(run.log.records, os.path.join(run.run_dir, "loss.png"))
         atomic_write_json(os.path.join(run.run_dir, "summary.json"), summary)
