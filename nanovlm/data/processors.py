@@ -18,6 +18,7 @@ from PIL import Image
 from nanovlm.config import CHATML_TEMPLATE, IGNORE_INDEX
 from nanovlm.data import tokenizer as _tokenizer
 from nanovlm.data.images import load_image, to_rgb
+from nanovlm.data.tokenizer import TEXT_PART, template_shows
 
 get_tokenizer = _tokenizer.get_tokenizer  # the public import path (SPEC)
 IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a message's text (LLaVA data)
@@ -217,22 +218,16 @@ class ChatEncoder:
         self.eos_token_id = tokenizer.eos_token_id
         self._cache: dict[str, tuple[int, ...]] = {}
         self._chatml = tokenizer.chat_template == CHATML_TEMPLATE  # the default: string joins, faster than jinja
-        self._parts = bool(tokenizer.chat_template) and not self._chatml and self._wants_parts()
+        template = tokenizer.chat_template
+        # A template that drops plain-text content but shows typed text parts (SmolVLM's) gets parts.
+        self._parts = bool(template) and not self._chatml and not template_shows(template, "q7x") \
+            and template_shows(template, TEXT_PART)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": {}}  # a DataLoader worker starts with an empty cache
 
     def _template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-
-    def _wants_parts(self) -> bool:
-        """Whether the template drops plain-text content but shows typed text parts."""
-        def shows(content) -> bool:
-            return "q7x" in self._template([{"role": "user", "content": content}])
-        try:
-            return not shows("q7x") and shows([{"type": "text", "text": "q7x"}])
-        except Exception:  # a template that fails on one of the probes is not a parts template
-            return False
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         if self._chatml:

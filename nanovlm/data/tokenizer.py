@@ -91,6 +91,18 @@ def _compiled_template(template: str):
     return jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template)
 
 
+TEXT_PART = [{"type": "text", "text": "q7x"}]  # a user message's content as typed parts (SmolVLM's templates)
+
+
+def template_shows(template: str, content: str | list) -> bool:
+    """Whether a chat template shows the text "q7x" of a user message whose content is `content`."""
+    try:
+        return "q7x" in _compiled_template(template).render(messages=[{"role": "user", "content": content}],
+                                                           add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception:  # a template for strings fails on parts (string concatenation of a list), and back
+        return False
+
+
 def _from_directory(directory: str) -> VLMTokenizer:
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):

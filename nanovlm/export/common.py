@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jinja2
 from tokenizers import Tokenizer
 
+from nanovlm.data.tokenizer import TEXT_PART, template_shows
 from nanovlm.weights.idefics3 import IDEFICS3_TOKENS
 
 # The image tokens whose text Idefics3Processor and mtmd write: ours are renamed to it (same ids).
@@ -78,17 +78,6 @@ def pixel_mean_std(cfg: Any) -> tuple[float, float]:
     return (0.0, 1.0) if cfg.vit_pixel_mean is None else (cfg.vit_pixel_mean, cfg.vit_pixel_std)
 
 
-def reads_parts(template: str) -> bool:
-    """Whether a chat template shows the text of typed content parts (SmolVLM's does)."""
-    probe = [{"role": "user", "content": [{"type": "text", "text": "q7x"}]}]
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # as transformers and llama.cpp render
-    try:
-        return "q7x" in env.from_string(template).render(messages=probe, add_generation_prompt=True, bos_token="",
-                                                         eos_token="")
-    except (TypeError, jinja2.TemplateError):  # string concatenation of a list: a template for strings
-        return False
-
-
 def template_with_parts(template: str, marker: str) -> str:
     """`template` when it reads typed content parts, else `template` behind PARTS_AS_TEXT."""
-    return template if reads_parts(template) else PARTS_AS_TEXT.replace("MARKER", marker) + template
+    return template if template_shows(template, TEXT_PART) else PARTS_AS_TEXT.replace("MARKER", marker) + template

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models
 
-from nanovlm.data.tokenizer import _gguf_pre_tokenizer
-from nanovlm.export.common import check_exportable, export_tokenizer, pixel_mean_std, reads_parts, template_with_parts
+from nanovlm.data.tokenizer import TEXT_PART, _gguf_pre_tokenizer, template_shows
+from nanovlm.export.common import check_exportable, export_tokenizer, pixel_mean_std, template_with_parts
 from nanovlm.fileio import written_dir
 from nanovlm.weights.idefics3 import IDEFICS3_TOKENS, TEXT, to_transformers
 
@@ -168,7 +168,7 @@ def _lm_metadata(writer: gguf.GGUFWriter, cfg: Any, tok: Any, tokenizer: Tokeniz
 
 def gguf_chat_template(template: str) -> str:
     """The model's template as llama.cpp must render it: images are MEDIA_MARKER in text."""
-    if not reads_parts(template):
+    if not template_shows(template, TEXT_PART):
         return template_with_parts(template, MEDIA_MARKER)
     wrapped = MARKER_AS_IMAGE.replace("IMAGE", IDEFICS3_TOKENS["image_token"]).replace("MARKER", MEDIA_MARKER)
     return wrapped.replace("TEMPLATE", template)
