@@ -17,7 +17,7 @@ checkpoint directories load unchanged. `from_pretrained`, `save_pretrained`, `pu
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -252,8 +252,3 @@ class VisionLanguageModel(nn.Module):
         from nanovlm.weights.nanovlm import push_checkpoint
 
         return push_checkpoint(repo_id, self.save_pretrained, private=private, commit_message=commit_message)
-
-    def num_parameters(self) -> dict[str, Any]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"vision_encoder": count(self.vision_encoder), "MP": count(self.MP),
-                "decoder": count(self.decoder), "total": count(self)}
