@@ -17,7 +17,6 @@ checkpoint directories load unchanged. `from_pretrained`, `save_pretrained`, `pu
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -37,14 +36,8 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.load_backbone = load_backbone
-        if load_backbone and cfg.vit_model_type:
-            self.vision_encoder = ViT.from_pretrained(cfg)
-        else:
-            self.vision_encoder = ViT(cfg)
-        if load_backbone and cfg.lm_model_type:
-            self.decoder = LanguageModel.from_pretrained(cfg)
-        else:
-            self.decoder = LanguageModel(cfg)
+        self.vision_encoder = ViT.from_pretrained(cfg) if load_backbone and cfg.vit_model_type else ViT(cfg)
+        self.decoder = LanguageModel.from_pretrained(cfg) if load_backbone and cfg.lm_model_type else LanguageModel(cfg)
         self.MP = ModalityProjector(cfg)
         self._tokenizer = None  # attached by from_pretrained and training, else built on first use
 
@@ -77,22 +70,12 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _flatten_images(self, images) -> torch.Tensor | None:
-        if images is None:
-            return None
-        if isinstance(images, torch.Tensor):
-            imgs = [images]
-        else:
-            imgs = [img for img in images if img is not None and (not isinstance(img, Sequence) or len(img))]
-        parts = []
-        for img in imgs:
-            if isinstance(img, (list, tuple)):
-                parts.extend(i.unsqueeze(0) if i.dim() == 3 else i for i in img)
-            else:
-                parts.append(img.unsqueeze(0) if img.dim() == 3 else img)
+        """A tensor, or one entry per sample (a tensor, a list of (3, H, W) tensors, or None) -> one tensor."""
+        samples = [images] if images is None or isinstance(images, torch.Tensor) else images
+        parts = [i.unsqueeze(0) if i.dim() == 3 else i for img in samples if img is not None
+                 for i in (img if isinstance(img, (list, tuple)) else [img])]
         parts = [p for p in parts if p.shape[0] > 0]
-        if not parts:
-            return None
-        return torch.cat(parts, dim=0).to(device=self.device, dtype=self.dtype)  # (n_images, 3, H, W)
+        return torch.cat(parts).to(device=self.device, dtype=self.dtype) if parts else None  # (n_images, 3, H, W)
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """The one place pixels are normalised: (x - vit_pixel_mean) / vit_pixel_std when the
