@@ -521,39 +521,33 @@ def _compile_setting(value: Any) -> str:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The original nanoVLM-222M: SigLIP-B/16-224 + SmolLM2-135M, pixel shuffle 2 -> 7x7 = 49 tokens.
     "nanovlm-222m": {
-        "model": dict(
-            vit_hidden_dim=768, vit_patch_size=16, vit_img_size=224, vit_n_heads=12, vit_n_blocks=12,
-            vit_model_type="google/siglip-base-patch16-224",
-            lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3, lm_n_blocks=30,
-            lm_re_base=100000.0, lm_model_type="HuggingFaceTB/SmolLM2-135M-Instruct",
-            lm_tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct", mp_pixel_shuffle_factor=2,
-            max_img_size=224, lm_max_length=1024,
-        ),
+        "model": dict(vit_hidden_dim=768, vit_patch_size=16, vit_img_size=224, vit_n_heads=12, vit_n_blocks=12,
+                      vit_model_type="google/siglip-base-patch16-224", lm_hidden_dim=576, lm_inter_dim=1536,
+                      lm_n_heads=9, lm_n_kv_heads=3, lm_n_blocks=30, lm_re_base=100000.0,
+                      lm_model_type="HuggingFaceTB/SmolLM2-135M-Instruct",
+                      lm_tokenizer="HuggingFaceTB/SmolLM2-135M-Instruct", mp_pixel_shuffle_factor=2,
+                      max_img_size=224, lm_max_length=1024),
         "train": dict(lr_mp=2e-3, lr_vision_backbone=5e-5, lr_language_backbone=5e-5),
     },
     # nanoVLM-460M (the original repository's config.py): SigLIP2-B/16-512 + SmolLM2-360M, shuffle 4 -> 64 tokens.
     "nanovlm-460m": {
-        "model": dict(
-            vit_hidden_dim=768, vit_patch_size=16, vit_img_size=512, vit_n_heads=12, vit_n_blocks=12,
-            vit_model_type="google/siglip2-base-patch16-512",
-            lm_hidden_dim=960, lm_inter_dim=2560, lm_n_heads=15, lm_n_kv_heads=5, lm_n_blocks=32,
-            lm_re_base=100000.0, lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct",
-            lm_tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct", mp_pixel_shuffle_factor=4,
-            max_img_size=1536, lm_max_length=4096,
-        ),
+        "model": dict(vit_hidden_dim=768, vit_patch_size=16, vit_img_size=512, vit_n_heads=12, vit_n_blocks=12,
+                      vit_model_type="google/siglip2-base-patch16-512", lm_hidden_dim=960, lm_inter_dim=2560,
+                      lm_n_heads=15, lm_n_kv_heads=5, lm_n_blocks=32, lm_re_base=100000.0,
+                      lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct",
+                      lm_tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct", mp_pixel_shuffle_factor=4,
+                      max_img_size=1536, lm_max_length=4096),
         "train": dict(lr_mp=5e-3, lr_vision_backbone=5e-5, lr_language_backbone=5e-5),
     },
     # The default, tuned on easy-VQA and drawn scenes for a 2-core CPU and 15 minutes: 64 px tiles, 16 image
     # tokens, both towers from scratch (7.2M parameters), the vision stage, then VLM steps on 256-token rows.
     # Questions as independent branches: `answer()` asks them one at a time.
     "small": {
-        "model": dict(
-            vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
-            vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5,
-            lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2, lm_model_type="",
-            lm_init_std=0.08, lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=0,
-            lm_max_length=512, vlm_load_backbone_weights=False, **IDEFICS3_LAYOUT,
-        ),
+        "model": dict(vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
+                      vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, lm_hidden_dim=128, lm_inter_dim=384,
+                      lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2, lm_model_type="", lm_init_std=0.08,
+                      lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=0,
+                      lm_max_length=512, vlm_load_backbone_weights=False, **IDEFICS3_LAYOUT),
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=1e-3, batch_size=64,
                       max_training_steps=1000, max_epochs=40, max_train_time=900, eval_interval=400,
                       eval_interval_limit=200, weight_decay=0.01, packing=True, pack_length=256, warmup_ratio=0.03,
@@ -562,14 +556,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The packaged SmolLM2-135M-Instruct frozen, the small preset's ViT from scratch; the projector learns to feed it.
     "easyvqa-smollm2": {
-        "model": dict(
-            vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
-            vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, vit_hidden_act="gelu",
-            lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3,
-            lm_n_blocks=30, lm_model_type="packaged:smollm2-135m", lm_tokenizer="packaged:smollm2-135m",
-            mp_pixel_shuffle_factor=2, max_img_size=64, lm_max_length=512,
-            vlm_load_backbone_weights=True,
-        ),
+        "model": dict(vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
+                      vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, vit_hidden_act="gelu",
+                      lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3, lm_n_blocks=30,
+                      lm_model_type="packaged:smollm2-135m", lm_tokenizer="packaged:smollm2-135m",
+                      mp_pixel_shuffle_factor=2, max_img_size=64, lm_max_length=512, vlm_load_backbone_weights=True),
         "train": dict(data="easyvqa", lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=0.0, batch_size=16,
                       max_training_steps=300, eval_interval=150, eval_interval_limit=200,
                       multi_turn=True, max_turns=3, packing=True, pack_length=256, warmup_ratio=0.03,
@@ -577,13 +568,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # A few-thousand-parameter model for tests: 32x32 images, 8px patches, shuffle 2 -> 4 tokens.
     "tiny": {
-        "model": dict(
-            vit_hidden_dim=32, vit_patch_size=8, vit_img_size=32, vit_n_heads=2, vit_n_blocks=2,
-            vit_model_type="", lm_hidden_dim=64, lm_inter_dim=128, lm_n_heads=4, lm_n_kv_heads=2,
-            lm_n_blocks=2, lm_model_type="", lm_tokenizer="packaged:smollm2-135m",
-            mp_pixel_shuffle_factor=2, max_img_size=32, lm_max_length=256,
-            vlm_load_backbone_weights=False,
-        ),
+        "model": dict(vit_hidden_dim=32, vit_patch_size=8, vit_img_size=32, vit_n_heads=2, vit_n_blocks=2,
+                      vit_model_type="", lm_hidden_dim=64, lm_inter_dim=128, lm_n_heads=4, lm_n_kv_heads=2,
+                      lm_n_blocks=2, lm_model_type="", lm_tokenizer="packaged:smollm2-135m",
+                      mp_pixel_shuffle_factor=2, max_img_size=32, lm_max_length=256, vlm_load_backbone_weights=False),
         "train": dict(batch_size=4, max_training_steps=10, eval_interval=5, lr_mp=1e-3,
                       lr_vision_backbone=1e-3, lr_language_backbone=1e-3, vision_warmup="off"),
     },
