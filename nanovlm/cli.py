@@ -147,6 +147,15 @@ class _Parser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
 
+def _lazy(target: str):
+    """A verb's `func`: `module:function`, imported when the verb runs, called with the verb's options."""
+    def run(args) -> int:
+        module, name = target.split(":")
+        options = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "verb", "data_verb")}
+        return getattr(importlib.import_module(module), name)(**options)
+    return run
+
+
 def _add_train_parser(sub) -> None:
     width = max(len(name) for name in PRESETS)
     presets = "\n".join(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
@@ -283,7 +292,7 @@ def _add_eval_parser(sub) -> None:
                        description="Evaluate a checkpoint on a benchmark (--task) or on your own questions "
                                    "(--data: exact match after VQA normalisation); prints the accuracy and "
                                    "writes a JSON report with every question, answer and reference.")
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--model", required=True, dest="model_dir", metavar="DIR", help="checkpoint directory")
     # Neither is an argparse choice or group: eval/run.py checks them, so that each mistake is one sentence.
     p.add_argument("--task", default=None, metavar="NAME", help="packaged data: easyvqa (the easy-VQA questions)")
     p.add_argument("--data", default=None, metavar="FILE",
@@ -299,15 +308,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--out", default=None, metavar="FILE",
                    help="JSON report path (default, in the current directory: eval-<model>-<data>[-<split>]"
                         "[-first<N>].json, the split named where the data has several; never overwritten: -2, -3, ...)")
-    p.set_defaults(func=_cmd_eval)
-
-
-def _cmd_eval(args) -> int:
-    from nanovlm.eval.run import run_eval
-
-    return run_eval(model_dir=args.model, task=args.task, split=args.split, limit=args.limit,
-                    batch_size=args.batch_size, out=args.out, data=args.data, image_folder=args.image_folder,
-                    quantize=args.quantize)
+    p.set_defaults(func=_lazy("nanovlm.eval.run:run_eval"))
 
 
 SERVE_EXAMPLE = """example requests (an image as a data URL; text and image parts in either order):
@@ -328,7 +329,7 @@ def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", formatter_class=_Formatter, help="OpenAI-compatible HTTP server",
                        description="Serve a checkpoint over an OpenAI-compatible chat-completions API, "
                                    "with a chat page at /.", epilog=SERVE_EXAMPLE)
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--model", required=True, dest="model_dir", metavar="DIR", help="checkpoint directory")
     p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                    help="the name(s) clients send as 'model' (the first is the one reported; 'default' works too; "
                         "others get 404); default: the checkpoint folder's name")
@@ -346,15 +347,7 @@ def _add_serve_parser(sub) -> None:
                         "default: the NANOVLM_API_KEY environment variable, else no key")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long requests in progress may take to finish before exiting")
-    p.set_defaults(func=_cmd_serve)
-
-
-def _cmd_serve(args) -> int:
-    from nanovlm.serve.server import serve
-
-    return serve(args.model, args.host, args.port, served_model_name=args.served_model_name, quantize=args.quantize,
-                 api_key=args.api_key, drain_timeout=args.drain_timeout, max_batch_size=args.max_batch_size,
-                 allow_remote_images=args.allow_remote_images, compile=args.compile)
+    p.set_defaults(func=_lazy("nanovlm.serve.server:serve"))
 
 
 def _add_export_parser(sub) -> None:
@@ -362,22 +355,16 @@ def _add_export_parser(sub) -> None:
                        description="Write a checkpoint as a transformers Idefics3 directory (Auto classes load "
                                    "it, vLLM serves it) or as llama.cpp's model.gguf + mmproj.gguf; a layout the "
                                    "target cannot reproduce is refused, naming the settings to train with.")
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (ours, nanoVLM's or Idefics3)")
-    p.add_argument("--format", default="transformers", metavar="NAME",
+    p.add_argument("--model", required=True, dest="model_dir", metavar="DIR",
+                   help="checkpoint directory (ours, nanoVLM's or Idefics3)")
+    p.add_argument("--format", default="transformers", dest="fmt", metavar="NAME",
                    help="transformers (an Idefics3ForConditionalGeneration directory) or gguf (llama.cpp)")
     p.add_argument("--out", required=True, metavar="OUT", help="directory to write (replaced if it exists)")
     p.add_argument("--outtype", default=None, metavar="TYPE", help="gguf weights: f16 (default) or q8_0")
     p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=False,
                    help="fold a LoRA model's adapters into the weights (transformers otherwise writes them beside "
                         "the weights in PEFT's layout; gguf always folds them in)")
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args) -> int:
-    from nanovlm.export.run import run_export
-
-    return run_export(model_dir=args.model, fmt=args.format, out=args.out, merge_lora=args.merge_lora,
-                      outtype=args.outtype)
+    p.set_defaults(func=_lazy("nanovlm.export.run:run_export"))
 
 
 def _add_data_parser(sub) -> None:
@@ -386,19 +373,13 @@ def _add_data_parser(sub) -> None:
     pv = dsub.add_parser("preview", formatter_class=_Formatter,
                          help="a picture of a few samples and counts of samples, tokens and skips")
     pv.add_argument("--out", default="preview.png", metavar="FILE", help="PNG to write")
-    pv.add_argument("-n", "--num", type=int, default=8, metavar="N", help="samples to draw")
+    pv.add_argument("-n", "--num", type=int, default=8, dest="n", metavar="N", help="samples to draw")
     pv.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
                     help="preset whose model config sizes images and tokens")
     pv.add_argument("overrides", nargs="*", metavar="key=value",
                     help="data=... (required: easyvqa, a data file or folder), split, seed, max_count (samples "
                          "counted, default 2000) and any training or model setting")
-    pv.set_defaults(func=_cmd_data_preview)
-
-
-def _cmd_data_preview(args) -> int:
-    from nanovlm.data.preview import run_preview
-
-    return run_preview(preset=args.preset, overrides=args.overrides, out=args.out, n=args.num)
+    pv.set_defaults(func=_lazy("nanovlm.data.preview:run_preview"))
 
 
 def build_parser() -> argparse.ArgumentParser:
