@@ -11,7 +11,7 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -81,13 +81,12 @@ def special_ids(tokenizer: Any, cfg) -> set[int]:
     return ids | {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
 
 
-def collect_pairs(dataset, indices: Sequence[int], drop_ids: set[int], pairs: Pairs | None = None,
-                  is_skip: Callable[[Any], bool] = lambda s: "skip" in s) -> Pairs:
+def collect_pairs(dataset, indices: Sequence[int], drop_ids: set[int]) -> Pairs:
     """Every (image, question, answer) of `dataset[i]` for i in `indices`; one image per distinct set of pixels."""
-    pairs = pairs or Pairs()
+    pairs = Pairs()
     for i in indices:
         sample = dataset[i]
-        if is_skip(sample) or sample.get("images") is None or sample["images"].numel() == 0:
+        if "skip" in sample or sample.get("images") is None or sample["images"].numel() == 0:
             continue
         tiles = (sample["images"].float().clamp(0, 1) * 255).round().to(torch.uint8)  # (n_tiles, 3, S, S)
         key = hashlib.blake2b(tiles.numpy().tobytes(), digest_size=16).digest()

@@ -202,10 +202,6 @@ def _extension(scores: list[tuple[int, int]], planned: int, step: int, elapsed_s
 
 def warm_up_vision(run) -> None:
     """The stage as `vision_warmup` asks; its summary, or {"skipped": why} after a notice, in `run.state.warmup`."""
-    run.state.warmup = _vision_stage(run)
-
-
-def _vision_stage(run) -> dict:
     model, data, recipe, say, init_from = run.model, run.data, run.cfg.recipe, run.say, run.cfg.init_from
     vcfg, mode = model.cfg, recipe.vision_warmup
     why = (f"the model starts from {init_from}" if mode == "auto" and init_from else
@@ -218,7 +214,8 @@ def _vision_stage(run) -> dict:
                                    mode)
     if isinstance(targets, str):
         say(f"vision warm-up: skipped ({targets}).")
-        return {"skipped": targets}
+        run.state.warmup = {"skipped": targets}
+        return
     held = held_out_targets(collect_pairs(data.val, range(len(data.val)), drop), targets) if data.val else None
     n_images = int(torch.unique(targets.pair_image).numel())
     steps = recipe.vision_warmup_steps or max(1, math.ceil(recipe.vision_warmup_epochs * n_images
@@ -237,4 +234,4 @@ def _vision_stage(run) -> dict:
                         budget_s=stage_budget(recipe.max_train_time, 0.0, VISION_SHARE))
     result = stage.run(held)
     result.pop("head")
-    return {**result, "prepare_s": round(time.perf_counter() - t0 - result["time_s"], 1), "curve": curve}
+    run.state.warmup = {**result, "prepare_s": round(time.perf_counter() - t0 - result["time_s"], 1), "curve": curve}
