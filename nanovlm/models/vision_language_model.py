@@ -200,14 +200,10 @@ class VisionLanguageModel(nn.Module):
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         require_tokenizer: bool = False, quantize: str | None = None) -> "VisionLanguageModel":
-        """Load a checkpoint directory (ours, the original nanoVLM's, or a transformers Idefics3 /
-        SmolVLM one: `nanovlm.weights.idefics3`) or a hub repo, and attach its tokenizer: the one
-        saved beside the weights, else the one the config names. When that one cannot be built
-        (offline, a hub tokenizer) the model loads without it (`answer` then says why) unless
-        `require_tokenizer` (the commands) makes it an error. LoRA adapters saved beside the
-        weights (PEFT's adapter files, `nanovlm.weights.peft`) are attached unmerged;
-        `nanovlm.models.lora.merge_lora` folds them into the weights. `quantize="int8"`: run the
-        language model on int8 weights (`quantize`)."""
+        """Load a checkpoint directory (ours, the original nanoVLM's, or a transformers Idefics3 / SmolVLM
+        one) or a hub repo with its tokenizer: the one saved beside the weights, else the config's; one that
+        cannot be built (offline) is left out (`answer` then says why) unless `require_tokenizer`. LoRA
+        adapters beside the weights are attached unmerged (`models.lora.merge_lora` folds them in)."""
         from nanovlm.data.tokenizer import has_tokenizer, tokenizer_for
         from nanovlm.weights.nanovlm import check_state_dict, read_model
 
