@@ -341,16 +341,12 @@ class LanguageModel(nn.Module):
         if segment_ids is not None and segment_ids.shape != (B, T):
             raise ValueError(f"attention_mask has shape {tuple(segment_ids.shape)}; expected (batch, tokens) = "
                              f"({B}, {T}).")
-        explicit_positions = position_ids is not None
+        explicit_positions = position_ids  # branches after a shared prefix need the mask to know them
         if position_ids is None:
-            if segment_ids is None:
-                position_ids = torch.arange(T, device=x.device).expand(B, T)
-            else:
-                position_ids = positions_from_segments(segment_ids)
+            position_ids = torch.arange(T, device=x.device).expand(B, T) if segment_ids is None \
+                else positions_from_segments(segment_ids)
         cos, sin = self.rotary_embd(position_ids)
-        attn_mask = None  # None: causal
-        if segment_ids is not None:
-            attn_mask = build_attention_mask(segment_ids, T, position_ids if explicit_positions else None)
+        attn_mask = None if segment_ids is None else build_attention_mask(segment_ids, T, explicit_positions)
         for block in self.blocks:
             x = block(x, cos, sin, attn_mask)
         return self.norm(x)
