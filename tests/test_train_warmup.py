@@ -14,7 +14,7 @@ from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train.data import validation_split
 from nanovlm.train.optim import Schedule
 from nanovlm.train.readout import Pairs, ReadoutHead, build_targets, collect_pairs, held_out_targets, sample_pairs
-from nanovlm.train.step import fit_steps
+from nanovlm.train.step import VISION_SHARE, fit_steps, vision_budget
 from nanovlm.train.vision import MAX_EXTENSION, VisionStage, _extension, readout_accuracy
 
 FP32 = {"device_type": "cpu", "dtype": torch.float32, "enabled": False}
@@ -117,6 +117,13 @@ def test_a_time_budget_cuts_the_step_count():
     assert fit_steps(100, 0, 0.0, 10.0) == 100
 
 
+def test_a_slow_machine_cuts_both_stages_alike():
+    assert vision_budget(900, 200, 300) == VISION_SHARE * 900  # both fit: the vision stage may extend to its cap
+    assert vision_budget(900, 200, 800) == 900 * 200 / 1000  # they do not: each keeps 90% of its plan
+    assert vision_budget(900, 800, 200) == VISION_SHARE * 900  # never above the cap
+    assert vision_budget(900, 100, 850) == 900 * 100 / 950  # the VLM stage's plan alone overruns
+
+
 def test_the_warmup_schedule_warms_holds_and_decays():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     opt.param_groups[0]["base_lr"] = 1.0
@@ -171,6 +178,17 @@ def test_a_run_with_warmup_resumes_exactly(tmp_path):
     assert not torch.equal(final_weights(tmp_path / "whole")[key], final_weights(tmp_path / "plain")[key])
 
     assert_resumes_like(tmp_path / "whole", tmp_path / "broken", settings, dies_after=3, resumed_at="step_000002")
+
+
+def test_timing_the_vlm_step_for_the_budget_leaves_the_run_unchanged(tmp_path):
+    """With max_train_time, a VLM forward-backward is timed before the vision stage to split the budget;
+    where nothing is cut, the run ends with the weights of a run without a budget."""
+    settings = dict(max_training_steps=2, vision_warmup="answers", vision_warmup_steps=22)
+    timed = run_synthetic(tmp_path / "timed", max_train_time=3600, **settings)
+    run_synthetic(tmp_path / "free", **settings)
+    assert timed["vision_warmup"]["steps"] == 22
+    for (k, x), y in zip(final_weights(tmp_path / "timed").items(), final_weights(tmp_path / "free").values()):
+        assert torch.equal(x, y), k
 
 
 def test_the_warmup_trains_only_on_training_samples(tmp_path):

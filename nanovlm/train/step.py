@@ -28,9 +28,16 @@ def fit_steps(total: int, done: int, elapsed_s: float, budget_s: float) -> int:
     return max(done, min(total, done + int((budget_s - elapsed_s) / (elapsed_s / done))))
 
 
-def stage_budget(max_train_time: float, spent_s: float, share: float = 1.0) -> float | None:
-    """Seconds a stage may take: `share` of the budget less what earlier stages spent (None: no budget)."""
-    return max_train_time * share - spent_s if max_train_time else None
+def stage_budget(max_train_time: float, spent_s: float) -> float | None:
+    """Seconds the last stage may take: the budget less what earlier stages spent (None: no budget)."""
+    return max_train_time - spent_s if max_train_time else None
+
+
+def vision_budget(max_train_time: float, vision_plan_s: float, vlm_plan_s: float) -> float:
+    """The vision stage's seconds: at most VISION_SHARE of the budget, and where the two stages' planned
+    seconds do not both fit, its proportional share (a slow machine cuts both stages alike)."""
+    fair = max_train_time * vision_plan_s / max(1e-9, vision_plan_s + vlm_plan_s)
+    return min(VISION_SHARE * max_train_time, max(fair, max_train_time - vlm_plan_s))
 
 
 def summed_loss(model, batch: dict) -> torch.Tensor:
@@ -121,12 +128,15 @@ class Trainer:
         return sum(losses) / max(n, 1)
 
 
-def fit(trainer: Trainer, stage, start: int, budget_s: float | None) -> int:
-    """Run `stage` (`step`, `after`, `more`: another cycle) from step `start` to the schedule's end; the last step."""
+def fit(trainer: Trainer, stage, start: int, budget_s: float | Callable[[float], float] | None) -> int:
+    """Run `stage` (`step`, `after`, `more`: another cycle) from step `start` to the schedule's end; the last step.
+    `budget_s` may be a function of the planned steps' seconds, asked once CALIBRATION_STEPS are timed."""
     schedule, t0, step = trainer.schedule, time.perf_counter(), start
     while step < schedule.total_steps:
         if budget_s is not None and step == start + CALIBRATION_STEPS:
             elapsed, planned = time.perf_counter() - t0, schedule.total_steps
+            if callable(budget_s):
+                budget_s = budget_s(elapsed / (step - start) * (planned - start))
             schedule.total_steps = start + fit_steps(planned - start, step - start, elapsed, budget_s)
             if schedule.total_steps < planned:
                 trainer.say(f"{stage.name}: {schedule.total_steps} of {planned} steps fit its {budget_s:.0f} s of "

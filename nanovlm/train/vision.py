@@ -20,7 +20,8 @@ from nanovlm.data.augment import sample_generator, shift_pixels, shift_tiles
 from nanovlm.train.optim import Schedule, build_optimizer, decay_groups
 from nanovlm.train.readout import (ReadoutData, ReadoutHead, build_targets, collect_pairs, held_out_targets,
                                    readout_loss, readout_right, special_ids)
-from nanovlm.train.step import VISION_SHARE, Trainer, fit, stage_budget
+from nanovlm.train.data import to_device
+from nanovlm.train.step import Trainer, fit, summed_loss, vision_budget
 
 WEIGHT_DECAY = 0.1
 MAX_PAIRS_PER_IMAGE = 8
@@ -90,7 +91,8 @@ class VisionStage:
 
     def __init__(self, model: nn.Module, data: ReadoutData, steps: int, lr: float, batch_size: int, *, seed: int,
                  amp: dict, fused: bool, say: Callable[[str], None], progress: bool = True, shift: float = 0.0,
-                 extend: bool = False, budget_s: float | None = None, log: Callable[[dict], None] | None = None):
+                 extend: bool = False, budget_s: float | Callable[[float], float] | None = None,
+                 log: Callable[[dict], None] | None = None):
         self.model, self.data, self.batch_size, self.seed, self.say, self.log = model, data, batch_size, seed, say, log
         self.extend, self.budget_s = extend and data.mode == "answers", budget_s
         with torch.random.fork_rng(devices=[]):  # seeded, and no draw from the global generator
@@ -120,7 +122,7 @@ class VisionStage:
         t0 = time.perf_counter()
         self.model.vision_encoder.train()
         try:
-            steps = fit(self.trainer, self, 0, self.budget_s)
+            steps = fit(self.trainer, self, 0, None if self.budget_s is None else self.fit_budget)
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -138,6 +140,11 @@ class VisionStage:
                  + (f" (below its {EXTEND_BELOW:.0%} target)" if short else "")
                  + (f", {held:.1%} on {len(held_out.pair_image)} held-out questions" if held is not None else ""))
         return {**result, "head": self.head}
+
+    def fit_budget(self, planned_s: float) -> float:
+        """The stage's seconds, once its planned steps' seconds are known (`budget_s` may depend on them)."""
+        self.budget_s = self.budget_s(planned_s) if callable(self.budget_s) else self.budget_s
+        return self.budget_s
 
     def step(self, trainer: Trainer, step: int) -> torch.Tensor:
         if self.pos + self.batch_size > len(self.order):  # a fresh seeded order each pass over the images
@@ -172,7 +179,8 @@ class VisionStage:
     def more(self, step: int, elapsed_s: float) -> int:
         """Another cycle's steps when one ended unlearned (0: none; see `_extension`)."""
         self.planned = step if self.cycles == 1 else self.planned
-        more = _extension(self.scores, self.planned, step, elapsed_s, self.budget_s) if self.extend else 0
+        budget = None if self.budget_s is None else self.fit_budget(elapsed_s)  # fewer steps than a calibration
+        more = _extension(self.scores, self.planned, step, elapsed_s, budget) if self.extend else 0
         if more:
             self.cycles += 1
             self.say(f"vision warm-up: the readout answers {_window_accuracy(self.scores, self.planned // 10):.1%} "
@@ -198,6 +206,27 @@ def _extension(scores: list[tuple[int, int]], planned: int, step: int, elapsed_s
     if budget_s:
         more = min(more, int((budget_s - elapsed_s) / (elapsed_s / max(1, step))))
     return more if more >= max(1, planned // 4) else 0
+
+
+def _budget(run) -> Callable[[float], float] | None:
+    """The vision stage's seconds as a function of its planned seconds, beside the VLM stage's planned
+    seconds (two timed forward-backward passes of its first batch: the second counts)."""
+    total = run.cfg.recipe.max_train_time
+    if not total:
+        return None
+    loader, model = run.data.train, run.model
+    batch = to_device(loader.collate_fn([loader.dataset[i] for i in loader.sampler.rank_batch(0, 0)]), run.info.device)
+    with torch.random.fork_rng(devices=[]):  # no draw from the global generator
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with torch.autocast(**run.amp):
+                loss = summed_loss(model, batch)
+            if loss.requires_grad:
+                loss.backward()
+            seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    vlm_s = seconds * run.cfg.gradient_accumulation_steps * run.state.total_steps
+    return lambda planned_s: vision_budget(total, planned_s, vlm_s)
 
 
 def warm_up_vision(run) -> None:
@@ -231,7 +260,7 @@ def warm_up_vision(run) -> None:
                         seed=run.cfg.seed, amp=run.amp, fused=run.fused, say=say, log=log,
                         progress=run.progress and run.info.is_main, shift=recipe.image_shift,
                         extend=recipe.vision_warmup_extend and not recipe.vision_warmup_steps,
-                        budget_s=stage_budget(recipe.max_train_time, 0.0, VISION_SHARE))
+                        budget_s=_budget(run))
     result = stage.run(held)
     result.pop("head")
     run.state.warmup = {**result, "prepare_s": round(time.perf_counter() - t0 - result["time_s"], 1), "curve": curve}
