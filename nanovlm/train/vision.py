@@ -20,8 +20,8 @@ from nanovlm.data.augment import sample_generator, shift_pixels, shift_tiles
 from nanovlm.train.optim import Schedule, build_optimizer, decay_groups
 from nanovlm.train.readout import (ReadoutData, ReadoutHead, build_targets, collect_pairs, held_out_targets,
                                    readout_loss, readout_right, special_ids)
-from nanovlm.train.data import to_device
-from nanovlm.train.step import Trainer, fit, summed_loss, vision_budget
+from nanovlm.train.step import Trainer, fit, vision_budget
+from nanovlm.train.vlm import planned_seconds
 
 WEIGHT_DECAY = 0.1
 MAX_PAIRS_PER_IMAGE = 8
@@ -141,8 +141,8 @@ class VisionStage:
                  + (f", {held:.1%} on {len(held_out.pair_image)} held-out questions" if held is not None else ""))
         return {**result, "head": self.head}
 
-    def fit_budget(self, planned_s: float) -> float:
-        """The stage's seconds, once its planned steps' seconds are known (`budget_s` may depend on them)."""
+    def fit_budget(self, planned_s: float) -> float | None:
+        """The stage's seconds (None: no budget), once its planned steps' seconds are known."""
         self.budget_s = self.budget_s(planned_s) if callable(self.budget_s) else self.budget_s
         return self.budget_s
 
@@ -179,7 +179,7 @@ class VisionStage:
     def more(self, step: int, elapsed_s: float) -> int:
         """Another cycle's steps when one ended unlearned (0: none; see `_extension`)."""
         self.planned = step if self.cycles == 1 else self.planned
-        budget = None if self.budget_s is None else self.fit_budget(elapsed_s)  # fewer steps than a calibration
+        budget = self.fit_budget(elapsed_s)  # where the stage ran fewer steps than a calibration
         more = _extension(self.scores, self.planned, step, elapsed_s, budget) if self.extend else 0
         if more:
             self.cycles += 1
@@ -209,23 +209,11 @@ def _extension(scores: list[tuple[int, int]], planned: int, step: int, elapsed_s
 
 
 def _budget(run) -> Callable[[float], float] | None:
-    """The vision stage's seconds as a function of its planned seconds, beside the VLM stage's planned
-    seconds (two timed forward-backward passes of its first batch: the second counts)."""
+    """The vision stage's seconds as a function of its planned seconds, beside the VLM stage's plan."""
     total = run.cfg.recipe.max_train_time
     if not total:
         return None
-    loader, model = run.data.train, run.model
-    batch = to_device(loader.collate_fn([loader.dataset[i] for i in loader.sampler.rank_batch(0, 0)]), run.info.device)
-    with torch.random.fork_rng(devices=[]):  # no draw from the global generator
-        for _ in range(2):
-            t0 = time.perf_counter()
-            with torch.autocast(**run.amp):
-                loss = summed_loss(model, batch)
-            if loss.requires_grad:
-                loss.backward()
-            seconds = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    vlm_s = seconds * run.cfg.gradient_accumulation_steps * run.state.total_steps
+    vlm_s = planned_seconds(run)
     return lambda planned_s: vision_budget(total, planned_s, vlm_s)
 
 

@@ -21,7 +21,24 @@ from nanovlm.train.data import n_samples, to_device
 from nanovlm.train.evaluation import evaluate
 from nanovlm.train.optim import Schedule, vlm_optimizer
 from nanovlm.train.report import FlopCounter, MetricsLog, batch_stats, measure_matmul_peak
-from nanovlm.train.step import Trainer, fit, stage_budget
+from nanovlm.train.step import Trainer, fit, stage_budget, summed_loss
+
+
+def planned_seconds(run) -> float:
+    """The stage's planned steps in seconds, from two timed forward-backward passes of its first batch
+    (the second counts; no weight, gradient or random state is left changed)."""
+    loader, model = run.data.train, run.model
+    batch = to_device(loader.collate_fn([loader.dataset[i] for i in loader.sampler.rank_batch(0, 0)]), run.info.device)
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with torch.autocast(**run.amp):
+                loss = summed_loss(model, batch)
+            if loss.requires_grad:
+                loss.backward()
+            seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds * run.cfg.gradient_accumulation_steps * run.state.total_steps
 
 
 class VLMStage:
