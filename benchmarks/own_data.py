@@ -103,8 +103,8 @@ def main() -> None:
         layout, kinds, one = DATASETS[name]
         kinds_text = ", ".join(f"{k} {per[k][0] / per[k][1]:.1%}" for k in kinds)
         warm = summary.get("vision_warmup", {})
-        warm_text = (f"{warm.get('mode')}, {warm.get('classes')} classes, {warm.get('time_s')} s, held-out "
-                     f"{warm.get('held_out_accuracy') or 0:.1%}" if "mode" in warm else warm.get("skipped", "-"))
+        warm_text = (f"{warm['answer_tokens']} answer tokens, {warm['steps']} steps, {warm['time_s']} s, held-out "
+                     f"{warm.get('held_out_accuracy') or 0:.1%}" if "slots" in warm else warm.get("skipped", "-"))
         val = summary.get("val_accuracy")
         print(f"| {name} | {layout}{' (one question per record)' if one else ''} | {len(kinds)} | {kinds_text} | "
               f"**{per['all'][0] / per['all'][1]:.1%}** | {'-' if val is None else f'{val:.1%}'} | {warm_text} | "

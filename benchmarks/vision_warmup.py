@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nanovlm.data.datasets import build_dataset  # noqa: E402
 from nanovlm.data.tokenizer import tokenizer_for  # noqa: E402
+from nanovlm.runtime import autocast_args  # noqa: E402
 from nanovlm.models.vision_language_model import VisionLanguageModel  # noqa: E402
 from nanovlm.train import settings  # noqa: E402
 from nanovlm.train.loop import seed_everything  # noqa: E402
@@ -41,9 +42,9 @@ def main() -> None:
     ap.add_argument("--extend", action="store_true", help="lengthen while the readout still learns (no time budget)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
-    amp = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": True}
     vlm_cfg, train_cfg = settings.resolve(args.preset, None, [f"data={args.data}", *args.overrides])
-    print("| seed | steps | time | mode | classes | coverage | training-batch acc | test acc |\n"
+    amp = autocast_args(train_cfg.precision, torch.device("cpu"))
+    print("| seed | steps | time | answer tokens | slots | coverage | training-batch acc | test acc |\n"
           "|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         seed_everything(seed)
@@ -61,7 +62,7 @@ def main() -> None:
         result = VisionStage(model, data, args.steps, args.lr, args.batch, seed=seed, amp=amp, fused=True,
                              say=print, progress=False, shift=args.shift, extend=args.extend).run()
         acc = readout_accuracy(model, result["head"], test, amp)
-        print(f"| {seed} | {args.steps} | {result['time_s']:.0f} s | {data.mode} | {data.n_classes} | "
+        print(f"| {seed} | {args.steps} | {result['time_s']:.0f} s | {len(data.vocab)} | {data.n_slots} | "
               f"{data.coverage:.1%} | {result['train_accuracy']:.1%} | {acc:.1%} |", flush=True)
 
 

@@ -369,8 +369,8 @@ class VLMConfig:
 @dataclass
 class RecipeConfig:
     """The from-scratch CPU recipe's knobs: its vision stage, image shifts, time budget, data sizing, threads."""
-    vision_warmup: str = setting("auto", "the vision stage's readout targets: auto | answers | words | off",
-                                 choices=("auto", "answers", "words", "off"))
+    vision_warmup: str = setting("auto", "the vision stage: auto (where the encoder starts from scratch), on, off",
+                                 choices=("auto", "on", "off"))
     vision_warmup_steps: int = setting(0, "steps of the vision stage", min=0, note="(0: from vision_warmup_epochs)")
     vision_warmup_epochs: float = setting(25.0, "passes over the training images of the vision stage", gt=0)
     vision_warmup_lr: float = setting(1e-3, "learning rate of the vision stage", gt=0)
@@ -564,7 +564,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(data="easyvqa", lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=0.0, batch_size=16,
                       max_training_steps=300, eval_interval=150, eval_interval_limit=200,
                       multi_turn=True, max_turns=3, packing=True, pack_length=256, warmup_ratio=0.03,
-                      vision_warmup="answers", vision_warmup_lr=1e-3),
+                      vision_warmup="on", vision_warmup_lr=1e-3),
     },
     # A few-thousand-parameter model for tests: 32x32 images, 8px patches, shuffle 2 -> 4 tokens.
     "tiny": {

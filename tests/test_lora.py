@@ -316,6 +316,6 @@ def test_bad_lora_settings_are_one_sentence(overrides, message):
 
 
 def test_lora_with_a_vision_warmup_from_scratch_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"^lora_rank=2 keeps the vision encoder as built, but vision_warmup=answers "
+    with pytest.raises(ValueError, match=r"^lora_rank=2 keeps the vision encoder as built, but vision_warmup=on "
                                          r"would first train it from scratch; set vision_warmup=off\.$"):
-        run_synthetic(tmp_path, lora_rank=2, vision_warmup="answers")
+        run_synthetic(tmp_path, lora_rank=2, vision_warmup="on")

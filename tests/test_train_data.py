@@ -69,7 +69,7 @@ def test_bad_budget_and_validation_settings_name_the_field():
     for kwargs, message in [({"val_fraction": 1.0}, "val_fraction must be in [0, 1), got 1.0."),
                             ({"max_train_time": -1.0}, "max_train_time must be >= 0 seconds (0: no limit), got -1.0."),
                             ({"vision_warmup": "maybe"},
-                             "vision_warmup must be one of auto, answers, words, off, got 'maybe'.")]:
+                             "vision_warmup must be one of auto, on, off, got 'maybe'.")]:
         with pytest.raises(ConfigError) as e:
             TrainConfig.from_dict(kwargs)
         assert str(e.value) == message
@@ -90,7 +90,7 @@ def test_a_run_on_a_llava_file_reports_accuracy_on_its_held_out_images(tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_questions"] == 12  # 6 of 24 images held out, 2 questions each
     assert 0.0 <= summary["val_accuracy"] <= 1.0
-    assert summary["vision_warmup"]["mode"] == "answers" and summary["vision_warmup"]["images"] == 18
+    assert summary["vision_warmup"]["slots"] == 2 and summary["vision_warmup"]["images"] == 18
     assert summary["best_checkpoint"]["metric"] == "val_accuracy"
     report = json.loads((out / "eval_val.json").read_text())
     assert len(report["items"]) == 12 and {"question", "prediction", "reference"} <= set(report["items"][0])
@@ -104,7 +104,7 @@ def test_a_run_on_a_llava_file_reports_accuracy_on_its_held_out_images(tmp_path)
 
 
 def test_a_captions_dataset_trains_with_the_defaults_and_says_what_the_warmup_did(tmp_path, capsys):
-    """Long free-form answers (no answer repeats): the warm-up adapts to a bag of answer words."""
+    """Long free-form answers (no answer repeats): the warm-up writes their first tokens in order."""
     from PIL import Image
 
     from nanovlm.train.run import run_training
@@ -125,8 +125,8 @@ def test_a_captions_dataset_trains_with_the_defaults_and_says_what_the_warmup_di
                                                       "batch_size=4", "vision_warmup=auto", "vision_warmup_steps=2",
                                                       "eval_interval=0", "precision=fp32"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["vision_warmup"]["mode"] == "words" and summary["vision_warmup"]["classes"] > 5
-    assert "question-keyed readout of a bag of" in capsys.readouterr().out
+    assert summary["vision_warmup"]["slots"] == 13 and summary["vision_warmup"]["coverage"] == 0.0
+    assert "readout of answers of up to 12 tokens from" in capsys.readouterr().out
     assert (out / "final" / "model.safetensors").exists()
 
 

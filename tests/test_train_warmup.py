@@ -10,10 +10,11 @@ from test_train_checkpoint import assert_resumes_like
 from test_train_synthetic import ANSWERS, EOS, SyntheticVQA, final_weights, run_synthetic, synthetic_data, \
     tiny_configs
 
+from nanovlm.config import IGNORE_INDEX
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train.data import validation_split
 from nanovlm.train.optim import Schedule
-from nanovlm.train.readout import Pairs, ReadoutHead, build_targets, collect_pairs, held_out_targets, sample_pairs
+from nanovlm.train.readout import END, Pairs, ReadoutHead, build_targets, collect_pairs, held_out_targets, sample_pairs
 from nanovlm.train.step import VISION_SHARE, fit_steps, vision_budget
 from nanovlm.train.vision import MAX_EXTENSION, VisionStage, _extension, readout_accuracy
 
@@ -52,13 +53,15 @@ def test_question_and_answer_tokens_come_from_the_supervised_spans():
 def test_targets_from_a_tiny_dataset():
     cfg = tiny_configs()[0]
     ds, data = _targets(cfg)
-    assert data.mode == "answers" and data.coverage == 1.0 and data.n_questions == 64
-    # one class per distinct answer; two-token answers stay whole
-    assert sorted(data.classes) == sorted([(ANSWERS[0],), (ANSWERS[1],), (ANSWERS[2], 400), (ANSWERS[3], 400)])
+    assert data.coverage == 1.0 and data.n_questions == 64 and data.n_slots == 3  # two tokens and the end
+    assert sorted(data.vocab) == sorted([*ANSWERS, 400])
     assert data.images.shape[0] == 64 and data.images.dtype == torch.uint8  # every image is distinct
     for p in (0, 5, 63):
         c = int(ds.classes[p])
-        assert data.classes[int(data.targets[p])][0] == ANSWERS[c]
+        answer = [ANSWERS[c]] + ([400] if c >= 2 else [])
+        row = data.targets[p].tolist()
+        assert [data.vocab[k - 1] for k in row[:len(answer)]] == answer and row[len(answer)] == END
+        assert all(k == IGNORE_INDEX for k in row[len(answer) + 1:])
         # the stored image is the sample's (to uint8 precision)
         assert (data.images[p, 0].float() / 255 - ds[p]["images"][0]).abs().max() <= 0.5 / 255 + 1e-6
     assert (data.questions[:, 0] > 0).all()  # every question has tokens
@@ -71,16 +74,50 @@ def test_images_shared_by_samples_are_stored_once():
     assert len(pairs.images) == 3 and len(pairs.answers) == 5 and pairs.pair_image == [0, 1, 0, 1, 2]
 
 
-def test_long_answers_become_a_bag_of_words_and_nothing_repeated_is_skipped():
-    pairs = Pairs(images=[torch.zeros(1, 3, 8, 8, dtype=torch.uint8)] * 4, pair_image=[0, 1, 2, 3],
-                   questions=[[5]] * 4, answers=[(10, 11, 12), (10, 13, 14), (11, 15), (16,)])
+def test_answers_are_written_token_by_token_and_rare_tokens_left_out():
+    image = [torch.zeros(1, 3, 8, 8, dtype=torch.uint8)] * 4
+    pairs = Pairs(images=image, pair_image=[0, 1, 2, 3], questions=[[5]] * 4,
+                  answers=[(10, 11, 12), (10, 13, 14), (11, 15), (16,)])
     data = build_targets(pairs)
-    assert data.mode == "words"  # every answer is unique: no class repeats
-    assert sorted(c[0] for c in data.classes) == [10, 11]  # the words seen twice or more
-    assert data.targets.tolist() == [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]  # (16,) has no known word
-    unique = Pairs(images=pairs.images, pair_image=[0, 1], questions=[[5], [5]], answers=[(10,), (11,)])
-    assert build_targets(unique) == "the answers repeat fewer than two words"
+    assert data.vocab == [10, 11] and data.n_slots == 4 and data.coverage == 0.0  # no whole answer repeats
+    X = IGNORE_INDEX  # a token seen once is not learned; the tokens around it still are
+    assert data.targets.tolist() == [[1, 2, X, END], [1, X, X, END], [2, X, END, X]]  # (16,): nothing to learn
+    held = held_out_targets(Pairs(images=image, pair_image=[0, 1], questions=[[5], [5]],
+                                  answers=[(11, 10), (10, 12)]), data)
+    assert held.targets.tolist() == [[2, 1, END, X]] and held.coverage == 0.5  # (10, 12) cannot be written
+    unique = Pairs(images=image, pair_image=[0, 1], questions=[[5], [5]], answers=[(10,), (11,)])
+    assert build_targets(unique) == "the answers repeat fewer than two tokens"
     assert build_targets(Pairs()) == "the training samples hold no image with a supervised answer"
+
+
+def _two_colour_pairs(combos: list[tuple[int, int]], repeats: int, seed: int) -> Pairs:
+    """32 px images, the left half one colour and the right half another; the answer names both in order."""
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.9], [0.9, 0.9, 0.1], [0.1, 0.9, 0.9],
+                            [0.9, 0.1, 0.9]])
+    g, pairs = torch.Generator().manual_seed(seed), Pairs()
+    for left, right in combos * repeats:
+        image = torch.rand(3, 32, 32, generator=g) * 0.2
+        image[:, :, :16] += colours[left].view(3, 1, 1)
+        image[:, :, 16:] += colours[right].view(3, 1, 1)
+        pairs.pair_image.append(len(pairs.images))
+        pairs.images.append((image.clamp(0, 1) * 255).round().to(torch.uint8).unsqueeze(0))
+        pairs.questions.append([10, 11])
+        pairs.answers.append((300 + left, 300 + right))
+    return pairs
+
+
+def test_readout_writes_answers_it_never_saw_whole():
+    # Every colour is seen on both sides, but six pairs of colours never: a readout of whole answers
+    # (classes) cannot answer them at all; one that writes tokens in order must place each colour.
+    unseen = [(c, (c + 1) % 6) for c in range(6)]
+    seen = [(a, b) for a in range(6) for b in range(6) if (a, b) not in unseen]
+    data = build_targets(_two_colour_pairs(seen, 8, seed=0))
+    held = held_out_targets(_two_colour_pairs(unseen, 4, seed=1), data)
+    assert held.coverage == 1.0 and len(held.pair_image) == 24
+    model = _tiny_model()
+    result = vision_warmup(model, data, 400, 3e-3, 16, seed=0, amp=FP32, fused=False, say=lambda _: None,
+                           progress=False, held_out=held)
+    assert result["held_out_accuracy"] >= 0.9
 
 
 def test_warmup_teaches_the_encoder_and_touches_nothing_else():
@@ -169,9 +206,9 @@ def test_a_readout_that_has_not_learned_runs_another_cycle():
 def test_a_run_with_warmup_resumes_exactly(tmp_path):
     """The warm-up runs once, before step 0; a resumed run takes the warmed-up encoder from its
     checkpoint instead of warming up again, and ends with the uninterrupted run's weights."""
-    settings = dict(max_training_steps=4, save_interval=2, vision_warmup="answers", vision_warmup_steps=5)
+    settings = dict(max_training_steps=4, save_interval=2, vision_warmup="on", vision_warmup_steps=5)
     whole = run_synthetic(tmp_path / "whole", **settings)
-    assert whole["vision_warmup"]["steps"] == 5 and whole["vision_warmup"]["mode"] == "answers"
+    assert whole["vision_warmup"]["steps"] == 5 and whole["vision_warmup"]["slots"] == 3
     plain = run_synthetic(tmp_path / "plain", max_training_steps=4)
     assert "vision_warmup" not in plain
     key = "vision_encoder.patch_embedding.conv.weight"
@@ -183,7 +220,7 @@ def test_a_run_with_warmup_resumes_exactly(tmp_path):
 def test_timing_the_vlm_step_for_the_budget_leaves_the_run_unchanged(tmp_path):
     """With max_train_time, a VLM forward-backward is timed before the vision stage to split the budget;
     where nothing is cut, the run ends with the weights of a run without a budget."""
-    settings = dict(max_training_steps=2, vision_warmup="answers", vision_warmup_steps=22)
+    settings = dict(max_training_steps=2, vision_warmup="on", vision_warmup_steps=22)
     timed = run_synthetic(tmp_path / "timed", max_train_time=3600, **settings)
     run_synthetic(tmp_path / "free", **settings)
     assert timed["vision_warmup"]["steps"] == 22
@@ -192,7 +229,7 @@ def test_timing_the_vlm_step_for_the_budget_leaves_the_run_unchanged(tmp_path):
 
 
 def test_the_warmup_trains_only_on_training_samples(tmp_path):
-    vlm_cfg, train_cfg = tiny_configs(vision_warmup="answers", vision_warmup_steps=2, val_fraction=0.25, val_size=16)
+    vlm_cfg, train_cfg = tiny_configs(vision_warmup="on", vision_warmup_steps=2, val_fraction=0.25, val_size=16)
     data = synthetic_data(vlm_cfg, train_cfg)
     assert len(data.val) == 16 and not set(data.train_indices) & set(data.val.indices)
     seen = []
@@ -205,7 +242,7 @@ def test_the_warmup_trains_only_on_training_samples(tmp_path):
             return real(i)
 
     source.__class__ = Spy
-    run_synthetic(tmp_path / "run", data=data, vision_warmup="answers", vision_warmup_steps=2, val_fraction=0.25,
+    run_synthetic(tmp_path / "run", data=data, vision_warmup="on", vision_warmup_steps=2, val_fraction=0.25,
                   val_size=16, max_training_steps=1)
     warm_reads = seen[:len(data.train_indices)]  # the warm-up reads the training samples first
     assert sorted(warm_reads) == sorted(data.train_indices)
@@ -268,7 +305,7 @@ def test_the_readout_adds_repeated_questions_gradients_in_order():
             return func(*args, **kwargs)
 
     torch.manual_seed(0)
-    head = ReadoutHead(16, 20, 5)
+    head = ReadoutHead(16, 20, 5, 3)
     questions = torch.randint(1, 20, (4, 3, 6))
     questions[1:] = questions[0]  # the same questions about every image
     patches = torch.randn(4, 8, 16, requires_grad=True)

@@ -1,8 +1,8 @@
 """The vision stage's readout: what a from-scratch vision encoder first learns to answer.
 
-`build_targets` makes targets from the samples' (image, question, answer) triples (`answers`: a class per
-repeated answer, when they cover most questions; else `words`: a bag of answer tokens); `ReadoutHead`
-reads the patches keyed by the question; `readout_loss` / `readout_right` score its logits.
+`build_targets` makes targets from the samples' (image, question, answer) triples: each answer's first
+tokens in order; `ReadoutHead` reads the patches keyed by the question, once per answer slot;
+`readout_loss` / `readout_right` score its logits.
 """
 
 from __future__ import annotations
@@ -20,32 +20,32 @@ import torch.nn.functional as F
 from nanovlm.config import IGNORE_INDEX
 
 MAX_QUESTION_TOKENS = 32  # the last tokens before an answer: the question (and the template's few)
-MAX_CLASSES = 2000
-MIN_COVERAGE = 0.5  # answer classes must cover this share of the questions, else a bag of words
+MAX_ANSWER_TOKENS = 12  # an answer's first tokens are the readout's targets; the rest are left out
+MAX_VOCAB = 2000  # answer tokens, the most frequent
+MIN_COVERAGE = 0.5  # whole answers that repeat on this share of the questions: the stage may run longer
+END = 0  # the target after an answer's last token
 
 
 @dataclass
 class ReadoutData:
-    """What the stage trains on: images (uint8 tiles), and (image, question, target) pairs."""
+    """What the stage trains on: images (uint8 tiles), and (image, question, answer tokens in order) triples."""
     images: torch.Tensor  # (n_images, max_tiles, 3, S, S) uint8
     n_tiles: torch.Tensor  # (n_images,) tiles of each image (the rest is padding)
     pair_image: torch.Tensor  # (n_pairs,) image index of each question
     questions: torch.Tensor  # (n_pairs, MAX_QUESTION_TOKENS) compact token ids, 0 = padding
-    targets: torch.Tensor  # answers: (n_pairs,) class index; words: (n_pairs, n_words) 0/1
-    mode: str  # "answers" | "words"
-    classes: list[tuple[int, ...]]  # the answer (or word) token ids of each class
+    targets: torch.Tensor  # (n_pairs, n_slots) answer tokens as vocab index + 1, then END, then IGNORE_INDEX
+    vocab: list[int]  # the answer tokens (tokenizer ids) the readout writes
     question_vocab: dict[int, int]  # tokenizer id -> compact id (1..)
-    coverage: float  # share of the questions whose answer is a class (answers mode)
-    n_questions: int  # all questions seen, covered or not
+    coverage: float  # share of the questions whose whole answer repeats (training) or can be written (held out)
+    n_questions: int  # all questions seen, kept or not
 
     @property
-    def n_classes(self) -> int:
-        return len(self.classes)
+    def n_slots(self) -> int:
+        return self.targets.shape[1]
 
     def describe(self) -> str:
-        if self.mode == "answers":
-            return f"{self.n_classes} answer classes covering {self.coverage:.0%} of {self.n_questions} questions"
-        return f"a bag of {self.n_classes} answer words"
+        return (f"answers of up to {self.n_slots - 1} tokens from {len(self.vocab)} answer tokens "
+                f"({self.coverage:.0%} of {self.n_questions} questions repeat a whole answer)")
 
 
 @dataclass
@@ -100,16 +100,18 @@ def collect_pairs(dataset, indices: Sequence[int], drop_ids: set[int]) -> Pairs:
     return pairs
 
 
-def _encode_targets(pairs: Pairs, mode: str, classes: list) -> tuple[list[int], torch.Tensor]:
-    """(kept pairs, targets): a class index (answers) or 0/1 per known word (words); the rest left out."""
-    index = {(a if mode == "answers" else a[0]): c for c, a in enumerate(classes)}
-    if mode == "answers":
-        keep = [p for p, a in enumerate(pairs.answers) if a in index]
-        return keep, torch.tensor([index[pairs.answers[p]] for p in keep], dtype=torch.long)
-    keep = [p for p, a in enumerate(pairs.answers) if any(t in index for t in a)]
-    targets = torch.zeros((len(keep), len(index)))
+def _encode_targets(pairs: Pairs, vocab: list[int], n_slots: int, whole: bool) -> tuple[list[int], torch.Tensor]:
+    """(kept pairs, targets): each answer's first tokens in order, then END; a token outside `vocab` is left
+    out of the loss (`whole`: the pair is left out instead, as a held-out answer it cannot write)."""
+    index = {t: k + 1 for k, t in enumerate(vocab)}
+    keep = [p for p, a in enumerate(pairs.answers)
+            if any(t in index for t in a) and not (whole and any(t not in index for t in a[:n_slots - 1]))]
+    targets = torch.full((len(keep), n_slots), IGNORE_INDEX, dtype=torch.long)
     for row, p in enumerate(keep):
-        targets[row, [index[t] for t in pairs.answers[p] if t in index]] = 1.0
+        answer = pairs.answers[p][:n_slots - 1]
+        targets[row, :len(answer)] = torch.tensor([index.get(t, IGNORE_INDEX) for t in answer], dtype=torch.long)
+        if len(answer) < n_slots:
+            targets[row, len(answer)] = END
     return keep, targets
 
 
@@ -127,36 +129,33 @@ def _readout_data(pairs: Pairs, keep: list[int], targets: torch.Tensor, **fields
                        n_questions=len(pairs.answers), **fields)
 
 
-def build_targets(pairs: Pairs, mode: str = "auto") -> ReadoutData | str:
-    """The stage's data, or a sentence saying why there is nothing to learn."""
+def build_targets(pairs: Pairs) -> ReadoutData | str:
+    """The stage's data, or a sentence saying why there is nothing to learn. One readout for every kind of
+    answer: it writes an answer's tokens in order, so a fixed set of answers is the case of one token each,
+    and a number or word never seen whole is written from tokens that were."""
     if not pairs.answers:
         return "the training samples hold no image with a supervised answer"
+    words = Counter(t for a in pairs.answers for t in a[:MAX_ANSWER_TOKENS])
+    vocab = [t for t, c in words.most_common(MAX_VOCAB) if c >= 2]
+    if len(vocab) < 2:
+        return "the answers repeat fewer than two tokens"
     counts = Counter(pairs.answers)
-    classes = [a for a, c in counts.most_common(MAX_CLASSES) if c >= 2]
-    coverage = sum(counts[a] for a in classes) / len(pairs.answers)
-    if mode == "auto":
-        mode = "answers" if len(classes) >= 2 and coverage >= MIN_COVERAGE else "words"
-    vocab: dict[int, int] = {}
+    coverage = sum(c for c in counts.values() if c >= 2) / len(pairs.answers)
+    question_vocab: dict[int, int] = {}
     for t in (t for q in pairs.questions for t in q):
-        vocab.setdefault(t, len(vocab) + 1)
-    if mode == "answers" and len(classes) < 2:
-        return f"the answers hold {len(classes)} repeated answer(s), too few to classify"
-    if mode == "words":
-        words = Counter(t for a in pairs.answers for t in set(a))
-        classes = [(w,) for w, c in words.most_common(MAX_CLASSES) if c >= 2]
-        if len(classes) < 2:
-            return "the answers repeat fewer than two words"
-    keep, targets = _encode_targets(pairs, mode, classes)
-    return _readout_data(pairs, keep, targets, mode=mode, classes=classes, question_vocab=vocab, coverage=coverage)
+        question_vocab.setdefault(t, len(question_vocab) + 1)
+    n_slots = min(MAX_ANSWER_TOKENS, max(len(a) for a in pairs.answers)) + 1
+    keep, targets = _encode_targets(pairs, vocab, n_slots, whole=False)
+    return _readout_data(pairs, keep, targets, vocab=vocab, question_vocab=question_vocab, coverage=coverage)
 
 
 def held_out_targets(pairs: Pairs, train: ReadoutData) -> ReadoutData | None:
-    """Held-out pairs in the training targets' terms (classes and question vocabulary)."""
-    keep, targets = _encode_targets(pairs, train.mode, train.classes)
+    """Held-out pairs in the training targets' terms (answer tokens, slots and question vocabulary)."""
+    keep, targets = _encode_targets(pairs, train.vocab, train.n_slots, whole=True)
     if not keep:
         return None
-    return _readout_data(pairs, keep, targets, mode=train.mode, classes=train.classes,
-                         question_vocab=train.question_vocab, coverage=len(keep) / len(pairs.answers))
+    return _readout_data(pairs, keep, targets, vocab=train.vocab, question_vocab=train.question_vocab,
+                         coverage=len(keep) / len(pairs.answers))
 
 
 class QuestionBlock(nn.Module):
@@ -182,13 +181,15 @@ class QuestionBlock(nn.Module):
 
 
 class ReadoutHead(nn.Module):
-    """(patch tokens of each image, questions about each image) -> logits over the targets."""
+    """(patch tokens of each image, questions about each image) -> logits of each answer slot: the slot's query
+    (the question plus the slot's place) reads the patches, so the encoder learns where each token is drawn."""
 
-    def __init__(self, dim: int, n_question_tokens: int, n_out: int, n_heads: int = 4):
+    def __init__(self, dim: int, n_question_tokens: int, n_out: int, n_slots: int, n_heads: int = 4):
         super().__init__()
         self.n_heads = n_heads
         self.token = nn.Embedding(n_question_tokens + 1, dim, padding_idx=0)
         self.position = nn.Parameter(torch.randn(MAX_QUESTION_TOKENS, dim) * 0.02)
+        self.slot = nn.Parameter(torch.randn(n_slots, dim) * 0.02)
         self.encoder = QuestionBlock(dim, n_heads)
         self.norm = nn.LayerNorm(dim)
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -202,32 +203,32 @@ class ReadoutHead(nn.Module):
         return self.norm((x * present.unsqueeze(-1)).sum(1) / present.sum(1, keepdim=True))
 
     def forward(self, patches: torch.Tensor, patch_mask: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
-        """patches (B, N, C), patch_mask (B, N), questions (B, P, L) -> logits (B, P, n_out)."""
+        """patches (B, N, C), patch_mask (B, N), questions (B, P, L) -> logits (B, P, n_slots, n_out)."""
         B, N, C = patches.shape
         P, L = questions.shape[1:]
-        H, D = self.n_heads, C // self.n_heads
+        M, H, D = self.slot.shape[0], self.n_heads, C // self.n_heads
         # Each distinct question once (data repeats its questions), spread with index_select:
         # its backward adds the repeats in order, where `[inverse]`'s parallel atomic adds do not.
         unique, inverse = torch.unique(questions.reshape(B * P, L), dim=0, return_inverse=True)
-        q = self.question_vector(unique).index_select(0, inverse).view(B, P, C)
+        q = self.question_vector(unique).index_select(0, inverse).view(B, P, 1, C) + self.slot  # (B, P, M, C)
         k, v = self.key(patches).view(B, N, H, D), self.value(patches).view(B, N, H, D)
-        scores = torch.einsum("bphd,bnhd->bhpn", self.query(q).view(B, P, H, D), k) / math.sqrt(D)  # (B, H, P, N)
+        query = self.query(q).view(B, P * M, H, D)
+        scores = torch.einsum("bphd,bnhd->bhpn", query, k) / math.sqrt(D)  # (B, H, P * M, N)
         mask = patch_mask.view(B, 1, 1, N)
         attn = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         gate = torch.sigmoid(scores) * mask / N  # grows with the number of patches that match
-        pooled = torch.einsum("bhpn,bnhd->bphd", attn, v).reshape(B, P, C)
-        summed = torch.einsum("bhpn,bnhd->bphd", gate.to(v.dtype), v).reshape(B, P, C)
+        pooled = torch.einsum("bhpn,bnhd->bphd", attn, v).reshape(B, P, M, C)
+        summed = torch.einsum("bhpn,bnhd->bphd", gate.to(v.dtype), v).reshape(B, P, M, C)
         return self.mlp(torch.cat([pooled, summed, q], dim=-1))
 
 
-def readout_loss(logits: torch.Tensor, targets: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "answers":
-        return F.cross_entropy(logits.float(), targets)
-    return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / targets.shape[0]
+def readout_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each slot's token, summed over a question's slots (a one-token answer weighs as a
+    class did, its end aside); logits (Q, M, V), targets (Q, M)."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / targets.shape[0]
 
 
-def readout_right(logits: torch.Tensor, targets: torch.Tensor, mode: str) -> int:
-    """Questions answered right: the top class (answers) or every word right (words)."""
-    if mode == "answers":
-        return int((logits.argmax(-1) == targets).sum())
-    return int(((logits > 0) == (targets > 0.5)).all(-1).sum())
+def readout_right(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """Questions whose every slot's token is right (a whole answer written)."""
+    return int(((logits.argmax(-1) == targets) | (targets == IGNORE_INDEX)).all(-1).sum())

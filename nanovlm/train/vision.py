@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from nanovlm.data.augment import sample_generator, shift_pixels, shift_tiles
 from nanovlm.train.optim import Schedule, build_optimizer, decay_groups
-from nanovlm.train.readout import (ReadoutData, ReadoutHead, build_targets, collect_pairs, held_out_targets,
-                                   readout_loss, readout_right, special_ids)
+from nanovlm.train.readout import (MIN_COVERAGE, ReadoutData, ReadoutHead, build_targets, collect_pairs,
+                                   held_out_targets, readout_loss, readout_right, special_ids)
 from nanovlm.train.step import Trainer, fit, vision_budget
 from nanovlm.train.vlm import planned_seconds
 
@@ -78,8 +78,7 @@ def readout_accuracy(model, head: ReadoutHead, data: ReadoutData, amp: dict, bat
         pair_idx, valid = _pairs_for(images[start:start + batch_size], by_image, len(data.pair_image), None)
         with torch.autocast(**amp):
             logits = readout_logits(model, head, data, images[start:start + batch_size], pair_idx)
-        right += readout_right(logits[valid.to(logits.device)].float(), data.targets[pair_idx[valid]].to(logits.device),
-                               data.mode)
+        right += readout_right(logits[valid.to(logits.device)].float(), data.targets[pair_idx[valid]].to(logits.device))
     model.vision_encoder.train(was)
     return right / max(1, len(data.pair_image))
 
@@ -94,10 +93,11 @@ class VisionStage:
                  extend: bool = False, budget_s: float | Callable[[float], float] | None = None,
                  log: Callable[[dict], None] | None = None):
         self.model, self.data, self.batch_size, self.seed, self.say, self.log = model, data, batch_size, seed, say, log
-        self.extend, self.budget_s = extend and data.mode == "answers", budget_s
+        self.extend, self.budget_s = extend and data.coverage >= MIN_COVERAGE, budget_s
         with torch.random.fork_rng(devices=[]):  # seeded, and no draw from the global generator
             torch.manual_seed(seed)
-            self.head = ReadoutHead(model.cfg.vit_hidden_dim, len(data.question_vocab), data.n_classes)
+            self.head = ReadoutHead(model.cfg.vit_hidden_dim, len(data.question_vocab), len(data.vocab) + 1,
+                                    data.n_slots)
         self.head.to(next(model.parameters()).device)
         params = list(model.vision_encoder.parameters()) + list(self.head.parameters())
         for p in params:
@@ -130,11 +130,11 @@ class VisionStage:
         held = readout_accuracy(self.model, self.head, held_out, self.trainer.amp) if held_out is not None else None
         data = self.data
         result = {"steps": steps, "planned_steps": self.planned, "cycles": self.cycles, "time_s": round(seconds, 1),
-                  "loss": round(self.last_loss.item(), 4), "mode": data.mode, "classes": data.n_classes,
+                  "loss": round(self.last_loss.item(), 4), "answer_tokens": len(data.vocab), "slots": data.n_slots,
                   "coverage": round(data.coverage, 4), "questions": data.n_questions, "images": len(self.with_pairs),
                   "shift_px": self.shift, "train_accuracy": _window_accuracy(self.scores, max(1, steps // 10)),
                   "held_out_accuracy": held}
-        short = self.data.mode == "answers" and result["train_accuracy"] < EXTEND_BELOW
+        short = self.extend and result["train_accuracy"] < EXTEND_BELOW
         self.say(f"vision warm-up done in {seconds:.0f} s: {steps} steps in {self.cycles} cycle(s), loss "
                  f"{result['loss']:.4f}, readout accuracy {result['train_accuracy']:.1%} on training batches"
                  + (f" (below its {EXTEND_BELOW:.0%} target)" if short else "")
@@ -162,8 +162,8 @@ class VisionStage:
                                 self.seed, self.epoch)
         logits = logits[batch["valid"].to(logits.device)]
         targets = self.data.targets[batch["pairs"][batch["valid"]]].to(logits.device)
-        self.scores.append((readout_right(logits.detach().float(), targets, self.data.mode), len(targets)))
-        return readout_loss(logits, targets, self.data.mode)
+        self.scores.append((readout_right(logits.detach().float(), targets), len(targets)))
+        return readout_loss(logits, targets)
 
     def after(self, step: int, loss: torch.Tensor, lr_factor: float) -> None:
         total = self.trainer.schedule.total_steps
@@ -227,8 +227,7 @@ def warm_up_vision(run) -> None:
            "the training data cannot be read sample by sample" if not hasattr(data.source, "__getitem__") else None)
     t0 = time.perf_counter()
     drop = special_ids(run.tokenizer, vcfg)
-    targets = why or build_targets(collect_pairs(data.source, data.train_indices or range(len(data.source)), drop),
-                                   mode)
+    targets = why or build_targets(collect_pairs(data.source, data.train_indices or range(len(data.source)), drop))
     if isinstance(targets, str):
         say(f"vision warm-up: skipped ({targets}).")
         run.state.warmup = {"skipped": targets}
