@@ -115,7 +115,7 @@ def test_readout_writes_answers_it_never_saw_whole():
     held = held_out_targets(_two_colour_pairs(unseen, 4, seed=1), data)
     assert held.coverage == 1.0 and len(held.pair_image) == 24
     model = _tiny_model()
-    result = vision_warmup(model, data, 400, 3e-3, 16, seed=0, amp=FP32, fused=False, say=lambda _: None,
+    result = vision_warmup(model, data, 150, 3e-3, 16, seed=0, amp=FP32, fused=False, say=lambda _: None,
                            progress=False, held_out=held)
     assert result["held_out_accuracy"] >= 0.9
 

@@ -189,7 +189,8 @@ class ReadoutHead(nn.Module):
         self.n_heads = n_heads
         self.token = nn.Embedding(n_question_tokens + 1, dim, padding_idx=0)
         self.position = nn.Parameter(torch.randn(MAX_QUESTION_TOKENS, dim) * 0.02)
-        self.slot = nn.Parameter(torch.randn(n_slots, dim) * 0.02)
+        # At the question vector's own scale: places that start nearly alike are told apart only slowly.
+        self.slot = nn.Parameter(torch.randn(n_slots, dim))
         self.encoder = QuestionBlock(dim, n_heads)
         self.norm = nn.LayerNorm(dim)
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
