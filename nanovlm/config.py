@@ -369,7 +369,7 @@ class VLMConfig:
 @dataclass
 class RecipeConfig:
     """The from-scratch CPU recipe's knobs: its vision stage, image shifts, time budget, data sizing, threads."""
-    vision_warmup: str = setting("auto", "the vision stage: auto (where the encoder starts from scratch), on, off",
+    vision_warmup: str = setting("auto", "the vision stage: auto (unless both towers start pretrained), on, off",
                                  choices=("auto", "on", "off"))
     vision_warmup_steps: int = setting(0, "steps of the vision stage", min=0, note="(0: from vision_warmup_epochs)")
     vision_warmup_epochs: float = setting(25.0, "passes over the training images of the vision stage", gt=0)
@@ -540,14 +540,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(lr_mp=5e-3, lr_vision_backbone=5e-5, lr_language_backbone=5e-5),
     },
     # The default, tuned on easy-VQA and drawn scenes for a 2-core CPU and 15 minutes: 64 px tiles, 16 image
-    # tokens, both towers from scratch (7.2M parameters), the vision stage, then VLM steps on 256-token rows.
+    # tokens, 7.2M parameters: the packaged encoder that reads (recipes/pretrain_vision.py), a language model
+    # from scratch, the vision stage, then VLM steps on 256-token rows.
     # Questions as independent branches: `answer()` asks them one at a time.
     "small": {
         "model": dict(vit_hidden_dim=128, vit_patch_size=8, vit_img_size=64, vit_n_heads=4, vit_n_blocks=2,
-                      vit_model_type="", vit_pixel_mean=0.5, vit_pixel_std=0.5, lm_hidden_dim=128, lm_inter_dim=384,
-                      lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2, lm_model_type="", lm_init_std=0.08,
-                      lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=0,
-                      lm_max_length=512, vlm_load_backbone_weights=False, **IDEFICS3_LAYOUT),
+                      vit_model_type="packaged:small-vit", vit_pixel_mean=0.5, vit_pixel_std=0.5, lm_hidden_dim=128,
+                      lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2, lm_model_type="",
+                      lm_init_std=0.08, lm_tokenizer="packaged:smollm2-135m", mp_pixel_shuffle_factor=2, max_img_size=0,
+                      lm_max_length=512, vlm_load_backbone_weights=True, **IDEFICS3_LAYOUT),
         "train": dict(lr_mp=1e-3, lr_vision_backbone=3e-4, lr_language_backbone=1e-3, batch_size=64,
                       max_training_steps=1000, max_epochs=40, max_train_time=900, eval_interval=400,
                       eval_interval_limit=200, weight_decay=0.01, packing=True, pack_length=256, warmup_ratio=0.03,
@@ -584,7 +585,8 @@ DEFAULT_PRESET = "easyvqa"
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "nanovlm-222m": "the original nanoVLM-222M: SigLIP-B/16-224 + SmolLM2-135M (downloads both)",
     "nanovlm-460m": "nanoVLM-460M: SigLIP2-B/16-512 + SmolLM2-360M-Instruct (downloads both)",
-    "small": "7.2M parameters from scratch, sized for a 2-core CPU and any data of a few thousand images",
+    "small": "7.2M parameters, a packaged encoder that reads and a language model from scratch, sized for "
+             "a 2-core CPU and any data of a few thousand images",
     "easyvqa": "the small preset on the packaged easy-VQA data (what make demo trains)",
     "easyvqa-smollm2": "easy-VQA with the packaged SmolLM2-135M frozen and a ViT from scratch",
     "tiny": "the smallest model (32x32 images, 4 image tokens, 2 + 2 blocks) for tests",

@@ -1,5 +1,5 @@
 """Model sources: a `--model` / `from_pretrained` / `*_model_type` / tokenizer value -> a local
-path: `packaged:smollm2-135m`, an existing path, or a hub repo id (downloaded unless offline); a
+path: `packaged:smollm2-135m` or `packaged:small-vit`, an existing path, or a hub repo id (downloaded unless offline); a
 value that looks like a path is reported missing, never sent to the hub.
 """
 
@@ -10,6 +10,9 @@ import os
 import re
 
 PACKAGED_SMOLLM2 = "packaged:smollm2-135m"
+# The small preset's vision encoder, pretrained once to read (recipes/pretrain_vision.py): a SigLIP-format folder.
+PACKAGED_SMALL_VIT = "packaged:small-vit"
+SMALL_VIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "small_vit")
 
 # Suffixes of the files a model source may name; a value ending in one is a path, not a repo id
 # (repo ids may hold dots, e.g. Qwen2.5-0.5B, so a bare "has a dot" test would misread them).
@@ -58,8 +61,10 @@ def resolve(value: str | os.PathLike, *, allow_patterns: list[str] | None = None
     value = os.fspath(value)
     if value == PACKAGED_SMOLLM2:
         return packaged_smollm2_path()
+    if value == PACKAGED_SMALL_VIT:
+        return SMALL_VIT_DIR
     if value.startswith("packaged:"):
-        raise SourceError(f"unknown packaged model {value!r}; the only one is {PACKAGED_SMOLLM2}.")
+        raise SourceError(f"unknown packaged model {value!r}; there are {PACKAGED_SMOLLM2} and {PACKAGED_SMALL_VIT}.")
     local = os.path.expanduser(value)
     if value and os.path.exists(local):
         return local

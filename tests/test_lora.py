@@ -315,7 +315,7 @@ def test_bad_lora_settings_are_one_sentence(overrides, message):
     assert str(e.value) == message
 
 
-def test_lora_with_a_vision_warmup_from_scratch_is_refused(tmp_path):
+def test_lora_with_the_vision_stage_on_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^lora_rank=2 keeps the vision encoder as built, but vision_warmup=on "
-                                         r"would first train it from scratch; set vision_warmup=off\.$"):
+                                         r"would first train it; set vision_warmup=off\.$"):
         run_synthetic(tmp_path, lora_rank=2, vision_warmup="on")

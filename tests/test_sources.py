@@ -6,6 +6,7 @@ replaced, either by a stand-in that must not be called or by one that raises wha
 huggingface_hub raises for a DNS failure or an unknown repository.
 """
 
+import os
 import socket
 from pathlib import Path
 
@@ -126,8 +127,9 @@ def test_a_hub_failure_is_one_sentence(hub, error, reason):
 
 def test_packaged_model():
     assert resolve(PACKAGED_SMOLLM2).endswith(".gguf")
-    with pytest.raises(SourceError, match=r"^unknown packaged model 'packaged:nothing'; the only one is "
-                                          r"packaged:smollm2-135m\.$"):
+    assert os.path.isfile(os.path.join(resolve("packaged:small-vit"), "model.safetensors"))
+    with pytest.raises(SourceError, match=r"^unknown packaged model 'packaged:nothing'; there are "
+                                          r"packaged:smollm2-135m and packaged:small-vit\.$"):
         resolve("packaged:nothing")
 
 

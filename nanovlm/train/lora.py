@@ -11,15 +11,15 @@ import torch
 
 from nanovlm.config import LoraConfig, TrainConfig, VLMConfig, lora_target_names
 from nanovlm.models.lora import add_lora, is_adapter_parameter
+from nanovlm.train.step import auto_skip
 
 
 def check_run(vlm_cfg: VLMConfig, cfg: TrainConfig) -> None:
     """A LoRA run's settings that the configs alone cannot check; ValueError in one sentence."""
     rank, warmup = cfg.lora.lora_rank, cfg.recipe.vision_warmup
-    pretrained_vit = bool(cfg.init_from) or (vlm_cfg.vlm_load_backbone_weights and bool(vlm_cfg.vit_model_type))
-    if rank and warmup != "off" and not (warmup == "auto" and pretrained_vit):
+    if rank and warmup != "off" and not (warmup == "auto" and auto_skip(vlm_cfg, cfg.init_from)):
         raise ValueError(f"lora_rank={rank} keeps the vision encoder as built, but vision_warmup={warmup} would "
-                         "first train it from scratch; set vision_warmup=off.")
+                         "first train it; set vision_warmup=off.")
 
 
 def prepare(model, vlm_cfg: VLMConfig, lora: LoraConfig, seed: int) -> dict:

@@ -40,6 +40,16 @@ def vision_budget(max_train_time: float, vision_plan_s: float, vlm_plan_s: float
     return min(VISION_SHARE * max_train_time, max(fair, max_train_time - vlm_plan_s))
 
 
+def auto_skip(vcfg, init_from: str | None) -> str | None:
+    """Why `vision_warmup=auto` skips the stage (None: it runs). A pretrained encoder beside a new language
+    model still runs it: the encoder learns the data's questions before the language model must read it."""
+    if init_from:
+        return f"the model starts from {init_from}"
+    if vcfg.vlm_load_backbone_weights and vcfg.vit_model_type and vcfg.lm_model_type:
+        return f"both towers start from pretrained weights ({vcfg.vit_model_type}, {vcfg.lm_model_type})"
+    return None
+
+
 def summed_loss(model, batch: dict) -> torch.Tensor:
     """The VLM's loss on a collated batch, summed over its supervised tokens."""
     return model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"], loss_reduction="sum",

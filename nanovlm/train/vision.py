@@ -20,7 +20,7 @@ from nanovlm.data.augment import sample_generator, shift_pixels, shift_tiles
 from nanovlm.train.optim import Schedule, build_optimizer, decay_groups
 from nanovlm.train.readout import (MIN_COVERAGE, ReadoutData, ReadoutHead, build_targets, collect_pairs,
                                    held_out_targets, readout_loss, readout_right, special_ids)
-from nanovlm.train.step import Trainer, fit, vision_budget
+from nanovlm.train.step import Trainer, auto_skip, fit, vision_budget
 from nanovlm.train.vlm import planned_seconds
 
 WEIGHT_DECAY = 0.1
@@ -221,10 +221,8 @@ def warm_up_vision(run) -> None:
     """The stage as `vision_warmup` asks; its summary, or {"skipped": why} after a notice, in `run.state.warmup`."""
     model, data, recipe, say, init_from = run.model, run.data, run.cfg.recipe, run.say, run.cfg.init_from
     vcfg, mode = model.cfg, recipe.vision_warmup
-    why = (f"the model starts from {init_from}" if mode == "auto" and init_from else
-           f"the vision encoder starts from pretrained weights ({vcfg.vit_model_type})"
-           if mode == "auto" and vcfg.vlm_load_backbone_weights and vcfg.vit_model_type else
-           "the training data cannot be read sample by sample" if not hasattr(data.source, "__getitem__") else None)
+    why = (auto_skip(vcfg, init_from) if mode == "auto" else None) or \
+        ("the training data cannot be read sample by sample" if not hasattr(data.source, "__getitem__") else None)
     t0 = time.perf_counter()
     drop = special_ids(run.tokenizer, vcfg)
     targets = why or build_targets(collect_pairs(data.source, data.train_indices or range(len(data.source)), drop))
