@@ -26,6 +26,7 @@ import tempfile
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save_file
 
+from nanovlm.export.idefics3 import idefics3_config_dict
 from nanovlm.fileio import written_dir
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.sources import SMALL_VIT_DIR
@@ -128,10 +129,8 @@ def save_encoder(run_final: str, out: str) -> None:
     cfg, prefix = model.cfg, "model.vision_model."
     tensors = to_transformers(cfg, {k: v.detach() for k, v in model.state_dict_for_saving().items()})
     vision = {k[len(prefix):]: v.contiguous() for k, v in tensors.items() if k.startswith(prefix)}
-    config = {"model_type": "siglip_vision_model", "hidden_size": cfg.vit_hidden_dim,
-              "intermediate_size": cfg.vit_inter_dim, "num_hidden_layers": cfg.vit_n_blocks,
-              "num_attention_heads": cfg.vit_n_heads, "num_channels": 3, "image_size": cfg.vit_img_size,
-              "patch_size": cfg.vit_patch_size, "hidden_act": cfg.vit_hidden_act, "layer_norm_eps": cfg.vit_ln_eps}
+    # The transformers export's vision config, as a SigLIP vision model's.
+    config = {**idefics3_config_dict(cfg, {})["vision_config"], "model_type": "siglip_vision_model"}
     with written_dir(out) as tmp:
         save_file(vision, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
