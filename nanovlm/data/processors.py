@@ -1,7 +1,5 @@
-"""Processors: images cut and written into the prompt as the original nanoVLM does
-(`ImageProcessor`), or as transformers' `Idefics3Processor` does (`vlm_image_layout="idefics3"`,
-so a SmolVLM reads the same ids and pixels); `ChatRenderer` lays out every prompt: training
-data, `answer`, evaluation and the server alike.
+"""Processors: images cut and written into the prompt as the original nanoVLM or transformers'
+`Idefics3Processor` does; `ChatRenderer` lays out every prompt (training, `answer`, eval, server).
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def _cut(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 class _Tiles:
-    """`proc(pil_image) -> (tiles (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`; picklable for workers.
-    The picture is resized (`resized_size`), cut at `target_size` into row-major tiles, plus a global view."""
+    """`proc(pil_image) -> (tiles (n_tiles, 3, S, S) in [0, 1], (n_rows, n_cols))`, plus a global view."""
 
     global_first = True  # the original: the whole picture first; Idefics3: the tiled picture last
 
@@ -77,8 +74,7 @@ class _Tiles:
 
 
 class ImageProcessor(_Tiles):
-    """The original's rules: the long side to `max_img_size` (or the next tile multiple), the short
-    side by the aspect ratio rounded up to tiles; row-major, a global view first; `max_grid` a side."""
+    """The original's rules: the long side to `max_img_size`, the short one by aspect, both in whole tiles."""
 
     def __init__(self, max_img_size: int, splitted_image_size: int, resize_to_max_side_len: bool = False,
                  max_grid: int = MAX_GRID, resample: str = "bicubic"):
@@ -100,8 +96,7 @@ class ImageProcessor(_Tiles):
 
 
 class Idefics3ImageProcessor(_Tiles):
-    """transformers' `Idefics3ImageProcessor`: the longest edge to `longest_edge` (the other side
-    rounded up to even), with splitting both sides up to whole tiles, row-major, then the global view."""
+    """transformers' `Idefics3ImageProcessor`: longest edge to `longest_edge`, then whole tiles, global view last."""
 
     global_first = False
 
@@ -160,9 +155,12 @@ def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
 def get_image_string(tokenizer: Any, splitted_image_counts: Sequence[tuple[int, int]],
                      mp_image_token_length: int) -> str:
     """The prompt text that holds the image tokens of one sample's images, in order."""
-    n = len(splitted_image_counts)
-    return "".join((f"<image: {k}>" if n > 1 else "") + _image_tokens(tokenizer, grid, mp_image_token_length)
-                   for k, grid in enumerate(splitted_image_counts))
+    return "".join(_tagged_image_strings(tokenizer, splitted_image_counts, mp_image_token_length))
+
+
+def _tagged_image_strings(tokenizer: Any, grids: Sequence[tuple[int, int]], mp_image_token_length: int) -> list[str]:
+    return [(f"<image: {k}>" if len(grids) > 1 else "") + _image_tokens(tokenizer, grid, mp_image_token_length)
+            for k, grid in enumerate(grids)]
 
 
 def _image_tokens(tokenizer: Any, grid: tuple[int, int], mp_image_token_length: int) -> str:
@@ -210,15 +208,13 @@ def image_string_pattern(layout: str, tokenizer: Any) -> re.Pattern:
 # ---------------------------------------------------------------------------- chat -> ids, labels
 class ChatEncoder:
     """Messages -> (input_ids, shifted labels), supervising each answer and the end-of-turn after it.
-    The text between answers is tokenized in whole pieces (as at inference), each answer alone (as
-    generated). A template of typed parts (SmolVLM's) gets each image string as an image part."""
+    Text between answers is tokenized in whole pieces (as at inference), each answer alone (as generated)."""
 
     def __init__(self, tokenizer: Any, cache_size: int = 200_000, image_pattern: re.Pattern | None = None):
         self.tokenizer, self._image_pattern, self._cache_size = tokenizer, image_pattern, cache_size
-        self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_id, template = tokenizer.eos_token_id, tokenizer.chat_template
         self._cache: dict[str, tuple[int, ...]] = {}
-        self._chatml = tokenizer.chat_template == CHATML_TEMPLATE  # the default: string joins, faster than jinja
-        template = tokenizer.chat_template
+        self._chatml = template == CHATML_TEMPLATE  # the default: string joins, faster than jinja
         # A template that drops plain-text content but shows typed text parts (SmolVLM's) gets parts.
         self._parts = bool(template) and not self._chatml and not template_shows(template, "q7x") \
             and template_shows(template, TEXT_PART)
@@ -313,9 +309,8 @@ def shift_labels(input_ids: Sequence[int], supervised: Sequence[bool]) -> list[i
 
 
 def share_prefix(encodings: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[list[int], list[int], list[int]]:
-    """Several (input_ids, labels) with a common prompt -> one (input_ids, labels, position_ids):
-    the common unsupervised prefix once, then each rest, its positions restarting where the prefix
-    ends; the attention mask lets each branch see the prefix and itself only."""
+    """Several (input_ids, labels) with a common prompt -> one (input_ids, labels, position_ids): the common
+    unsupervised prefix once, then each rest, its positions restarting where the prefix ends."""
     first_ids = encodings[0][0]
     shared = min(len(ids) for ids, _ in encodings)
     for ids, labels in encodings:
@@ -359,10 +354,9 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, cfg: Any, image_processor: ImageProcessor | None = None):
         self.tokenizer, self.mp, self.tile, self.layout = tokenizer, cfg.mp_image_token_length, cfg.vit_img_size, \
             cfg.vlm_image_layout
-        self.interleaved = cfg.vlm_extra_tokens_in_vocab
+        self.interleaved = cfg.vlm_extra_tokens_in_vocab  # a SmolVLM tokenizer: trained on interleaved images
         self.image_processor = image_processor if image_processor is not None else image_processor_for(cfg)
         self.encoder = ChatEncoder(tokenizer, image_pattern=image_string_pattern(self.layout, tokenizer))
-        self.image_token_id = tokenizer.image_token_id
         self._image_strings: dict[tuple, list[str]] = {}
 
     @staticmethod
@@ -402,11 +396,8 @@ class ChatRenderer:
         key = tuple(map(tuple, grids))
         strings = self._image_strings.get(key)
         if strings is None:
-            if self.layout == "idefics3":  # Idefics3Processor tags no image
-                strings = [idefics3_image_tokens(self.tokenizer, g, self.mp) for g in key]
-            else:
-                strings = [(f"<image: {k}>" if len(key) > 1 else "") + _image_tokens(self.tokenizer, g, self.mp)
-                           for k, g in enumerate(key)]
+            strings = ([idefics3_image_tokens(self.tokenizer, g, self.mp) for g in key] if self.layout == "idefics3"
+                       else _tagged_image_strings(self.tokenizer, key, self.mp))  # Idefics3Processor tags no image
             if len(self._image_strings) < 1024:  # a few grids recur (one per image shape); don't hoard the rest
                 self._image_strings[key] = strings
         return strings
@@ -425,8 +416,7 @@ class ChatRenderer:
                 content = pieces[0] + "".join(next(pending) + re.sub(r"^\r?\n", "", p) for p in pieces[1:])
             elif not isinstance(content, str):
                 is_text = [isinstance(p, str) for p in content]
-                # Images after all the text (OpenAI's example) go where training put unmarked ones,
-                # unless the tokenizer came with its image tokens: a SmolVLM, trained interleaved.
+                # Images after all the text (OpenAI's example) go where training put unmarked ones.
                 if not self.interleaved and is_text == sorted(is_text, reverse=True):
                     content = sorted(content, key=lambda p: isinstance(p, str))
                 content = "".join(p if isinstance(p, str) else next(pending) for p in content)
@@ -464,7 +454,7 @@ class ChatRenderer:
                 labels = [IGNORE_INDEX] * len(ids) if add_generation_prompt else shift_labels(ids, supervised)
         except ValueError as e:
             raise RenderError("chat_template", str(e)) from e
-        n, n_tiles = ids.count(self.image_token_id), tiles.shape[0]
+        n, n_tiles = ids.count(self.tokenizer.image_token_id), tiles.shape[0]
         if n != n_tiles * self.mp:  # the text held the reserved image token
             raise RenderError("image_token_mismatch",
                               f"the prompt holds {n} image tokens where {n_tiles} tile(s) x {self.mp} were expected; "
