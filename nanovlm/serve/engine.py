@@ -68,14 +68,9 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}.")
         cfg = model.cfg
-        self.model = model
-        self.max_batch_size = max_batch_size
-        self.max_queued = max_queued
-        self.compile = compile
-        limit = min(cfg.lm_max_length, cfg.lm_max_position_embeddings)
-        self.context = limit if context is None else min(int(context), cfg.lm_max_position_embeddings)
-        self.prefill_token_budget = prefill_token_budget
-        self.eos = cfg.lm_eos_token_id
+        self.model, self.max_batch_size, self.max_queued, self.compile = model, max_batch_size, max_queued, compile
+        self.context = min(cfg.lm_max_length if context is None else int(context), cfg.lm_max_position_embeddings)
+        self.prefill_token_budget, self.eos = prefill_token_budget, cfg.lm_eos_token_id
         self._step_fn = step_function(model.decoder.prepare_for_inference(), compile)
         self._cache = None  # max_batch_size x context slots, allocated with the first request
         self._rows: list[Handle] = []
@@ -151,11 +146,14 @@ class Engine:
                 if self._rows:
                     self._step()
         except Exception as e:  # never let one bad step kill the engine: fail the batch, go on
-            logger.exception("decode step failed; failing %d running request(s)", len(self._rows))
-            self.counters["errors"] += 1
-            for row in self._rows:
-                row.events.put(("error", f"internal error while decoding: {type(e).__name__}: {e}"))
+            self._fail(self._rows, "decoding", e)
             self._rows.clear()
+
+    def _fail(self, handles: list[Handle], during: str, error: Exception) -> None:
+        logger.exception("%s failed; failing %d request(s)", during, len(handles))
+        self.counters["errors"] += 1
+        for h in handles:
+            h.events.put(("error", f"internal error while {during}: {type(error).__name__}: {error}"))
 
     def _take_waiting(self) -> list[Handle]:
         """Waiting requests for the free rows, within the prefill budget (at least one)."""
@@ -193,10 +191,7 @@ class Engine:
                     h.generator = torch.Generator(device).manual_seed(seed)
             first = self._sample(logits, handles)
         except Exception as e:
-            logger.exception("prefill of %d request(s) failed", len(handles))
-            self.counters["errors"] += 1
-            for h in handles:
-                h.events.put(("error", f"internal error while reading the prompt: {type(e).__name__}: {e}"))
+            self._fail(handles, "reading the prompt", e)
             return
         self.counters["prefills"] += 1
         self.counters["requests"] += len(handles)
