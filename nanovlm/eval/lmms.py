@@ -217,8 +217,7 @@ def generation_settings(gen_kwargs: dict | None, default_max_new_tokens: int) ->
 
 def cut_at(text: str, until: Sequence[str]) -> str:
     """The text up to the first stop string (the decode ran past it; the tokens before are the same)."""
-    cuts = [text.find(s) for s in until if s]
-    cuts = [c for c in cuts if c >= 0]
+    cuts = [at for s in until if s and (at := text.find(s)) >= 0]
     return text[:min(cuts)] if cuts else text
 
 
