@@ -1,7 +1,6 @@
 """The lmms-eval plugin: `lmms-eval --model nanovlm --model_args pretrained=DIR --tasks ...`,
-found through the `lmms_eval.models` entry point. `NanoVLM` (`--force_simple`) takes a task's text
-and `doc_to_visual`, `NanoVLMChat` its `doc_to_messages`; prompts as `model.answer` lays them out.
-`cauldron_*` and `vqa_process_results` score a Cauldron-layout YAML task as `nanovlm eval` does.
+found through the `lmms_eval.models` entry point; prompts as `model.answer` lays them out, and
+Cauldron-layout YAML tasks scored as `nanovlm eval` scores them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Question answering on any data: exact match after VQA normalisation (the VQA challenge's
 `vqaEval.py` simplified: one reference, no soft score), broken down by a record's `answer_type`
-(else the reference's). `qa_items` makes each turn of a split an item asked alone with its
-record's images; `evaluate` answers them through `model.answer`, for `eval` and training alike.
+(else the reference's). Each turn is asked alone with its record's images, through `model.answer`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Continuous batching (Orca's scheme, vLLM's without paging) on `generate`'s decod
 static KV cache of `max_batch_size` rows x `context` slots; running requests hold rows 0..n-1,
 each from slot 0, so a row computes what it would alone (a finished row hands its place to the
 last). Waiting requests are prefilled together between two steps; each sampled request draws
-from its own seeded generator. Requests come in through `submit`, tokens go out by `Handle`.
+from its own seeded generator.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """A training run, which a single process and every torchrun rank run: `train`.
 
-`setup` builds a new or resumed run, `train` runs the recipe's `stages` in order (the vision stage
-where `vision_warmup` asks, in a new run only; then the VLM stage), `finish` writes the final model,
-evaluation, plot and summary. The machine's tuning is entered once, around it all (`runtime.prepare`).
+The recipe's stages run in order (the vision stage in a new run only, then the VLM stage); the
+machine's tuning is entered once, around it all (`runtime.prepare`).
 """
 
 from __future__ import annotations

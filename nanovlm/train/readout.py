@@ -1,8 +1,6 @@
 """The vision stage's readout: what a from-scratch vision encoder first learns to answer.
 
-`build_targets` makes targets from the samples' (image, question, answer) triples: each answer's first
-tokens in order; `ReadoutHead` reads the patches keyed by the question, once per answer slot;
-`readout_loss` / `readout_right` score its logits.
+Targets are each answer's first tokens in order; the head reads the patches keyed by the question.
 """
 
 from __future__ import annotations
