@@ -87,6 +87,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert not os.path.exists(tmp_path / "two" / "checkpoints" / "step_000003" / "rank1")  # rank 0 writes
 
 
+@pytest.mark.slow  # a long run: the default tier stays under 10 minutes
 def test_text_only_micro_batches_under_two_processes(tmp_path):
     """Records without an image: a rank whose micro-batch holds none still joins the gradient
     all-reduce for the vision tower (before, gloo aborted on a collective mismatch), and two

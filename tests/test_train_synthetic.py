@@ -135,6 +135,7 @@ def test_a_run_leaves_a_complete_run_folder(tmp_path):
     assert model.cfg.vit_hidden_dim == 32
 
 
+@pytest.mark.slow  # a long run: the default tier stays under 10 minutes
 def test_the_synthetic_task_is_learnable(tmp_path):
     run_synthetic(tmp_path, max_training_steps=30, lr_mp=1e-2, lr_vision_backbone=1e-2, lr_language_backbone=1e-2)
     steps = losses(tmp_path)
