@@ -1,6 +1,6 @@
 """Model sources: a `--model` / `from_pretrained` / `*_model_type` / tokenizer value -> a local
-path: `packaged:smollm2-135m` or `packaged:small-vit`, an existing path, or a hub repo id (downloaded unless offline); a
-value that looks like a path is reported missing, never sent to the hub.
+path: `packaged:smollm2-135m` or `packaged:small-vit`, an existing path, or a hub repo id
+(downloaded unless offline); a value that looks like a path is reported missing, never sent to the hub.
 """
 
 from __future__ import annotations
