@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 import sys
 
-from nanovlm.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, TrainConfig, VLMConfig, field_types
+from nanovlm.config import DEFAULT_PRESET, PRESETS, TrainConfig, VLMConfig, field_types, preset_lines
 
 
 class UsageError(Exception):
@@ -157,8 +157,7 @@ def _lazy(target: str):
 
 
 def _add_train_parser(sub) -> None:
-    width = max(len(name) for name in PRESETS)
-    presets = "\n".join(f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
+    presets = "\n".join(preset_lines())
     p = sub.add_parser(
         "train", formatter_class=_Formatter,
         help="train a model (default: the easyvqa preset; data=FILE trains on your own data)",

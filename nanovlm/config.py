@@ -71,7 +71,6 @@ def group(cls: type, help: str) -> Any:
     return field(default_factory=cls, metadata={"help": help, "group": cls})
 
 
-# ------------------------------------------------------------------------ the one settings parser
 # Booleans written as text (command line, `data preview`), any case; None as none/null.
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 NONE_WORDS = ("none", "null")
@@ -96,7 +95,6 @@ def setting_fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
 
 
 def field_types(cls: type) -> dict[str, Any]:
-    """name -> annotated type of every setting of a config class (flat names), in field order."""
     return {name: tp for name, (tp, _) in setting_fields(cls).items()}
 
 
@@ -209,7 +207,6 @@ def lora_target_names(text: str) -> tuple[str, ...]:
 
 
 def get_preset(name: str) -> dict[str, dict[str, Any]]:
-    """PRESETS[name]; the one message for a name that is not there."""
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.")
     return PRESETS[name]
@@ -405,7 +402,6 @@ class LoraConfig:
 
     @property
     def lora_scale_alpha(self) -> float:
-        """lora_alpha, or its default 2 * lora_rank."""
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
 
@@ -501,7 +497,6 @@ class TrainConfig:
         return cls(**data)
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A new config with `changes` (flat names) applied."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
@@ -591,3 +586,9 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "easyvqa-smollm2": "easy-VQA with the packaged SmolLM2-135M frozen and a ViT from scratch",
     "tiny": "the smallest model (32x32 images, 4 image tokens, 2 + 2 blocks) for tests",
 }
+
+
+def preset_lines() -> list[str]:
+    width = max(len(name) for name in PRESETS)
+    return [f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" + (" (the default)" if name == DEFAULT_PRESET else "")
+            for name in PRESETS]

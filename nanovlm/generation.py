@@ -41,7 +41,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
     if greedy or temperature <= 0:
         return logits.argmax(dim=-1)
     probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
@@ -59,7 +58,6 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
 
 
-# ---------------------------------------------------------------------- the decode step
 def prefill(decoder, embeds: torch.Tensor, lengths: torch.Tensor, cache) -> torch.Tensor:
     """Prompts (B, T, C), `lengths` (B,) real tokens first, into slots 0..T-1 -> the last real token's logits."""
     B, T, _ = embeds.shape
@@ -124,7 +122,6 @@ def _layout(decoder) -> tuple:
             tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.device) for name, t in tensors))
 
 
-# ---------------------------------------------------------------------- the loop
 CACHE_BUCKET = 128  # cache lengths round up to this, so prompts of similar length share a compiled step
 
 
@@ -173,7 +170,6 @@ def generate(model, input_ids, images=None, attention_mask=None, **kwargs) -> to
     return torch.stack(steps, dim=1)
 
 
-# ---------------------------------------------------------------------- answer(): the one-call path
 def load_images(entry, index: int) -> list[Image.Image]:
     """One question's images: None, a PIL image, a path, or a list of those -> list of PIL."""
     items = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
@@ -255,7 +251,6 @@ def decode_until_eos(tok, ids: list[int], eos: int) -> str:
     return tok.decode(ids, skip_special_tokens=True).strip()
 
 
-# ---------------------------------------------------------------------- text-only language models
 class TextModel:
     """A bare language model with what `stream` needs (`nanovlm generate --lm`)."""
 

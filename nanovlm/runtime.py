@@ -108,7 +108,6 @@ def keep_freed_memory() -> bool:
 
 
 def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's count)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -116,7 +115,6 @@ def cpu_cores() -> int:
 
 
 def _own_tree(pid: int) -> set[int]:
-    """This process and its live descendants."""
     tree, todo = set(), [pid]
     while todo:
         p = todo.pop()

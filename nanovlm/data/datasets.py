@@ -71,7 +71,6 @@ class SkipCounter:
         self.seen = set(state.get("seen", ()))
 
 
-# ---------------------------------------------------------------------------- records -> a sample
 def check_texts(messages: list[dict[str, Any]]) -> None:
     """A SampleError unless every text is a string and some answer is there to learn from."""
     if not messages:
@@ -143,7 +142,6 @@ class SampleProcessor:
 
     def process(self, images: Sequence[Any], messages: list[dict[str, Any]], placeholders_required: bool,
                 sample_id: str | None = None) -> dict[str, Any]:
-        """A processed sample; a SampleError (with the reason, naming `sample_id`) if unusable."""
         try:
             messages = self.check_messages(messages)
             self.renderer.check_images(messages, len(images), placeholders_required)  # before decoding any image
@@ -260,7 +258,6 @@ def _text_length(renderer: ChatRenderer, messages: list[dict[str, Any]]) -> int:
         return 1 << 30
 
 
-# ---------------------------------------------------------------------------- datasets
 class ConversationDataset(Dataset):
     """Map-style dataset over one split's records; `multi_turn` on the train split: see `merge_plan`."""
 
@@ -281,7 +278,6 @@ class ConversationDataset(Dataset):
         return len(self.plan) if self.plan is not None else len(self.records)
 
     def records_of(self, i: int) -> list[int]:
-        """The records sample i is made of."""
         return list(self.plan[i]) if self.plan is not None else [i]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -321,12 +317,10 @@ class ConversationDataset(Dataset):
 
 
 def build_dataset(train_cfg, vlm_cfg, tokenizer, split: str = "train"):
-    """The dataset of `split` of what `train_cfg.data` names (see the module docstring)."""
     return ConversationDataset(open_records(train_cfg.data, split, train_cfg.image_folder), vlm_cfg, tokenizer,
                                train_cfg, split)
 
 
-# ---------------------------------------------------------------------------- sampling and loading
 class ShardedBatchSampler:
     """Seeded per-epoch shuffle cut into global batches, rank r of W taking the r-th slice of each
     (together exactly the single-process batch); `index`: the batch the next pass starts at.
@@ -364,7 +358,6 @@ class ShardedBatchSampler:
         return g[self.rank * len(g) // self.world_size:(self.rank + 1) * len(g) // self.world_size]
 
     def order(self, epoch: int) -> list[int]:
-        """The positions of `epoch`, in the order they are trained."""
         g = self.epoch_generator(epoch)
         if not self.groups:
             return torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))

@@ -19,7 +19,6 @@ def answer_type(answer: str) -> str:
 
 
 def records(split: str) -> list[dict[str, str]]:
-    """Every question of the split, in the package's order."""
     texts, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
     return [{"image": paths[i], "question": q, "answer": a, "answer_type": answer_type(a)}

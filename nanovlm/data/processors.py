@@ -151,7 +151,6 @@ def image_processor_for(cfg) -> ImageProcessor | Idefics3ImageProcessor:
                           cfg.vit_img_size, cfg.resize_to_max_side_len, max_grid, cfg.vlm_image_resample)
 
 
-# ---------------------------------------------------------------------------- image strings
 def get_image_string(tokenizer: Any, splitted_image_counts: Sequence[tuple[int, int]],
                      mp_image_token_length: int) -> str:
     """The prompt text that holds the image tokens of one sample's images, in order."""
@@ -205,7 +204,6 @@ def image_string_pattern(layout: str, tokenizer: Any) -> re.Pattern:
     return re.compile(f"(?:<image: \\d+>)?{glob}{image}(?:{row_col}{image})*")
 
 
-# ---------------------------------------------------------------------------- chat -> ids, labels
 class ChatEncoder:
     """Messages -> (input_ids, shifted labels), supervising each answer and the end-of-turn after it.
     Text between answers is tokenized in whole pieces (as at inference), each answer alone (as generated)."""
@@ -325,7 +323,6 @@ def share_prefix(encodings: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tu
     return out_ids, out_labels, positions
 
 
-# ---------------------------------------------------------------------------- messages + images -> prompt
 class RenderError(ValueError):
     """A chat that cannot be laid out as a prompt; `reason` names the fault, as data skips do."""
 
@@ -404,7 +401,6 @@ class ChatRenderer:
 
     def place_images(self, messages: Sequence[dict[str, Any]], grids: Sequence[tuple[int, int]],
                      placeholders_required: bool = False) -> list[dict[str, str]]:
-        """The messages as text, with each image's string in its place (see the class docstring)."""
         n_slots = self.check_images(messages, len(grids), placeholders_required)
         strings = self.image_strings(grids) if grids else []
         out, pending, placed = [], iter(strings), not strings or n_slots
@@ -464,7 +460,6 @@ class ChatRenderer:
     def render(self, messages: Sequence[dict[str, Any]], images: Sequence[Any] = (), *,
                placeholders_required: bool = False, add_generation_prompt: bool = False,
                independent_turns: bool = False) -> RenderedChat:
-        """Messages and their images (or images inside part lists) -> RenderedChat, or a RenderError."""
         inline = [p for m in messages if not isinstance(m["content"], str) for p in m["content"]
                   if not isinstance(p, str)]
         if inline and len(images):

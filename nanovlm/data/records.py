@@ -156,7 +156,6 @@ def file_part(path: str, split: str = "train") -> _Part:
 
 
 class Records:
-    """The records of one split of a source, over its files in order (see the module docstring)."""
 
     def __init__(self, parts: list[_Part], name: str, split: str, base_dir: str | None = None):
         self.parts, self.name, self.split, self.base_dir = parts, name, split, base_dir
@@ -238,12 +237,10 @@ def _rebase(record: Any, base_dir: str | None) -> Any:
 
 
 def mixture_sources(data: str) -> list[str]:
-    """The sources `data=A,B,...` names (one for a plain source)."""
     return [s.strip() for s in str(data or "").split(",") if s.strip()]
 
 
 def from_list(records: list, name: str = "records", base_dir: str | None = None) -> Records:
-    """Records held in memory, as the train split."""
     return Records([_Part(name, "json", lambda: records)], name, "train", base_dir)
 
 

@@ -188,7 +188,6 @@ def get_tokenizer(name_or_path: str, extra_tokens: dict[str, str] | None = None,
 
 
 def has_tokenizer(directory: str) -> bool:
-    """Whether a checkpoint directory holds its own tokenizer files."""
     return os.path.isfile(os.path.join(directory, "tokenizer.json"))
 
 

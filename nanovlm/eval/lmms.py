@@ -166,7 +166,6 @@ class NanoVLMChat(NanoVLM):
                                   "tasks with --force_simple.")
 
 
-# ---------------------------------------------------------------------- helpers
 def _only_images(visuals: Any) -> list:
     """`doc_to_visual`'s result as a list of images (PIL or paths); a clear error for video or audio."""
     if visuals is None:

@@ -13,7 +13,6 @@ TASKS = ("auto", "test", "val", "none")
 
 
 def resolve_task(eval_task: str, data: str) -> str:
-    """`test`, `val` or `none`, for the run's `eval_task` and `data` (see the module docstring)."""
     task = (eval_task or "none").strip().lower()
     if task not in TASKS:
         raise ConfigError(f"eval_task must be one of {', '.join(TASKS)}, got {eval_task!r}.")

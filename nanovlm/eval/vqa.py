@@ -132,7 +132,6 @@ class _Images:
             return e
 
 
-# ---------------------------------------------------------------------------------- evaluation
 def answer_budget(model, items: Sequence[dict[str, Any]], margin: int = 4, cap: int = 256) -> int:
     """New tokens for the longest reference plus `margin`: a prediction cut at the budget is
     longer than every reference, so the cut never makes a wrong answer match."""

@@ -64,7 +64,6 @@ def _write_processor(directory: str, cfg: Any, template: str) -> None:
 
 
 def idefics3_config_dict(cfg: Any, ids: dict[str, int | None]) -> dict[str, Any]:
-    """config.json of `Idefics3ForConditionalGeneration` for `cfg`."""
     vision = {"model_type": "idefics3_vision", "hidden_size": cfg.vit_hidden_dim,
               "intermediate_size": cfg.vit_inter_dim, "num_hidden_layers": cfg.vit_n_blocks,
               "num_attention_heads": cfg.vit_n_heads, "num_channels": 3,

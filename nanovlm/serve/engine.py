@@ -26,7 +26,7 @@ logger = logging.getLogger("nanovlm.serve")
 
 
 class EngineBusy(Exception):
-    """The waiting queue is full."""
+    """No room for a request: the waiting queue is full, or the engine is stopping."""
 
 
 @dataclass
@@ -201,7 +201,6 @@ class Engine:
             self._emit(row, token)
 
     def _step(self) -> None:
-        """One decode step for every running row."""
         rows, n = self._rows, len(self._rows)
         width = self.max_batch_size if self.compile else n
         tokens, positions = torch.zeros(2, width, dtype=torch.long)

@@ -70,7 +70,6 @@ class ChatRequest:
     include_usage: bool = False
 
 
-# ------------------------------------------------------------------------------------ parsing
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -288,7 +287,6 @@ def _describe(v: Any) -> str:
     return f"{text if len(text) <= 40 else text[:37] + '...'} ({_json_type(v)})"
 
 
-# ---------------------------------------------------------------------- text with stop strings
 class TextAssembler:
     """Token ids -> text deltas, honouring `stop` strings: the sequence is re-decoded per token (a
     trailing U+FFFD waits for the rest of a character); text that may start a stop string waits too."""
@@ -326,7 +324,6 @@ class TextAssembler:
         return delta
 
 
-# ------------------------------------------------------------------------------------ responses
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

@@ -54,7 +54,6 @@ _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 @dataclass
 class App:
-    """Everything the routes need; shared by all requests."""
 
     engine: Engine
     model_names: tuple[str, ...]  # the served names (the first is the one reported) and "default"
@@ -79,7 +78,6 @@ def _internal_error() -> Response:
                   code="internal_error")
 
 
-# ------------------------------------------------------------------------------------ chat completions
 class _LoopQueue:
     """Where the engine thread puts a request's events: an asyncio queue on the server's loop."""
 
@@ -135,7 +133,6 @@ def chat_prompt(model, messages: list[dict]) -> tuple[list[int], torch.Tensor | 
 
 
 def _prepare(app: App, body: bytes) -> tuple[protocol.ChatRequest, list[int], GenerationRequest]:
-    """Validate, decode images, build the prompt. Raises APIError."""
     request = protocol.parse_chat_request(body, model_names=app.model_names, limits=app.limits,
                                           allow_remote_images=app.allow_remote_images)
     ids, tiles = chat_prompt(app.engine.model, request.messages)
@@ -251,7 +248,6 @@ async def _stream(parsed: protocol.ChatRequest, pieces, prompt_tokens: int):
                                            "log.", type="server_error", code="internal_error"))
 
 
-# ------------------------------------------------------------------------------------ the application
 def build_app(app: App):
     """The ASGI application: Starlette's routes inside the `_Gate` middleware."""
 
@@ -388,7 +384,6 @@ class _Uvicorn(uvicorn.Server):
         self.should_exit = True
 
 
-# ------------------------------------------------------------------------------------ running
 class RunningServer:
     """A server on a listening socket: `start()` runs it in a thread, `run()` here until a signal drains it."""
 

@@ -33,7 +33,6 @@ def step_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
 
 
-# ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict:
     """This process's python, numpy and torch (CPU and CUDA) generator states."""
     np_state = np.random.get_state()
@@ -57,7 +56,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------------ writing
 def _fsync_tree(directory: str) -> None:
     """Flush every file and the directory, so the rename that follows publishes complete data."""
     for path in [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names] + [directory]:
@@ -69,12 +67,11 @@ def _fsync_tree(directory: str) -> None:
 
 
 def trainable_tensors(model) -> dict[str, torch.Tensor]:
-    """The tensors the optimizer updates, by state-dict name."""
     return {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def _write_dir(final: str, model, tokenizer, state: dict | None, tensors: dict | None,
-               trainable_only: bool = False) -> None:
+def write_dir(final: str, model, tokenizer, state: dict | None = None, tensors: dict | None = None,
+              trainable_only: bool = False) -> None:
     """Assemble a checkpoint in a temporary directory beside `final`, then rename it into place."""
     with written_dir(final) as tmp:
         if trainable_only:
@@ -98,7 +95,7 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, state:
     path = step_dir(run_dir, step)
     tensors = {"optimizer": optimizer.state_dict(), "rng": rng_states}
     lora = bool(getattr(model, "lora_settings", None))
-    _write_dir(path, model, tokenizer, {**state, "step": step}, tensors, trainable_only=lora)
+    write_dir(path, model, tokenizer, {**state, "step": step}, tensors, trainable_only=lora)
     if keep_last > 0:
         # Only checkpoints up to this step count: a newer one is a damaged checkpoint that this
         # run's resume passed over (left for inspection; a save at its step replaces it).
@@ -116,17 +113,6 @@ def _remove(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_best(run_dir: str, model, tokenizer, state: dict) -> None:
-    """`checkpoints/best/`: the model with the best validation metric so far (no optimizer)."""
-    _write_dir(os.path.join(run_dir, "checkpoints", "best"), model, tokenizer, state, None)
-
-
-def save_final(run_dir: str, model, tokenizer) -> None:
-    """`final/`: a model directory for from_pretrained and every --model flag."""
-    _write_dir(os.path.join(run_dir, "final"), model, tokenizer, None, None)
-
-
-# ------------------------------------------------------------------------------------ reading
 def list_checkpoints(run_dir: str) -> list[str]:
     """Step checkpoint directories, oldest first (not checked: see `latest_good_checkpoint`)."""
     found = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*"))

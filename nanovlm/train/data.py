@@ -25,7 +25,6 @@ STEPS_PER_EPOCH = 4  # the fewest a fitted batch leaves in an epoch
 
 @dataclass
 class Data:
-    """What the stages need from the data layer."""
     train: Any  # a resumable loader: iteration yields collated batches; state_dict / load_state_dict
     val: Any | None  # map-style dataset of held-out samples (or None)
     collate: Callable[[list], dict]

@@ -5,6 +5,7 @@ Reports are recorded as `<name>_accuracy`, `<name>_questions` and `<name>_what` 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -81,5 +82,5 @@ def evaluate(run, limit: int, final: bool) -> dict:
                               or (value > best["value"] if higher else value < best["value"])):
         state.best = {"step": state.step, "metric": metric, "value": value}
         if info.is_main:
-            ckpt.save_best(run.run_dir, run.model, run.tokenizer, dict(state.best))
+            ckpt.write_dir(os.path.join(run.run_dir, "checkpoints", "best"), run.model, run.tokenizer, dict(state.best))
     return {"record": record, "val": val, "report": report}

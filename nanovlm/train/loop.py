@@ -143,7 +143,7 @@ def finish(run: Run, final_eval: bool, t_session: float) -> dict:
         run.bar.close()
         run.bar = run.say.bar = None
     if info.is_main:
-        ckpt.save_final(run.run_dir, run.model, run.tokenizer)
+        ckpt.write_dir(os.path.join(run.run_dir, "final"), run.model, run.tokenizer)
     final = evaluate(run, run.cfg.eval_limit, final=True) if final_eval else None
     if info.is_main:  # a second measurement: one 0.3 s window can land in a burst of other load
         run.peak = max(run.peak, measure_matmul_peak(info.device, run.amp["dtype"], seconds=0.3))

@@ -149,7 +149,6 @@ def format_summary(summary: dict) -> str:
     return "\n".join(["", "summary"] + [f"  {key:<22} {shown(value)}" for key, value in summary.items()])
 
 
-# ------------------------------------------------------------------------------------ FLOPs
 def _linear_params(module: torch.nn.Module, kind: type = torch.nn.Linear) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, kind))
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from nanovlm.config import (DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, ConfigError, TrainConfig, VLMConfig,
-                            check_value, field_types, get_preset, parse_value, setting_fields)
+from nanovlm.config import (DEFAULT_PRESET, ConfigError, TrainConfig, VLMConfig, check_value, field_types, get_preset,
+                            parse_value, preset_lines, setting_fields)
 from nanovlm.weights.nanovlm import checkpoint_config
 
 _SECTIONS = {"model": VLMConfig, "train": TrainConfig}
@@ -103,7 +103,6 @@ def resolve(preset: str | None, config_file: str | None = None, overrides: list[
 
 
 def to_dict(vlm_cfg: VLMConfig, train_cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """The resolved configs as saved in the run folder's config.json (flat names)."""
     return {"model": vlm_cfg.to_dict(), "train": train_cfg.to_dict()}
 
 
@@ -142,8 +141,5 @@ def describe_settings(preset: str = DEFAULT_PRESET, config_file: str | None = No
         widths = [max(len(r[k]) for r in rows) for k in range(3)]
         lines += ["", f"{title}:"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in rows]
-    width = max(len(name) for name in PRESETS)
-    lines += ["", "presets (--preset NAME):"]
-    lines += [f"  {name.ljust(width)}  {PRESET_DESCRIPTIONS[name]}" + (" (the default)" if name == DEFAULT_PRESET
-                                                                      else "") for name in PRESETS]
+    lines += ["", "presets (--preset NAME):", *preset_lines()]
     return "\n".join(lines)

@@ -58,7 +58,6 @@ def summed_loss(model, batch: dict) -> torch.Tensor:
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
-    """Whether `TrainConfig.compile` (auto | on | off) compiles on this device."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
@@ -125,7 +124,6 @@ class Trainer:
             return run()
 
     def update(self) -> torch.Tensor | None:
-        """Clip, step, clear the gradients; returns the gradient norm (a tensor, or None)."""
         norm = clip_and_step(self.optimizer, [p for p in self.params if p.requires_grad], self.max_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -190,7 +190,6 @@ class VisionStage:
 
 
 def _window_accuracy(scores: list[tuple[int, int]], window: int) -> float:
-    """Accuracy over the last `window` steps' batches."""
     chosen = scores[-max(1, window):]
     return sum(r for r, _ in chosen) / max(1, sum(n for _, n in chosen))
 

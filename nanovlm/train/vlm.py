@@ -102,7 +102,6 @@ class VLMStage:
 
 
 def train_vlm(run) -> None:
-    """The VLM stage of `run`, from its first (or resumed) step to its last."""
     VLMStage(run).run_stage()
 
 

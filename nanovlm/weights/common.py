@@ -52,7 +52,6 @@ class Rule:
 
 
 def expand_blocks(table: Mapping[str, Rule], n_blocks: int) -> dict[str, Rule]:
-    """Write out a table whose names hold `{i}` once per block."""
     out: dict[str, Rule] = {}
     for ours, r in table.items():
         for i in range(n_blocks) if "{i}" in ours else [None]:
@@ -191,7 +190,6 @@ class Tensors(Mapping):
 
 
 def safetensors_tensors(directory: str) -> Tensors:
-    """The tensors of a safetensors checkpoint (one file or a sharded index)."""
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(index):

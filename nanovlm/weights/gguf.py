@@ -80,7 +80,6 @@ def gguf_value(reader, key: str, default: Any = None) -> Any:
 
 
 def gguf_llama_config(path: str) -> dict[str, Any]:
-    """The `lm_*` fields of a llama GGUF file."""
     reader = open_gguf(path)
     arch = gguf_value(reader, "general.architecture")
     if arch != "llama":

@@ -32,7 +32,6 @@ _DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
 
 
 def hf_llama_config(directory: str) -> dict[str, Any]:
-    """The `lm_*` fields of a transformers Llama directory."""
     config, _ = read_model_config(directory, "Llama", ("llama",),
                                   "Llama-architecture language models (model_type 'llama', e.g. SmolLM2)")
     return llama_fields(config, directory)

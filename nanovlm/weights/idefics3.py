@@ -119,7 +119,6 @@ def to_transformers(cfg: Any, state: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def is_idefics3(directory: str) -> bool:
-    """Whether a local directory holds a transformers Idefics3 model (config.json model_type)."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         return False

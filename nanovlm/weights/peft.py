@@ -89,7 +89,6 @@ def adapter_config(settings: dict, adapter_modules: list[str], whole_modules: li
 
 def write_adapter(directory: str, settings: dict, adapters: dict[str, torch.Tensor],
                   whole: dict[str, torch.Tensor]) -> None:
-    """adapter_config.json + adapter_model.safetensors into `directory` (an existing folder)."""
     adapter_modules = sorted({k.rpartition(".")[0] for k in adapters})
     whole_modules = sorted({k.rpartition(".")[0] for k in whole})
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
