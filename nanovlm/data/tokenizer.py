@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import jinja2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from nanovlm.fileio import atomic_write_json
 from nanovlm.sources import PACKAGED_SMOLLM2, resolve
 from nanovlm.weights.gguf import gguf_value, open_gguf
 
@@ -81,8 +82,7 @@ class VLMTokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                   "bos_token": self.bos_token, "pad_token": self.pad_token, "chat_template": self.chat_template,
                   "model_max_length": 8192, "nanovlm_extra_tokens": self.extra_tokens}
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        atomic_write_json(os.path.join(directory, "tokenizer_config.json"), config)
 
 
 @functools.lru_cache(maxsize=8)

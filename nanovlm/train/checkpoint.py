@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovlm.fileio import make_temp_dir_beside, written_dir
+from nanovlm.fileio import atomic_write_json, make_temp_dir_beside, written_dir
 from nanovlm.weights.common import check_state_dict
 from nanovlm.weights.nanovlm import load_state
 
@@ -75,8 +75,7 @@ def write_dir(final: str, model, tokenizer, state: dict | None = None, tensors: 
     """Assemble a checkpoint in a temporary directory beside `final`, then rename it into place."""
     with written_dir(final) as tmp:
         if trainable_only:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(model.cfg.to_dict(), f, indent=2)
+            atomic_write_json(os.path.join(tmp, "config.json"), model.cfg.to_dict())
             save_file(trainable_tensors(model), os.path.join(tmp, TRAINABLE_FILE))
         else:
             os.rmdir(tmp)  # save_pretrained creates it (itself atomically)

@@ -5,7 +5,6 @@ frequencies are dropped, and a tied head may be stored under either name.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Any, Callable
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanovlm.config import VLMConfig
-from nanovlm.fileio import written_dir
+from nanovlm.fileio import atomic_write_json, written_dir
 from nanovlm.sources import resolve
 from nanovlm.weights.common import check_state_dict
 from nanovlm.weights.idefics3 import idefics3_config, is_idefics3, load_idefics3
@@ -64,8 +63,7 @@ def write_checkpoint(directory: str | os.PathLike, cfg: VLMConfig, state: dict[s
     """Write config.json, model.safetensors, the tokenizer files (when given) and `adapter` (`peft.write_adapter`'s
     arguments) atomically: a temporary directory renamed into place."""
     with written_dir(os.fspath(directory)) as tmp:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        atomic_write_json(os.path.join(tmp, CONFIG_FILE), cfg.to_dict())
         save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "library": "nanovlm"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -11,6 +11,7 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanovlm.fileio import atomic_write_json
 from nanovlm.weights.idefics3 import module_names
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -91,8 +92,7 @@ def write_adapter(directory: str, settings: dict, adapters: dict[str, torch.Tens
                   whole: dict[str, torch.Tensor]) -> None:
     adapter_modules = sorted({k.rpartition(".")[0] for k in adapters})
     whole_modules = sorted({k.rpartition(".")[0] for k in whole})
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(adapter_config(settings, adapter_modules, whole_modules), f, indent=2)
+    atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), adapter_config(settings, adapter_modules, whole_modules))
     save_file(peft_tensors(adapters, whole), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
