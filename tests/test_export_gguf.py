@@ -112,6 +112,7 @@ def test_mmproj_holds_the_vision_tower_as_mtmd_reads_it(exported):
         assert kinds["v.blk.0.attn_q.weight"] == kinds["mm.model.fc.weight"] == outtype.upper()
 
 
+@pytest.mark.slow  # ~35 s (both outtypes read back); `make test-interop` checks the same file in llama.cpp
 def test_language_model_reads_back_through_our_gguf_reader(exported):
     root, model = exported
     cfg = model.cfg
