@@ -3,7 +3,7 @@ cross-entropy, the model's second loss path until it kept one) against the fused
 (`return_logits=False`, the model's one loss path and what `nanovlm train` uses), and
 (`--compare vit-attention`) attention through PyTorch's fused kernel against the plain
 matmul-softmax path that CPU training uses (`nanovlm.models.attention`; the vision encoder's
-and the language model's).
+and the language model's), inside the runtime's CPU-training path as `nanovlm train` runs them.
 
     python benchmarks/train_step.py [--compare loss|vit-attention] [--preset easyvqa] [--rows 24]
         [--length 256] [--images-per-row 3] [--supervised-per-row 20] [--precision bf16] [--repeats 10]
@@ -22,13 +22,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanovlm import VLMConfig, VisionLanguageModel
+from nanovlm import VLMConfig, VisionLanguageModel, runtime
 from nanovlm.config import IGNORE_INDEX
-from nanovlm.models import attention
 from nanovlm.models.linear_cross_entropy import supervised_index
 
 
-DEFAULT_PLAIN_MAX_TOKENS = attention.PLAIN_MAX_TOKENS
+DEFAULT_PLAIN_MAX_TOKENS = runtime.PLAIN_MAX_TOKENS
 
 
 def make_batch(model: VisionLanguageModel, rows: int, length: int, images_per_row: int, supervised: int):
@@ -56,7 +55,7 @@ def plain_loss(model: VisionLanguageModel, ids, images, mask, labels) -> torch.T
 
 
 def measure(preset: str, fused: bool, args, plain_vit_attention: bool = True) -> dict:
-    attention.PLAIN_MAX_TOKENS = DEFAULT_PLAIN_MAX_TOKENS if plain_vit_attention else -1
+    runtime.PLAIN_MAX_TOKENS = DEFAULT_PLAIN_MAX_TOKENS if plain_vit_attention else -1
     torch.manual_seed(0)
     model = VisionLanguageModel(VLMConfig.from_preset(preset), load_backbone=False).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -64,6 +63,12 @@ def measure(preset: str, fused: bool, args, plain_vit_attention: bool = True) ->
                                            args.supervised_per_row)
     index = supervised_index(labels)  # as the collators give it
     amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with runtime.cpu_training_path():  # as `nanovlm train` runs its steps
+        return _steps(model, optimizer, (ids, images, mask, labels), index, amp, fused, args)
+
+
+def _steps(model, optimizer, batch, index, amp, fused, args) -> dict:
+    ids, images, mask, labels = batch
     times = []
     for i in range(args.repeats + 2):  # two warm-up steps
         t0 = time.perf_counter()

@@ -8,8 +8,9 @@ right away (d loss / d logits = softmax - one-hot); backward only scales them by
 gradient. Same matmuls as the plain path, no full logits tensor, no separate log-softmax
 backward.
 
-The loss is the *sum* over positions, in fp32. Under autocast the matmuls run in the autocast
-dtype, as `nn.Linear` would. `supervised_index` picks the positions that have a target.
+The loss is the *sum* over positions, in fp32. Under autocast the matmuls and the softmax run in
+the autocast dtype, as `nn.Linear` would (fp32 softmax passes over (positions, vocab) were a third
+of a CPU step's head); the target's p - 1 comes from the other tokens' share, exact where p is near 1. `supervised_index` picks the positions that have a target.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from nanovlm.config import IGNORE_INDEX
 
 W_ROWS = 1024  # positions per product for the head's gradient (see `_chunked`)
+TINY = torch.finfo(torch.float32).tiny  # a target probability that underflows is scored as this one
 
 
 def supervised_index(targets: torch.Tensor) -> torch.Tensor:
@@ -44,30 +46,34 @@ def _chunked(h, weight, targets, chunk_size: int, want_h: bool, want_w: bool):
     dtype = _compute_dtype(h)
     w = weight.to(dtype)
     grad_h = torch.empty_like(h) if want_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    grad_w = None
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (d_logits, h) chunks not yet in grad_w
     for start in range(0, h.shape[0], chunk_size):
         hc = h[start:start + chunk_size].to(dtype)  # (n, C)
         tc = targets[start:start + chunk_size]  # (n,)
-        logits = (hc @ w.t()).float()  # (n, V)
-        picked = logits.gather(1, tc[:, None]).squeeze(1)  # (n,)
-        top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-        probs = logits.sub_(top).exp_()  # unnormalised softmax, written over the logits
-        total = probs.sum(dim=-1, keepdim=True)  # (n, 1)
-        loss += (top.squeeze(1) + total.squeeze(1).log() - picked).sum()  # logsumexp - target logit
+        d_logits = torch.softmax(hc @ w.t(), dim=-1)  # (n, V) probabilities in the compute dtype
+        rows = torch.arange(tc.shape[0], device=tc.device)
+        p_target = d_logits[rows, tc].float()  # (n,)
+        d_logits[rows, tc] = 0
+        rest = d_logits.sum(dim=-1).float()  # (n,) the other tokens' share: precise where the target's is near 1
+        total = p_target + rest  # 1 up to the probabilities' rounding
+        # -log(p_target / total), from the rest where the target is likely, from p_target elsewhere
+        loss += torch.where(rest < p_target, -torch.log1p(-rest / total),
+                            total.log() - p_target.clamp_min(TINY).log()).sum()
         if not (want_h or want_w):
             continue
-        d_logits = probs.div_(total)  # softmax
-        d_logits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
-        d_logits = d_logits.to(dtype)
+        d_logits[rows, tc] = (-rest / total).to(d_logits.dtype)  # softmax - one-hot at the target
         if want_h:
             grad_h[start:start + chunk_size] = (d_logits @ w).to(h.dtype)
         if want_w:
             pending.append((d_logits, hc))
             if sum(d.shape[0] for d, _ in pending) >= W_ROWS or start + chunk_size >= h.shape[0]:
-                grad_w += (torch.cat([d for d, _ in pending]).t() @ torch.cat([x for _, x in pending])).float()
+                d, x = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*pending))
+                grad_w = (d.t() @ x).float() if grad_w is None else grad_w.add_(d.t() @ x)
                 pending = []
+    if want_w and grad_w is None:  # no positions
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     return loss, grad_h, grad_w
 
 
