@@ -9,8 +9,9 @@ gradient. Same matmuls as the plain path, no full logits tensor, no separate log
 backward.
 
 The loss is the *sum* over positions, in fp32. Under autocast the matmuls and the softmax run in
-the autocast dtype, as `nn.Linear` would (fp32 softmax passes over (positions, vocab) were a third
-of a CPU step's head); the target's p - 1 comes from the other tokens' share, exact where p is near 1. `supervised_index` picks the positions that have a target.
+the autocast dtype, as `nn.Linear` would: on a CPU the (positions, vocab) passes, not the matmuls,
+are the head's time, and fp32 doubles their bytes. The target's p - 1 comes from the other tokens'
+share, exact where p is near 1. `supervised_index` picks the positions that have a target.
 """
 
 from __future__ import annotations
