@@ -63,26 +63,21 @@ def measure(preset: str, fused: bool, args, plain_vit_attention: bool = True) ->
                                            args.supervised_per_row)
     index = supervised_index(labels)  # as the collators give it
     amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    with runtime.cpu_training_path():  # as `nanovlm train` runs its steps
-        return _steps(model, optimizer, (ids, images, mask, labels), index, amp, fused, args)
-
-
-def _steps(model, optimizer, batch, index, amp, fused, args) -> dict:
-    ids, images, mask, labels = batch
     times = []
-    for i in range(args.repeats + 2):  # two warm-up steps
-        t0 = time.perf_counter()
-        with torch.autocast(**amp):
-            if fused:
-                _, loss = model(ids, images, mask, labels, loss_reduction="sum", return_logits=False,
-                                supervised_index=index)
-            else:
-                loss = plain_loss(model, ids, images, mask, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    with runtime.cpu_training_path():  # as `nanovlm train` runs its steps
+        for i in range(args.repeats + 2):  # two warm-up steps
+            t0 = time.perf_counter()
+            with torch.autocast(**amp):
+                if fused:
+                    _, loss = model(ids, images, mask, labels, loss_reduction="sum", return_logits=False,
+                                    supervised_index=index)
+                else:
+                    loss = plain_loss(model, ids, images, mask, labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
     return {"ms": 1000 * statistics.median(times), "supervised": int((labels != IGNORE_INDEX).sum())}
 
 

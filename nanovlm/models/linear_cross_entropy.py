@@ -70,7 +70,7 @@ def _chunked(h, weight, targets, chunk_size: int, want_h: bool, want_w: bool):
         if want_w:
             pending.append((d_logits, hc))
             if sum(d.shape[0] for d, _ in pending) >= W_ROWS or start + chunk_size >= h.shape[0]:
-                d, x = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*pending))
+                d, x = torch.cat([d for d, _ in pending]), torch.cat([x for _, x in pending])
                 grad_w = (d.t() @ x).float() if grad_w is None else grad_w.add_(d.t() @ x)
                 pending = []
     if want_w and grad_w is None:  # no positions
