@@ -106,6 +106,27 @@ def data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def amx_cpu() -> bool:
+    try:
+        return "amx_int8" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_amx_repack(monkeypatch):
+    """llama.cpp's AMX Q8_0 kernels (llama-cpp-python 0.3.36) crash on AMX CPUs, the published
+    SmolLM2 GGUF too; there we load as `llama-cli --no-repack` does, elsewhere llama.cpp's default."""
+    if amx_cpu():
+        default = llama_cpp.llama_cpp.llama_model_default_params
+
+        def no_repack():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+        monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", no_repack)
+
+
 def llama_cpp_answers(directory, images, questions):
     llm = llama_cpp.Llama(model_path=f"{directory}/model.gguf", n_ctx=512, n_threads=2, verbose=False,
                           chat_handler=MTMDChatHandler(clip_model_path=f"{directory}/mmproj.gguf", verbose=False))
