@@ -1,10 +1,14 @@
 """The image size fitted to the pictures: one tile for what survives it, whole tiles for small print."""
 
+import json
+
 import easy_vqa
 import shapes_data
 from PIL import Image
 
+from nanovlm.cli import main
 from nanovlm.data.resolution import detail_lost, fit_image_size
+from nanovlm.models.vision_language_model import VisionLanguageModel
 
 
 def _drawn(kinds, n=24, size=96):
@@ -38,3 +42,26 @@ def test_tiles_are_capped():
 def test_detail_lost_is_zero_without_shrinking():
     img = _drawn(["read"], n=1)[0]
     assert detail_lost(img, 128) == 0.0 and 0.0 < detail_lost(img, 32) <= 1.0
+
+
+def _train_tiled(tmp_path, name, budget, capsys):
+    """A tiny run on pictures that need tiles, the size left to the pictures and the machine."""
+    data = tmp_path / "charts.jsonl"
+    if not data.exists():
+        shapes_data.write_llava(str(data), 24, ["tallest", "bars"], seed=5)
+    out = tmp_path / name
+    assert main(["train", "--preset", "tiny", "--out", str(out), f"data={data}", "max_img_size=0",
+                 f"max_train_time={budget}", "max_training_steps=2", "val_size=4", "eval_interval=0"]) == 0
+    said = capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())["model"]["max_img_size"]
+    final = VisionLanguageModel.from_pretrained(str(out / "final")).cfg.max_img_size
+    return said, saved, final
+
+
+def test_tiles_drop_to_one_where_the_plan_does_not_fit_the_budget(tmp_path, capsys):
+    said, saved, final = _train_tiled(tmp_path, "roomy", 10 ** 6, capsys)
+    assert "3x2 tiles of 32 px" in said and "and fit the 1000000.0 s budget" in said, said
+    assert saved == final == 96
+    said, saved, final = _train_tiled(tmp_path, "tight", 0.001, capsys)
+    assert "do not fit the 0.0 s budget; one 32 px tile instead" in said, said
+    assert saved == final == 32

@@ -24,13 +24,13 @@ from nanovlm.fileio import atomic_write_json
 from nanovlm.models.vision_language_model import VisionLanguageModel
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
-from nanovlm.train import lora
+from nanovlm.train import lora, settings
 from nanovlm.train.data import Data, build_data, make_data, total_steps_for
 from nanovlm.train.evaluation import evaluate
 from nanovlm.train.optim import fused_adamw_available
 from nanovlm.train.report import format_summary, measure_matmul_peak, plot, summarize
 from nanovlm.train.vision import warm_up_vision
-from nanovlm.train.vlm import train_vlm
+from nanovlm.train.vlm import planned_seconds, train_vlm
 from nanovlm.weights.nanovlm import load_state
 
 __all__ = ["Data", "RunState", "build_data", "make_data", "seed_everything", "train"]  # make_data: benchmarks
@@ -76,6 +76,7 @@ class Run:
     peak: float = 0.0
     flop_counter: Any = None
     last_record: dict = field(default_factory=dict)  # the last logged training numbers
+    vlm_plan_s: float | None = None  # the VLM stage's planned seconds, where timed before it
 
 
 def seed_everything(seed: int) -> None:
@@ -90,12 +91,18 @@ def stages(run: Run) -> list[Callable[[Run], None]]:
 
 def train(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, *, resume: bool = False,
           info: dist.DistInfo | None = None, data: Data | None = None, tokenizer=None, progress: bool = True,
-          final_eval: bool = True) -> dict:
-    """Train, checkpoint, evaluate; returns summary.json's summary (`data`, `tokenizer`: the configs' by default)."""
+          final_eval: bool = True, fitted_size: bool = False) -> dict:
+    """Train, checkpoint, evaluate; returns summary.json's summary (`data`, `tokenizer`: the configs' by default).
+    `fitted_size`: vlm_cfg's max_img_size was fitted to the pictures, and may drop to one tile (`fits_machine`)."""
     t_session, info = time.perf_counter(), info or dist.DistInfo()
     say = Printer(info)
     with runtime.prepare(info.device, cfg.recipe.threads, say) as threads:
         run = setup(vlm_cfg, cfg, run_dir, resume, info, data, tokenizer, progress, say, threads)
+        if fitted_size and not fits_machine(run):
+            vlm_cfg = vlm_cfg.replace(max_img_size=vlm_cfg.vit_img_size)
+            run = setup(vlm_cfg, cfg, run_dir, resume, info, data, tokenizer, progress, say, threads)
+            if info.is_main:  # what a --resume continues with
+                atomic_write_json(os.path.join(run_dir, "config.json"), settings.to_dict(vlm_cfg, cfg))
         for stage in stages(run):
             stage(run)
         return finish(run, final_eval, t_session)
@@ -123,6 +130,21 @@ def setup(vlm_cfg: VLMConfig, cfg: TrainConfig, run_dir: str, resume: bool, info
     state = RunState(total_steps=total_steps_for(cfg, data.batches_per_epoch))
     return Run(vlm_cfg, cfg, run_dir, info, model, tokenizer, data, runtime.autocast_args(cfg.precision, info.device),
                fused_adamw_available(info.device), task, state, say, progress, resume_from, threads)
+
+
+def fits_machine(run: Run) -> bool:
+    """Whether the VLM stage's planned steps at the run's image size fit its time budget. Where they do not, more
+    steps at one tile learn more than fewer at the pictures' size (docs/training.md). A multi-process run keeps
+    its size: its ranks would time apart."""
+    budget, size = run.cfg.recipe.max_train_time, run.vlm_cfg.max_img_size
+    if not budget or run.info.world_size > 1 or size <= run.vlm_cfg.vit_img_size:
+        return True
+    run.vlm_plan_s = planned_seconds(run)
+    verdict = "fit" if run.vlm_plan_s <= budget else "do not fit"
+    run.say(f"image size: the VLM stage's {run.state.total_steps} steps at max_img_size={size} take "
+            f"{run.vlm_plan_s:.1f} s here, and {verdict} the {budget:.1f} s budget"
+            + ("" if run.vlm_plan_s <= budget else f"; one {run.vlm_cfg.vit_img_size} px tile instead"))
+    return run.vlm_plan_s <= budget
 
 
 def _initial_model(vlm_cfg: VLMConfig, source: str):

@@ -45,7 +45,8 @@ def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, o
     info = dist.init()
     if info.is_main:
         print("data: " + " | validation: ".join(reads), flush=True)
-    if not vlm_cfg.max_img_size:  # the preset leaves the image size to the pictures (a resumed run saved it)
+    fitted = not vlm_cfg.max_img_size  # the preset leaves the image size to the pictures (a resumed run saved it)
+    if fitted:
         size, line = fit_to_data(train_cfg.data, train_cfg.image_folder, vlm_cfg.vit_img_size)
         vlm_cfg = vlm_cfg.replace(max_img_size=size)
         if info.is_main:
@@ -64,7 +65,7 @@ def run_training(preset: str = DEFAULT_PRESET, config_file: str | None = None, o
             atomic_write_json(os.path.join(out, "config.json"), settings.to_dict(vlm_cfg, train_cfg))
         dist.barrier(info)
         try:
-            train(vlm_cfg, train_cfg, out, resume=resume, info=info)
+            train(vlm_cfg, train_cfg, out, resume=resume, info=info, fitted_size=fitted)
         except Exception:
             if created:
                 _remove_refused_run(out)

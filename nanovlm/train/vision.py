@@ -212,7 +212,7 @@ def _budget(run) -> Callable[[float], float] | None:
     total = run.cfg.recipe.max_train_time
     if not total:
         return None
-    vlm_s = planned_seconds(run)
+    vlm_s = run.vlm_plan_s or planned_seconds(run)
     return lambda planned_s: vision_budget(total, planned_s, vlm_s)
 
 
