@@ -9,7 +9,9 @@ parquet, LLaVA .jsonl or .json with multi-turn records; never easy-VQA): write i
 `nanovlm train --out DIR data=FILE` with nothing else (a subprocess, timed), then load
 `DIR/final` with `VisionLanguageModel.from_pretrained` and answer the held-out test images'
 questions with `model.answer`. Prints a markdown table: exact match per question kind and
-overall, and the wall time of `nanovlm train`. Run it alone on the machine (it trains).
+overall, and the wall time of `nanovlm train`. With `--mix`, one run trains on all the named
+datasets as a mixture (`data=A,B,...`) and each is scored on its own test images. Run it alone on
+the machine (it trains).
 """
 
 from __future__ import annotations
@@ -67,36 +69,40 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--test-images", type=int, default=300)
     ap.add_argument("--out", default="runs/own_data")
+    ap.add_argument("--mix", action="store_true", help="train once on all of --only as one mixture, score each")
     ap.add_argument("settings", nargs="*", metavar="key=value", help="extra train settings (default: none)")
     args = ap.parse_args()
     results = []
-    for name in args.only:
-        train_file, rows = write(name, os.path.join(args.out, "data"), args.images, args.test_images)
-        run_dir = os.path.join(args.out, name)
+    written = {name: write(name, os.path.join(args.out, "data"), args.images, args.test_images) for name in args.only}
+    runs = [("+".join(args.only), args.only)] if args.mix else [(name, [name]) for name in args.only]
+    for run_name, names in runs:
+        run_dir = os.path.join(args.out, run_name)
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "nanovlm", "train", "--out", run_dir, f"data={train_file}", *args.settings]
+        cmd = [sys.executable, "-m", "nanovlm", "train", "--out", run_dir,
+               "data=" + ",".join(written[n][0] for n in names), *args.settings]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            print(f"{name}: training failed\n{proc.stderr[-2000:]}", flush=True)
+            print(f"{run_name}: training failed\n{proc.stderr[-2000:]}", flush=True)
             continue
         from nanovlm import VisionLanguageModel
-
-        model = VisionLanguageModel.from_pretrained(os.path.join(run_dir, "final"))
-        preds = model.answer([r["pil"] for r in rows], [r["question"] for r in rows])
         from nanovlm.eval.vqa import normalize_answer
 
-        per = defaultdict(lambda: [0, 0])
-        for r, p in zip(rows, preds):
-            ok = normalize_answer(p) == normalize_answer(r["answer"])
-            per[r["kind"]][0] += ok
-            per[r["kind"]][1] += 1
-            per["all"][0] += ok
-            per["all"][1] += 1
+        model = VisionLanguageModel.from_pretrained(os.path.join(run_dir, "final"))
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
-        results.append((name, per, wall, summary))
-        print(f"{name}: " + ", ".join(f"{k} {c / n:.1%}" for k, (c, n) in per.items()) + f", {wall:.0f} s", flush=True)
+        for name in names:
+            rows = written[name][1]
+            preds = model.answer([r["pil"] for r in rows], [r["question"] for r in rows])
+            per = defaultdict(lambda: [0, 0])
+            for r, p in zip(rows, preds):
+                ok = normalize_answer(p) == normalize_answer(r["answer"])
+                for key in (r["kind"], "all"):
+                    per[key][0] += ok
+                    per[key][1] += 1
+            results.append((name, per, wall, summary))
+            print(f"{name}: " + ", ".join(f"{k} {c / n:.1%}" for k, (c, n) in per.items()) + f", {wall:.0f} s",
+                  flush=True)
     print("\n| data | layout | questions per image | test accuracy (per kind) | overall | val accuracy | warm-up | "
           "`nanovlm train` wall |\n|---|---|---|---|---|---|---|---|")
     for name, per, wall, summary in results:
