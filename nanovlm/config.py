@@ -373,6 +373,7 @@ class RecipeConfig:
     vision_warmup_lr: float = setting(1e-3, "learning rate of the vision stage", gt=0)
     vision_warmup_batch_size: int = setting(64, "images per vision-stage step", min=1)
     vision_warmup_extend: bool = setting(True, "more cycles of the vision stage while its readout is below target")
+    vlm_extend: bool = setting(True, "more VLM steps while the held-out loss still falls and the time budget has room")
     image_shift: float = setting(0.0, "training tiles move by up to this share of their side", min=0, below=0.5,
                                  note="(a share of the tile's side)")
     max_train_time: float = setting(0.0, "seconds for all stages; step counts are cut to fit", min=0,

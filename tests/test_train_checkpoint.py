@@ -274,3 +274,13 @@ def test_resume_past_a_truncated_checkpoint_ends_with_the_same_weights(tmp_path,
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert losses(tmp_path) == whole_losses
     assert ckpt.checkpoint_problem(ckpt.step_dir(str(tmp_path), 4)) is None  # written again, whole
+
+
+def test_a_run_still_learning_at_its_plan_end_extends_and_resumes_exactly(tmp_path):
+    """With a time budget, a held-out loss still falling at the plan's end buys another cycle (within the
+    budget and `max_epochs`); a run killed inside it resumes into the same cycle."""
+    settings = dict(max_training_steps=8, val_size=8, eval_interval=4, save_interval=2, max_train_time=10 ** 6,
+                    max_epochs=1, lr_mp=1e-2, lr_language_backbone=1e-2, lr_vision_backbone=1e-2)
+    assert run_synthetic(tmp_path / "off", vlm_extend="false", **settings)["steps"] == 8
+    assert run_synthetic(tmp_path / "whole", **settings)["steps"] > 8
+    assert_resumes_like(tmp_path / "whole", tmp_path / "broken", settings, dies_after=11, resumed_at="step_000010")

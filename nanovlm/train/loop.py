@@ -41,6 +41,7 @@ class RunState:
     """Everything about a run that a checkpoint must carry besides weights and optimizer."""
     step: int = 0
     total_steps: int = 0
+    cycle_start: int = 0  # where the VLM stage's last learning-rate cycle began (an extension's)
     best: dict | None = None  # {"step", "metric", "value"} of the kept best checkpoint
     train_time_s: float = 0.0
     samples: int = 0

@@ -17,11 +17,15 @@ from nanovlm.config import IGNORE_INDEX
 from nanovlm.train import checkpoint as ckpt
 from nanovlm.train import distributed as dist
 from nanovlm.train import lora
-from nanovlm.train.data import n_samples, to_device
+from nanovlm.train.data import n_samples, to_device, total_steps_for
 from nanovlm.train.evaluation import evaluate
 from nanovlm.train.optim import Schedule, vlm_optimizer
 from nanovlm.train.report import FlopCounter, MetricsLog, batch_stats, measure_matmul_peak
 from nanovlm.train.step import Trainer, fit, stage_budget, summed_loss
+
+
+EXTEND_DROP = 0.05  # the held-out loss still falling this much between evaluations: more steps buy accuracy
+EXTEND_FLOOR = 0.01  # below this loss a token (~99% sure of each answer token) there is little left to learn
 
 
 def planned_seconds(run) -> float:
@@ -53,6 +57,8 @@ class VLMStage:
         schedule = Schedule(optimizer, state.total_steps, cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio)
         if run.resume_from is not None:
             run.state = state = _restore(run, optimizer)
+            if state.cycle_start:  # inside an extension
+                schedule.cycle(state.cycle_start, state.total_steps - state.cycle_start)
             schedule.total_steps = state.total_steps  # as the interrupted run had fixed it
         run.trainer = Trainer.build(model, optimizer, schedule, run.info.device, precision=cfg.precision,
                                     compile=cfg.compile, max_grad_norm=cfg.max_grad_norm,
@@ -69,8 +75,9 @@ class VLMStage:
         run, state = self.run, self.run.state
         self.t0, self.time_before = time.perf_counter(), state.train_time_s
         spent = state.train_time_s + sum((state.warmup or {}).get(k, 0.0) for k in ("time_s", "prepare_s"))
+        self.start, self.budget_s = state.step, stage_budget(run.cfg.recipe.max_train_time, spent)
         run.model.train()
-        fit(run.trainer, self, state.step, stage_budget(run.cfg.recipe.max_train_time, spent))
+        fit(run.trainer, self, state.step, self.budget_s)
         state.train_time_s = self.time_before + (time.perf_counter() - self.t0)
         if self.last_saved != state.total_steps and state.total_steps > (state.resumed_at_step or 0):
             save(run)
@@ -80,7 +87,10 @@ class VLMStage:
 
     def after(self, done: int, counts: dict, lr_factor: float) -> None:
         run, cfg, state = self.run, self.run.cfg, self.run.state
-        state.step, state.total_steps = done, run.trainer.schedule.total_steps
+        schedule, state.step = run.trainer.schedule, done
+        if done == schedule.total_steps and (more := self.extension(done)):  # decided before the plan-end save
+            schedule.cycle(done, more)
+        state.total_steps, state.cycle_start = schedule.total_steps, schedule.start
         self.window.add(counts)
         is_last = done == state.total_steps
         if run.bar is not None:
@@ -98,7 +108,28 @@ class VLMStage:
                 self.last_saved = done
 
     def more(self, step: int, elapsed_s: float) -> int:
-        return 0
+        return 0  # `extension` decides inside `after`, so the checkpoint at the plan's end already holds it
+
+    def extension(self, step: int) -> int:
+        """Another cycle of up to the plan's steps where the held-out loss fell by EXTEND_DROP or more since the
+        evaluation before and the budget has room for a quarter of the plan (0: none). One process only."""
+        run, cfg, elapsed_s = self.run, self.run.cfg, time.perf_counter() - self.t0
+        if not (cfg.recipe.vlm_extend and self.budget_s and run.log is not None and run.info.world_size == 1):
+            return 0
+        plan = total_steps_for(cfg, run.data.batches_per_epoch)
+        cap = total_steps_for(cfg.replace(max_training_steps=10 ** 9), run.data.batches_per_epoch)  # max_epochs
+        room = int((self.budget_s - elapsed_s) / (elapsed_s / max(1, step - self.start)))
+        more = min(plan, room, cap - step)
+        before = [r["val_loss"] for r in run.log.records if "val_loss" in r and r["step"] < step]
+        if more < max(1, plan // 4) or not before:
+            return 0
+        with self.window.paused():
+            now = evaluate(run, cfg.eval_interval_limit, final=False)["val"]
+        if now is None or now < EXTEND_FLOOR or now > (1 - EXTEND_DROP) * before[-1]:
+            return 0
+        run.say(f"VLM stage: the held-out loss still fell {1 - now / before[-1]:.0%} since the last evaluation: "
+                f"another {more} steps, the rate up again ({step + more} in all)")
+        return more
 
 
 def train_vlm(run) -> None:
